@@ -1,0 +1,52 @@
+"""The ``bnao`` command line: one sub-command per module of ``bnao.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only when their command runs, so
+``bnao size`` does not pay for importing the supernet or DALI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help). The order is the order of `bnao --help`.
+COMMANDS = {
+    "search": ("bnao.commands.search", "run Balanced NAO end to end (Algorithm 1)"),
+    "train": ("bnao.commands.train", "train one architecture stand-alone"),
+    "eval": ("bnao.commands.eval", "evaluate a trained checkpoint on a test set"),
+    "size": ("bnao.commands.size", "model size (parameters, multiply-adds) of architectures"),
+    "profile": ("bnao.commands.profile", "profile supernet training throughput"),
+    "info": ("bnao.commands.info", "versions, build flags, kernels and loaders available"),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """Parser with every sub-command; only ``command``'s module is imported (all when None)."""
+    parser = argparse.ArgumentParser(prog="bnao", description="Balanced Neural Architecture Optimization")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``bnao`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+// The op library of bnao: every op is declared here, once. Each backend's
+// kernels live in csrc/<area>/cpu/*.cpp and csrc/<area>/cuda/*.cu and attach
+// themselves with TORCH_LIBRARY_IMPL; autograd and fake (meta) kernels are
+// attached in Python (bnao/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(bnao, m) {
+  // --- samplers (csrc/sampler) -------------------------------------------
+  // Vose alias table of a weight vector, packed one int64 per column:
+  // (threshold << 32) | alias, threshold = floor(prob * 2^32) (see alias.h).
+  m.def("alias_table(Tensor weights) -> Tensor");
+  // num_draws indices from an alias table using counter-based Philox4x32-10
+  // random numbers: draw i uses counter offset + i under key seed, so a
+  // sequence is the same on every device and in every process.
+  m.def("alias_draw(Tensor table, int num_draws, int seed, int offset) -> Tensor");
+
+  // --- model size (csrc/size) --------------------------------------------
+  // Closed-form parameter count and multiply-adds of the stand-alone network
+  // of every arch of an [n, 8B] integer array; returns int64 [n, 2].
+  m.def(
+      "model_size(Tensor archs, int num_nodes, int[] op_kinds, int[] op_kernels, "
+      "int skeleton, int layers, int channels, int num_classes, int in_channels, "
+      "int image_size) -> Tensor");
+}

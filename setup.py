@@ -1,0 +1,126 @@
+"""Builds bnao and its compiled core ``bnao._C``.
+
+Switches (environment variables), printed at build time:
+  BNAO_CUDA=auto|0|1     CUDA kernels: auto builds them when torch has CUDA and
+                         nvcc is found; 1 requires them; 0 skips them.
+  BNAO_NO_EXTENSION=1    install the pure-PyTorch package only.
+  TORCH_CUDA_ARCH_LIST   GPU targets (default "8.0;9.0" when no GPU is visible).
+  MAX_JOBS               parallel compile jobs (ninja).
+
+Without a working C++ compiler (and BNAO_CUDA != 1) the build still succeeds:
+bnao then runs on its pure-PyTorch reference kernels and says so once at import.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg):
+    print(f"[bnao setup] {msg}", flush=True)
+
+
+def collect_sources():
+    """C++ sources always; CUDA sources only for a CUDA build (a CPU build never sees .cu)."""
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/cpu/*.cpp"))
+    cu = sorted(glob.glob("csrc/*/cuda/*.cu") + glob.glob("csrc/*/cuda/*.cpp"))
+    return cpp, cu
+
+
+def cuda_decision(torch, cpp_extension):
+    mode = os.environ.get("BNAO_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"BNAO_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, "BNAO_CUDA=0"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        reasons.append(f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME}; export CUDA_HOME=/usr/local/cuda)")
+    if reasons:
+        if mode == "1":
+            raise SystemExit("BNAO_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
+
+
+def make_extensions():
+    if os.environ.get("BNAO_NO_EXTENSION") == "1":
+        log("BNAO_NO_EXTENSION=1: pure-PyTorch install")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        log("torch is not importable at build time: pure-PyTorch install (use --no-build-isolation)")
+        return [], {}
+
+    with_cuda, why = cuda_decision(torch, cpp_extension)
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    cpp, cu = collect_sources()
+    sources = cpp + (cu if with_cuda else [])
+    debug = os.environ.get("BNAO_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    extra = {"cxx": opt + ["-std=c++17", "-fvisibility=hidden"]}
+    macros = []
+    if with_cuda:
+        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        macros.append(("BNAO_WITH_CUDA", "1"))
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    log(f"CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
+    if with_cuda:
+        log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
+    log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}, debug={debug}")
+    log(f"sources: {', '.join(sources)}")
+
+    ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext = ext_cls(
+        "bnao._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args=extra,
+    )
+    build_info = {"cuda": with_cuda, "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""}
+    return [ext], {"build_ext": soft_build_ext(cpp_extension.BuildExtension, with_cuda, build_info)}
+
+
+def soft_build_ext(base, required, build_info):
+    """BuildExtension that records build flags and, unless CUDA was required, survives a compiler failure."""
+
+    class SoftBuildExt(base.with_options(use_ninja=True)):
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to pure PyTorch
+                if required or os.environ.get("BNAO_REQUIRE_EXTENSION") == "1":
+                    raise
+                log(f"WARNING: building bnao._C failed ({err}); bnao will run on its pure-PyTorch kernels")
+            self._write_build_info()
+
+        def _write_build_info(self):
+            import json
+
+            info = dict(build_info)
+            info["torch"] = __import__("torch").__version__
+            target = os.path.join(ROOT, "bnao", "_build_info.json")
+            with open(target, "w") as fh:
+                json.dump(info, fh)
+            if not self.inplace:
+                dst = os.path.join(self.build_lib, "bnao", "_build_info.json")
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with open(dst, "w") as fh:
+                    json.dump(info, fh)
+
+    return SoftBuildExt
+
+
+ext_modules, cmdclass = make_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
