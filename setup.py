@@ -68,10 +68,11 @@ def make_extensions():
     sources = cpp + (cu if with_cuda else [])
     debug = os.environ.get("BNAO_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt + ["-std=c++17", "-fvisibility=hidden"]}
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
+    extra = {"cxx": opt + ["-fvisibility=hidden"]}
     macros = []
     if with_cuda:
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         macros.append(("BNAO_WITH_CUDA", "1"))
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     log(f"CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
