@@ -1,0 +1,19 @@
+PY ?= .venv/bin/python
+
+.PHONY: demo test bench
+
+# One command: set up and run a real Balanced NAO search on Fashion-MNIST (CPU is fine).
+demo:
+	scripts/setup.sh
+	$(PY) -m bnao search --config configs/demo.yaml --out runs/demo --overwrite
+
+# One command: set up (CUDA kernels compiled when nvcc exists) and run the C++ and Python tests.
+test:
+	scripts/test.sh
+
+# The benchmarks (figures go to benchmarks/RESULTS.md by hand, with device, date, command).
+bench:
+	$(PY) benchmarks/bench_size.py
+	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_supernet.py

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: sets up (scripts/setup.sh --dev), builds the C++ core and its
+# unit tests with CMake and runs them (ctest), then runs the Python suite (pytest).
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --dev
+. "${BNAO_VENV:-.venv}/bin/activate"
+
+echo "[bnao test] C++ unit tests"
+prefix=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build build-cmake -j"$(nproc)" >/dev/null
+ctest --test-dir build-cmake --output-on-failure
+
+echo "[bnao test] Python tests"
+python -m pytest -q "$@"
