@@ -61,5 +61,8 @@ elif ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 say "building bnao (BNAO_CUDA=${BNAO_CUDA:-auto})"
-pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^\s*$" || true
-python -c "import bnao.extension as e, sys; ok = e.has_ops(); print('[bnao setup] compiled core loaded:', ok); sys.exit(0 if ok or '$dev' == '0' else 1)"
+pip install -q --no-build-isolation --no-deps -e .
+python -m bnao info
+if [ $dev = 1 ]; then
+  python -c "import bnao.extension as e, sys; sys.exit(0 if e.has_ops() else 'the compiled core did not load')"
+fi
