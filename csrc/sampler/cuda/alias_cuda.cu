@@ -1,0 +1,94 @@
+// CUDA kernels of bnao::alias_draw and bnao::alias_table.
+//
+// The draw runs the same alias::draw_one as the CPU kernel (sampler/alias.h),
+// so the i-th draw of a stream is the same index on every device. The table is
+// built on the CPU and copied: Vose's build is sequential, takes milliseconds
+// even for 1e7 items, and building it once on the host makes CPU and CUDA
+// tables bit-identical.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "sampler/alias.h"
+
+namespace bnao {
+namespace {
+
+// Each thread handles kDrawsPerThread draws per grid-stride step, spaced by the
+// block size so that neighbouring threads write neighbouring int64s (coalesced
+// stores); the random table reads are single 8-byte loads through the
+// read-only cache.
+constexpr int kThreads = 256;
+constexpr int kDrawsPerThread = 4;
+
+__global__ void __launch_bounds__(kThreads)
+    alias_draw_kernel(const unsigned long long* __restrict__ table, uint64_t n, uint64_t seed, uint64_t offset,
+                      int64_t num_draws, int64_t* __restrict__ out) {
+  const int64_t tile = static_cast<int64_t>(kThreads) * kDrawsPerThread;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * tile;
+  for (int64_t start = static_cast<int64_t>(blockIdx.x) * tile; start < num_draws; start += stride) {
+#pragma unroll
+    for (int k = 0; k < kDrawsPerThread; ++k) {
+      const int64_t i = start + static_cast<int64_t>(k) * kThreads + threadIdx.x;
+      if (i < num_draws) {
+        const alias::Philox4 r = alias::philox_for_draw(seed, offset + static_cast<uint64_t>(i));
+        const uint64_t column = alias::draw_column(r, n);
+        const uint64_t packed = __ldg(table + column);
+        out[i] = r.v[2] < alias::column_threshold(packed) ? static_cast<int64_t>(column)
+                                                          : static_cast<int64_t>(alias::column_alias(packed));
+      }
+    }
+  }
+}
+
+at::Tensor alias_draw_cuda(const at::Tensor& table, int64_t num_draws, int64_t seed, int64_t offset) {
+  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kLong,
+              "bnao::alias_draw: table must be the 1-D int64 tensor returned by bnao::alias_table, got ",
+              table.scalar_type(), " of shape ", table.sizes());
+  TORCH_CHECK(table.numel() > 0, "bnao::alias_draw: table is empty; build it from at least one weight");
+  TORCH_CHECK(num_draws >= 0, "bnao::alias_draw: num_draws must be >= 0, got ", num_draws);
+  TORCH_CHECK(offset >= 0, "bnao::alias_draw: offset must be >= 0, got ", offset,
+              "; it counts the draws already taken from the stream");
+  const c10::cuda::CUDAGuard guard(table.device());
+  const at::Tensor t = table.contiguous();
+  at::Tensor out = at::empty({num_draws}, t.options());
+  if (num_draws == 0) return out;
+
+  const int64_t tile = static_cast<int64_t>(kThreads) * kDrawsPerThread;
+  const int64_t tiles = (num_draws + tile - 1) / tile;
+  // Enough resident blocks to fill the GPU; the grid-stride loop covers the rest.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t max_blocks = static_cast<int64_t>(sms) * 16;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, max_blocks));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  alias_draw_kernel<<<blocks, kThreads, 0, stream>>>(
+      reinterpret_cast<const unsigned long long*>(t.data_ptr<int64_t>()), static_cast<uint64_t>(t.numel()),
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_draws, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor alias_table_cuda(const at::Tensor& weights) {
+  // Route through the dispatcher to the CPU kernel: one build, one set of checks.
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnao::alias_table", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  const at::Tensor table = op.call(weights.to(at::kCPU));
+  return table.to(weights.device());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnao, CUDA, m) {
+  m.impl("alias_table", &alias_table_cuda);
+  m.impl("alias_draw", &alias_draw_cuda);
+}
+
+}  // namespace bnao

@@ -1,0 +1,252 @@
+// Unit tests of the alias-method core (sampler/alias.h) and of the CPU kernels
+// behind torch.ops.bnao.alias_table / alias_draw. Plain executable: prints each
+// failure and returns non-zero when any check failed.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sampler/alias.h"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+void check(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+std::string hex4(const bnao::alias::Philox4& r) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%08x %08x %08x %08x", r.v[0], r.v[1], r.v[2], r.v[3]);
+  return buf;
+}
+
+// Known-answer vectors of philox4x32-10 from Random123 (kat_vectors).
+void test_philox_known_answers() {
+  struct Kat {
+    uint32_t ctr[4];
+    uint32_t key[2];
+    uint32_t expected[4];
+  };
+  const Kat kats[] = {
+      {{0u, 0u, 0u, 0u}, {0u, 0u}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+       {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u},
+       {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const Kat& kat : kats) {
+    bnao::alias::Philox4 ctr{{kat.ctr[0], kat.ctr[1], kat.ctr[2], kat.ctr[3]}};
+    const bnao::alias::Philox4 got = bnao::alias::philox4x32_10(ctr, kat.key[0], kat.key[1]);
+    const bnao::alias::Philox4 want{{kat.expected[0], kat.expected[1], kat.expected[2], kat.expected[3]}};
+    check(got.v[0] == want.v[0] && got.v[1] == want.v[1] && got.v[2] == want.v[2] && got.v[3] == want.v[3],
+          "philox KAT: got " + hex4(got) + ", want " + hex4(want));
+  }
+  // The draw layout: counter = {index lo, index hi, 0, 0}, key = {seed lo, seed hi}.
+  const uint64_t seed = 0x299f31d0a4093822ull, index = 0x85a308d3243f6a88ull;
+  const bnao::alias::Philox4 a = bnao::alias::philox_for_draw(seed, index);
+  const bnao::alias::Philox4 b =
+      bnao::alias::philox4x32_10({{0x243f6a88u, 0x85a308d3u, 0u, 0u}}, 0xa4093822u, 0x299f31d0u);
+  check(a.v[0] == b.v[0] && a.v[1] == b.v[1] && a.v[2] == b.v[2] && a.v[3] == b.v[3],
+        "philox_for_draw splits seed and index into low/high words");
+}
+
+void test_mulhi64() {
+  using bnao::alias::mulhi64;
+  check(mulhi64(0, 12345) == 0, "mulhi64(0, x) == 0");
+  check(mulhi64(~0ull, ~0ull) == 0xfffffffffffffffeull, "mulhi64(max, max)");
+  check(mulhi64(1ull << 63, 10) == 5, "mulhi64(2^63, 10) == 5");
+  check(mulhi64(~0ull, 1000) == 999, "mulhi64(2^64-1, n) == n - 1 (column stays below n)");
+}
+
+// Probability of each item implied by a packed table, times n * 2^32 (exact in
+// long double for the sizes tested here).
+std::vector<long double> implied_mass(const std::vector<uint64_t>& table) {
+  const size_t n = table.size();
+  std::vector<long double> mass(n, 0.0L);
+  for (size_t c = 0; c < n; ++c) {
+    const uint32_t t = bnao::alias::column_threshold(table[c]);
+    const uint32_t a = bnao::alias::column_alias(table[c]);
+    if (a >= n) continue;  // reported by the caller
+    if (a == c) {
+      mass[c] += 4294967296.0L;  // aliasing itself: the whole column, whatever the coin
+    } else {
+      mass[c] += t;
+      mass[a] += 4294967296.0L - t;
+    }
+  }
+  return mass;
+}
+
+void check_table_reconstructs(const std::vector<double>& weights, const std::string& name) {
+  std::vector<uint64_t> table;
+  const auto problem = bnao::alias::build_table(weights, &table);
+  check(problem == bnao::alias::WeightsProblem::kNone, name + ": build accepted the weights");
+  if (problem != bnao::alias::WeightsProblem::kNone) return;
+  const size_t n = weights.size();
+  long double sum = 0.0L;
+  for (double w : weights) sum += w;
+  const std::vector<long double> mass = implied_mass(table);
+  // Columns donating to each item: every donation loses at most one 2^-32 unit
+  // to the floor of its threshold (plus double rounding far below that).
+  std::vector<int> donors(n, 0);
+  bool aliases_in_range = true;
+  for (size_t c = 0; c < n; ++c) {
+    const uint32_t a = bnao::alias::column_alias(table[c]);
+    aliases_in_range &= a < n;
+    if (a < n && a != c) ++donors[a];
+  }
+  check(aliases_in_range, name + ": every alias is an item index");
+  if (!aliases_in_range) return;
+  bool zeros_massless = true;
+  int bad = 0;
+  long double worst = 0.0L;
+  for (size_t i = 0; i < n; ++i) {
+    const long double target = weights[i] / sum * n * 4294967296.0L;
+    const long double err = std::fabs(mass[i] - target);
+    const long double allowed = (donors[i] + 1) * 1.0L + 1e-6L * n;
+    if (err > worst) worst = err;
+    if (err > allowed) ++bad;
+    if (weights[i] == 0.0) zeros_massless &= mass[i] == 0.0L;
+  }
+  check(zeros_massless, name + ": zero-weight items have zero mass");
+  char msg[160];
+  std::snprintf(msg, sizeof(msg), "%s: column masses reconstruct the weights (worst %.3Lg units of 2^-32/n, %d bad)",
+                name.c_str(), worst, bad);
+  check(bad == 0, msg);
+}
+
+void test_table_properties() {
+  std::mt19937_64 rng(7);
+  check_table_reconstructs({1.0}, "n=1");
+  check_table_reconstructs(std::vector<double>(1000, 3.5), "flat");
+  {
+    std::vector<double> w(5000);
+    std::exponential_distribution<double> e(1.0);
+    for (double& x : w) x = std::exp(3.0 * e(rng));  // Pareto-like heavy tail
+    check_table_reconstructs(w, "heavy-tailed");
+  }
+  {
+    std::vector<double> w(1000, 1e-6);
+    w[17] = 1e6;
+    check_table_reconstructs(w, "one dominant");
+  }
+  {
+    std::vector<double> w(2000);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = (i % 3 == 0) ? 0.0 : u(rng);
+    check_table_reconstructs(w, "some zeros");
+  }
+  {
+    std::vector<double> w(100000);
+    std::uniform_int_distribution<int64_t> sizes(100000, 5000000);
+    for (double& x : w) x = static_cast<double>(sizes(rng));
+    check_table_reconstructs(w, "model sizes 1e5");
+  }
+  // Rejected inputs.
+  std::vector<uint64_t> table;
+  check(bnao::alias::build_table({}, &table) == bnao::alias::WeightsProblem::kEmpty, "empty rejected");
+  check(bnao::alias::build_table({1.0, -1.0}, &table) == bnao::alias::WeightsProblem::kNegative, "negative rejected");
+  check(bnao::alias::build_table({1.0, NAN}, &table) == bnao::alias::WeightsProblem::kNotFinite, "NaN rejected");
+  check(bnao::alias::build_table({INFINITY}, &table) == bnao::alias::WeightsProblem::kNotFinite, "inf rejected");
+  check(bnao::alias::build_table({0.0, 0.0}, &table) == bnao::alias::WeightsProblem::kZeroSum, "all-zero rejected");
+  check(bnao::alias::build_table({1e308, 1e308}, &table) == bnao::alias::WeightsProblem::kNotFinite,
+        "overflowing sum rejected");
+}
+
+void test_draw_determinism_and_fit() {
+  std::vector<double> w = {1.0, 0.0, 2.0, 7.0};
+  std::vector<uint64_t> table;
+  bnao::alias::build_table(w, &table);
+  const uint64_t n = table.size();
+  const int64_t draws = 400000;
+  std::vector<int64_t> counts(n, 0);
+  bool repeatable = true;
+  for (int64_t i = 0; i < draws; ++i) {
+    const int64_t a = bnao::alias::draw_one(table.data(), n, 42, 1000 + i);
+    const int64_t b = bnao::alias::draw_one(table.data(), n, 42, 1000 + i);
+    repeatable &= (a == b);
+    if (a >= 0 && a < static_cast<int64_t>(n)) ++counts[a];
+  }
+  check(repeatable, "same (seed, index) gives the same draw");
+  check(counts[1] == 0, "zero-weight item never drawn");
+  // Chi-square with 2 degrees of freedom (item 1 excluded); 13.8 is the 0.999 quantile.
+  double chi2 = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    if (w[i] == 0.0) continue;
+    const double expected = draws * w[i] / 10.0;
+    chi2 += (counts[i] - expected) * (counts[i] - expected) / expected;
+  }
+  check(chi2 < 13.8, "draw frequencies fit the weights (chi2=" + std::to_string(chi2) + ")");
+  // Different seeds give different streams.
+  int same = 0;
+  for (int64_t i = 0; i < 1000; ++i) {
+    same += bnao::alias::draw_one(table.data(), n, 1, i) == bnao::alias::draw_one(table.data(), n, 2, i);
+  }
+  check(same < 900, "seeds 1 and 2 give different streams");
+}
+
+// The registered CPU kernels (bnao_core links csrc/bnao.cpp and the CPU sources).
+void test_registered_ops() {
+  const auto table_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("bnao::alias_table", "")
+                            .typed<at::Tensor(const at::Tensor&)>();
+  const auto draw_op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("bnao::alias_draw", "")
+                           .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  const std::vector<double> w = {5.0, 1.0, 0.0, 3.0, 2.5, 9.0, 0.5};
+  const at::Tensor weights = at::tensor(at::ArrayRef<double>(w), at::kDouble);
+  const at::Tensor table = table_op.call(weights);
+  std::vector<uint64_t> expected;
+  bnao::alias::build_table(w, &expected);
+  bool same_table = table.numel() == static_cast<int64_t>(expected.size());
+  for (int64_t i = 0; same_table && i < table.numel(); ++i) {
+    same_table = static_cast<uint64_t>(table[i].item<int64_t>()) == expected[i];
+  }
+  check(same_table, "op alias_table equals alias::build_table");
+  check(table_op.call(weights.to(at::kFloat)).equal(table), "float32 and float64 weights give the same table");
+
+  const at::Tensor all = draw_op.call(table, 100000, 123, 5);
+  const at::Tensor head = draw_op.call(table, 40000, 123, 5);
+  const at::Tensor tail = draw_op.call(table, 60000, 123, 40005);
+  check(at::cat({head, tail}).equal(all), "chunked draws equal one big draw");
+  bool matches_core = true;
+  for (int64_t i = 0; i < 1000; ++i) {
+    matches_core &= all[i].item<int64_t>() == bnao::alias::draw_one(expected.data(), expected.size(), 123, 5 + i);
+  }
+  check(matches_core, "op alias_draw equals alias::draw_one");
+  check((all != 2).all().item<bool>(), "op never draws the zero-weight item");
+
+  bool threw = false;
+  try {
+    table_op.call(at::tensor({1.0, -2.0}, at::kDouble));
+  } catch (const c10::Error& err) {
+    threw = std::string(err.what()).find("negative") != std::string::npos;
+  }
+  check(threw, "op rejects a negative weight with a message naming it");
+}
+
+}  // namespace
+
+int main() {
+  test_philox_known_answers();
+  test_mulhi64();
+  test_table_properties();
+  test_draw_determinism_and_fit();
+  test_registered_ops();
+  std::printf("test_alias: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
