@@ -1,0 +1,79 @@
+"""The GPU-resident loader: the whole array dataset on the device, augmented by batched ops.
+
+The dataset is copied to the device once, as uint8 ``[N, H*W + 1, C]`` (one
+extra zero pixel per image serves the crop's zero padding, see
+:func:`~bnao.data.augment.gather_augment`). A batch is then a handful of
+kernel launches: the augmentation parameters (one ``torch.rand``), the
+source-index arithmetic, one gather straight from the resident dataset,
+normalisation and the cutout mask. The host does no per-image work and
+never synchronises with the device.
+
+Exactly resumable: the epoch order comes from a device generator seeded with
+``(seed, epoch)`` and batch ``b``'s augmentation from one seeded with
+``(seed, epoch, b)``. The same seed gives different (equally distributed)
+batches on CPU and CUDA, whose generators differ.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..augment import gather_augment, normalisation, sample_params
+from ..datasets import ArrayDataset
+from .base import Batch, Loader, epoch_permutation, mix_seed
+
+
+def resident_bytes(dataset: ArrayDataset) -> int:
+    """Device memory the ``tensor`` loader keeps for ``dataset``."""
+    n, h, w, c = dataset.images.shape
+    return n * (h * w + 1) * c + n * 8
+
+
+class TensorLoader(Loader):
+    """Batches gathered and augmented on the device from a resident copy of the dataset.
+
+    Args:
+        dataset: An :class:`~bnao.data.ArrayDataset`.
+        batch_size: Images per batch.
+        **kw: See :class:`~bnao.data.loaders.base.Loader`.
+
+    Raises:
+        TypeError: ``dataset`` is not an array dataset.
+    """
+
+    name = "tensor"
+    exact_resume = True
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, **kw):
+        if not isinstance(dataset, ArrayDataset):
+            raise TypeError("the tensor loader needs an ArrayDataset (use 'dali' or 'torch' for folders)")
+        super().__init__(dataset, batch_size, **kw)
+        n, h, w, c = dataset.images.shape
+        self.height, self.width = h, w
+        host = np.zeros((n, h * w + 1, c), dtype=np.uint8)
+        host[:, : h * w] = dataset.images.reshape(n, h * w, c)
+        self._data = torch.from_numpy(host).to(self.device)
+        self._labels = torch.from_numpy(dataset.labels).to(self.device)
+        self._scale, self._shift = normalisation(dataset.mean, dataset.std, self.device)
+        self._gen = torch.Generator(device=self.device)
+
+    def _batch(self, index: torch.Tensor, epoch: int, b: int) -> Batch:
+        params = None
+        if self.augment.random:
+            self._gen.manual_seed(mix_seed(self.seed, epoch, b))
+            params = sample_params(index.shape[0], self.height, self.width, self.augment, self._gen)
+        x = gather_augment(self._data, index, params, self.height, self.width, self.augment,
+                           self._scale, self._shift)
+        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: already channels_last
+        if not self.channels_last:
+            x = x.contiguous()
+        return x, self._labels[index]
+
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        order = epoch_permutation(self.seed, epoch, len(self.dataset), self.shuffle, self._gen)
+        for b in range(start, len(self)):
+            lo, hi = self.batch_range(b)
+            yield self._batch(order[lo:hi], epoch, b)
