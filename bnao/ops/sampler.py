@@ -122,7 +122,8 @@ def _weights_problem(w: np.ndarray) -> str:
 
 def _sequential_sum(w: np.ndarray) -> float:
     # Left-to-right, like the C++ loop (np.sum is pairwise and could differ in the last bit).
-    return float(np.cumsum(w)[-1])
+    with np.errstate(over="ignore"):  # the caller reports an infinite sum
+        return float(np.cumsum(w)[-1])
 
 
 def _threshold_of(prob: float) -> int:

@@ -84,7 +84,9 @@ def validate_weights(weights: WeightsLike) -> torch.Tensor:
         )
     if not bool((w > 0).any()):
         raise ValueError("all weights are zero; give at least one item a positive weight")
-    if not np.isfinite(float(np.cumsum(w.numpy())[-1])):
+    with np.errstate(over="ignore"):  # an overflowing sum is reported below, not warned about
+        total = float(np.cumsum(w.numpy())[-1])
+    if not np.isfinite(total):
         raise ValueError("the weights sum to infinity; divide them by their maximum")
     return w
 
