@@ -15,7 +15,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -124,4 +124,11 @@ def soft_build_ext(base, required, build_info):
 
 
 ext_modules, cmdclass = make_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    # The presets live in the top-level configs/ folder and install as bnao/configs.
+    packages=find_packages(include=["bnao", "bnao.*"]) + ["bnao.configs"],
+    package_dir={"bnao.configs": "configs"},
+    package_data={"bnao.configs": ["*.yaml"], "bnao": ["_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

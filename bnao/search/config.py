@@ -1,0 +1,250 @@
+"""Search configuration: defaults, YAML presets, command-line overrides.
+
+A configuration is a nested dict whose keys and value types are fixed by
+:data:`DEFAULTS` (the reference's CIFAR-10 settings, SPEC sections 4-6). A
+YAML file or a ``key=value`` override may only set keys that exist there; an
+unknown key is refused with the closest valid key named, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import yaml
+
+# Keys whose default is None take these types when set.
+_OPTIONAL_TYPES: Dict[str, Tuple[type, ...]] = {
+    "data.root": (str,),
+    "data.train_limit": (int,),
+    "supernet.steps_per_epoch": (int,),
+    "search.pool_file": (str,),
+    "final.channels": (int,),
+    "final.layers": (int,),
+}
+
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "data": {
+        "dataset": "cifar10",
+        "root": None,  # data dir; searched as documented by bnao.data
+        "dev_fraction": 0.1,  # 45k / 5k on CIFAR-10
+        "loader": "auto",
+        "cutout": 0,
+        "train_limit": None,  # use only the first N training images (quick runs)
+    },
+    "space": {"name": "nao", "op_set": "small", "num_nodes": 5},
+    "supernet": {
+        "skeleton": "cifar",  # cifar (32x32-style) | imagenet (two stride-2 stems)
+        "layers": 3,
+        "channels": 20,
+        "batch_size": 64,
+        "epochs": 50,  # per search iteration
+        "steps_per_epoch": None,  # default: training images // batch size
+        "lr_max": 0.025,
+        "lr_min": 0.001,
+        "momentum": 0.9,
+        "weight_decay": 3e-4,
+        "grad_clip": 5.0,
+        "drop_path_keep_prob": 0.9,
+        "label_smoothing": 0.0,
+        "bf16": False,
+        "channels_last": False,
+        "eval_batch_size": 500,
+        "eval_batches": 1,
+        "checkpoint_every": 1000,  # training steps between mid-phase checkpoints
+    },
+    "sampler": {
+        "name": "proportional",  # proportional | uniform
+        "alpha": 1.0,
+        "uniform_mix": 0.0,
+        "size_measure": "params",  # params | madds
+    },
+    "controller": {
+        "epochs": 1000,
+        "batch_size": 100,
+        "lr": 0.001,
+        "trade_off": 0.8,
+        "mlp_layers": 0,
+        "mlp_hidden": 64,
+        "embedding_size": 32,
+        "hidden_size": 64,
+        "swap_augment": True,
+    },
+    "search": {
+        "pool_size": 1000,
+        "pool_file": None,
+        "skip_invalid": False,
+        "iterations": 3,
+        "top_k": 100,  # seeds for generation
+        "new_per_iteration": 300,
+    },
+    "final": {
+        "rerank_top": 5,
+        "epochs": 10,
+        "layers": None,  # default: the supernet's
+        "channels": None,
+        "batch_size": 128,
+        "lr_max": 0.025,
+        "lr_min": 0.0,
+        "weight_decay": 3e-4,
+        "auxiliary_weight": 0.4,
+        "drop_path_keep_prob": 0.9,
+        "cutout": 0,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+_VALID_KEYS = flatten(DEFAULTS)
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, _VALID_KEYS, n=1, cutoff=0.4)
+    if not match:
+        leaf = key.rsplit(".", 1)[-1]
+        match = [k for k in _VALID_KEYS if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = _VALID_KEYS[key]
+    if value is None:
+        if default is None or key in _OPTIONAL_TYPES:
+            return None
+        raise ConfigError(f"config key {key!r} cannot be null")
+    if default is None:
+        types = _OPTIONAL_TYPES.get(key, (str,))
+    else:
+        types = (type(default),)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got a boolean {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(config: Dict[str, Any], key: str, value: Any) -> None:
+    if key not in _VALID_KEYS:
+        if any(k.startswith(key + ".") for k in _VALID_KEYS):
+            raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.<name>=...")
+        raise ConfigError(f"unknown config key {key!r}{_closest(key)}")
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = _coerce(key, value)
+
+
+def merge(config: Dict[str, Any], updates: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
+    """Returns ``config`` updated by a nested dict of ``updates`` (validated)."""
+    out = copy.deepcopy(config)
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(updates).__name__}")
+    for key, value in flatten(updates).items():
+        try:
+            _set(out, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> flat dict with YAML-typed values."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. supernet.epochs=5)")
+        key, text = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return out
+
+
+def apply_overrides(config: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Applies flat ``key=value`` overrides (validated)."""
+    out = copy.deepcopy(config)
+    for key, value in overrides.items():
+        try:
+            _set(out, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"command line: {err}") from None
+    return out
+
+
+def preset_dirs() -> List[Path]:
+    """Where presets are looked up: the installed package data, then the source tree."""
+    here = Path(__file__).resolve().parent.parent
+    return [here / "configs", here.parent / "configs"]
+
+
+def list_presets() -> List[str]:
+    """Names of the available presets (``configs/*.yaml``)."""
+    names = set()
+    for folder in preset_dirs():
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_yaml(path: os.PathLike) -> Dict[str, Any]:
+    """Reads a YAML config file with a clear error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (presets: {', '.join(list_presets())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return data
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``demo``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    for folder in preset_dirs():
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
+
+
+def load_config(preset: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Defaults, then a preset or YAML file, then ``key=value`` overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if preset:
+        path = resolve_preset(preset)
+        config = merge(config, load_yaml(path), source=str(path))
+    return apply_overrides(config, parse_overrides(overrides))
+
+
+def diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """Keys whose values differ, as ``key: old -> new`` lines."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

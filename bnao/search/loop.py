@@ -1,0 +1,419 @@
+"""Balanced NAO, Algorithm 1 of the paper (SPEC section 6), resumable.
+
+The search is a sequence of phases; the position in it (iteration, phase,
+step within the supernet phase) is part of every checkpoint, so a run killed
+at any moment continues from its last checkpoint and ends with the same pool
+and best arch as a run that was never interrupted::
+
+    for it in 0..L:                        (L = search.iterations; it = L is the final round)
+        train    the supernet on X_eval, one size-proportional draw per step
+        eval     every arch of X with the shared weights  -> S[it]
+        (it < L) controller  fit on (X, S[it])
+        (it < L) generate    move the top-K seeds uphill, decode new archs -> X_eval; X += X_eval
+    rerank   the top archs by S[L] with a short stand-alone training -> best.json
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..controller import NAOController
+from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
+from ..metrics import kendall_tau, pairwise_accuracy
+from ..sampling import create_sampler
+from ..size import model_size
+from ..space import create_search_space
+from ..supernet import Supernet, SupernetTrainer, evaluate_pool
+from .config import diff
+from .pool import Pool, read_pool_file
+from .report import Scalars, size_buckets, write_plots
+from .rundir import RunDir, RunDirError
+
+PHASES = ("train", "eval", "controller", "generate")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+def _fmt_seconds(s: float) -> str:
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class BalancedNAO:
+    """One search run in a run directory.
+
+    Args:
+        config: Resolved configuration (see :mod:`bnao.search.config`).
+        run_dir: Where everything is written.
+        progress: Show progress bars (tqdm) for long phases.
+        echo: Called with each summary line (default ``print``).
+    """
+
+    def __init__(
+        self,
+        config: Dict[str, Any],
+        run_dir: RunDir,
+        *,
+        progress: bool = True,
+        echo: Callable[[str], None] = print,
+    ):
+        self.config = copy.deepcopy(config)
+        self.run_dir = run_dir
+        self.progress = progress
+        self._echo = echo
+        self.device = resolve_device(config["device"])
+        self.state: Dict[str, Any] = {"iteration": 0, "phase": "init", "elapsed": 0.0, "eval_indices": None}
+        self.draws: List[Dict[str, np.ndarray]] = []  # per iteration: pool indices trained and draw counts
+        self.history: List[Dict[str, Any]] = []
+        self._build()
+
+    # --------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        c = self.config
+        seed = int(c["seed"])
+        self.space = create_search_space(c["space"]["name"], op_set=c["space"]["op_set"], num_nodes=c["space"]["num_nodes"])
+        data = c["data"]
+        full = create_dataset(data["dataset"], root=data["root"], split="train")
+        if data["train_limit"]:
+            full = full.subset(np.arange(min(int(data["train_limit"]), len(full))), full.name)
+        self.train_set, self.dev_set = split_train_dev(full, dev_fraction=data["dev_fraction"], seed=seed)
+        self.num_classes = int(full.num_classes)
+        self.in_channels = int(full.images.shape[-1]) if hasattr(full, "images") else 3
+        sn = c["supernet"]
+        self.train_loader = create_loader(
+            data["loader"], self.train_set, sn["batch_size"], device=self.device,
+            augment=AugmentConfig(cutout=data["cutout"]), shuffle=True, drop_last=True, seed=seed,
+            channels_last=sn["channels_last"],
+        )
+        dev_loader = create_loader(
+            data["loader"], self.dev_set, min(sn["eval_batch_size"], len(self.dev_set)), device=self.device,
+            augment=False, shuffle=False, drop_last=False, seed=seed, channels_last=sn["channels_last"],
+        )
+        self.dev_batches = []
+        for images, labels in dev_loader:
+            self.dev_batches.append((images, labels))
+            if len(self.dev_batches) >= sn["eval_batches"]:
+                break
+        self.steps_per_iteration = int(sn["epochs"]) * int(sn["steps_per_epoch"] or len(self.train_loader))
+
+        self.model = Supernet(
+            self.space, skeleton=sn["skeleton"], layers=sn["layers"], channels=sn["channels"], num_classes=self.num_classes,
+            in_channels=self.in_channels, drop_path_keep_prob=sn["drop_path_keep_prob"],
+            total_steps=self.steps_per_iteration,
+        ).to(self.device)
+
+        # The pool: random (seeded) or read from a file.
+        sc = c["search"]
+        self.pool = Pool.empty(self.space)
+        if sc["pool_file"]:
+            archs, problems = read_pool_file(sc["pool_file"], self.space, skip_invalid=sc["skip_invalid"])
+            for p in problems:
+                self.echo(f"skipped invalid arch: {p}")
+        else:
+            archs = self.space.sample_array(int(sc["pool_size"]), rng=np.random.default_rng(seed))
+        self.pool.add(archs, self._sizes(archs), iteration=0)
+        self.state["eval_indices"] = np.arange(len(self.pool))
+
+        sp = c["sampler"]
+        self.sampler = create_sampler(
+            sp["name"], self.pool.sizes.astype(np.float64), alpha=sp["alpha"], uniform_mix=sp["uniform_mix"],
+            seed=seed, device=self.device,
+        )
+        self.trainer = SupernetTrainer(
+            self.model, self.sampler, self.pool.archs.astype(np.int64), self.train_loader,
+            lr_max=sn["lr_max"], lr_min=sn["lr_min"], momentum=sn["momentum"], weight_decay=sn["weight_decay"],
+            grad_clip=sn["grad_clip"], label_smoothing=sn["label_smoothing"], bf16=sn["bf16"],
+            channels_last=sn["channels_last"], steps_total=self.steps_per_iteration, device=self.device, seed=seed,
+        )
+        cc = c["controller"]
+        self.controller = NAOController(
+            self.space, embedding_size=cc["embedding_size"], hidden_size=cc["hidden_size"],
+            mlp_layers=cc["mlp_layers"], mlp_hidden=cc["mlp_hidden"], device=self.device, seed=seed,
+        )
+
+    def _sizes(self, archs: np.ndarray) -> np.ndarray:
+        """Model size of the stand-alone nets (final-training shape), the sampler's weights."""
+        c = self.config
+        layers = c["final"]["layers"] or c["supernet"]["layers"]
+        channels = c["final"]["channels"] or c["supernet"]["channels"]
+        return model_size(
+            archs, space=self.space, skeleton=c["supernet"]["skeleton"], layers=layers, channels=channels, classes=self.num_classes,
+            in_channels=self.in_channels, measure=c["sampler"]["size_measure"],
+        )
+
+    # ----------------------------------------------------------- state i/o
+    def echo(self, line: str) -> None:
+        self._echo(line)
+        self.run_dir.log(line)
+
+    def checkpoint(self) -> None:
+        """Saves everything needed to continue exactly (atomically)."""
+        self.run_dir.save_checkpoint(
+            {
+                "format": 1,
+                "config": self.config,
+                "state": self.state,
+                "pool": self.pool.state_dict(),
+                "trainer": self.trainer.state_dict(),
+                "controller": self.controller.state_dict(),
+                "draws": self.draws,
+                "history": self.history,
+            }
+        )
+
+    def restore(self, ckpt: Dict[str, Any]) -> None:
+        """Loads a checkpoint written by :meth:`checkpoint`."""
+        changed = diff(ckpt["config"], self.config)
+        if changed:
+            raise RunDirError("the checkpoint was written with another config:\n  " + "\n  ".join(changed))
+        self.state = ckpt["state"]
+        self.pool.load_state_dict(ckpt["pool"])
+        idx = self.state["eval_indices"]
+        self.sampler.set_weights(self.pool.sizes[idx].astype(np.float64))
+        self.trainer.set_pool(self.pool.archs[idx].astype(np.int64))
+        self.trainer.load_state_dict(ckpt["trainer"])
+        self.controller.load_state_dict(ckpt["controller"])
+        self.draws = ckpt["draws"]
+        self.history = ckpt["history"]
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Dict[str, Any]:
+        """Runs (or continues) the search to the end; returns the best arch record."""
+        self.scalars = Scalars(self.run_dir.tb, purge_step=self._global_step() or None)
+        started = time.perf_counter() - float(self.state["elapsed"])
+        try:
+            while self.state["phase"] != "done":
+                it, phase = int(self.state["iteration"]), self.state["phase"]
+                if phase == "init":
+                    self._start_iteration(0)
+                elif phase == "train":
+                    self._phase_train(it, started)
+                elif phase == "eval":
+                    self._phase_eval(it, started)
+                elif phase == "controller":
+                    self._phase_controller(it, started)
+                elif phase == "generate":
+                    self._phase_generate(it, started)
+                elif phase == "rerank":
+                    self._phase_rerank(started)
+        finally:
+            self.scalars.close()
+        return self.run_dir_best()
+
+    def run_dir_best(self) -> Dict[str, Any]:
+        import json
+
+        return json.loads(self.run_dir.best_path.read_text())
+
+    def _global_step(self) -> int:
+        return int(self.trainer.global_step) if hasattr(self.trainer, "global_step") else 0
+
+    def _advance(self, phase: str, started: float, iteration: Optional[int] = None) -> None:
+        if iteration is not None:
+            self.state["iteration"] = iteration
+        self.state["phase"] = phase
+        self.state["elapsed"] = time.perf_counter() - started
+        self.checkpoint()
+
+    def _start_iteration(self, it: int) -> None:
+        idx = np.asarray(self.state["eval_indices"])
+        self.sampler.set_weights(self.pool.sizes[idx].astype(np.float64))
+        self.trainer.set_pool(self.pool.archs[idx].astype(np.int64))
+        self.trainer.restart_schedule(self.steps_per_iteration)
+        self.state.update(iteration=it, phase="train", train_step=0, phase_seconds={})
+        self.checkpoint()
+
+    def _phase_train(self, it: int, started: float) -> None:
+        every = int(self.config["supernet"]["checkpoint_every"])
+        total = self.steps_per_iteration
+        t0 = time.perf_counter()
+        bar = self._bar(total, f"iter {it} supernet", initial=int(self.state["train_step"]))
+        stats: Dict[str, float] = {}
+        while self.state["train_step"] < total:
+            n = min(every, total - int(self.state["train_step"]))
+            stats = self.trainer.train_steps(n, progress=bar.update if bar else None)
+            self.state["train_step"] = int(self.state["train_step"]) + n
+            self.scalars.add_many("supernet", stats, self._global_step())
+            self._advance("train", started)
+        if bar:
+            bar.close()
+        idx = np.asarray(self.state["eval_indices"])
+        counts = np.asarray(self.trainer.draw_counts(), dtype=np.int64)
+        self.draws.append({"index": idx, "draws": counts})
+        for b in size_buckets(self.pool.sizes[idx], counts):
+            self.scalars.add(f"draws/size_bucket_{b['bucket']}_share", b["draw_share"], it)
+            self.scalars.add(f"draws/size_bucket_{b['bucket']}_target", b["size_share"], it)
+        self.state["phase_seconds"]["train"] = time.perf_counter() - t0
+        self.state["train_stats"] = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        self._advance("eval", started)
+
+    def _phase_eval(self, it: int, started: float) -> None:
+        t0 = time.perf_counter()
+        acc, loss = evaluate_pool(self.model, self.pool.archs.astype(np.int64), self.dev_batches,
+                                  bf16=self.config["supernet"]["bf16"])
+        self.pool.set_scores(it, acc)
+        self.state["phase_seconds"]["eval"] = time.perf_counter() - t0
+        self.scalars.add("eval/best_one_shot", float(np.max(acc)), it)
+        self.scalars.add("eval/mean_one_shot", float(np.mean(acc)), it)
+        self.scalars.add("eval/mean_loss", float(np.mean(loss)), it)
+        final = it >= int(self.config["search"]["iterations"])
+        self._write_outputs()
+        if final:
+            self._summary(it, started)
+            self._advance("rerank", started)
+        else:
+            self._advance("controller", started)
+
+    def _phase_controller(self, it: int, started: float) -> None:
+        cc = self.config["controller"]
+        t0 = time.perf_counter()
+        scores = self.pool.scores[it]
+        bar = self._bar(int(cc["epochs"]), f"iter {it} controller")
+        metrics = self.controller.fit(
+            self.pool.archs.astype(np.int64), scores, epochs=cc["epochs"], batch_size=cc["batch_size"], lr=cc["lr"],
+            trade_off=cc["trade_off"], swap_augment=cc["swap_augment"],
+            progress=(lambda e, n, m: bar.update(1)) if bar else None,
+        )
+        if bar:
+            bar.close()
+        self.pool.predicted = self.controller.predict(self.pool.archs.astype(np.int64)).astype(np.float32)
+        self.state["phase_seconds"]["controller"] = time.perf_counter() - t0
+        self.state["controller_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.scalars.add_many("controller", self.state["controller_metrics"], it)
+        self._advance("generate", started)
+
+    def _phase_generate(self, it: int, started: float) -> None:
+        sc = self.config["search"]
+        t0 = time.perf_counter()
+        seeds = self.pool.archs[self.pool.top(int(sc["top_k"]), self.pool.scores[it])].astype(np.int64)
+        new, info = self.controller.generate(
+            seeds, int(sc["new_per_iteration"]), exclude_hashes=self.pool.hashes, return_info=True
+        )
+        added = self.pool.add(new, self._sizes(new), iteration=it + 1) if len(new) else np.zeros(0, np.int64)
+        self.state["phase_seconds"]["generate"] = time.perf_counter() - t0
+        self.state["generated"] = int(added.size)
+        self.state["generate_info"] = {k: v for k, v in info.items() if isinstance(v, (int, float))}
+        self._summary(it, started)
+        if added.size == 0:
+            self.echo(f"iteration {it}: the controller found no new arch; the next round retrains the last X_eval")
+        else:
+            self.state["eval_indices"] = added
+        self._write_outputs()
+        self._start_iteration(it + 1)
+
+    def _phase_rerank(self, started: float) -> None:
+        from ..train import rerank
+
+        c = self.config
+        fc = c["final"]
+        it = int(self.state["iteration"])
+        scores = self.pool.scores[it]
+        top = self.pool.top(int(fc["rerank_top"]), scores)
+        t0 = time.perf_counter()
+        results = rerank(
+            self.pool.archs[top].astype(np.int64), self.space, self.train_set, self.dev_set,
+            skeleton=c["supernet"]["skeleton"], layers=fc["layers"] or c["supernet"]["layers"], channels=fc["channels"] or c["supernet"]["channels"],
+            num_classes=self.num_classes, in_channels=self.in_channels, epochs=fc["epochs"],
+            batch_size=fc["batch_size"], lr_max=fc["lr_max"], lr_min=fc["lr_min"], weight_decay=fc["weight_decay"],
+            auxiliary_weight=fc["auxiliary_weight"], drop_path_keep_prob=fc["drop_path_keep_prob"],
+            cutout=fc["cutout"], device=self.device, seed=int(c["seed"]), loader=c["data"]["loader"],
+            progress=self.progress,
+        )
+        ranking = []
+        for rank_pos, (i, res) in enumerate(zip(top, results)):
+            ranking.append(
+                {
+                    "arch": " ".join(map(str, self.pool.archs[i].tolist())),
+                    "hash": f"{int(self.pool.hashes[i]):016x}",
+                    "size": int(self.pool.sizes[i]),
+                    "one_shot": float(scores[i]),
+                    "one_shot_rank": rank_pos,
+                    "standalone_accuracy": float(res["accuracy"]),
+                    "standalone_params": int(res["params"]),
+                    "standalone_seconds": float(res["seconds"]),
+                }
+            )
+        ranking.sort(key=lambda r: -r["standalone_accuracy"])
+        self.run_dir.write_jsonl(self.run_dir.ranking_path, ranking)
+        best = dict(ranking[0])
+        best["search_seconds"] = time.perf_counter() - started
+        self.run_dir.write_json(self.run_dir.best_path, best)
+        self.state["phase_seconds"]["rerank"] = time.perf_counter() - t0
+        self.echo(
+            f"best arch: {best['arch']}\n  model size {best['size']:,} params, one-shot {best['one_shot']:.4f}, "
+            f"stand-alone dev accuracy {best['standalone_accuracy']:.4f} ({fc['epochs']} epochs)  "
+            f"[search {_fmt_seconds(best['search_seconds'])}, re-rank {_fmt_seconds(self.state['phase_seconds']['rerank'])}]"
+        )
+        self._advance("done", started)
+
+    # --------------------------------------------------------------- output
+    def _summary(self, it: int, started: float) -> None:
+        ps = self.state.get("phase_seconds", {})
+        scores = self.pool.scores[it]
+        ts = self.state.get("train_stats", {})
+        record = {
+            "iteration": it,
+            "pool": len(self.pool),
+            "trained_archs": int(np.asarray(self.state["eval_indices"]).size),
+            "best_one_shot": float(np.max(scores)),
+            "mean_one_shot": float(np.mean(scores)),
+            "train_loss": ts.get("loss"),
+            "img_per_s": ts.get("img_per_s"),
+            "phase_seconds": dict(ps),
+            "elapsed": time.perf_counter() - started,
+        }
+        cm = self.state.get("controller_metrics") if it < int(self.config["search"]["iterations"]) else None
+        line = (
+            f"iter {it}: pool {len(self.pool)} | supernet {self.steps_per_iteration} steps"
+            f" {ts.get('img_per_s', float('nan')):.0f} img/s loss {ts.get('loss', float('nan')):.3f}"
+            f" ({_fmt_seconds(ps.get('train', 0))}) | eval best {record['best_one_shot']:.4f}"
+            f" mean {record['mean_one_shot']:.4f} ({_fmt_seconds(ps.get('eval', 0))})"
+        )
+        if cm:
+            record["controller"] = cm
+            record["generated"] = self.state.get("generated")
+            line += (
+                f" | controller pairwise {cm.get('pairwise_accuracy', float('nan')):.3f}"
+                f" recon {cm.get('reconstruction_accuracy', float('nan')):.3f} ({_fmt_seconds(ps.get('controller', 0))})"
+                f" | +{self.state.get('generated', 0)} new"
+            )
+        if it > 0 and len(self.pool.scores) > 1:
+            prev = self.pool.scores[it - 1]
+            n = prev.size
+            record["pairwise_vs_previous"] = float(pairwise_accuracy(prev, scores[:n]))
+            record["kendall_vs_previous"] = float(kendall_tau(prev, scores[:n]))
+        line += f" | {_fmt_seconds(record['elapsed'])}"
+        self.history.append(record)
+        self.run_dir.append_history(record)
+        self.echo(line)
+
+    def _write_outputs(self) -> None:
+        self.pool.write_jsonl(str(self.run_dir.pool_path))
+        why = write_plots(self.run_dir.plots, self.pool, self.draws)
+        if why and not getattr(self, "_plot_warned", False):
+            self._plot_warned = True
+            self.echo(why)
+        self.scalars.flush()
+
+    def _bar(self, total: int, desc: str, initial: int = 0):
+        if not self.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
