@@ -7,10 +7,11 @@
 // tables bit-identical.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -64,10 +65,13 @@ at::Tensor alias_draw_cuda(const at::Tensor& table, int64_t num_draws, int64_t s
   const int64_t tile = static_cast<int64_t>(kThreads) * kDrawsPerThread;
   const int64_t tiles = (num_draws + tile - 1) / tile;
   // Enough resident blocks to fill the GPU; the grid-stride loop covers the rest.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // (ATen/cuda/CUDAContext.h would give the properties but drags in cuSPARSE
+  // and cuBLAS headers, which a CUDA toolkit for compiling need not have.)
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table.device().index()));
   const int64_t max_blocks = static_cast<int64_t>(sms) * 16;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, max_blocks));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(table.device().index()).stream();
   alias_draw_kernel<<<blocks, kThreads, 0, stream>>>(
       reinterpret_cast<const unsigned long long*>(t.data_ptr<int64_t>()), static_cast<uint64_t>(t.numel()),
       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_draws, out.data_ptr<int64_t>());
