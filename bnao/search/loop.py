@@ -161,7 +161,7 @@ class BalancedNAO:
         self.run_dir.log(line)
 
     def checkpoint(self) -> None:
-        """Saves everything needed to continue exactly (atomically)."""
+        """Saves everything needed to continue exactly (atomically), then says where the run is."""
         self.run_dir.save_checkpoint(
             {
                 "format": 1,
@@ -173,6 +173,10 @@ class BalancedNAO:
                 "draws": self.draws,
                 "history": self.history,
             }
+        )
+        self.run_dir.write_json(
+            self.run_dir.progress_path,
+            {k: self.state.get(k) for k in ("iteration", "phase", "train_step", "elapsed")},
         )
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
@@ -222,9 +226,7 @@ class BalancedNAO:
     def _global_step(self) -> int:
         return int(self.trainer.global_step) if hasattr(self.trainer, "global_step") else 0
 
-    def _advance(self, phase: str, started: float, iteration: Optional[int] = None) -> None:
-        if iteration is not None:
-            self.state["iteration"] = iteration
+    def _advance(self, phase: str, started: float) -> None:
         self.state["phase"] = phase
         self.state["elapsed"] = time.perf_counter() - started
         self.checkpoint()
@@ -398,7 +400,8 @@ class BalancedNAO:
             record["kendall_vs_previous"] = float(kendall_tau(prev, scores[:n]))
         line += f" | {_fmt_seconds(record['elapsed'])}"
         self.history.append(record)
-        self.run_dir.append_history(record)
+        # Rewritten whole from the checkpointed history, so a resumed run never repeats a line.
+        self.run_dir.write_jsonl(self.run_dir.history_path, self.history)
         self.echo(line)
 
     def _write_outputs(self) -> None:

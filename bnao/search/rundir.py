@@ -4,6 +4,7 @@ Layout of ``RUN_DIR``::
 
     config.yaml       resolved configuration (every key)
     checkpoint.pt     last checkpoint (written atomically: temp file + fsync + rename)
+    progress.json     where the run stood at its last checkpoint (iteration, phase, step)
     pool.jsonl        one record per arch: string, hash, size, one-shot score per iteration, prediction
     ranking.jsonl     final ranking (re-ranked top archs first)
     best.json         best arch: string, model size, one-shot score, stand-alone accuracy
@@ -63,6 +64,7 @@ class RunDir:
         self.best_path = self.path / "best.json"
         self.history_path = self.path / "history.jsonl"
         self.log_path = self.path / "log.txt"
+        self.progress_path = self.path / "progress.json"
         self.plots = self.path / "plots"
         self.tb = self.path / "tb"
 
@@ -79,7 +81,7 @@ class RunDir:
                 "choose another --out, or pass --overwrite to replace it"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.pt", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt"):
+        for name in ("checkpoint.pt", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt"):
             (self.path / name).unlink(missing_ok=True)
         if self.tb.exists():
             for f in self.tb.glob("events.*"):
@@ -116,10 +118,6 @@ class RunDir:
 
     def write_jsonl(self, path: Path, records) -> None:
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-    def append_history(self, record: Dict[str, Any]) -> None:
-        with open(self.history_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
 
     def log(self, line: str) -> None:
         with open(self.log_path, "a") as fh:
