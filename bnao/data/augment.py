@@ -16,6 +16,7 @@ the ``tensor``, ``torch`` and ``dali`` loaders yield the same batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -82,30 +83,48 @@ def sample_params(n: int, height: int, width: int, cfg: AugmentConfig,
         {0, 1}, cutout centre ``cy`` in ``[0, H)`` and ``cx`` in ``[0, W)``.
     """
     u = torch.rand(n, 5, generator=generator, device=generator.device)
-    p = int(cfg.crop_padding)
-    span = torch.tensor([2 * p + 1, 2 * p + 1, 2 if cfg.flip else 1, height, width],
-                        dtype=torch.float32, device=u.device)
-    shift = torch.tensor([p, p, 0, 0, 0], dtype=torch.int64, device=u.device)
+    span, shift = _param_ranges(int(cfg.crop_padding), bool(cfg.flip), height, width, u.device)
     # floor(u * k) is uniform on {0..k-1}; float32 rounding keeps it < k.
     return (u * span).long() - shift
 
 
+@functools.lru_cache(maxsize=64)
+def _param_ranges(p: int, flip: bool, height: int, width: int, device: torch.device):
+    # Cached: building them per batch would be a blocking host-to-device copy each time.
+    span = torch.tensor([2 * p + 1, 2 * p + 1, 2 if flip else 1, height, width], dtype=torch.float32)
+    shift = torch.tensor([p, p, 0, 0, 0], dtype=torch.int64)
+    return span.to(device), shift.to(device)
+
+
+def pad_images(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` -> ``[N, (H+2p)*(W+2p), C]`` with a zero border of ``pad`` pixels."""
+    n, h, w, c = images.shape
+    if not pad:
+        return images.reshape(n, h * w, c)
+    out = images.new_zeros((n, h + 2 * pad, w + 2 * pad, c))
+    out[:, pad:pad + h, pad:pad + w] = images
+    return out.view(n, -1, c)
+
+
 def gather_augment(data: torch.Tensor, index: torch.Tensor, params: Optional[torch.Tensor],
-                   height: int, width: int, cfg: AugmentConfig, scale: torch.Tensor,
+                   height: int, width: int, pad: int, cfg: AugmentConfig, scale: torch.Tensor,
                    shift: torch.Tensor) -> torch.Tensor:
     """Gathers a batch from the resident dataset and augments it, with no per-image loop.
 
-    Crop and flip are folded into one gather: every output pixel reads source
-    pixel ``(i + dy, flip ? W-1-j+dx : j+dx)``, and out-of-image reads are
-    redirected to an extra all-zero pixel stored after each image (the
-    "padded index" trick), so zero padding costs no mask pass.
+    The dataset is stored with its zero padding (:func:`pad_images`), so crop
+    and flip fold into one gather with no masks: output pixel ``(i, j)`` reads
+    padded pixel ``(i + dy + p, (flip ? W-1-j : j) + dx + p)``, whose flat
+    index is a row term plus a column term. A batch is then four passes over
+    its pixels: the index sum, the gather, the normalisation (one ``addcmul``)
+    and, with cutout, the mask.
 
     Args:
-        data: uint8 ``[N, H*W + 1, C]``; pixel ``H*W`` of every image is 0.
+        data: uint8 ``[N, (H+2p)*(W+2p), C]`` from :func:`pad_images`.
         index: int64 ``[B]`` image indices.
         params: ``[B, 5]`` from :func:`sample_params`, or None (no augmentation).
         height: H.
         width: W.
+        pad: ``p``, the padding ``data`` was stored with (``cfg.crop_padding`` or 0).
         cfg: Augmentation config (for the cutout length).
         scale: float32 ``[C]``, ``1 / (255 * std)``.
         shift: float32 ``[C]``, ``-mean / std``.
@@ -113,26 +132,27 @@ def gather_augment(data: torch.Tensor, index: torch.Tensor, params: Optional[tor
     Returns:
         float32 ``[B, H, W, C]`` (contiguous, NHWC), normalised.
     """
-    b, hw = index.shape[0], height * width
-    if params is None:
-        pix = data.index_select(0, index)[:, :hw]
-        return (pix * scale + shift).view(b, height, width, -1)
-    dev = data.device
-    dy, dx, flip, cy, cx = params.unbind(1)
-    ii = torch.arange(height, device=dev)
-    jj = torch.arange(width, device=dev)
-    rows = ii + dy[:, None]  # [B, H] source row of each output row
-    cols = torch.where(flip[:, None].bool(), (width - 1) - jj, jj) + dx[:, None]  # [B, W]
-    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
-    flat = rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]
-    flat = torch.where(inside, flat, hw).view(b, hw)
-    pix = data[index[:, None], flat]  # [B, H*W, C] uint8, one gather kernel
-    out = pix * scale + shift  # uint8 * float32 -> float32
-    if cfg.cutout:
+    b = index.shape[0]
+    wp = width + 2 * pad
+    if params is None:  # data holds the plain images (pad is 0 without a random crop)
+        pix = data.index_select(0, index)
+    else:
+        dev = data.device
+        dy, dx, flip, cy, cx = params.unbind(1)
+        ii = torch.arange(height, device=dev)
+        jj = torch.arange(width, device=dev)
+        row = (ii + (dy + pad)[:, None]) * wp  # [B, H]
+        col = torch.where(flip[:, None].bool(), (width - 1) - jj, jj) + (dx + pad)[:, None]  # [B, W]
+        # Absolute pixel numbers, so the gather is one index_select over pixel rows of
+        # ``data.view(-1, C)`` (3x faster on the CPU than two-tensor advanced indexing).
+        flat = (row[:, :, None] + (col + index[:, None] * data.shape[1])[:, None, :]).view(-1)
+        pix = data.view(-1, data.shape[2]).index_select(0, flat).view(b, height * width, -1)
+    out = torch.addcmul(shift, pix, scale)  # uint8 -> normalised float32 in one pass
+    if params is not None and cfg.cutout:
         half = int(cfg.cutout) // 2
         in_r = (ii >= cy[:, None] - half) & (ii < cy[:, None] + half)
         in_c = (jj >= cx[:, None] - half) & (jj < cx[:, None] + half)
-        out.masked_fill_((in_r[:, :, None] & in_c[:, None, :]).view(b, hw, 1), 0.0)
+        out.masked_fill_((in_r[:, :, None] & in_c[:, None, :]).view(b, height * width, 1), 0.0)
     return out.view(b, height, width, -1)
 
 

@@ -265,7 +265,8 @@ def read_idx(path: Path) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not a uint8 IDX file")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    # A copy: frombuffer views are read-only, which torch.from_numpy warns about.
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
