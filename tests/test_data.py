@@ -234,6 +234,15 @@ def test_dali_folder_pipeline_cpu(folder_ds, augment):
     _check_solid(x, y, ds, colours, order)
 
 
+@pytest.mark.parametrize("name", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+def test_folder_cutout(folder_ds, name):
+    _need(name)
+    ds, _ = folder_ds
+    x = torch.cat([b[0] for b in take(create_loader(name, ds, 3, augment=AugmentConfig(cutout=8), seed=1))])
+    holes = (x == 0).all(1).float().mean((1, 2))  # a flat colour is never exactly the mean
+    assert (holes <= 64 / 1024).all() and (holes >= 16 / 1024).all()
+
+
 # ----------------------------------------------------------------------------- split
 
 

@@ -178,8 +178,10 @@ class DaliLoader(Loader):
             x = self._normalise(fn, types, images, mirror, crop=crop)
             if cfg.cutout and cfg.random_resized_crop:
                 half = cfg.cutout // 2
+                from nvidia.dali import math as dmath
+
                 centre = fn.random.uniform(range=[0.0, float(size)], shape=[2])
-                x = fn.erase(x, anchor=fn.floor(centre) - float(half), shape=[2.0 * half] * 2,
+                x = fn.erase(x, anchor=dmath.floor(centre) - float(half), shape=[2.0 * half] * 2,
                              axis_names="HW", fill_value=0.0)
             pipe.set_outputs(x, labels)
         return pipe
