@@ -24,12 +24,12 @@ COMMANDS = {
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """Parser with every sub-command; only ``command``'s module is imported (all when None)."""
+    """Parser with every sub-command; only ``command``'s module is imported (none when None)."""
     parser = argparse.ArgumentParser(prog="bnao", description="Balanced Neural Architecture Optimization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if command is None or command == name:
+        if command == name:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
