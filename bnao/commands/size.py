@@ -1,0 +1,89 @@
+"""``bnao size``: model size (parameters, multiply-adds) of architectures.
+
+Archs come as arguments (each quoted: ``"0 1 0 1 ..."``) or one per line from
+``--file`` (``-`` reads stdin; blank lines and ``#`` comments are skipped).
+Prints one count per line, in input order (``--measure both``: two columns,
+parameters then multiply-adds). An invalid arch is reported with its line
+number (or argument number) and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Tuple
+
+import numpy as np
+
+HELP = "model size (parameters, multiply-adds) of architectures"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of ``bnao size``."""
+    parser.add_argument("archs", nargs="*", metavar="ARCH", help='arch strings, each quoted: "0 1 0 1 ..."')
+    parser.add_argument("--file", "-f", help="file with one arch per line ('-' = stdin)")
+    parser.add_argument("--space", default="small", choices=["small", "middle"], help="op set (default small)")
+    parser.add_argument("--nodes", type=int, default=5, help="nodes per cell B (default 5)")
+    parser.add_argument("--skeleton", default="cifar", choices=["cifar", "imagenet"], help="network skeleton")
+    parser.add_argument("--layers", type=int, default=3, help="N, normal cells between reductions (default 3)")
+    parser.add_argument("--channels", type=int, default=20, help="C of the first cells (default 20)")
+    parser.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10)")
+    parser.add_argument("--in-channels", type=int, default=3, help="image channels (default 3)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input side for multiply-adds (default 32 cifar, 224 imagenet)")
+    parser.add_argument("--measure", default="params", choices=["params", "madds", "both"],
+                        help="what to print (default params)")
+
+
+def _read_inputs(args: argparse.Namespace) -> List[Tuple[str, str]]:
+    """``(where, text)`` per arch: where = 'argument K' or 'line K' (1-based)."""
+    items = [(f"argument {i + 1}", a) for i, a in enumerate(args.archs)]
+    if args.file:
+        fh = sys.stdin if args.file == "-" else open(args.file)
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                text = line.split("#", 1)[0].strip()
+                if text:
+                    items.append((f"line {lineno}", text))
+        finally:
+            if fh is not sys.stdin:
+                fh.close()
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``bnao size``; returns the exit code (0 ok, 2 invalid input)."""
+    from ..size import model_size
+    from ..space import InvalidArchError, NAOSpace
+
+    try:
+        space = NAOSpace(num_nodes=args.nodes, op_set=args.space)
+    except ValueError as err:
+        print(f"bnao size: {err}", file=sys.stderr)
+        return 2
+    try:
+        items = _read_inputs(args)
+    except OSError as err:
+        print(f"bnao size: cannot read {args.file}: {err}", file=sys.stderr)
+        return 2
+    if not items:
+        print("bnao size: no archs given (pass arch strings or --file)", file=sys.stderr)
+        return 2
+    rows = []
+    for where, text in items:
+        try:
+            rows.append(space.parse(text).to_array())
+        except InvalidArchError as err:
+            print(f"bnao size: {where}: {err}", file=sys.stderr)
+            return 2
+    try:
+        out = model_size(np.stack(rows), space, skeleton=args.skeleton, layers=args.layers, channels=args.channels,
+                         classes=args.classes, in_channels=args.in_channels, image_size=args.image_size,
+                         measure="both")
+    except ValueError as err:
+        print(f"bnao size: {err}", file=sys.stderr)
+        return 2
+    col = {"params": [0], "madds": [1], "both": [0, 1]}[args.measure]
+    lines = [" ".join(str(int(v)) for v in row[col]) for row in out]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
