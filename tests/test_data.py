@@ -301,7 +301,9 @@ def test_loaders_agree_with_tensor_loader(name, augment):
     for epoch in (0, 3):
         ref.set_epoch(epoch)
         other.set_epoch(epoch)
-        for (a, ya), (b, yb) in zip(take(ref), take(other), strict=True):
+        got_ref, got = take(ref), take(other)
+        assert len(got_ref) == len(got) == 5
+        for (a, ya), (b, yb) in zip(got_ref, got):
             assert torch.equal(ya, yb)
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 

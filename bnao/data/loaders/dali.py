@@ -114,7 +114,7 @@ class DaliLoader(Loader):
                 # Only the parameters that the graph uses (DALI warns about unused outputs).
                 out = [ds.images[idx], ds.labels[idx]]
                 if cfg.crop_padding:
-                    out.append(p[:, 0:2].astype(np.float32))
+                    out.append(p[:, 0:2].astype(np.int32))
                 if cfg.flip:
                     out.append(p[:, 2].astype(np.int32))
                 if cfg.cutout:
@@ -139,8 +139,9 @@ class DaliLoader(Loader):
             if self.device_id is not None:
                 images = images.gpu()
             if cfg.crop_padding:
-                images = fn.slice(images, anchor, np.array([h, w], np.float32), axis_names="HW",
-                                  normalized_anchor=False, normalized_shape=False,
+                # Per-image start (argument input, on the CPU for either backend), fixed
+                # shape; the window leaves the image by up to p pixels -> zero padding.
+                images = fn.slice(images, start=anchor, shape=[h, w], axis_names="HW",
                                   out_of_bounds_policy="pad", fill_values=0)
             x = self._normalise(fn, types, images, mirror)
             if cfg.cutout:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.utils.data as tud
 
