@@ -1,0 +1,426 @@
+"""The op boundary of the weight-sharing supernet: one call computes one cell for one arch.
+
+:func:`mixed_cell` is the pure-PyTorch reference. It takes the two calibrated
+cell inputs, the cell's arch as a tuple of ints and the weights of exactly the
+branches that run (gathered by the model in the order :func:`cell_schedule`
+defines), and returns the cell output plus the batch statistics of its
+shared-slot BatchNorms. Everything crossing the boundary is a tensor or a
+tuple of ints, so fused CUDA kernels (``torch.ops.bnao.mixed_cell_*``) can
+replace the body later without any change to ``bnao.supernet``.
+
+Why the reference is fast enough to be worth keeping in eager mode: branches
+are scheduled by *level* (a branch can run as soon as its input state exists)
+and all branches of one level that share an op and a stride run as ONE chain
+of grouped convolutions over their concatenated inputs, with the per-branch
+weights stacked along the channel axis. A cell of the default space then
+costs a few dozen kernel launches instead of a few hundred.
+
+Weight layout per parametric op (``n`` = branches of that op, schedule order):
+
+* ``sep_conv k``: ``(dw1 [n,C,1,k,k], pw1 [n,C,C], g1 [n,C], b1 [n,C], dw2, pw2, g2, b2)``
+* ``dil_sep_conv k``: ``(dw [n,C,1,k,k], pw [n,C,C], g [n,C], b [n,C])``
+* ``identity`` (only stride-2 branches, i.e. factorized reduce):
+  ``(w [n,C,C] (rows :C//2 sample even pixels, the rest odd pixels), g [n,C], b [n,C])``
+
+Slot-BN statistics are returned in "BN order": groups in schedule order, and
+inside a group each BN of the op (sep conv has two) for all its branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..space.ops import (
+    KIND_AVG_POOL,
+    KIND_DIL_SEP_CONV,
+    KIND_IDENTITY,
+    KIND_MAX_POOL,
+    KIND_SEP_CONV,
+    KIND_ZERO,
+)
+
+Tensor = torch.Tensor
+
+#: Parameter roles of each parametric op kind, in the order of the weight tuples.
+ROLES = {
+    KIND_SEP_CONV: ("dw1", "pw1", "g1", "b1", "dw2", "pw2", "g2", "b2"),
+    KIND_DIL_SEP_CONV: ("dw", "pw", "g", "b"),
+    KIND_IDENTITY: ("w", "g", "b"),
+}
+#: Slot BatchNorms per branch of each op kind (their running statistics are shared across input ids).
+NUM_BN = {KIND_SEP_CONV: 2, KIND_DIL_SEP_CONV: 1, KIND_IDENTITY: 1}
+
+
+def has_weights(kind: int, stride: int) -> bool:
+    """Whether a branch of this kind and stride has per-slot weights (identity only when it reduces)."""
+    if kind == KIND_IDENTITY:
+        return stride == 2
+    return kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Branches of one level that share an op and a stride; they run as one grouped computation.
+
+    Attributes:
+        op: Op index in the op set.
+        kind: Op kind (``KIND_*``).
+        kernel: Kernel size (0 when none).
+        stride: 1, or 2 for reduction-cell branches reading a cell input.
+        positions: Branch positions ``2 * node + branch`` (node counted from 0).
+        inputs: Input state id of each branch.
+        chunk: Index of this group among the cell's weight-bearing groups of ``op`` (-1 when it has no weights).
+        bn_row: First row of this group in the cell's slot-BN order.
+    """
+
+    op: int
+    kind: int
+    kernel: int
+    stride: int
+    positions: Tuple[int, ...]
+    inputs: Tuple[int, ...]
+    chunk: int
+    bn_row: int
+
+
+@dataclass(frozen=True)
+class CellSchedule:
+    """Execution plan of one cell for one arch (pure function of the arch, cached).
+
+    Attributes:
+        levels: Per level, the groups that run and then the nodes (0-based) completed at that level.
+        op_slots: Per parametric op index, ``(position, input_id)`` of each weight row, in row order.
+        op_chunks: Per parametric op index, the number of branches of each of its weight-bearing groups.
+        bn_slots: ``(position, op, bn_index)`` of each slot-BN row, in BN order.
+        loose: State ids concatenated into the output (never used as inputs).
+        num_bn: Number of slot-BN rows.
+    """
+
+    levels: Tuple[Tuple[Tuple[Group, ...], Tuple[int, ...]], ...]
+    op_slots: Dict[int, Tuple[Tuple[int, int], ...]]
+    op_chunks: Dict[int, Tuple[int, ...]]
+    bn_slots: Tuple[Tuple[int, int, int], ...]
+    loose: Tuple[int, ...]
+    num_bn: int
+
+
+@lru_cache(maxsize=65536)
+def cell_schedule(cell_arch: Tuple[int, ...], reduction: bool, table: Tuple[Tuple[int, int], ...]) -> CellSchedule:
+    """Schedules the branches of one cell.
+
+    A state's level is 0 for the cell inputs; a branch runs at ``level(input) + 1``;
+    a node completes at the maximum level of its two branches. Branches of one
+    level with the same op and stride form one :class:`Group`.
+
+    Args:
+        cell_arch: ``[x_id, x_op, y_id, y_op] * B`` as a tuple of ints.
+        reduction: Whether branches reading inputs 0/1 have stride 2.
+        table: ``(kind, kernel)`` per op index (``bnao.space.ops.op_table``).
+
+    Returns:
+        The cell's :class:`CellSchedule`.
+    """
+    num_nodes = len(cell_arch) // 4
+    state_level = [0, 0]
+    branch_level = []
+    for i in range(num_nodes):
+        x_id, _, y_id, _ = cell_arch[4 * i : 4 * i + 4]
+        lx, ly = state_level[x_id] + 1, state_level[y_id] + 1
+        branch_level += [lx, ly]
+        state_level.append(max(lx, ly))
+    levels = []
+    op_rows: Dict[int, List[Tuple[int, int]]] = {}
+    op_chunks: Dict[int, List[int]] = {}
+    bn_slots: List[Tuple[int, int, int]] = []
+    for level in range(1, max(state_level) + 1):
+        buckets: Dict[Tuple[int, int], List[int]] = {}
+        for pos in range(2 * num_nodes):
+            if branch_level[pos] != level:
+                continue
+            node, b = divmod(pos, 2)
+            in_id, op = cell_arch[4 * node + 2 * b], cell_arch[4 * node + 2 * b + 1]
+            if table[op][0] == KIND_ZERO:
+                continue  # contributes nothing; the node handles it
+            stride = 2 if reduction and in_id < 2 else 1
+            buckets.setdefault((op, stride), []).append(pos)
+        groups = []
+        for (op, stride), positions in sorted(buckets.items()):
+            kind, kernel = table[op]
+            inputs = tuple(cell_arch[4 * (p // 2) + 2 * (p % 2)] for p in positions)
+            chunk = -1
+            bn_row = len(bn_slots)
+            if has_weights(kind, stride):
+                chunks = op_chunks.setdefault(op, [])
+                chunk = len(chunks)
+                chunks.append(len(positions))
+                op_rows.setdefault(op, []).extend(zip(positions, inputs))
+                for j in range(NUM_BN[kind]):
+                    bn_slots.extend((p, op, j) for p in positions)
+            groups.append(Group(op, kind, kernel, stride, tuple(positions), inputs, chunk, bn_row))
+        done = tuple(i for i in range(num_nodes) if state_level[i + 2] == level)
+        levels.append((tuple(groups), done))
+    used = set(cell_arch[0::4]) | set(cell_arch[2::4])
+    loose = tuple(i for i in range(num_nodes + 2) if i not in used)
+    return CellSchedule(
+        levels=tuple(levels),
+        op_slots={op: tuple(rows) for op, rows in op_rows.items()},
+        op_chunks={op: tuple(c) for op, c in op_chunks.items()},
+        bn_slots=tuple(bn_slots),
+        loose=loose,
+        num_bn=len(bn_slots),
+    )
+
+
+class CellWeights(NamedTuple):
+    """Every weight one :func:`mixed_cell` call reads.
+
+    Attributes:
+        ops: Per op index, one entry per weight-bearing group of that op (``Group.chunk``), each the tuple of
+            its role tensors with the group's branches as leading dim (see the module docstring); ``()`` for
+            ops without weights in this cell.
+        reduce_loose: For reduction cells, the factorized-reduce weights ``(w [C,C], g, b)`` of inputs 0 and 1
+            (used when they are loose ends); ``()`` otherwise.
+        combine: ``(w [C, B+2, C], g [C], b [C])`` of the final ReLU-conv1x1-BN, ``w`` kept per state id.
+        loose_index: int64 tensor of the loose-end state ids on the weights' device (selects ``w``'s columns).
+    """
+
+    ops: Tuple[Tuple[Tensor, ...], ...]
+    reduce_loose: Tuple[Tuple[Tensor, ...], ...]
+    combine: Tuple[Tensor, Tensor, Tensor]
+    loose_index: Tensor
+
+
+class CellBuffers(NamedTuple):
+    """BatchNorm running statistics a cell reads or updates.
+
+    Attributes:
+        slot_stats: ``(mean [num_bn, C], var [num_bn, C])`` rows of the slot BNs in BN order, read only when
+            ``batch_stats`` is False; None otherwise.
+        reduce_loose: ``((mean, var), (mean, var))`` of the loose-end reductions (reduction cells) or ``()``.
+        combine: ``(mean, var)`` of the final combine's BN.
+    """
+
+    slot_stats: Optional[Tuple[Tensor, Tensor]]
+    reduce_loose: Tuple[Tuple[Tensor, Tensor], ...]
+    combine: Tuple[Tensor, Tensor]
+
+
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running: Optional[Tuple[Tensor, Tensor]],
+               batch_stats: bool, update: bool, momentum: float, eps: float) -> Tensor:
+    """Functional BN with NAO-WS's three modes.
+
+    Args:
+        x: ``[n, c, h, w]``.
+        weight: Affine scale ``[c]``.
+        bias: Affine shift ``[c]``.
+        running: ``(mean, var)`` buffers or None.
+        batch_stats: Normalise with the batch's statistics (training, and evaluation with ``bn_train``).
+        update: Update ``running`` in place (only meaningful with ``batch_stats``).
+        momentum: Running-average momentum.
+        eps: Variance epsilon.
+    """
+    if batch_stats:
+        rm, rv = running if (update and running is not None) else (None, None)
+        return F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
+    return F.batch_norm(x, running[0], running[1], weight, bias, False, momentum, eps)
+
+
+def factorized_reduce(xs: Sequence[Tensor], w: Tensor, g: Tensor, b: Tensor,
+                      running: Optional[Tuple[Tensor, Tensor]], batch_stats: bool, update: bool,
+                      momentum: float, eps: float, stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
+    """ReLU, 1x1 stride-2 convs on even and on odd pixels, concatenation, BN; for ``n`` inputs at once.
+
+    Args:
+        xs: ``n`` inputs ``[N, C_in, H, W]``.
+        w: ``[n, C, C_in]``; rows ``:C//2`` read the even pixels, rows ``C//2:`` the odd ones.
+        g: BN scale ``[n, C]`` (or ``[C]`` for ``n == 1``).
+        b: BN shift, like ``g``.
+        running: Running stats for a single-input call; None for slot BNs (whose batch stats go to ``stats``).
+        batch_stats: Normalise with batch statistics.
+        update: Update ``running``.
+        momentum: BN momentum.
+        eps: BN epsilon.
+        stats: When given, batch statistics ``(mean, invstd)`` are appended (slot BNs).
+
+    Returns:
+        ``[N, n*C, ceil(H/2), ceil(W/2)]`` (branch ``j`` in channels ``j*C:(j+1)*C``).
+    """
+    n = len(xs)
+    w = w.reshape(n, -1, w.shape[-1])
+    c_out, c_in = w.shape[1], w.shape[2]
+    half = c_out // 2
+    parts = []
+    for x in xs:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            odd = F.pad(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
+        else:
+            odd = x[:, :, 1::2, 1::2]
+        parts += [x[:, :, ::2, ::2], odd]
+    if c_out % 2 == 0:
+        # Even split: one grouped conv (groups = 2n) gives [even_0, odd_0, even_1, odd_1, ...] directly.
+        y = F.conv2d(F.relu(torch.cat(parts, 1)), w.reshape(n * c_out, c_in, 1, 1), groups=2 * n)
+    else:
+        outs = []
+        for j in range(n):
+            outs.append(F.conv2d(F.relu(parts[2 * j]), w[j, :half, :, None, None]))
+            outs.append(F.conv2d(F.relu(parts[2 * j + 1]), w[j, half:, :, None, None]))
+        y = torch.cat(outs, 1)
+    return _slot_bn(y, g, b, running, batch_stats, update, momentum, eps, stats)
+
+
+def _slot_bn(y: Tensor, g: Tensor, b: Tensor, running: Optional[Tuple[Tensor, Tensor]], batch_stats: bool,
+             update: bool, momentum: float, eps: float, stats: Optional[List[Tuple[Tensor, Tensor]]]) -> Tensor:
+    g, b = g.reshape(-1), b.reshape(-1)
+    if stats is not None and batch_stats:
+        # native_batch_norm also returns the batch mean and 1/std that the caller folds into the
+        # shared running statistics, so the statistics cost no extra pass over the activations.
+        out, mean, invstd = torch.native_batch_norm(y, g, b, None, None, True, 0.0, eps)
+        stats.append((mean.detach(), invstd.detach()))
+        return out
+    return batch_norm(y, g, b, running, batch_stats, update, momentum, eps)
+
+
+def _pool(x: Tensor, kind: int, kernel: int, stride: int) -> Tensor:
+    if kind == KIND_AVG_POOL:
+        return F.avg_pool2d(x, kernel, stride, kernel // 2, count_include_pad=False)
+    return F.max_pool2d(x, kernel, stride, kernel // 2)
+
+
+def _cat(xs: Sequence[Tensor]) -> Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(list(xs), 1)
+
+
+def mixed_cell(
+    s0: Tensor,
+    s1: Tensor,
+    cell_arch: Tuple[int, ...],
+    weights: CellWeights,
+    buffers: CellBuffers,
+    *,
+    table: Tuple[Tuple[int, int], ...],
+    reduction: bool,
+    batch_stats: bool,
+    update_stats: bool,
+    drop_mask: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One cell of the supernet for one arch (pure-PyTorch reference).
+
+    Args:
+        s0: Calibrated input 0 ``[N, C, H, W]``.
+        s1: Calibrated input 1, same shape.
+        cell_arch: ``[x_id, x_op, y_id, y_op] * B`` as a tuple of ints.
+        weights: :class:`CellWeights` gathered for this arch in :func:`cell_schedule` order.
+        buffers: :class:`CellBuffers`.
+        table: ``(kind, kernel)`` per op index.
+        reduction: Reduction cell (branches reading inputs 0/1 stride 2; loose inputs are reduced).
+        batch_stats: BN with batch statistics (training, or evaluation with BN in training mode).
+        update_stats: Update the non-slot running statistics in place (slot BN stats are returned instead).
+        drop_mask: ``[N, 2B]`` drop-path multipliers per branch position (0 or ``1/keep``) in the activation
+            dtype; None disables drop-path. Identity and zero branches are never dropped (as in NAO).
+        momentum: BN momentum.
+        eps: BN epsilon.
+
+    Returns:
+        ``(out [N, C, H', W'], mean, invstd)``: the cell output and, when ``batch_stats``, the slot BNs'
+        batch mean and ``1/sqrt(var_biased + eps)``, each ``[num_bn * C]`` in BN order (None otherwise,
+        or when the cell has no slot BNs).
+    """
+    sched = cell_schedule(cell_arch, reduction, table)
+    C = s1.shape[1]
+    states: List[Optional[Tensor]] = [s0, s1] + [None] * (len(cell_arch) // 4)
+    branch_out: Dict[int, Tensor] = {}
+    stats: Optional[List[Tuple[Tensor, Tensor]]] = [] if batch_stats else None
+    slot_stats = buffers.slot_stats
+
+    def eval_rows(row: int, n: int) -> Optional[Tuple[Tensor, Tensor]]:
+        if batch_stats:
+            return None
+        return slot_stats[0][row : row + n].reshape(-1), slot_stats[1][row : row + n].reshape(-1)
+
+    for groups, done in sched.levels:
+        for grp in groups:
+            xs = [states[i] for i in grp.inputs]
+            n = len(xs)
+            if grp.kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV):
+                w = weights.ops[grp.op][grp.chunk]
+                k, nc = grp.kernel, n * C
+                dil = 2 if grp.kind == KIND_DIL_SEP_CONV else 1
+                pad = dil * (k // 2)
+                y = F.relu(_cat(xs))
+                # Depthwise over all branches at once (groups = n*C), then pointwise per branch (groups = n).
+                y = F.conv2d(y, w[0].reshape(nc, 1, k, k), None, grp.stride, pad, dil, nc)
+                y = F.conv2d(y, w[1].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
+                y = _slot_bn(y, w[2], w[3], eval_rows(grp.bn_row, n), batch_stats, False, momentum, eps, stats)
+                if grp.kind == KIND_SEP_CONV:
+                    y = F.relu(y)
+                    y = F.conv2d(y, w[4].reshape(nc, 1, k, k), None, 1, pad, 1, nc)
+                    y = F.conv2d(y, w[5].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
+                    y = _slot_bn(y, w[6], w[7], eval_rows(grp.bn_row + n, n), batch_stats, False, momentum, eps,
+                                 stats)
+                for j, pos in enumerate(grp.positions):
+                    branch_out[pos] = y[:, j * C : (j + 1) * C]
+            elif grp.kind == KIND_IDENTITY and grp.stride == 2:
+                w = weights.ops[grp.op][grp.chunk]
+                y = factorized_reduce(xs, w[0], w[1], w[2], eval_rows(grp.bn_row, n), batch_stats, False,
+                                      momentum, eps, stats)
+                for j, pos in enumerate(grp.positions):
+                    branch_out[pos] = y[:, j * C : (j + 1) * C]
+            elif grp.kind == KIND_IDENTITY:
+                for pos, i in zip(grp.positions, grp.inputs):
+                    branch_out[pos] = states[i]
+            else:  # pools: parameter-free, so branches reading the same state share one result
+                uniq = sorted(set(grp.inputs))
+                if len(uniq) >= 3:
+                    y = _pool(_cat([states[i] for i in uniq]), grp.kind, grp.kernel, grp.stride)
+                    res = {i: y[:, j * C : (j + 1) * C] for j, i in enumerate(uniq)}
+                else:
+                    res = {i: _pool(states[i], grp.kind, grp.kernel, grp.stride) for i in uniq}
+                for pos, i in zip(grp.positions, grp.inputs):
+                    branch_out[pos] = res[i]
+        for node in done:
+            parts = []
+            for pos in (2 * node, 2 * node + 1):
+                out = branch_out.get(pos)
+                if out is None:
+                    continue  # zero op
+                op = cell_arch[4 * node + 2 * (pos % 2) + 1]
+                droppable = table[op][0] not in (KIND_IDENTITY, KIND_ZERO)
+                parts.append((out, drop_mask[:, pos, None, None, None] if drop_mask is not None and droppable
+                              else None))
+            states[node + 2] = _node_sum(parts, s1, reduction)
+    out_states = []
+    for i in sched.loose:
+        s = states[i]
+        if reduction and i < 2:
+            w, g, b = weights.reduce_loose[i]
+            s = factorized_reduce([s], w, g, b, buffers.reduce_loose[i], batch_stats, update_stats, momentum, eps)
+        out_states.append(s)
+    cw, cg, cb = weights.combine
+    wsel = cw.index_select(1, weights.loose_index).reshape(cw.shape[0], -1, 1, 1)
+    out = F.conv2d(F.relu(_cat(out_states)), wsel)
+    out = batch_norm(out, cg, cb, buffers.combine, batch_stats, update_stats, momentum, eps)
+    if stats:
+        return out, torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats])
+    return out, None, None
+
+
+def _node_sum(parts: List[Tuple[Tensor, Optional[Tensor]]], s1: Tensor, reduction: bool) -> Tensor:
+    """``x * mask_x + y * mask_y`` over the non-zero branches (zeros of the node's shape when both are zero)."""
+    if not parts:
+        ref = s1[:, :, ::2, ::2] if reduction else s1
+        return torch.zeros_like(ref, memory_format=torch.contiguous_format)
+    (a, ma), rest = parts[0], parts[1:]
+    acc = a * ma if ma is not None else a
+    if not rest:
+        return acc if ma is not None else a
+    b, mb = rest[0]
+    if mb is not None:
+        return torch.addcmul(acc, b, mb)
+    return acc + b

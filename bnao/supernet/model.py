@@ -1,0 +1,601 @@
+"""The NAO-WS weight-sharing supernet (SPEC section 4).
+
+Every node of every cell holds, for each branch, one instance of every
+operation, with weights kept per possible input id; BatchNorm running
+statistics are shared across input ids. Those weights live in a few stacked
+tensors, one per (stage, op, role) — e.g. ``s1_sep_conv_3x3_pw1`` of shape
+``[slots, C, C]`` holds the first pointwise conv of every sep-conv-3x3 slot of
+every cell of stage 1 — where a *stage* is the run of cells sharing a channel
+count and a *slot* is ``(cell, node, branch, input id)``. A forward gathers
+the rows the arch uses with one ``index_select`` per tensor and hands each
+cell its rows through :func:`bnao.ops.cell.mixed_cell`, the op boundary.
+
+Gradients: the rows an arch does not use receive zero gradient (the tensor's
+``.grad`` is dense). NAO keeps every slot in its own parameter, and with
+PyTorch >= 2 ``zero_grad()`` leaves an unused parameter's gradient at None,
+so SGD does not touch it at all: no weight decay, no momentum. The
+:class:`~bnao.supernet.optim.MaskedSGD` optimizer reproduces exactly that
+using :meth:`Supernet.touched_masks`.
+
+Drop-path follows NAO: keep probability
+``1 - (step+1)/total_steps * (layer+1)/num_cells * (1 - keep_prob)`` per cell,
+one Bernoulli per sample and branch, never on identity or zero branches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
+from ..ops.cell import (
+    NUM_BN,
+    ROLES,
+    CellBuffers,
+    CellWeights,
+    batch_norm,
+    cell_schedule,
+    factorized_reduce,
+    mixed_cell,
+)
+from ..space.nao import Arch, NAOSpace
+from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
+
+SKELETONS = ("cifar", "imagenet")
+
+
+@dataclass(frozen=True)
+class _CellInfo:
+    index: int
+    stage: int
+    local: int  # index among the stage's cells
+    red_local: int  # index among the stage's reduction cells (-1 for normal cells)
+    reduction: bool
+    channels: int
+
+
+def _kaiming(shape: Sequence[int], fan_in: int) -> torch.Tensor:
+    # NAO initialises every conv / linear weight with Kaiming normal (fan_in, gain sqrt(2)).
+    return torch.randn(*shape) * math.sqrt(2.0 / fan_in)
+
+
+class _ConvBN(nn.Module):
+    """Conv (no bias) + BN with functional BN modes (stem convs)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+        super().__init__()
+        self.stride, self.padding = stride, kernel // 2
+        self.weight = nn.Parameter(_kaiming((c_out, c_in, kernel, kernel), c_in * kernel * kernel))
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor, batch_stats: bool, update: bool) -> torch.Tensor:
+        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        return batch_norm(x, self.bn.weight, self.bn.bias, (self.bn.running_mean, self.bn.running_var),
+                          batch_stats, update, self.bn.momentum, self.bn.eps)
+
+
+class _CellFixed(nn.Module):
+    """Per-cell weights that do not depend on the input id: calibration, loose-end reduction, final combine."""
+
+    def __init__(self, c0: int, c1: int, reduce0: bool, channels: int, num_states: int, reduction: bool):
+        super().__init__()
+        c = channels
+        # NAO's MaybeCalibrateSize: factorized reduce after a reduction cell, else ReLU-conv1x1-BN if needed.
+        self.pre0 = "fr" if reduce0 else ("rcb" if c0 != c else None)
+        self.pre1 = "rcb" if c1 != c else None
+        if self.pre0:
+            self.pre0_w = nn.Parameter(_kaiming((c, c0), c0))
+            self.pre0_bn = nn.BatchNorm2d(c)
+        if self.pre1:
+            self.pre1_w = nn.Parameter(_kaiming((c, c1), c1))
+            self.pre1_bn = nn.BatchNorm2d(c)
+        self.reduction = reduction
+        if reduction:  # loose inputs of a reduction cell are factorized-reduced (one module per input, as NAO)
+            self.red0_w = nn.Parameter(_kaiming((c, c), c))
+            self.red0_bn = nn.BatchNorm2d(c)
+            self.red1_w = nn.Parameter(_kaiming((c, c), c))
+            self.red1_bn = nn.BatchNorm2d(c)
+        # Final combine: weight per state id [C_out, B+2, C_in]; the used columns are the loose ends.
+        self.comb_w = nn.Parameter(_kaiming((c, num_states, c), c))
+        self.comb_bn = nn.BatchNorm2d(c)
+
+    @staticmethod
+    def _stats(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+        return bn.running_mean, bn.running_var
+
+    def calibrate(self, s0: torch.Tensor, s1: torch.Tensor, batch_stats: bool, update: bool):
+        if self.pre0 == "fr":
+            s0 = factorized_reduce([s0], self.pre0_w, self.pre0_bn.weight, self.pre0_bn.bias,
+                                   self._stats(self.pre0_bn), batch_stats, update, self.pre0_bn.momentum,
+                                   self.pre0_bn.eps)
+        elif self.pre0 == "rcb":
+            s0 = F.conv2d(F.relu(s0), self.pre0_w[:, :, None, None])
+            s0 = batch_norm(s0, self.pre0_bn.weight, self.pre0_bn.bias, self._stats(self.pre0_bn), batch_stats,
+                            update, self.pre0_bn.momentum, self.pre0_bn.eps)
+        if self.pre1 == "rcb":
+            s1 = F.conv2d(F.relu(s1), self.pre1_w[:, :, None, None])
+            s1 = batch_norm(s1, self.pre1_bn.weight, self.pre1_bn.bias, self._stats(self.pre1_bn), batch_stats,
+                            update, self.pre1_bn.momentum, self.pre1_bn.eps)
+        return s0, s1
+
+    def reduce_weights(self):
+        if not self.reduction:
+            return (), ()
+        return ((self.red0_w, self.red0_bn.weight, self.red0_bn.bias),
+                (self.red1_w, self.red1_bn.weight, self.red1_bn.bias)), \
+            (self._stats(self.red0_bn), self._stats(self.red1_bn))
+
+
+class _Plan:
+    """Everything a forward needs for one arch on one device (cached per arch)."""
+
+    __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
+                 "masks")
+
+
+class Supernet(nn.Module):
+    """NAO-WS supernet over a :class:`~bnao.space.NAOSpace`.
+
+    Args:
+        space: The search space (``NAOSpace``) or an op-set name.
+        skeleton: ``"cifar"`` (stem conv3x3 to 3C) or ``"imagenet"`` (two stride-2 stems).
+        layers: ``N``: normal cells per stage (``3N + 2`` cells, reductions at ``N`` and ``2N + 1``).
+        channels: ``C`` of the first stage (doubled at each reduction).
+        num_classes: Classifier outputs.
+        in_channels: Image channels.
+        drop_path_keep_prob: Base keep probability of drop-path (1.0 or None: off).
+        dropout: Dropout rate before the classifier.
+        auxiliary: Auxiliary head after the second reduction cell (training mode only).
+        total_steps: Steps of the whole supernet training, for the drop-path progress factor (None: factor 1).
+        bn_momentum: BatchNorm momentum.
+        seed: Seed of the generator that draws drop-path and dropout masks (its state is checkpointed).
+        plan_cache_size: Archs whose gather indices are kept on the device.
+    """
+
+    def __init__(self, space: Union[NAOSpace, str] = "small", *, skeleton: str = "cifar", layers: int = 3,
+                 channels: int = 20, num_classes: int = 10, in_channels: int = 3,
+                 drop_path_keep_prob: Optional[float] = 0.9, dropout: float = 0.0, auxiliary: bool = False,
+                 total_steps: Optional[int] = None, bn_momentum: float = 0.1, seed: int = 0,
+                 plan_cache_size: int = 4096):
+        super().__init__()
+        if isinstance(space, str):
+            space = NAOSpace(op_set=space)
+        if skeleton not in SKELETONS:
+            raise ValueError(f"unknown skeleton {skeleton!r}; choose one of {SKELETONS}")
+        for name, value in (("layers", layers), ("channels", channels), ("num_classes", num_classes),
+                            ("in_channels", in_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if drop_path_keep_prob is not None and not 0.0 < drop_path_keep_prob <= 1.0:
+            raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.space = space
+        self.skeleton = skeleton
+        self.layers, self.channels, self.num_classes = layers, channels, num_classes
+        self.num_nodes = B = space.num_nodes
+        self.table = op_table(space.op_set)
+        self.drop_path_keep_prob = drop_path_keep_prob
+        self.dropout = dropout
+        self.total_steps = total_steps
+        self.step: Optional[int] = None
+        self.bn_momentum, self.bn_eps = bn_momentum, 1e-5
+        self.seed = int(seed)
+        self.plan_cache_size = plan_cache_size
+        self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
+        self._generators: Dict[str, torch.Generator] = {}
+        self.num_cells = 3 * layers + 2
+        self.reduction_indices = (layers, 2 * layers + 1)
+        self.aux_index = 2 * layers + 1
+
+        # ---- stem
+        if skeleton == "cifar":
+            self.stem = _ConvBN(in_channels, 3 * channels, 3, 1)
+            prev = [(0, 3 * channels), (0, 3 * channels)]  # (level, channels)
+        else:
+            self.stem0a = _ConvBN(in_channels, max(channels // 2, 1), 3, 2)
+            self.stem0b = _ConvBN(max(channels // 2, 1), channels, 3, 2)
+            self.stem1 = _ConvBN(channels, channels, 3, 2)
+            prev = [(2, channels), (3, channels)]
+
+        # ---- cells and stages
+        self.cell_info: List[_CellInfo] = []
+        self.fixed = nn.ModuleList()
+        stage, c = 0, channels
+        local, red_local = 0, 0
+        for i in range(self.num_cells):
+            reduction = i in self.reduction_indices
+            if reduction:
+                stage, c, local, red_local = stage + 1, c * 2, 0, 0
+            self.cell_info.append(_CellInfo(i, stage, local, red_local if reduction else -1, reduction, c))
+            self.fixed.append(_CellFixed(prev[0][1], prev[1][1], prev[0][0] != prev[1][0], c, B + 2, reduction))
+            local += 1
+            red_local += int(reduction)
+            level = prev[1][0] + int(reduction)
+            prev = [prev[1], (level, c)]
+        self.num_stages = stage + 1
+        self.stage_cells = [[ci for ci in self.cell_info if ci.stage == g] for g in range(self.num_stages)]
+        self.stage_channels = [channels * 2 ** g for g in range(self.num_stages)]
+
+        # ---- stacked per-slot weights: one tensor per (stage, op, role)
+        self.slots_per_cell = B * (B + 3)  # sum over nodes k=2..B+1 of 2 branches x k input ids
+        self._branch_base = []
+        base = 0
+        for node in range(B):
+            for _ in range(2):
+                self._branch_base.append(base)
+                base += node + 2
+        self.slot_ops: List[List[int]] = []  # per stage, the op indices with stacked weights
+        self.slot_params = nn.ParameterDict()
+        self._bn_offset: Dict[int, int] = {}
+        off = 0
+        for o, (kind, _k) in enumerate(self.table):
+            if kind in NUM_BN:
+                self._bn_offset[o] = off
+                off += NUM_BN[kind]
+        self._bn_per_branch = off
+        for g in range(self.num_stages):
+            cg = self.stage_channels[g]
+            n_cells = len(self.stage_cells[g])
+            n_red = sum(ci.reduction for ci in self.stage_cells[g])
+            ops = []
+            for o, (kind, k) in enumerate(self.table):
+                if kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV):
+                    s = n_cells * self.slots_per_cell
+                    shapes = {"dw": (s, cg, 1, k, k), "pw": (s, cg, cg)}
+                elif kind == KIND_IDENTITY and n_red:
+                    s = n_red * 2 * B * 2  # stride-2 identity reads input 0 or 1 only
+                    shapes = {"w": (s, cg, cg)}
+                else:
+                    continue
+                ops.append(o)
+                for role in ROLES[kind]:
+                    r = role.rstrip("12")
+                    if r == "dw":
+                        t = _kaiming(shapes["dw"], k * k)
+                    elif r in ("pw", "w"):
+                        t = _kaiming(shapes[r], cg)
+                    elif r == "g":
+                        t = torch.ones(s, cg)
+                    else:
+                        t = torch.zeros(s, cg)
+                    self.slot_params[self._pname(g, o, role)] = nn.Parameter(t)
+            self.slot_ops.append(ops)
+            rows = n_cells * 2 * B * self._bn_per_branch
+            self.register_buffer(f"s{g}_running_mean", torch.zeros(rows, cg))
+            self.register_buffer(f"s{g}_running_var", torch.ones(rows, cg))
+
+        # ---- head
+        c_last = prev[1][1]
+        self.auxiliary_head: Optional[nn.Module] = None
+        if auxiliary:
+            head = AuxHeadCIFAR if skeleton == "cifar" else AuxHeadImageNet
+            self.auxiliary_head = head(self.stage_channels[-1], num_classes)
+            for p in self.auxiliary_head.parameters():
+                if p.dim() >= 2:
+                    nn.init.kaiming_normal_(p)
+        self.classifier = nn.Linear(c_last, num_classes)
+        nn.init.kaiming_normal_(self.classifier.weight)
+        # Drop-path depth factor (layer+1)/num_cells * (1 - keep) per cell; times progress gives the drop rate.
+        keep = 1.0 if drop_path_keep_prob is None else drop_path_keep_prob
+        depth = torch.tensor([(i + 1) / self.num_cells * (1.0 - keep) for i in range(self.num_cells)])
+        self.register_buffer("_drop_depth", depth, persistent=False)
+
+    # ------------------------------------------------------------------ naming
+    def _pname(self, stage: int, op: int, role: str) -> str:
+        return f"s{stage}_{self.space.op_names[op]}_{role}"
+
+    def slot_tensor(self, stage: int, op: int, role: str) -> nn.Parameter:
+        """The stacked weight of ``role`` (e.g. ``"pw1"``) of op index ``op`` in stage ``stage``."""
+        return self.slot_params[self._pname(stage, op, role)]
+
+    def slot_index(self, cell: int, node: int, branch: int, input_id: int, op: int) -> int:
+        """Row of a slot in its stage's stacked tensors of ``op``.
+
+        Args:
+            cell: Cell index in the stack.
+            node: Node index (0-based; node id ``node + 2``).
+            branch: 0 (x) or 1 (y).
+            input_id: Input state id.
+            op: Op index.
+        """
+        ci = self.cell_info[cell]
+        pos = 2 * node + branch
+        if self.table[op][0] == KIND_IDENTITY:
+            if not ci.reduction or input_id > 1:
+                raise ValueError("identity has weights only on reduction-cell branches reading input 0 or 1")
+            return ci.red_local * 4 * self.num_nodes + 2 * pos + input_id
+        return ci.local * self.slots_per_cell + self._branch_base[pos] + input_id
+
+    # ---------------------------------------------------------------- devices
+    def _apply(self, fn, recurse=True):
+        self._plans.clear()  # cached index tensors live on the old device
+        return super()._apply(fn, recurse)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The generator of drop-path and dropout masks on ``device`` (created from ``seed``)."""
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def rng_state(self) -> Dict[str, torch.Tensor]:
+        """States of the mask generators, by device."""
+        return {k: g.get_state() for k, g in self._generators.items()}
+
+    def set_rng_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`rng_state`."""
+        for key, s in state.items():
+            self.generator(torch.device(key)).set_state(s)
+
+    def set_step(self, step: int) -> None:
+        """Sets the training step for the drop-path schedule."""
+        self.step = int(step)
+
+    # ------------------------------------------------------------------ plans
+    def arch_key(self, arch) -> Tuple[int, ...]:
+        """An arch (tuple, list, array, :class:`~bnao.space.Arch`, string) as a validated tuple of ints."""
+        if type(arch) is tuple and len(arch) == self.space.length and arch in self._plans:
+            return arch
+        if isinstance(arch, Arch):
+            flat = arch.to_list()
+        elif isinstance(arch, (str, dict)):
+            flat = self.space.arch(arch).to_list()
+        else:
+            flat = [int(v) for v in (np.asarray(arch).reshape(-1).tolist() if isinstance(arch, np.ndarray)
+                                      else (arch.tolist() if torch.is_tensor(arch) else arch))]
+        self.space.validate(flat)
+        return tuple(flat)
+
+    def _plan(self, arch: Tuple[int, ...], device: torch.device) -> _Plan:
+        plan = self._plans.get(arch)
+        if plan is not None:
+            self._plans.move_to_end(arch)
+            return plan
+        plan = self._build_plan(arch, device)
+        self._plans[arch] = plan
+        if len(self._plans) > self.plan_cache_size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _build_plan(self, arch: Tuple[int, ...], device: torch.device) -> _Plan:
+        L = self.space.cell_length
+        normal, reduce = arch[:L], arch[L:]
+        sched = {False: cell_schedule(normal, False, self.table), True: cell_schedule(reduce, True, self.table)}
+        ints: List[int] = []
+        segs: Dict[tuple, Tuple[int, int]] = {}
+
+        def add(key, values):
+            segs[key] = (len(ints), len(values))
+            ints.extend(values)
+
+        plan = _Plan()
+        plan.arch, plan.normal, plan.reduce = arch, normal, reduce
+        plan.chunk_sizes, plan.chunk_start = {}, {}
+        for g in range(self.num_stages):
+            for o in self.slot_ops[g]:
+                idx, sizes = [], []
+                for ci in self.stage_cells[g]:
+                    s = sched[ci.reduction]
+                    plan.chunk_start[(ci.index, o)] = len(sizes)
+                    sizes.extend(s.op_chunks.get(o, ()))
+                    for pos, inp in s.op_slots.get(o, ()):
+                        idx.append(self.slot_index(ci.index, pos // 2, pos % 2, inp, o))
+                if idx:
+                    add(("g", g, o), idx)
+                    plan.chunk_sizes[(g, o)] = sizes
+            rows = []
+            for ci in self.stage_cells[g]:
+                for pos, o, j in sched[ci.reduction].bn_slots:
+                    rows.append((ci.local * 2 * self.num_nodes + pos) * self._bn_per_branch + self._bn_offset[o] + j)
+            add(("bn", g), rows)
+        add(("loose", False), sched[False].loose)
+        add(("loose", True), sched[True].loose)
+        dev = torch.tensor(ints, dtype=torch.int64).to(device)  # one host-to-device copy per new arch
+        view = {k: dev.narrow(0, a, n) for k, (a, n) in segs.items()}
+        plan.gather = {(k[1], k[2]): v for k, v in view.items() if k[0] == "g"}
+        plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}
+        plan.loose = {False: view[("loose", False)], True: view[("loose", True)]}
+        plan.masks = None
+        return plan
+
+    def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Which parameters (and which rows of the stacked ones) a forward of ``arch`` uses.
+
+        Returns:
+            ``param -> False`` for parameters the arch does not use at all and ``param -> mask`` (a float
+            tensor of 0/1 broadcastable to the parameter) for stacked parameters it uses in part.
+            Parameters it uses entirely are absent. :class:`~bnao.supernet.optim.MaskedSGD` uses this to leave
+            untouched slots alone, as NAO's one-parameter-per-slot optimizer does.
+        """
+        key = self.arch_key(arch)
+        device = next(self.parameters()).device
+        plan = self._plan(key, device)
+        if plan.masks is not None:
+            return plan.masks
+        masks: Dict[nn.Parameter, object] = {}
+        for g in range(self.num_stages):
+            for o in self.slot_ops[g]:
+                kind = self.table[o][0]
+                params = [self.slot_tensor(g, o, r) for r in ROLES[kind]]
+                idx = plan.gather.get((g, o))
+                if idx is None:
+                    for p in params:
+                        masks[p] = False
+                    continue
+                row = torch.zeros(params[0].shape[0], device=device, dtype=params[0].dtype)
+                row.index_fill_(0, idx, 1.0)
+                for p in params:
+                    masks[p] = row.view(-1, *([1] * (p.dim() - 1)))
+        for ci, fx in zip(self.cell_info, self.fixed):
+            loose = plan.loose[ci.reduction]
+            col = torch.zeros(self.num_nodes + 2, device=device, dtype=fx.comb_w.dtype).index_fill_(0, loose, 1.0)
+            masks[fx.comb_w] = col.view(1, -1, 1)
+            if ci.reduction:
+                used = set(cell_schedule(plan.reduce, True, self.table).loose)
+                for i, params in ((0, (fx.red0_w, fx.red0_bn.weight, fx.red0_bn.bias)),
+                                  (1, (fx.red1_w, fx.red1_bn.weight, fx.red1_bn.bias))):
+                    if i not in used:
+                        for p in params:
+                            masks[p] = False
+        if self.auxiliary_head is not None and not self.training:
+            pass  # the auxiliary head runs in training mode only; the trainer trains in training mode
+        plan.masks = masks
+        return masks
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor, arch, *, bn_train: bool = False):
+        """Logits of ``images`` under ``arch`` (only the arch's ops run).
+
+        Args:
+            images: ``[N, in_channels, H, W]``.
+            arch: Flat arch (tuple of ints is fastest; lists, arrays, :class:`~bnao.space.Arch` work).
+            bn_train: In eval mode, normalise with batch statistics without updating running statistics
+                (NAO-WS candidate evaluation). Training mode always uses and updates batch statistics.
+
+        Returns:
+            Logits ``[N, num_classes]``; in training mode with an auxiliary head, ``(logits, aux_logits)``.
+        """
+        key = self.arch_key(arch)
+        device = images.device
+        if device.type == "cpu":
+            # PyTorch's CPU depthwise-conv weight gradient is ~100x slower on NCHW than on NHWC tensors
+            # (measured: 14 s vs 0.16 s for [64, 80, 32, 32], 5x5); NHWC propagates through the whole net.
+            images = images.contiguous(memory_format=torch.channels_last)
+        plan = self._plan(key, device)
+        training = self.training
+        batch_stats = training or bn_train
+        update = training
+        mom, eps = self.bn_momentum, self.bn_eps
+
+        # One gather per stacked tensor, split into the per-group chunks of every cell of the stage.
+        chunks: Dict[Tuple[int, int], List[Tuple[torch.Tensor, ...]]] = {}
+        for (g, o), idx in plan.gather.items():
+            sizes = plan.chunk_sizes[(g, o)]
+            roles = [self.slot_tensor(g, o, r).index_select(0, idx).split(sizes) for r in ROLES[self.table[o][0]]]
+            chunks[(g, o)] = list(zip(*roles))
+
+        if self.skeleton == "cifar":
+            s0 = s1 = self.stem(images, batch_stats, update)
+        else:
+            s0 = self.stem0b(F.relu(self.stem0a(images, batch_stats, update)), batch_stats, update)
+            s1 = self.stem1(F.relu(s0), batch_stats, update)
+
+        masks = self.drop_path_masks(images.shape[0], device, s1.dtype) if training else None
+
+        stats: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.num_stages)]
+        stage_hw = [1] * self.num_stages
+        aux_logits = None
+        n_ops = len(self.table)
+        for ci, fx in zip(self.cell_info, self.fixed):
+            c0, c1 = fx.calibrate(s0, s1, batch_stats, update)
+            cell_arch = plan.reduce if ci.reduction else plan.normal
+            ops = [()] * n_ops
+            sched = cell_schedule(cell_arch, ci.reduction, self.table)
+            for o, sizes in sched.op_chunks.items():
+                start = plan.chunk_start[(ci.index, o)]
+                ops[o] = tuple(chunks[(ci.stage, o)][start : start + len(sizes)])
+            red_w, red_stats = fx.reduce_weights()
+            weights = CellWeights(tuple(ops), red_w, (fx.comb_w, fx.comb_bn.weight, fx.comb_bn.bias),
+                                  plan.loose[ci.reduction])
+            slot_stats = None
+            if not batch_stats and sched.num_bn:
+                rows = plan.bn_rows[ci.stage]
+                # rows of this cell: cells of a stage are laid out in order, each with its own num_bn rows
+                start = sum(cell_schedule(plan.reduce if c.reduction else plan.normal, c.reduction,
+                                          self.table).num_bn for c in self.stage_cells[ci.stage][: ci.local])
+                r = rows.narrow(0, start, sched.num_bn)
+                slot_stats = (getattr(self, f"s{ci.stage}_running_mean").index_select(0, r),
+                              getattr(self, f"s{ci.stage}_running_var").index_select(0, r))
+            buffers = CellBuffers(slot_stats, red_stats, (fx.comb_bn.running_mean, fx.comb_bn.running_var))
+            out, mean, invstd = mixed_cell(
+                c0, c1, cell_arch, weights, buffers, table=self.table, reduction=ci.reduction,
+                batch_stats=batch_stats, update_stats=update,
+                drop_mask=masks[ci.index] if masks is not None else None, momentum=mom, eps=eps)
+            if update and mean is not None:
+                stats[ci.stage].append((mean, invstd))
+            stage_hw[ci.stage] = out.shape[-2] * out.shape[-1]
+            s0, s1 = s1, out
+            if self.auxiliary_head is not None and training and ci.index == self.aux_index:
+                aux_logits = self.auxiliary_head(s1)
+
+        if update:
+            self._update_slot_stats(plan, stats, stage_hw, images.shape[0])
+        out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        if training and self.dropout > 0:
+            u = torch.rand(out.shape, generator=self.generator(device), device=device)
+            out = out * (u >= self.dropout).to(out.dtype) / (1.0 - self.dropout)
+        logits = self.classifier(out)
+        if self.auxiliary_head is not None and training:
+            return logits, aux_logits
+        return logits
+
+    def keep_probs(self) -> List[float]:
+        """Drop-path keep probability of every cell at the current :attr:`step` (NAO's schedule)."""
+        keep = self.drop_path_keep_prob
+        if keep is None:
+            return [1.0] * self.num_cells
+        ratio = 1.0
+        if self.step is not None and self.total_steps:
+            ratio = min(float(self.step + 1) / self.total_steps, 1.0)
+        return [1.0 - ratio * (i + 1) / self.num_cells * (1.0 - keep) for i in range(self.num_cells)]
+
+    def drop_path_masks(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32
+                        ) -> Optional[torch.Tensor]:
+        """Drop-path multipliers for one training forward.
+
+        Args:
+            batch: Images in the batch.
+            device: Where to draw them (with :meth:`generator`).
+            dtype: Activation dtype.
+
+        Returns:
+            ``[num_cells, batch, 2B]``: per cell, sample and branch position, ``0`` (dropped) or
+            ``1 / keep`` (kept, with probability ``keep`` of :meth:`keep_probs`); None when drop-path is off.
+        """
+        keep = self.drop_path_keep_prob
+        if keep is None or keep >= 1.0:
+            return None
+        ratio = 1.0
+        if self.step is not None and self.total_steps:
+            ratio = min(float(self.step + 1) / self.total_steps, 1.0)
+        # keep per cell computed on the device from a constant: no host-to-device copy per step.
+        keep_t = (1.0 - self._drop_depth.to(device) * ratio).view(-1, 1, 1)
+        u = torch.rand(self.num_cells, batch, 2 * self.num_nodes, generator=self.generator(device), device=device)
+        return torch.where(u < keep_t, keep_t.reciprocal(), torch.zeros((), device=device)).to(dtype)
+
+    @torch.no_grad()
+    def _update_slot_stats(self, plan: _Plan, stats, stage_hw: List[int], batch: int) -> None:
+        # Fold the batch statistics of every slot BN of a stage into the shared running statistics at once.
+        for g, entries in enumerate(stats):
+            if not entries:
+                continue
+            cg = self.stage_channels[g]
+            mean = torch.cat([m for m, _ in entries]).view(-1, cg).float()
+            invstd = torch.cat([v for _, v in entries]).view(-1, cg).float()
+            n = batch * stage_hw[g]
+            var = (invstd.pow(-2) - self.bn_eps).mul_(n / max(n - 1, 1))
+            rows = plan.bn_rows[g]
+            rm = getattr(self, f"s{g}_running_mean")
+            rv = getattr(self, f"s{g}_running_var")
+            rm.index_copy_(0, rows, rm.index_select(0, rows).lerp_(mean, self.bn_momentum))
+            rv.index_copy_(0, rows, rv.index_select(0, rows).lerp_(var, self.bn_momentum))
+
+    # --------------------------------------------------------------- helpers
+    def num_parameters(self) -> int:
+        """Total number of weights (every slot of every op)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (f"space={self.space!r}, skeleton={self.skeleton!r}, layers={self.layers}, channels={self.channels}, "
+                f"num_classes={self.num_classes}, cells={self.num_cells}")

@@ -1,0 +1,348 @@
+"""Supernet training: one arch drawn per step, SGD with a restartable cosine schedule (SPEC section 4).
+
+Each step draws an arch index from the sampler (size-proportional in
+Balanced NAO), takes the next batch, and trains the shared weights of that
+arch on it. Untouched weight-sharing slots are left alone
+(:class:`~bnao.supernet.optim.MaskedSGD`).
+
+Non-finite losses: the step is skipped (no weight update), counted and logged;
+``max_bad_steps`` of them in a row raise :class:`NonFiniteLossError` so that
+the caller can fall back to its last good checkpoint. On CUDA the check waits
+only for the forward pass: the finiteness flag is copied to pinned memory
+before the backward pass is launched, so the host never waits for the backward.
+(BatchNorm running averages are updated during that forward; they are not
+used by the search, which normalises with batch statistics.)
+
+Resume: :meth:`SupernetTrainer.state_dict` holds the model, the optimizer,
+the schedule, the step counters, the draw counts, the sampler, the loader
+position and every random generator in play, so a resumed run continues with
+bit-identical weights (on the same device and software).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..train.checkpoint import CheckpointError, load_file, save_atomic
+from .model import Supernet
+from .optim import MaskedSGD
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "bnao-supernet-checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
+    """Cosine annealing from ``lr_max`` (step 0) to ``lr_min`` (step ``total``)."""
+    if total <= 0:
+        return lr_max
+    t = min(max(step, 0), total) / total
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+class SupernetTrainer:
+    """Trains a :class:`~bnao.supernet.Supernet` one sampled arch per step.
+
+    Args:
+        model: The supernet (already on ``device``).
+        sampler: A ``bnao.sampling`` sampler over the pool (``draw()`` returns an index).
+        pool: ``int64 [n, 8B]`` archs; row ``i`` is the arch of sampler index ``i``.
+        train_loader: Iterable of ``(images, labels)`` on the device; iteration restarts at each epoch end.
+            Its ``state_dict()``/``load_state_dict()`` (when present) are checkpointed.
+        lr_max: Learning rate at the start of each schedule.
+        lr_min: Learning rate at its end.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        grad_clip: Max global gradient norm (0 or None: no clipping).
+        label_smoothing: Cross-entropy label smoothing.
+        bf16: bfloat16 autocast for forward and loss.
+        channels_last: Feed images in ``torch.channels_last`` memory format.
+        steps_total: Length of the cosine schedule (one search iteration); also the drop-path horizon when the
+            model has none.
+        max_bad_steps: Consecutive non-finite losses that abort training.
+        aux_weight: Weight of the auxiliary head's loss (when the model has one).
+        device: Training device (default: the model's).
+        seed: Seeds the model's drop-path generator when the model was built with the default.
+        sync_timing: Synchronise CUDA around each phase so the draw/forward/backward/optimizer split is exact
+            (slower; for profiling).
+    """
+
+    def __init__(self, model: Supernet, sampler: Any, pool: np.ndarray, train_loader: Any, *,
+                 lr_max: float = 0.025, lr_min: float = 0.001, momentum: float = 0.9, weight_decay: float = 3e-4,
+                 grad_clip: Optional[float] = 5.0, label_smoothing: float = 0.0, bf16: bool = False,
+                 channels_last: bool = False, steps_total: int = 1000, max_bad_steps: int = 5,
+                 aux_weight: float = 0.4, device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
+                 sync_timing: bool = False):
+        if steps_total <= 0:
+            raise ValueError(f"steps_total must be positive, got {steps_total}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        self.model = model
+        self.sampler = sampler
+        self.loader = train_loader
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.lr_max, self.lr_min = float(lr_max), float(lr_min)
+        self.grad_clip = float(grad_clip) if grad_clip else 0.0
+        self.label_smoothing = float(label_smoothing)
+        self.bf16 = bool(bf16)
+        self.channels_last = bool(channels_last)
+        self.max_bad_steps = int(max_bad_steps)
+        self.aux_weight = float(aux_weight)
+        self.sync_timing = bool(sync_timing) and self.device.type == "cuda"
+        if seed is not None and model.seed == 0:
+            model.seed = int(seed)
+        if model.total_steps is None:
+            model.total_steps = int(steps_total)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = MaskedSGD(self.params, lr=lr_max, momentum=momentum, weight_decay=weight_decay)
+        self.schedule_steps = int(steps_total)
+        self.schedule_step = 0
+        self.global_step = 0
+        self.bad_steps_total = 0
+        self.bad_in_row = 0
+        self._iter = None
+        self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        self.set_pool(pool)
+
+    # ------------------------------------------------------------------ pool
+    def set_pool(self, pool: np.ndarray) -> None:
+        """Replaces the pool (rows = sampler indices) and resets the draw counts."""
+        pool = np.asarray(pool, dtype=np.int64)
+        if pool.ndim != 2 or pool.shape[1] != self.model.space.length:
+            raise ValueError(f"pool must have shape [n, {self.model.space.length}], got {pool.shape}")
+        self.model.space.validate_array(pool)
+        self.pool = pool
+        self._archs = [tuple(row) for row in pool.tolist()]  # host tuples: no device work to pick an arch
+        self.counts = np.zeros(len(pool), dtype=np.int64)
+
+    def draw_counts(self) -> np.ndarray:
+        """How many steps trained each arch of the current pool (``int64 [n]``)."""
+        return self.counts.copy()
+
+    def restart_schedule(self, steps: int) -> None:
+        """Restarts the cosine schedule at ``lr_max`` for ``steps`` steps (one search iteration)."""
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        self.schedule_steps = int(steps)
+        self.schedule_step = 0
+
+    def current_lr(self) -> float:
+        """Learning rate of the next step."""
+        return cosine_lr(self.schedule_step, self.schedule_steps, self.lr_max, self.lr_min)
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self):
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)  # the loader moves on to the next epoch
+            try:
+                return next(self._iter)
+            except StopIteration:
+                raise RuntimeError("the training loader yields no batches (dataset smaller than a batch?)") from None
+
+    # ------------------------------------------------------------------ steps
+    def _sync(self) -> None:
+        if self.sync_timing:
+            torch.cuda.synchronize(self.device)
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach())
+        if self.device.type != "cuda":
+            return bool(flag)
+        # Copy the flag behind the forward's kernels; waiting on this event does not wait for the backward.
+        self._flag_host.copy_(flag.view(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_event = event
+        return None  # resolved after the backward is launched
+
+    def train_steps(self, n: int, progress: Optional[Callable[[int], Any]] = None) -> Dict[str, float]:
+        """Runs ``n`` training steps.
+
+        Args:
+            n: Steps.
+            progress: Called with 1 after every step (e.g. ``tqdm.update``).
+
+        Returns:
+            ``loss`` and ``acc`` (means over the good steps), ``lr`` (last), ``steps``, ``bad_steps``,
+            ``img_per_s``, ``ms_per_step``, and ``draw_ms``/``forward_ms``/``backward_ms``/``optimizer_ms``
+            (host time per step unless ``sync_timing``).
+
+        Raises:
+            NonFiniteLossError: ``max_bad_steps`` consecutive non-finite losses.
+        """
+        model = self.model
+        model.train()
+        dev = self.device
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
+        correct_sum = torch.zeros((), device=dev, dtype=torch.float32)
+        seen = 0
+        good = 0
+        bad = 0
+        t_draw = t_fwd = t_bwd = t_opt = 0.0
+        images_total = 0
+        lr = self.current_lr()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            idx = int(self.sampler.draw())
+            arch = self._archs[idx]
+            self.counts[idx] += 1
+            images, labels = self._next_batch()
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            self._sync()
+            t1 = time.perf_counter()
+            lr = self.current_lr()
+            model.set_step(self.global_step)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = model(images, arch)
+                logits, aux = out if isinstance(out, tuple) else (out, None)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                if aux is not None:
+                    loss = loss + self.aux_weight * F.cross_entropy(aux.float(), labels,
+                                                                    label_smoothing=self.label_smoothing)
+            finite = self._loss_is_finite(loss)
+            self._sync()
+            t2 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if finite is None:
+                self._pending_event.synchronize()
+                finite = bool(self._flag_host[0])
+            self._sync()
+            t3 = time.perf_counter()
+            self.global_step += 1
+            self.schedule_step += 1
+            if not finite:
+                bad += 1
+                self.bad_steps_total += 1
+                self.bad_in_row += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                log.warning("supernet step %d: non-finite loss (%s); step skipped (%d in a row)",
+                            self.global_step, "nan/inf", self.bad_in_row)
+                if self.bad_in_row >= self.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{self.bad_in_row} consecutive supernet steps had a NaN or infinite loss (last at step "
+                        f"{self.global_step}, lr {lr:.4g}); training stopped. Resume from the last good checkpoint, "
+                        "e.g. with a lower lr_max, grad_clip, or without bf16.")
+            else:
+                self.bad_in_row = 0
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+                self.optimizer.param_groups[0]["lr"] = lr
+                self.optimizer.step(model.touched_masks(arch))
+                good += 1
+                with torch.no_grad():
+                    loss_sum += loss.detach().float()
+                    correct_sum += (logits.detach().argmax(1) == labels).sum().float()
+                seen += labels.shape[0]
+            self._sync()
+            t4 = time.perf_counter()
+            t_draw += t1 - t0
+            t_fwd += t2 - t1
+            t_bwd += t3 - t2
+            t_opt += t4 - t3
+            images_total += labels.shape[0]
+            if progress is not None:
+                progress(1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - start
+        steps = max(n, 1)
+        return {
+            "loss": float(loss_sum) / good if good else float("nan"),
+            "acc": float(correct_sum) / seen if seen else float("nan"),
+            "lr": lr,
+            "steps": n,
+            "bad_steps": bad,
+            "img_per_s": images_total / elapsed if elapsed > 0 else float("nan"),
+            "ms_per_step": 1000.0 * elapsed / steps,
+            "draw_ms": 1000.0 * t_draw / steps,
+            "forward_ms": 1000.0 * t_fwd / steps,
+            "backward_ms": 1000.0 * t_bwd / steps,
+            "optimizer_ms": 1000.0 * t_opt / steps,
+        }
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue training exactly."""
+        state: Dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"steps": self.schedule_steps, "step": self.schedule_step},
+            "global_step": self.global_step,
+            "bad_steps_total": self.bad_steps_total,
+            "bad_in_row": self.bad_in_row,
+            "counts": torch.from_numpy(self.counts.copy()),
+            "pool": torch.from_numpy(self.pool.copy()),
+            "model_rng": self.model.rng_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if hasattr(self.sampler, "state_dict"):
+            state["sampler"] = self.sampler.state_dict()
+        if hasattr(self.loader, "state_dict"):
+            state["loader"] = self.loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule_steps = int(state["schedule"]["steps"])
+        self.schedule_step = int(state["schedule"]["step"])
+        self.global_step = int(state["global_step"])
+        self.bad_steps_total = int(state["bad_steps_total"])
+        self.bad_in_row = int(state["bad_in_row"])
+        pool = state["pool"].numpy() if torch.is_tensor(state["pool"]) else np.asarray(state["pool"])
+        if pool.shape != self.pool.shape or not np.array_equal(pool, self.pool):
+            self.set_pool(pool)
+        counts = state["counts"]
+        self.counts = (counts.numpy() if torch.is_tensor(counts) else np.asarray(counts)).astype(np.int64).copy()
+        self.model.set_rng_state(state["model_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "sampler" in state and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])
+        if "loader" in state and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(state["loader"])
+        self._iter = None  # the next batch comes from the restored loader position
+
+    def save_checkpoint(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Writes :meth:`state_dict` atomically (temp file in the same directory, fsync, rename)."""
+        save_atomic({"format": CHECKPOINT_FORMAT, "trainer": self.state_dict()}, path)
+
+    def load_checkpoint(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Restores a file written by :meth:`save_checkpoint`.
+
+        Raises:
+            CheckpointError: The file is missing, truncated/corrupt or not a supernet checkpoint.
+        """
+        data = load_file(path, CHECKPOINT_FORMAT, "Resume from an earlier checkpoint or restart the training.",
+                         map_location="cpu")
+        try:
+            self.load_state_dict(data["trainer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path}: the supernet checkpoint does not fit this trainer/model ({err})") from None
+
+
+__all__ = ["SupernetTrainer", "NonFiniteLossError", "CheckpointError", "cosine_lr"]
