@@ -1,0 +1,32 @@
+"""Stand-alone training of architectures: final training, re-ranking, model files."""
+
+from .checkpoint import CheckpointError, load_file, save_atomic
+from .model_file import load_model, save_model
+from .standalone import (
+    NonFiniteLossError,
+    StandaloneConfig,
+    StandaloneTrainer,
+    count_parameters,
+    evaluate_model,
+    make_config,
+    rerank,
+    resolve_device,
+    train_standalone,
+)
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "StandaloneConfig",
+    "StandaloneTrainer",
+    "count_parameters",
+    "evaluate_model",
+    "load_file",
+    "load_model",
+    "make_config",
+    "rerank",
+    "resolve_device",
+    "save_atomic",
+    "save_model",
+    "train_standalone",
+]

@@ -1,0 +1,593 @@
+"""Stand-alone training of one architecture (final training and the search's re-ranking).
+
+The recipe is the NAO reference's ``train_cifar.py`` (NAO_V2, used by
+Balanced NAO): SGD with momentum 0.9 and weight decay 3e-4, cosine learning
+rate from ``lr_max`` to ``lr_min`` set once per epoch, gradient-norm clip 5,
+optional auxiliary head (loss weight 0.4), drop-path scaled by cell depth and
+training progress, dropout before the classifier, cutout through the data
+loader's augmentation.
+
+Exact resume
+------------
+A checkpoint is written atomically at the end of every epoch. Everything
+random is a pure function of ``(seed, epoch)``: the loader draws each epoch's
+order and augmentation from ``(seed, epoch, batch)`` and the global torch
+generator (drop-path masks, dropout) is reseeded from ``(seed, epoch)`` at
+the start of every epoch, inside :func:`torch.random.fork_rng` so the
+caller's RNG is left alone. The learning rate is a function of the epoch.
+Restoring model, optimizer (momentum buffers) and epoch therefore continues
+exactly where the uninterrupted run would be: on the CPU the final weights
+are bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.loaders.base import mix_seed
+from ..nets.network import build_network
+from ..space.nao import ArchLike, NAOSpace
+from .checkpoint import CheckpointError, load_file, save_atomic
+
+CHECKPOINT_FORMAT = "bnao-standalone-checkpoint"
+CHECKPOINT_VERSION = 1
+
+# Salts that separate the random streams derived from the one user seed.
+_SALT_INIT, _SALT_EPOCH, _SALT_LOADER = 0x1A17, 0xE90C, 0x10AD
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss (or gradient norm) stayed NaN/inf for several steps."""
+
+
+@dataclasses.dataclass
+class StandaloneConfig:
+    """Hyper-parameters of one stand-alone training run.
+
+    Defaults are the NAO reference's CIFAR-10 final training except the
+    network size, epochs and regularisers, which callers set (see
+    ``bnao train --preset cifar10-final``).
+
+    Attributes:
+        skeleton: ``"cifar"`` or ``"imagenet"``.
+        layers: ``N``, normal cells between reductions.
+        channels: ``C`` of the first cells.
+        num_classes: Classifier outputs (default: the training set's).
+        in_channels: Image channels (default: the training set's).
+        epochs: Training epochs.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size.
+        lr_max: Learning rate of the first epoch.
+        lr_min: Learning rate the cosine decays towards.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        grad_clip: Gradient-norm clip (0 or None: off).
+        auxiliary: Adds the auxiliary head after the second reduction cell.
+        auxiliary_weight: Weight of the auxiliary loss.
+        drop_path_keep_prob: Base drop-path keep probability (None: off).
+        dropout: Dropout before the classifier (the reference's ``1 - keep_prob``).
+        cutout: Cutout square side (0: off).
+        augment: Random crop (pad 4) and flip for array datasets.
+        label_smoothing: Label smoothing of the training loss.
+        bf16: Autocast forward passes to bfloat16.
+        channels_last: Channels-last memory format for model and batches.
+        loader: Loader name for ``bnao.data.create_loader`` (``"auto"``).
+        eval_every: Evaluate every this many epochs (0: only after the last; the last is always evaluated).
+        max_nonfinite_steps: Consecutive NaN/inf steps skipped before training stops with an error.
+        seed: Seed of initialisation, data order, augmentation and drop-path.
+    """
+
+    skeleton: str = "cifar"
+    layers: int = 3
+    channels: int = 20
+    num_classes: Optional[int] = None
+    in_channels: Optional[int] = None
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr_max: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: Optional[float] = 5.0
+    auxiliary: bool = False
+    auxiliary_weight: float = 0.4
+    drop_path_keep_prob: Optional[float] = None
+    dropout: float = 0.0
+    cutout: int = 0
+    augment: bool = True
+    label_smoothing: float = 0.0
+    bf16: bool = False
+    channels_last: bool = False
+    loader: str = "auto"
+    eval_every: int = 1
+    max_nonfinite_steps: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError for settings that cannot train."""
+        for name in ("layers", "channels", "epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr_max <= 0 or self.lr_min < 0 or self.lr_min > self.lr_max:
+            raise ValueError(f"need 0 <= lr_min <= lr_max and lr_max > 0, got lr_max={self.lr_max}, lr_min={self.lr_min}")
+        if self.drop_path_keep_prob is not None and not 0.0 < self.drop_path_keep_prob <= 1.0:
+            raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {self.drop_path_keep_prob}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.cutout < 0:
+            raise ValueError(f"cutout must be >= 0, got {self.cutout}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError("max_nonfinite_steps must be >= 1")
+
+    def lr_at(self, epoch: int) -> float:
+        """Cosine learning rate of epoch ``epoch`` (0-based), constant within the epoch as in the reference."""
+        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+# Settings that may differ between a checkpoint and the run resuming it: they
+# change neither the weights nor the order of anything random.
+_RESUME_FREE = ("eval_every", "eval_batch_size", "loader", "max_nonfinite_steps")
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a network without its auxiliary head (the SPEC's model size)."""
+    aux = getattr(model, "auxiliary_head", None)
+    aux_ids = {id(p) for p in aux.parameters()} if aux is not None else set()
+    return int(sum(p.numel() for p in model.parameters() if id(p) not in aux_ids))
+
+
+def _dataset_shape(dataset: Any) -> Tuple[int, int]:
+    """``(num_classes, in_channels)`` of a bnao dataset."""
+    shape = getattr(dataset, "image_shape", None)
+    in_channels = int(shape[-1]) if shape is not None and not isinstance(shape, int) else 3
+    return int(dataset.num_classes), in_channels
+
+
+class StandaloneTrainer:
+    """Trains one arch from scratch and evaluates it; resumable from its checkpoint.
+
+    Args:
+        arch: The arch (any form :meth:`NAOSpace.arch` accepts).
+        space: Its search space.
+        train_data: Training dataset (``bnao.data`` ArrayDataset or FolderDataset).
+        eval_data: Evaluation dataset (test split for final training, dev split for re-ranking), or None.
+        config: Hyper-parameters; ``num_classes``/``in_channels`` default to the training set's.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        checkpoint_path: Where to checkpoint after every epoch (None: no checkpoints).
+        progress: Shows a progress bar per epoch (tqdm, on stderr).
+        on_epoch: Called with each epoch's record after its checkpoint is written.
+
+    Raises:
+        bnao.space.InvalidArchError: The arch is not in ``space``.
+        ValueError: An invalid setting.
+    """
+
+    def __init__(self, arch: ArchLike, space: NAOSpace, train_data: Any, eval_data: Any = None,
+                 config: Optional[StandaloneConfig] = None, *, device: Union[str, torch.device, None] = "auto",
+                 checkpoint_path: Optional[Union[str, os.PathLike]] = None, progress: bool = False,
+                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None):
+        self.space = space
+        self.arch = space.arch(arch)
+        self.config = dataclasses.replace(config) if config is not None else StandaloneConfig()
+        cfg = self.config
+        num_classes, in_channels = _dataset_shape(train_data)
+        if cfg.num_classes is None:
+            cfg.num_classes = num_classes
+        if cfg.in_channels is None:
+            cfg.in_channels = in_channels
+        cfg.validate()
+        self.train_data, self.eval_data = train_data, eval_data
+        self.device = resolve_device(device)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.progress, self.on_epoch = progress, on_epoch
+
+        from ..data import create_loader  # lazily: the data package pulls in optional loaders
+
+        # Cutout is part of the loader's augmentation so that it is drawn from the loader's resumable stream.
+        augment: Any = False
+        if cfg.augment or cfg.cutout:
+            from ..data.augment import AugmentConfig
+
+            augment = AugmentConfig(cutout=cfg.cutout) if cfg.augment else AugmentConfig(
+                crop_padding=0, flip=False, cutout=cfg.cutout)
+        self.train_loader = create_loader(
+            cfg.loader, train_data, cfg.batch_size, device=self.device, augment=augment, shuffle=True,
+            drop_last=True, seed=mix_seed(cfg.seed, _SALT_LOADER), channels_last=cfg.channels_last)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(mix_seed(cfg.seed, _SALT_INIT))
+            self.model = build_network(
+                self.arch, space, skeleton=cfg.skeleton, layers=cfg.layers, channels=cfg.channels,
+                num_classes=cfg.num_classes, in_channels=cfg.in_channels, auxiliary=cfg.auxiliary,
+                drop_path_keep_prob=cfg.drop_path_keep_prob, dropout=cfg.dropout, total_steps=self.total_steps)
+        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.model.to(device=self.device, memory_format=memory_format)
+        self.params = count_parameters(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.seconds = 0.0  # training + evaluation time over all sessions
+        self.result: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _rng_devices(self) -> List[int]:
+        if self.device.type == "cuda":
+            return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        return []
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of one output head (cross-entropy with optional label smoothing)."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+
+    def config_dict(self) -> Dict[str, Any]:
+        """The resolved configuration plus arch and space (stored in checkpoints and model files)."""
+        return {"arch": str(self.arch), "space": self.space.config(), **dataclasses.asdict(self.config)}
+
+    # --------------------------------------------------------------- checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue training (written at the end of every epoch)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # The lr is a function of the epoch (cosine), so the schedule's whole state is the epoch.
+            "schedule": {"kind": "cosine-per-epoch", "epoch": self.epoch, "lr_max": self.config.lr_max,
+                         "lr_min": self.config.lr_min, "epochs": self.config.epochs},
+            # Global torch RNG is reseeded from (seed, epoch) each epoch; kept for the record.
+            "rng": {"seed": self.config.seed, "scheme": "torch.manual_seed(mix_seed(seed, 0xE90C, epoch)) per epoch"},
+            "loader": self.train_loader.state_dict(),
+            "history": self.history,
+            "seconds": self.seconds,
+            "result": self.result,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Writes :meth:`state_dict` atomically to ``checkpoint_path`` (no-op without one)."""
+        if self.checkpoint_path is None:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def load_checkpoint(self, path: Optional[Union[str, os.PathLike]] = None) -> None:
+        """Restores a checkpoint written by :meth:`save_checkpoint` with the same settings.
+
+        Raises:
+            CheckpointError: Unreadable file, or it was written for another arch or other settings
+                (the message names the keys that differ).
+        """
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint path given")
+        fix = ("Delete it to start this training over, or point to an intact checkpoint "
+               "(a file is replaced only by a complete new one, so a damaged file was damaged after writing).")
+        state = load_file(path, CHECKPOINT_FORMAT, fix)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
+                                  f"(this bnao writes version {CHECKPOINT_VERSION}). {fix}")
+        saved, mine = state["config"], self.config_dict()
+        differ = sorted(k for k in set(saved) | set(mine)
+                        if k not in _RESUME_FREE and saved.get(k) != mine.get(k))
+        if differ:
+            pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine.get(k)!r}" for k in differ)
+            raise CheckpointError(f"{path}: cannot resume, the run's settings differ ({pairs}). "
+                                  "Resume with the original settings, or use a new output/checkpoint location.")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(f"{path}: cannot resume, the checkpoint has {state['steps_per_epoch']} steps per "
+                                  f"epoch and this data {self.steps_per_epoch} (a different training set?).")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.train_loader.load_state_dict(state["loader"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: checkpoint does not fit this network ({err}). {fix}") from None
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.seconds = float(state["seconds"])
+        self.result = state.get("result")
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def evaluate(self, data: Any = None, batch_size: Optional[int] = None) -> Dict[str, float]:
+        """Accuracy and mean cross-entropy of the model on ``data`` (default: the eval set), BN in eval mode.
+
+        Returns:
+            ``{"acc": fraction correct, "loss": mean loss, "n": images}``.
+        """
+        data = self.eval_data if data is None else data
+        if data is None:
+            raise ValueError("no evaluation data")
+        return evaluate_model(self.model, data, batch_size or self.config.eval_batch_size, self.device,
+                              loader=self.config.loader, channels_last=self.config.channels_last,
+                              bf16=self.config.bf16)
+
+    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
+        cfg, model = self.config, self.model
+        lr = cfg.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        self.train_loader.set_epoch(epoch)
+        torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, skipped, bad_run = 0, 0, 0
+        batches = self.train_loader
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       unit="step", dynamic_ncols=True)
+        for images, labels in batches:
+            model.set_step(self.global_step)
+            with self._autocast():
+                out = model(images)
+            logits, aux_logits = out if isinstance(out, tuple) else (out, None)
+            loss = self._loss(logits, labels)
+            if aux_logits is not None:
+                loss = loss + cfg.auxiliary_weight * self._loss(aux_logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            # A non-finite loss or gradient would poison the weights and momentum: skip the update.
+            # The .item() syncs once per step, a cost worth paying for not corrupting a long run.
+            finite = bool(torch.isfinite(loss).item())
+            if finite:
+                loss.backward()
+                if cfg.grad_clip:
+                    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    finite = bool(torch.isfinite(norm).item())
+            if finite:
+                self.optimizer.step()
+                bad_run = 0
+                n = labels.shape[0]
+                loss_sum += loss.detach().double() * n
+                correct += (logits.detach().argmax(1) == labels).sum()
+                seen += n
+            else:
+                skipped += 1
+                bad_run += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if bad_run >= cfg.max_nonfinite_steps:
+                    if bar is not None:
+                        bar.close()
+                    kept = (f"the last good checkpoint (end of epoch {self.epoch}) is kept at {self.checkpoint_path}"
+                            if self.checkpoint_path is not None and self.epoch > 0 else "no checkpoint was written")
+                    raise NonFiniteLossError(
+                        f"training diverged: loss or gradient was {loss.item()} for {bad_run} consecutive steps "
+                        f"(epoch {epoch + 1}, step {self.global_step + 1}, lr {lr:g}); {kept}. Lower the learning "
+                        "rate, turn off bf16, or check the data for NaNs.")
+            self.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                if seen and self.global_step % 20 == 0:
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
+        if bar is not None:
+            bar.close()
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(seen, 1),
+                "train_acc": float(correct) / max(seen, 1), "skipped_steps": skipped}
+
+    def fit(self, resume: bool = True) -> Dict[str, Any]:
+        """Trains the remaining epochs, evaluating and checkpointing after each.
+
+        Args:
+            resume: Continue from ``checkpoint_path`` when it exists (else start over and overwrite it).
+
+        Returns:
+            See :func:`train_standalone`.
+
+        Raises:
+            NonFiniteLossError: The loss stayed NaN/inf for ``max_nonfinite_steps`` steps.
+            CheckpointError: The checkpoint to resume from is unreadable or from other settings.
+        """
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_checkpoint()
+        cfg = self.config
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            while self.epoch < cfg.epochs:
+                start = time.perf_counter()
+                record = self._train_epoch(self.epoch)
+                last = self.epoch + 1 == cfg.epochs
+                if self.eval_data is not None and (last or (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0)):
+                    ev = self.evaluate()
+                    record.update(eval_acc=ev["acc"], eval_loss=ev["loss"])
+                else:
+                    record.update(eval_acc=None, eval_loss=None)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                record["seconds"] = time.perf_counter() - start
+                self.seconds += record["seconds"]
+                self.epoch += 1
+                self.history.append(record)
+                if last:
+                    self.result = self._result()
+                self.save_checkpoint()
+                if self.on_epoch is not None:
+                    self.on_epoch(dict(record))
+        if self.result is None:  # epochs == completed already but no result stored (cannot happen for v1 files)
+            self.result = self._result()
+        return dict(self.result)
+
+    def _result(self) -> Dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        acc = last.get("eval_acc")
+        return {
+            "arch": str(self.arch),
+            "eval_acc": acc,
+            "eval_error": None if acc is None else 1.0 - acc,
+            "eval_loss": last.get("eval_loss"),
+            "train_loss": last.get("train_loss"),
+            "params": self.params,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "seconds": self.seconds,
+            "history": [dict(h) for h in self.history],
+        }
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: Any, batch_size: int = 500, device: Union[str, torch.device] = "cpu",
+                   *, loader: str = "auto", channels_last: bool = False, bf16: bool = False) -> Dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on a dataset, in eval mode (BN running statistics).
+
+    Args:
+        model: A network from :func:`bnao.nets.build_network` (or any logits model).
+        data: A ``bnao.data`` dataset.
+        batch_size: Images per batch (every image is used; the last batch may be smaller).
+        device: Device of ``model``.
+        loader: ``bnao.data.create_loader`` name.
+        channels_last: Deliver channels-last batches.
+        bf16: Autocast to bfloat16.
+
+    Returns:
+        ``{"acc": fraction correct, "loss": mean loss, "n": number of images}``.
+    """
+    from ..data import create_loader
+
+    device = torch.device(device)
+    batches = create_loader(loader, data, batch_size, device=device, augment=False, shuffle=False,
+                            drop_last=False, seed=0, channels_last=channels_last)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        for images, labels in batches:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            correct += (logits.argmax(1) == labels).sum()
+            n += labels.shape[0]
+    finally:
+        model.train(was_training)
+    return {"acc": float(correct) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n}
+
+
+def make_config(**kwargs: Any) -> StandaloneConfig:
+    """A :class:`StandaloneConfig` from keyword arguments, refusing unknown names with the closest valid one."""
+    import difflib
+
+    unknown = [k for k in kwargs if k not in _CONFIG_FIELDS]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(_CONFIG_FIELDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"unknown stand-alone training setting {k!r}{hint}")
+    return StandaloneConfig(**kwargs)
+
+
+def train_standalone(arch: ArchLike, space: NAOSpace, train_data: Any, eval_data: Any = None, *,
+                     device: Union[str, torch.device, None] = "auto",
+                     checkpoint_path: Optional[Union[str, os.PathLike]] = None, resume: bool = True,
+                     progress: bool = False, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+                     **settings: Any) -> Dict[str, Any]:
+    """Trains one arch stand-alone and evaluates it.
+
+    Args:
+        arch: The arch (string, list, JSON object, :class:`~bnao.space.Arch`).
+        space: Its search space.
+        train_data: Training dataset.
+        eval_data: Evaluation dataset (None: no evaluation).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        checkpoint_path: Checkpoint written atomically after every epoch (None: none).
+        resume: Continue from ``checkpoint_path`` if it exists; a finished checkpoint returns its result.
+        progress: Progress bar per epoch.
+        on_epoch: Callback with each epoch's record.
+        **settings: :class:`StandaloneConfig` fields (``layers``, ``channels``, ``epochs``,
+            ``batch_size``, ``lr_max``, ``lr_min``, ``momentum``, ``weight_decay``, ``grad_clip``,
+            ``auxiliary``, ``auxiliary_weight``, ``drop_path_keep_prob``, ``dropout``, ``cutout``,
+            ``label_smoothing``, ``bf16``, ``channels_last``, ``seed``, ...).
+
+    Returns:
+        ``{"arch", "eval_acc", "eval_error", "eval_loss", "train_loss", "params", "epochs", "steps",
+        "seconds", "history"}``; ``history`` has one dict per epoch (``epoch, lr, train_loss,
+        train_acc, skipped_steps, eval_acc, eval_loss, seconds``).
+
+    Raises:
+        NonFiniteLossError: Training diverged.
+        CheckpointError: The checkpoint cannot be resumed.
+        bnao.space.InvalidArchError: Invalid arch.
+    """
+    trainer = StandaloneTrainer(arch, space, train_data, eval_data, make_config(**settings), device=device,
+                                checkpoint_path=checkpoint_path, progress=progress, on_epoch=on_epoch)
+    return trainer.fit(resume=resume)
+
+
+def rerank(archs: Sequence[ArchLike], space: NAOSpace, train_data: Any, dev_data: Any, *,
+           device: Union[str, torch.device, None] = "auto",
+           checkpoint_dir: Optional[Union[str, os.PathLike]] = None, progress: bool = False,
+           on_result: Optional[Callable[[Dict[str, Any]], None]] = None, **settings: Any) -> List[Dict[str, Any]]:
+    """Trains each arch stand-alone and ranks them by held-out (dev) accuracy (the search's final step).
+
+    Every arch gets the same seed and settings. With ``checkpoint_dir`` each
+    arch checkpoints to ``rerank_<i>_<hash>.pt`` there, so an interrupted
+    re-ranking resumes mid-arch and does not retrain finished archs.
+
+    Args:
+        archs: Candidates (e.g. the top 5 by one-shot score).
+        space: Their search space.
+        train_data: Training split (the search's train part).
+        dev_data: Held-out split the score is measured on.
+        device: Training device.
+        checkpoint_dir: Folder for per-arch checkpoints (None: none).
+        progress: Progress bars.
+        on_result: Called with each arch's result as soon as it finishes.
+        **settings: :class:`StandaloneConfig` fields; ``eval_every`` defaults to 0
+            (evaluate only after the last epoch).
+
+    Returns:
+        One dict per arch, best first: the :func:`train_standalone` result plus ``index``
+        (position in ``archs``), ``rank`` (1 = best) and ``dev_acc``. Ties keep input order.
+    """
+    settings.setdefault("eval_every", 0)
+    results = []
+    for i, arch in enumerate(archs):
+        a = space.arch(arch)
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = Path(checkpoint_dir) / f"rerank_{i}_{space.hash(a)}.pt"
+        res = train_standalone(a, space, train_data, dev_data, device=device, checkpoint_path=ckpt,
+                               progress=progress, **settings)
+        res["index"], res["dev_acc"] = i, res["eval_acc"]
+        if on_result is not None:
+            on_result(dict(res))
+        results.append(res)
+    results.sort(key=lambda r: (-(r["dev_acc"] or 0.0), r["index"]))
+    for rank, r in enumerate(results, 1):
+        r["rank"] = rank
+    return results
