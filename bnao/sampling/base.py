@@ -68,27 +68,33 @@ def validate_weights(weights: WeightsLike) -> torch.Tensor:
         )
     if w.numel() == 0:
         raise ValueError("weights are empty; the pool needs at least one item")
-    w = w.to("cpu", torch.float64).contiguous()
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0])
+    # The checks run in NumPy: single-threaded and predictable, whereas torch's
+    # intra-op threads add milliseconds of wake-up latency on a busy machine.
+    if w.dtype in (torch.float16, torch.bfloat16):
+        w = w.float()  # no NumPy equivalent for bfloat16; float32 holds both exactly
+    # A copy: the sampler keeps these weights, so it must not alias the caller's array.
+    arr = np.array(w.cpu().numpy(), dtype=np.float64, copy=True)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        i = int(np.argmin(finite))
         raise ValueError(
-            f"weight {i} is {w[i].item()}; every weight must be finite "
+            f"weight {i} is {arr[i]}; every weight must be finite "
             "(replace NaN/inf, e.g. with torch.nan_to_num, or drop the item)"
         )
-    negative = w < 0
-    if bool(negative.any()):
-        i = int(negative.nonzero()[0])
-        raise ValueError(
-            f"weight {i} is negative ({w[i].item()}); weights must be >= 0 (use 0 to exclude an item)"
-        )
-    if not bool((w > 0).any()):
+    negative = arr < 0
+    if negative.any():
+        i = int(np.argmax(negative))
+        raise ValueError(f"weight {i} is negative ({arr[i]}); weights must be >= 0 (use 0 to exclude an item)")
+    if not (arr > 0).any():
         raise ValueError("all weights are zero; give at least one item a positive weight")
-    with np.errstate(over="ignore"):  # an overflowing sum is reported below, not warned about
-        total = float(np.cumsum(w.numpy())[-1])
-    if not np.isfinite(total):
-        raise ValueError("the weights sum to infinity; divide them by their maximum")
-    return w
+    # The table build adds left to right; that sum can only overflow when
+    # max * n does, so the (allocating) sequential sum runs only then.
+    if not np.isfinite(float(arr.max()) * arr.size):
+        with np.errstate(over="ignore"):  # an overflowing sum is reported below, not warned about
+            total = float(np.cumsum(arr)[-1])
+        if not np.isfinite(total):
+            raise ValueError("the weights sum to infinity; divide them by their maximum")
+    return torch.from_numpy(arr)
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
