@@ -453,7 +453,7 @@ class NAOController:
                         decoded.append(self.model.decoder.greedy(arch_embedding(moved), moved))
                 cand = self.space.decode(torch.cat(decoded).cpu().numpy())
                 hashes = self.space.hash_array(cand)
-                fresh = ~np.isin(hashes, excl) & ~np.isin(hashes, found_hashes)
+                fresh = ~_member(hashes, excl) & ~np.isin(hashes, found_hashes)
                 idx = np.flatnonzero(fresh)
                 # First occurrence of each hash, in seed order.
                 _, first = np.unique(hashes[idx], return_index=True)
@@ -536,6 +536,14 @@ def _as_hash_array(hashes: HashesLike) -> np.ndarray:
     if isinstance(hashes, np.ndarray):
         return np.unique(hashes.astype(np.uint64, copy=False).reshape(-1))
     return np.unique(np.fromiter((int(h) for h in hashes), dtype=np.uint64))
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """``np.isin`` against a sorted unique array in O(k log N): no re-sort of a million-arch pool per round."""
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return sorted_set[pos] == values
 
 
 def _to_cpu(obj: Any) -> Any:
