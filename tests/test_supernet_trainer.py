@@ -1,0 +1,188 @@
+"""Supernet trainer: masked SGD semantics, exact resume, NaN path, atomic and corrupt checkpoints."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bnao.data import create_dataset, create_loader
+from bnao.sampling import create_sampler
+from bnao.space import NAOSpace
+from bnao.supernet import (
+    CheckpointError,
+    MaskedSGD,
+    NonFiniteLossError,
+    Supernet,
+    SupernetTrainer,
+    cosine_lr,
+)
+
+SPACE = NAOSpace()
+
+
+def _make(seed_model=0, pool_size=6, loader=None, **kw):
+    torch.manual_seed(seed_model)
+    model = Supernet(SPACE, layers=1, channels=4, num_classes=4, drop_path_keep_prob=0.8, dropout=0.2,
+                     auxiliary=False)
+    pool = SPACE.sample_array(pool_size, 3)
+    sampler = create_sampler("proportional", np.arange(1, pool_size + 1, dtype=np.float64), seed=5)
+    if loader is None:
+        ds = create_dataset("synthetic", num_samples=40, image_shape=(8, 8, 3), num_classes=4)
+        loader = create_loader("tensor", ds, 8, device="cpu", augment=True, shuffle=True, drop_last=True, seed=1)
+    args = dict(steps_total=20, label_smoothing=0.1)
+    args.update(kw)
+    return SupernetTrainer(model, sampler, pool, loader, **args)
+
+
+def test_masked_sgd_equals_sgd_on_per_slot_parameters():
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(5, 3))
+    rows = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(5)]
+    opt = MaskedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref = torch.optim.SGD(rows, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for used in ([0, 1], [1, 2, 3], [4], [0, 4], [2]):
+        grad = torch.randn(5, 3)
+        mask = torch.zeros(5, 1)
+        mask[used] = 1
+        stacked.grad = grad * mask  # untouched rows: zero gradient (what index_select's backward gives)
+        opt.step({stacked: mask})
+        for i, p in enumerate(rows):
+            p.grad = grad[i].clone() if i in used else None  # NAO: an unused slot has no gradient
+        ref.step()
+        torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in rows]))
+    # False skips a parameter entirely; no entry updates it fully.
+    before = stacked.detach().clone()
+    stacked.grad = torch.ones(5, 3)
+    opt.step({stacked: False})
+    assert torch.equal(stacked.detach(), before)
+    opt.step()
+    assert not torch.equal(stacked.detach(), before)
+
+
+def test_cosine_schedule_and_restart():
+    assert cosine_lr(0, 10, 0.025, 0.001) == pytest.approx(0.025)
+    assert cosine_lr(10, 10, 0.025, 0.001) == pytest.approx(0.001)
+    assert cosine_lr(5, 10, 0.025, 0.001) == pytest.approx(0.013)
+    tr = _make()
+    tr.train_steps(3)
+    assert tr.current_lr() < 0.025
+    tr.restart_schedule(7)
+    assert tr.current_lr() == pytest.approx(0.025) and tr.schedule_steps == 7
+
+
+def test_train_steps_reports_and_counts_draws():
+    tr = _make()
+    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    stats = tr.train_steps(4)
+    for key in ("loss", "acc", "lr", "img_per_s", "draw_ms", "forward_ms", "backward_ms", "optimizer_ms"):
+        assert np.isfinite(stats[key]), key
+    assert stats["bad_steps"] == 0 and tr.global_step == 4
+    assert tr.draw_counts().sum() == 4 and tr.draw_counts().shape == (6,)
+    changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert "classifier.weight" in changed
+    # Slots no drawn arch used stay exactly where they were (no weight decay, no momentum).
+    used = np.zeros(tr.model.slot_tensor(0, 0, "pw1").shape[0], dtype=bool)
+    for i in np.flatnonzero(tr.draw_counts()):
+        m = tr.model.touched_masks(tuple(int(v) for v in tr.pool[i]))[tr.model.slot_tensor(0, 0, "pw1")]
+        used |= m.flatten().numpy() > 0
+    pw = tr.model.slot_tensor(0, 0, "pw1").detach()
+    assert torch.equal(pw[~torch.from_numpy(used)], before["slot_params.s0_sep_conv_3x3_pw1"][~torch.from_numpy(used)])
+    assert not torch.equal(pw[torch.from_numpy(used)], before["slot_params.s0_sep_conv_3x3_pw1"][torch.from_numpy(used)])
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    ref = _make()
+    ref.train_steps(7)  # crosses an epoch boundary (5 batches per epoch)
+
+    first = _make()
+    first.train_steps(3)
+    path = tmp_path / "sn.ckpt"
+    first.save_checkpoint(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sn.ckpt"]  # no temp file left behind
+
+    resumed = _make(seed_model=123)  # different init: everything must come from the checkpoint
+    resumed.load_checkpoint(path)
+    resumed.train_steps(4)
+    for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert np.array_equal(ref.draw_counts(), resumed.draw_counts())
+    assert resumed.global_step == 7
+
+
+def test_corrupt_and_truncated_checkpoint_errors(tmp_path):
+    tr = _make()
+    path = tmp_path / "sn.ckpt"
+    tr.save_checkpoint(path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        tr.load_checkpoint(tmp_path / "trunc.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        tr.load_checkpoint(tmp_path / "junk.ckpt")
+    with pytest.raises(CheckpointError, match="no such file"):
+        tr.load_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"format": "something-else"}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a bnao-supernet-checkpoint"):
+        tr.load_checkpoint(tmp_path / "other.ckpt")
+
+
+class PoisonLoader:
+    """Fixed batches; the ones listed in ``poison`` (by global index) carry NaN images."""
+
+    def __init__(self, poison, n=4):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 4, (n, 8), generator=g)
+        self.poison = set(poison)
+        self.count = 0
+
+    def __iter__(self):
+        for i in range(len(self.x)):
+            x = self.x[i].clone()
+            if self.count in self.poison:
+                x[0, 0, 0, 0] = float("nan")
+            self.count += 1
+            yield x, self.y[i]
+
+
+def test_nan_loss_step_is_skipped_and_counted(caplog):
+    tr = _make(loader=PoisonLoader(poison={1}), max_bad_steps=2)
+    tr.train_steps(1)
+    before = {k: v.clone() for k, v in tr.model.named_parameters()}
+    momentum = {k: v["momentum_buffer"].clone() for k, v in tr.optimizer.state.items()}
+    with caplog.at_level("WARNING"):
+        stats = tr.train_steps(1)  # the poisoned batch
+    assert stats["bad_steps"] == 1 and tr.bad_steps_total == 1
+    assert "non-finite loss" in caplog.text
+    for k, v in tr.model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    for p, buf in momentum.items():
+        assert torch.equal(tr.optimizer.state[p]["momentum_buffer"], buf)
+    stats = tr.train_steps(2)  # good batches again: counter of consecutive bad steps resets
+    assert stats["bad_steps"] == 0 and tr.bad_in_row == 0
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_consecutive_nan_losses_raise():
+    tr = _make(loader=PoisonLoader(poison={2, 3, 4}), max_bad_steps=3)
+    tr.train_steps(2)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive supernet steps had a NaN or infinite loss"):
+        tr.train_steps(5)
+    assert tr.bad_steps_total == 3
+
+
+def test_bf16_and_channels_last_steps_run():
+    tr = _make(bf16=True, channels_last=True)
+    stats = tr.train_steps(2)
+    assert np.isfinite(stats["loss"]) and stats["bad_steps"] == 0
+
+
+def test_pool_validation():
+    tr = _make()
+    with pytest.raises(ValueError):
+        tr.set_pool(np.zeros((3, 7), dtype=np.int64))
+    tr.set_pool(SPACE.sample_array(3, 0))
+    assert tr.draw_counts().shape == (3,)
+    assert os.path.basename(__file__).startswith("test_supernet")
