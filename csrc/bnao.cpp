@@ -7,7 +7,8 @@
 TORCH_LIBRARY(bnao, m) {
   // --- samplers (csrc/sampler) -------------------------------------------
   // Vose alias table of a weight vector, packed one int64 per column:
-  // (threshold << 32) | alias, threshold = floor(prob * 2^32) (see alias.h).
+  // (threshold << 32) | alias, threshold = min(floor(prob * 2^32), 2^32 - 1),
+  // a column with prob >= 1 aliasing itself (see sampler/alias.h).
   m.def("alias_table(Tensor weights) -> Tensor");
   // num_draws indices from an alias table using counter-based Philox4x32-10
   // random numbers: draw i uses counter offset + i under key seed, so a
