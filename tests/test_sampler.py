@@ -199,9 +199,12 @@ def test_load_state_dict_rejects_foreign_or_tampered_state():
     state = create_sampler("proportional", WEIGHTS["flat"], seed=1).state_dict()
     with pytest.raises(ValueError, match="'proportional'"):
         create_sampler("uniform", 3).load_state_dict(state)
-    tampered = dict(state, table_sha256="0" * 64)
+    tampered = dict(state, table_sha256="0" * 64, options={"alpha": 2.0, "uniform_mix": 0.0})
+    untouched = create_sampler("proportional", [1.0, 3.0], seed=5)
+    untouched.draw(7)
     with pytest.raises(ValueError, match="differs"):
-        create_sampler("proportional", [1.0]).load_state_dict(tampered)
+        untouched.load_state_dict(tampered)
+    assert (untouched.num_items, untouched.alpha, untouched.seed, untouched.num_drawn) == (2, 1.0, 5, 7)
     with pytest.raises(ValueError, match="missing"):
         create_sampler("proportional", [1.0]).load_state_dict({"sampler": "proportional"})
 

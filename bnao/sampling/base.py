@@ -167,7 +167,7 @@ class Sampler(ABC):
         # Built on the CPU and moved: the CUDA op builds on the CPU anyway, and
         # one build path keeps tables identical across devices.
         table = ops.alias_table(target)
-        consumed = self.num_drawn if hasattr(self, "_table") else 0
+        consumed = self.num_drawn
         self._weights = w
         self._target = target
         self._table = table.to(self._device)
@@ -291,14 +291,20 @@ class Sampler(ABC):
         num_drawn = int(state["num_drawn"])
         if num_drawn < 0:
             raise ValueError(f"sampler state has a negative draw count ({num_drawn})")
-        self._load_options(dict(state["options"]))
-        self._seed = int(state["seed"])
-        self.set_weights(state["weights"])
-        if self.table_digest() != state["table_sha256"]:
-            raise ValueError(
-                "the alias table rebuilt from the saved weights differs from the saved one, so the "
-                "sequence would not continue exactly; was the state written by another bnao version?"
-            )
+        before = dict(self.__dict__)  # a failed load leaves the sampler as it was
+        try:
+            self._load_options(dict(state["options"]))
+            self._seed = int(state["seed"])
+            self.set_weights(state["weights"])
+            if self.table_digest() != state["table_sha256"]:
+                raise ValueError(
+                    "the alias table rebuilt from the saved weights differs from the saved one, so the "
+                    "sequence would not continue exactly; was the state written by another bnao version?"
+                )
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
         self._buffer = []
         self._stream_end = num_drawn
 
