@@ -17,8 +17,8 @@ HELP = "evaluate a trained checkpoint on a test set"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``bnao eval``'s arguments."""
     parser.add_argument("model", metavar="MODEL.pt", help="model file written by `bnao train` (DIR/model.pt)")
-    parser.add_argument("--dataset", choices=("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"),
-                        default=None, help="dataset (default: the one the model was trained on)")
+    parser.add_argument("--dataset", default=None,
+                        help="a registered dataset (fashion_mnist, cifar10, ...; default: the one the model was trained on)")
     parser.add_argument("--data-dir", default=None, help="data directory searched first (default: the training run's)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="split to evaluate (default test)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N images")
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``bnao eval``; exit code 2 for a missing/corrupt model file or missing data."""
     import numpy as np
 
-    from ..data import DatasetNotFoundError, create_dataset
+    from ..data import DatasetNotFoundError, create_dataset, list_datasets
     from ..train import CheckpointError, count_parameters, evaluate_model, load_model, resolve_device
 
     def fail(msg: str) -> int:
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or extra.get("dataset")
     if not name:
         return fail(f"{args.model} does not record its dataset; pass --dataset")
+    if name not in list_datasets():
+        return fail(f"unknown dataset {name!r} (available: {', '.join(list_datasets())})")
     root = args.data_dir if args.data_dir is not None else extra.get("data_dir")
     kw: Dict[str, Any] = {}
     if name == "synthetic":

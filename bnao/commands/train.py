@@ -80,9 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named settings: cifar10-final = the paper's CIFAR-10 final training (N=6, C=36, "
                              "600 epochs, cutout 16, aux 0.4, drop-path keep 0.8, dropout 0.4)")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASET_CHOICES, default=None,
-                   help=f"training data; trains on the full train split and tests on the test split "
-                        f"(default {DEFAULTS['dataset']})")
+    g.add_argument("--dataset", default=None,
+                   help=f"training data: {', '.join(DATASET_CHOICES)} or any registered dataset; trains on the "
+                        f"full train split and tests on the test split (default {DEFAULTS['dataset']})")
     g.add_argument("--data-dir", default=None, help="data directory searched first")
     g.add_argument("--train-limit", type=int, default=None, metavar="N",
                    help="use only the first N training images (quick runs)")
@@ -111,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--eval-every", type=int, default=1, help="test every N epochs (0: only at the end)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny nets on a busy CPU)")
     g.add_argument("--seed", type=int, default=None, help="default 0")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -193,9 +195,15 @@ def load_datasets(settings: Dict[str, Any]):
     """Train and test splits for ``settings`` (with the limits applied)."""
     import numpy as np
 
-    from ..data import create_dataset
+    from ..data import create_dataset, list_datasets
 
     name, root = settings["dataset"], settings.get("data_dir")
+    if name not in list_datasets():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_datasets(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown dataset {name!r}{hint} (available: {', '.join(list_datasets())})")
     kw: Dict[str, Any] = {}
     if name == "synthetic":
         # Generate only what is used: 50k CIFAR-shaped images are wasted on a quick run.
@@ -239,6 +247,12 @@ def _run(args: argparse.Namespace) -> int:
     from ..space import InvalidArchError, NAOSpace
     from ..train import CheckpointError, NonFiniteLossError, StandaloneTrainer, make_config, save_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     check_run_dir(out, args.resume)
     stored: Optional[Dict[str, Any]] = None
