@@ -1,0 +1,64 @@
+"""``bnao profile``: supernet training throughput, per-phase time split, peak memory, pool evaluation speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "profile supernet training throughput"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``bnao profile``."""
+    parser.add_argument("--dataset", default="synthetic",
+                        help="synthetic (CIFAR-shaped random images), fashion_mnist, cifar10, ... (default synthetic)")
+    parser.add_argument("--data-dir", default=None, help="data directory for real datasets")
+    parser.add_argument("--space", default="small", choices=["small", "middle"], help="op set (default small)")
+    parser.add_argument("--layers", type=int, default=3, help="N, normal cells per stage (default 3)")
+    parser.add_argument("--channels", type=int, default=20, help="C of the first stage (default 20)")
+    parser.add_argument("--classes", type=int, default=10, help="classes of synthetic data (default 10)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last activations")
+    parser.add_argument("--pool-size", type=int, default=1000, help="random archs in the pool (default 1000)")
+    parser.add_argument("--sampler", default="proportional", choices=["proportional", "uniform"],
+                        help="arch sampler (default proportional to model size)")
+    parser.add_argument("--eval-archs", type=int, default=0,
+                        help="also time pool evaluation over this many archs at batch --eval-batch (default 0: skip)")
+    parser.add_argument("--eval-batch", type=int, default=500, help="dev batch of the evaluation (default 500)")
+    parser.add_argument("--loader", default="auto", help="data loader (default auto)")
+    parser.add_argument("--no-count-ops", action="store_true", help="skip counting the ops launched per step")
+    parser.add_argument("--trace", metavar="DIR", default=None, help="write a torch.profiler trace to DIR")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the measurement and prints it; 2 on a usage or data error."""
+    from ..data import DatasetNotFoundError
+    from ..supernet.profiling import format_result, profile_supernet
+
+    for name in ("layers", "channels", "classes", "batch_size", "steps", "pool_size"):
+        if getattr(args, name) < 1:
+            print(f"bnao profile: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        result = profile_supernet(
+            dataset=args.dataset, data_root=args.data_dir, space=args.space, layers=args.layers,
+            channels=args.channels, classes=args.classes, batch_size=args.batch_size, steps=args.steps,
+            warmup=args.warmup, device=args.device, bf16=args.bf16, channels_last=args.channels_last,
+            pool_size=args.pool_size, sampler=args.sampler, eval_archs=args.eval_archs,
+            eval_batch=args.eval_batch, trace_dir=args.trace, count_ops=not args.no_count_ops,
+            loader=args.loader,
+        )
+    except (DatasetNotFoundError, ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"bnao profile: {msg}", file=sys.stderr)
+        if args.dataset != "synthetic" and isinstance(err, DatasetNotFoundError):
+            print("(use --dataset synthetic to profile on random CIFAR-shaped data)", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,220 @@
+"""Throughput measurement of supernet training and pool evaluation (``bnao profile``, benchmarks).
+
+Trains a supernet for a number of steps on real or synthetic data with the
+size-proportional (or uniform) sampler over a random pool, and reports img/s,
+the per-step time split into draw / forward / backward / optimizer (with CUDA
+synchronisation around each phase, so the split is real device time), peak
+GPU memory, the number of ops launched per step and, optionally, the pool
+evaluation speed at batch 500.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..space.nao import NAOSpace
+from .evaluator import evaluate_pool
+from .model import Supernet
+from .trainer import SupernetTrainer
+
+# Profiler events that create views or allocate without computing: not counted as launched ops.
+_NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::as_strided", "aten::reshape",
+    "aten::_reshape_alias", "aten::slice", "aten::select", "aten::narrow", "aten::split", "aten::split_with_sizes",
+    "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
+    "aten::detach", "aten::alias", "aten::resize_", "aten::_unsafe_view", "aten::lift_fresh", "aten::unbind",
+    "aten::chunk", "aten::result_type", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item",
+    "aten::set_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::flatten", "aten::expand_as",
+    "aten::view_as", "aten::detach_", "aten::unflatten", "aten::zeros_like", "aten::ones_like", "aten::numpy_T",
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; other names as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, classes: int, samples: int):
+    from ..data import create_dataset
+
+    if name == "synthetic":
+        return create_dataset("synthetic", num_samples=samples, image_shape=(image_size, image_size, in_channels),
+                              num_classes=classes)
+    # Real data only: a missing dataset raises DatasetNotFoundError naming where it looked (no silent fallback).
+    return create_dataset(name, root=root, split="train")
+
+
+def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, float]:
+    """Ops launched per training step, counted with torch.profiler.
+
+    On CPU: leaf ``aten::`` ops that compute (views and allocations excluded) — each is one kernel launch
+    on a GPU. On CUDA: the device kernels themselves.
+
+    Returns:
+        ``{"ops_per_step": ..., "kernels_per_step": ... (CUDA only)}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        trainer.train_steps(steps)
+    ops = 0
+    kernels = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            continue
+        if ev.name.startswith("aten::") and ev.name not in _NO_KERNEL:
+            if not any(c.name.startswith("aten::") and c.name not in _NO_KERNEL for c in ev.cpu_children):
+                ops += 1
+    out = {"ops_per_step": ops / steps}
+    if cuda:
+        out["kernels_per_step"] = kernels / steps
+    return out
+
+
+def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = None, space: str = "small",
+                     layers: int = 3, channels: int = 20, classes: int = 10, batch_size: int = 64, steps: int = 50,
+                     warmup: int = 5, device: str = "auto", bf16: bool = False, channels_last: bool = False,
+                     pool_size: int = 1000, sampler: str = "proportional", eval_archs: int = 0,
+                     eval_batch: int = 500, trace_dir: Optional[str] = None, count_ops: bool = True,
+                     loader: str = "auto", seed: int = 0) -> Dict[str, Any]:
+    """Measures supernet training (and optionally pool evaluation) throughput.
+
+    Args:
+        dataset: ``"synthetic"`` (CIFAR-shaped random images) or a dataset name of ``bnao.data``.
+        data_root: Data directory for real datasets.
+        space: Op set.
+        layers: ``N``.
+        channels: ``C``.
+        classes: Classes (synthetic data; real datasets use their own).
+        batch_size: Training batch.
+        steps: Timed steps.
+        warmup: Untimed steps first (allocator, cuDNN autotuning, plan cache).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        bf16: bfloat16 autocast.
+        channels_last: channels_last activations.
+        pool_size: Random archs in the pool.
+        sampler: ``"proportional"`` (to model size) or ``"uniform"``.
+        eval_archs: Archs to score with :func:`evaluate_pool` (0: skip).
+        eval_batch: Dev batch size for the evaluation.
+        trace_dir: Writes a torch.profiler trace of a few steps there.
+        count_ops: Count ops launched per step (two extra profiled steps).
+        loader: Loader name (``"auto"`` picks the GPU-resident one when it fits).
+        seed: Seed of pool, sampler, data and model.
+
+    Returns:
+        Dict of the figures (see ``bnao profile``).
+    """
+    from ..data import create_loader
+    from ..sampling import create_sampler
+
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    sp = NAOSpace(op_set=space)
+    samples = max(8 * batch_size, eval_batch, 4096)
+    ds = _dataset(dataset, data_root, 32, 3, classes, samples)
+    num_classes = int(ds.num_classes)
+    in_channels = int(ds.images.shape[-1]) if hasattr(ds, "images") else 3
+    train_loader = create_loader(loader, ds, batch_size, device=dev, augment=True, shuffle=True, drop_last=True,
+                                 seed=seed, channels_last=channels_last)
+    pool = sp.sample_array(pool_size, np.random.default_rng(seed))
+    if sampler == "proportional":
+        from ..size import model_size
+
+        weights = np.asarray(model_size(pool, space=sp, layers=layers, channels=channels, classes=num_classes,
+                                        in_channels=in_channels), dtype=np.float64)
+    else:
+        weights = np.ones(pool_size)
+    smp = create_sampler(sampler, weights, seed=seed, device=dev)
+    model = Supernet(sp, layers=layers, channels=channels, num_classes=num_classes, in_channels=in_channels,
+                     total_steps=warmup + steps).to(dev)
+    trainer = SupernetTrainer(model, smp, pool, train_loader, bf16=bf16, channels_last=channels_last,
+                              steps_total=warmup + steps, device=dev, seed=seed, sync_timing=True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if warmup:
+        trainer.train_steps(warmup)
+    result: Dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dataset": dataset, "space": space, "layers": layers, "channels": channels, "classes": num_classes,
+        "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last, "pool_size": pool_size,
+        "sampler": sampler, "params": model.num_parameters(), "param_tensors": len(list(model.parameters())),
+    }
+    # Split timing (synchronised phases) and plain throughput (no extra synchronisation) are separate runs.
+    split = trainer.train_steps(steps)
+    trainer.sync_timing = False
+    plain = trainer.train_steps(steps)
+    result.update({
+        "steps": steps,
+        "img_per_s": plain["img_per_s"],
+        "ms_per_step": plain["ms_per_step"],
+        "split_ms": {k: split[f"{k}_ms"] for k in ("draw", "forward", "backward", "optimizer")},
+        "split_ms_per_step": split["ms_per_step"],
+        "loss": plain["loss"],
+    })
+    if dev.type == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if count_ops:
+        result.update(count_ops_per_step(trainer, 2))
+    if trace_dir:
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(trace_dir)):
+            trainer.train_steps(min(3, steps))
+        result["trace_dir"] = trace_dir
+    if eval_archs:
+        dev_loader = create_loader(loader, ds, eval_batch, device=dev, augment=False, shuffle=False,
+                                   drop_last=False, seed=seed, channels_last=channels_last)
+        batch = next(iter(dev_loader))
+        archs = pool[: min(eval_archs, len(pool))]
+        evaluate_pool(model, archs[:2], batch, bf16=bf16)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        evaluate_pool(model, archs, batch, bf16=bf16)
+        elapsed = time.perf_counter() - t0
+        result.update({"eval_archs": len(archs), "eval_batch": int(batch[1].shape[0]),
+                       "eval_archs_per_s": len(archs) / elapsed})
+        if dev.type == "cuda":
+            result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return result
+
+
+def format_result(r: Dict[str, Any]) -> str:
+    """Human-readable lines of :func:`profile_supernet`'s result."""
+    lines = [
+        f"device {r['device']}  dataset {r['dataset']}  space {r['space']}  N={r['layers']} C={r['channels']} "
+        f"classes={r['classes']}  batch {r['batch_size']}  {'bf16' if r['bf16'] else 'fp32'}"
+        f"{'  channels_last' if r['channels_last'] else ''}  sampler {r['sampler']} over {r['pool_size']} archs",
+        f"supernet: {r['params']:,} weights in {r['param_tensors']} tensors",
+        f"training: {r['img_per_s']:,.1f} img/s, {r['ms_per_step']:.2f} ms/step ({r['steps']} steps)",
+        "split (synchronised): " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["split_ms"].items())
+        + f" (total {r['split_ms_per_step']:.2f} ms/step)",
+    ]
+    if "ops_per_step" in r:
+        line = f"ops launched per step: {r['ops_per_step']:.0f} (compute aten ops)"
+        if "kernels_per_step" in r:
+            line += f", {r['kernels_per_step']:.0f} CUDA kernels"
+        lines.append(line)
+    if "peak_memory_mib" in r:
+        lines.append(f"peak GPU memory: {r['peak_memory_mib']:,.0f} MiB")
+    if "eval_archs_per_s" in r:
+        lines.append(f"pool evaluation: {r['eval_archs_per_s']:.2f} archs/s ({r['eval_archs']} archs, batch "
+                     f"{r['eval_batch']})")
+    if "trace_dir" in r:
+        lines.append(f"trace written to {r['trace_dir']}")
+    return "\n".join(lines)
