@@ -207,6 +207,18 @@ def test_fit_edge_cases_and_bad_input():
         NAOController(SPACE).predict(archs, raw=True)
 
 
+def test_num_threads_applies_inside_and_is_restored():
+    archs = SPACE.sample_array(20, 0)
+    outside = torch.get_num_threads()
+    ctrl = NAOController(SPACE, num_threads=outside + 1)
+    seen = []
+    ctrl.fit(archs, sep_conv_count(archs), epochs=2, progress=lambda e, n, m: seen.append((e, n, torch.get_num_threads())))
+    assert seen == [(1, 2, outside + 1), (2, 2, outside + 1)]
+    assert torch.get_num_threads() == outside
+    with pytest.raises(ValueError, match="num_threads"):
+        NAOController(SPACE, num_threads=0)
+
+
 @pytest.mark.cuda
 def test_runs_on_cuda():
     archs = SPACE.sample_array(100, 0)

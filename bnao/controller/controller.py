@@ -12,7 +12,7 @@ Python. Swap augmentation is one vectorised ``torch.where`` per epoch.
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
@@ -33,6 +33,23 @@ _STATE_FORMAT = "bnao.controller/1"
 _CHUNK = 4096
 
 HashesLike = Union[np.ndarray, Iterable[int], None]
+
+
+def _with_threads(method):
+    """Runs a controller method under its ``num_threads`` setting (restored afterwards)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.num_threads is None:
+            return method(self, *args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 class _NAOModel(nn.Module):
@@ -65,6 +82,12 @@ class NAOController:
         seed: Seeds the controller's own ``torch.Generator`` (init, holdout
             split, shuffling, swap augmentation, dropout); the global torch RNG
             is neither used nor advanced.
+        num_threads: If set, ``fit``/``predict``/``reconstruct``/``generate``
+            run with ``torch.set_num_threads(num_threads)`` and restore the
+            previous value afterwards. The kernels are small (batch 100, width
+            64): one thread loses little, and on a shared CPU it avoids
+            OpenMP threads spinning against other processes (measured 13x
+            faster wall time on a loaded 2-core machine).
     """
 
     def __init__(
@@ -78,6 +101,7 @@ class NAOController:
         dropout: float = 0.0,
         device: Union[str, torch.device] = "cpu",
         seed: int = 0,
+        num_threads: Optional[int] = None,
     ):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -92,6 +116,9 @@ class NAOController:
             "seed": int(seed),
         }
         self.device = torch.device(device)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.num_threads = num_threads
         # A CPU generator: the same draws on every device, and its state is portable.
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(seed))
@@ -151,6 +178,7 @@ class NAOController:
         return torch.cat(preds), torch.cat(decoded)
 
     # ---------------------------------------------------------------- training
+    @_with_threads
     def fit(
         self,
         archs: np.ndarray,
@@ -333,6 +361,7 @@ class NAOController:
         }
 
     # --------------------------------------------------------------- inference
+    @_with_threads
     @torch.no_grad()
     def predict(self, archs: np.ndarray, *, raw: bool = False) -> np.ndarray:
         """Predicted scores of archs.
@@ -359,6 +388,7 @@ class NAOController:
             p = lo + p * (hi - lo)
         return p
 
+    @_with_threads
     def reconstruct(self, archs: np.ndarray) -> np.ndarray:
         """Encodes and greedily decodes archs (no embedding move): ``[n, 8B]`` archs."""
         tokens = self._tokens(archs)
@@ -366,6 +396,7 @@ class NAOController:
         _, decoded = self._encode_chunks(tokens)
         return self.space.decode(decoded.cpu().numpy())
 
+    @_with_threads
     def generate(
         self,
         seeds: np.ndarray,
