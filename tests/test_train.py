@@ -315,3 +315,26 @@ def test_cli_bad_input(tmp_path, capsys, monkeypatch):
 
     rc = main(["train", "--resume", "--out", str(tmp_path / "nothing")])
     assert rc == 2 and "nothing to resume" in capsys.readouterr().err
+
+
+def test_preset_is_the_papers_final_setting_and_flags_override():
+    from bnao.cli import build_parser
+    from bnao.commands.train import resolve_settings
+
+    args = build_parser("train").parse_args(["train", str(ARCH), "--preset", "cifar10-final", "--out", "x",
+                                             "--epochs", "3"])
+    s = resolve_settings(args)
+    assert (s["dataset"], s["layers"], s["channels"], s["batch_size"], s["cutout"]) == ("cifar10", 6, 36, 128, 16)
+    assert (s["auxiliary_weight"], s["drop_path_keep_prob"], s["dropout"], s["lr"], s["lr_min"]) == (
+        0.4, 0.8, 0.4, 0.025, 0.0)
+    assert s["epochs"] == 3  # the explicit flag wins over the preset's 600
+    plain = resolve_settings(build_parser("train").parse_args(["train", str(ARCH), "--out", "x"]))
+    assert (plain["layers"], plain["channels"], plain["epochs"], plain["cutout"]) == (3, 20, 10, 0)
+
+
+def test_bf16_and_channels_last_train(data):
+    train, test = data
+    res = train_standalone(ARCH, SPACE, train, test, device="cpu", epochs=1, bf16=True, channels_last=True,
+                           auxiliary=True, drop_path_keep_prob=0.8, **TINY)
+    assert np.isfinite(res["train_loss"]) and res["history"][0]["skipped_steps"] == 0
+    assert 0.0 <= res["eval_acc"] <= 1.0
