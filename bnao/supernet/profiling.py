@@ -70,16 +70,24 @@ def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, fl
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         trainer.train_steps(steps)
+    events = list(prof.events())
+    ranges = [(ev.name.split("::", 1)[1], ev.time_range.start, ev.time_range.end)
+              for ev in events if ev.name in ("bnao::forward", "bnao::backward", "bnao::optimizer")]
+    by_phase = {"forward": 0, "backward": 0, "optimizer": 0, "other": 0}
     ops = 0
     kernels = 0
-    for ev in prof.events():
+    for ev in events:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
             continue
         if ev.name.startswith("aten::") and ev.name not in _NO_KERNEL:
             if not any(c.name.startswith("aten::") and c.name not in _NO_KERNEL for c in ev.cpu_children):
                 ops += 1
+                t = ev.time_range.start
+                phase = next((n for n, a, b in ranges if a <= t <= b), "other")
+                by_phase[phase] += 1
     out = {"ops_per_step": ops / steps}
+    out.update({f"ops_{k}": v / steps for k, v in by_phase.items()})
     if cuda:
         out["kernels_per_step"] = kernels / steps
     return out
@@ -206,7 +214,8 @@ def format_result(r: Dict[str, Any]) -> str:
         + f" (total {r['split_ms_per_step']:.2f} ms/step)",
     ]
     if "ops_per_step" in r:
-        line = f"ops launched per step: {r['ops_per_step']:.0f} (compute aten ops)"
+        line = (f"ops launched per step: {r['ops_per_step']:.0f} compute aten ops (forward {r['ops_forward']:.0f}, "
+                f"backward {r['ops_backward']:.0f}, optimizer {r['ops_optimizer']:.0f}, other {r['ops_other']:.0f})")
         if "kernels_per_step" in r:
             line += f", {r['kernels_per_step']:.0f} CUDA kernels"
         lines.append(line)

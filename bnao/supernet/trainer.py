@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..train.checkpoint import CheckpointError, load_file, save_atomic
 from .model import Supernet
@@ -211,7 +212,7 @@ class SupernetTrainer:
             t1 = time.perf_counter()
             lr = self.current_lr()
             model.set_step(self.global_step)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
                 out = model(images, arch)
                 logits, aux = out if isinstance(out, tuple) else (out, None)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -222,7 +223,8 @@ class SupernetTrainer:
             self._sync()
             t2 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with record_function("bnao::backward"):
+                loss.backward()
             if finite is None:
                 self._pending_event.synchronize()
                 finite = bool(self._flag_host[0])
@@ -244,10 +246,11 @@ class SupernetTrainer:
                         "e.g. with a lower lr_max, grad_clip, or without bf16.")
             else:
                 self.bad_in_row = 0
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-                self.optimizer.param_groups[0]["lr"] = lr
-                self.optimizer.step(model.touched_masks(arch))
+                with record_function("bnao::optimizer"):
+                    if self.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+                    self.optimizer.param_groups[0]["lr"] = lr
+                    self.optimizer.step(model.touched_masks(arch))
                 good += 1
                 with torch.no_grad():
                     loss_sum += loss.detach().float()
