@@ -70,6 +70,12 @@ class UsageError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``bnao train``'s arguments."""
+    parser.epilog = (
+        "Without --preset: the search's re-ranking training (N=3, C=20, 10 epochs, batch 128, cosine lr "
+        "0.025->0, aux 0.4, drop-path keep 0.9). --preset cifar10-final: the NAO reference's final CIFAR-10 "
+        "training (N=6, C=36, 600 epochs, batch 128, cutout 16, aux 0.4, drop-path keep 0.8 -- 0.9 is the "
+        "search supernet's value --, dropout 0.4, grad clip 5, weight decay 3e-4). Writes DIR/config.json, "
+        "DIR/checkpoint.pt (every epoch), DIR/model.pt (for `bnao eval`) and DIR/metrics.json.")
     parser.add_argument("arch", nargs="?", default=None,
                         help='the arch: "0 1 0 1 ..." (8*B integers, normal cell first), a JSON list or '
                              '{"normal": [...], "reduction": [...]}, or @FILE holding one of these (or a JSON '
@@ -240,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as err:
         print(f"bnao train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nbnao train: interrupted; the last finished epoch is checkpointed. Continue with "
+              f"`bnao train --resume --out {args.out}`", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
