@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bnao.cli import main
-from bnao.data import ArrayDataset, list_datasets, register_dataset
+from bnao.data import DATASETS, ArrayDataset
 from bnao.space import NAOSpace
 from bnao.train import (
     CheckpointError,
@@ -207,15 +207,18 @@ def _bright_dataset(root=None, split="train"):
     return brightness_task(64 if split == "train" else 32, 0 if split == "train" else 1)
 
 
-# The CLIs take any registered dataset; a tiny 8x8 one keeps these tests fast.
-if "test_bright8" not in list_datasets():
-    register_dataset("test_bright8", _bright_dataset)
+@pytest.fixture
+def bright8(monkeypatch):
+    """Registers a tiny 8x8 dataset for the CLI tests (the CLIs take any registered dataset), and removes
+    it afterwards: other tests check the exact list of datasets and the registry has no unregister."""
+    assert "test_bright8" not in DATASETS
+    monkeypatch.setitem(DATASETS._factories, "test_bright8", _bright_dataset)
 
 CLI_TINY = ["--dataset", "test_bright8", "--layers", "1", "--channels", "4", "--batch-size", "32",
             "--device", "cpu", "--no-progress"]
 
 
-def test_cli_train_eval_resume_and_refusals(tmp_path, capsys):
+def test_cli_train_eval_resume_and_refusals(tmp_path, capsys, bright8):
     out = tmp_path / "run"
     arch_file = tmp_path / "best.json"
     arch_file.write_text(json.dumps({"arch": str(ARCH), "params": 1}))
@@ -252,7 +255,7 @@ def test_cli_train_eval_resume_and_refusals(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
 
 
-def test_cli_resume_after_interruption_matches_uninterrupted_run(tmp_path, capsys, monkeypatch):
+def test_cli_resume_after_interruption_matches_uninterrupted_run(tmp_path, capsys, monkeypatch, bright8):
     args = ["train", str(ARCH), "--epochs", "2", "--auxiliary-weight", "0.4"] + CLI_TINY
     assert main(args + ["--out", str(tmp_path / "full")]) == 0
 
@@ -262,10 +265,9 @@ def test_cli_resume_after_interruption_matches_uninterrupted_run(tmp_path, capsy
         real_save(self)
         raise _Stop  # killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(StandaloneTrainer, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
+    with monkeypatch.context() as m, pytest.raises(_Stop):
+        m.setattr(StandaloneTrainer, "save_checkpoint", save_then_die)
         main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.undo()
     assert not (tmp_path / "cut" / "model.pt").exists()
     capsys.readouterr()
 
@@ -283,7 +285,7 @@ def test_cli_resume_after_interruption_matches_uninterrupted_run(tmp_path, capsy
     assert cut["test_acc"] == full["test_acc"] and cut["epochs"] == 2
 
 
-def test_cli_bad_input(tmp_path, capsys, monkeypatch):
+def test_cli_bad_input(tmp_path, capsys, monkeypatch, bright8):
     bad = str(ARCH).split()
     bad[5] = "9"  # normal cell, node 3, x_op: ops are 0..4
     rc = main(["train", " ".join(bad), "--out", str(tmp_path / "a")] + CLI_TINY)
