@@ -83,6 +83,7 @@ DEFAULTS: Dict[str, Any] = {
         "iterations": 3,
         "top_k": 100,  # seeds for generation
         "new_per_iteration": 300,
+        "fill_with_mutations": True,  # top up with seed mutations when the controller decodes too few
     },
     "final": {
         "rerank_top": 5,
@@ -93,6 +94,7 @@ DEFAULTS: Dict[str, Any] = {
         "lr_max": 0.025,
         "lr_min": 0.0,
         "weight_decay": 3e-4,
+        "auxiliary": False,
         "auxiliary_weight": 0.4,
         "drop_path_keep_prob": 0.9,
         "cutout": 0,

@@ -306,6 +306,17 @@ class BalancedNAO:
             seeds, int(sc["new_per_iteration"]), exclude_hashes=self.pool.hashes, return_info=True
         )
         added = self.pool.add(new, self._sizes(new), iteration=it + 1) if len(new) else np.zeros(0, np.int64)
+        from_controller = int(added.size)
+        missing = int(sc["new_per_iteration"]) - from_controller
+        if missing > 0 and sc["fill_with_mutations"]:
+            # A young controller can decode the same few archs over and over; the
+            # iteration still gets the requested number of new archs, as
+            # one-position mutations of the seeds (seeded, so resumable).
+            rng = np.random.default_rng([int(self.config["seed"]), it, 7])
+            extra = self._mutations(seeds, missing, rng)
+            more = self.pool.add(extra, self._sizes(extra), iteration=it + 1) if len(extra) else extra[:0, 0]
+            added = np.concatenate([added, more])
+        info["from_controller"] = from_controller
         self.state["phase_seconds"]["generate"] = time.perf_counter() - t0
         self.state["generated"] = int(added.size)
         self.state["generate_info"] = {k: v for k, v in info.items() if isinstance(v, (int, float))}
@@ -316,6 +327,19 @@ class BalancedNAO:
             self.state["eval_indices"] = added
         self._write_outputs()
         self._start_iteration(it + 1)
+
+    def _mutations(self, seeds: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to ``count`` new archs (unseen in the pool) by mutating random seeds."""
+        found, hashes = [], set(self.pool.hashes.tolist())
+        for _ in range(50 * count):
+            if len(found) == count:
+                break
+            child = self.space.mutate(seeds[rng.integers(len(seeds))], rng).to_array()
+            h = int(self.space.hash_array(child))
+            if h not in hashes:
+                hashes.add(h)
+                found.append(child)
+        return np.stack(found) if found else np.zeros((0, self.space.length), np.int64)
 
     def _phase_rerank(self, started: float) -> None:
         from ..train import rerank
@@ -328,23 +352,25 @@ class BalancedNAO:
         t0 = time.perf_counter()
         results = rerank(
             self.pool.archs[top].astype(np.int64), self.space, self.train_set, self.dev_set,
-            skeleton=c["supernet"]["skeleton"], layers=fc["layers"] or c["supernet"]["layers"], channels=fc["channels"] or c["supernet"]["channels"],
-            num_classes=self.num_classes, in_channels=self.in_channels, epochs=fc["epochs"],
-            batch_size=fc["batch_size"], lr_max=fc["lr_max"], lr_min=fc["lr_min"], weight_decay=fc["weight_decay"],
+            device=self.device, checkpoint_dir=self.run_dir.path / "rerank", progress=self.progress,
+            skeleton=c["supernet"]["skeleton"], layers=fc["layers"] or c["supernet"]["layers"],
+            channels=fc["channels"] or c["supernet"]["channels"], num_classes=self.num_classes,
+            in_channels=self.in_channels, epochs=fc["epochs"], batch_size=fc["batch_size"], lr_max=fc["lr_max"],
+            lr_min=fc["lr_min"], weight_decay=fc["weight_decay"], auxiliary=fc["auxiliary"],
             auxiliary_weight=fc["auxiliary_weight"], drop_path_keep_prob=fc["drop_path_keep_prob"],
-            cutout=fc["cutout"], device=self.device, seed=int(c["seed"]), loader=c["data"]["loader"],
-            progress=self.progress,
+            cutout=fc["cutout"], loader=c["data"]["loader"], seed=int(c["seed"]),
         )
         ranking = []
-        for rank_pos, (i, res) in enumerate(zip(top, results)):
+        for res in results:
+            i = int(top[res["index"]])
             ranking.append(
                 {
                     "arch": " ".join(map(str, self.pool.archs[i].tolist())),
                     "hash": f"{int(self.pool.hashes[i]):016x}",
                     "size": int(self.pool.sizes[i]),
                     "one_shot": float(scores[i]),
-                    "one_shot_rank": rank_pos,
-                    "standalone_accuracy": float(res["accuracy"]),
+                    "one_shot_rank": int(res["index"]) + 1,
+                    "standalone_accuracy": float(res["dev_acc"]),
                     "standalone_params": int(res["params"]),
                     "standalone_seconds": float(res["seconds"]),
                 }
@@ -390,8 +416,9 @@ class BalancedNAO:
             record["generated"] = self.state.get("generated")
             line += (
                 f" | controller pairwise {cm.get('pairwise_accuracy', float('nan')):.3f}"
-                f" recon {cm.get('reconstruction_accuracy', float('nan')):.3f} ({_fmt_seconds(ps.get('controller', 0))})"
+                f" recon {cm.get('reconstruction_token', float('nan')):.3f} ({_fmt_seconds(ps.get('controller', 0))})"
                 f" | +{self.state.get('generated', 0)} new"
+                f" ({self.state.get('generate_info', {}).get('from_controller', 0)} decoded)"
             )
         if it > 0 and len(self.pool.scores) > 1:
             prev = self.pool.scores[it - 1]

@@ -12,11 +12,13 @@ Layout of ``RUN_DIR``::
     tb/               TensorBoard scalars
     plots/            PNG figures (score vs size, best per iteration, draws vs size)
     log.txt           the summary lines printed to the console
+    rerank/           per-arch checkpoints of the final stand-alone re-ranking
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import os
 from pathlib import Path
@@ -83,6 +85,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in ("checkpoint.pt", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt"):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "rerank", ignore_errors=True)
         if self.tb.exists():
             for f in self.tb.glob("events.*"):
                 f.unlink()
