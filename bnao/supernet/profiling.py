@@ -56,8 +56,11 @@ def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, 
 def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, float]:
     """Ops launched per training step, counted with torch.profiler.
 
-    On CPU: leaf ``aten::`` ops that compute (views and allocations excluded) — each is one kernel launch
-    on a GPU. On CUDA: the device kernels themselves.
+    Counts the outermost ``aten::`` calls that compute (views and allocations excluded), split by phase
+    (forward / backward / optimizer ranges recorded by the trainer); on a GPU each launches at least one
+    kernel. On CPU, ``torch._foreach_*`` and ``clip_grad_norm_`` run one op per tensor, whereas on CUDA they
+    launch a few multi-tensor kernels, so the optimizer count is a CPU figure. On CUDA the device kernels
+    are counted as well.
 
     Returns:
         ``{"ops_per_step": ..., "kernels_per_step": ... (CUDA only)}``.
@@ -80,8 +83,11 @@ def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, fl
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
             continue
+        parent = ev.cpu_parent
         if ev.name.startswith("aten::") and ev.name not in _NO_KERNEL:
-            if not any(c.name.startswith("aten::") and c.name not in _NO_KERNEL for c in ev.cpu_children):
+            # Outermost aten calls (from Python or the autograd engine): each is at least one kernel launch on
+            # a GPU; their CPU-internal helpers (e.g. oneDNN layout copies) are not counted.
+            if parent is None or not parent.name.startswith("aten::"):
                 ops += 1
                 t = ev.time_range.start
                 phase = next((n for n, a, b in ranges if a <= t <= b), "other")
