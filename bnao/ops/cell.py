@@ -15,7 +15,8 @@ of grouped convolutions over their concatenated inputs, with the per-branch
 weights stacked along the channel axis. A cell of the default space then
 costs a few dozen kernel launches instead of a few hundred.
 
-Weight layout per parametric op (``n`` = branches of that op, schedule order):
+Weight layout: per parametric op, one tuple of role tensors per weight-bearing
+group (``Group.chunk``), ``n`` = branches of the group (in ``Group.positions`` order):
 
 * ``sep_conv k``: ``(dw1 [n,C,1,k,k], pw1 [n,C,C], g1 [n,C], b1 [n,C], dw2, pw2, g2, b2)``
 * ``dil_sep_conv k``: ``(dw [n,C,1,k,k], pw [n,C,C], g [n,C], b [n,C])``
