@@ -1,7 +1,5 @@
 """Supernet trainer: masked SGD semantics, exact resume, NaN path, atomic and corrupt checkpoints."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -185,4 +183,16 @@ def test_pool_validation():
         tr.set_pool(np.zeros((3, 7), dtype=np.int64))
     tr.set_pool(SPACE.sample_array(3, 0))
     assert tr.draw_counts().shape == (3,)
-    assert os.path.basename(__file__).startswith("test_supernet")
+
+
+def test_profile_command_runs_and_missing_dataset_is_an_error(capsys, tmp_path):
+    from bnao.cli import main
+
+    rc = main(["profile", "--layers", "1", "--channels", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+               "--pool-size", "5", "--device", "cpu", "--eval-archs", "1", "--eval-batch", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "img/s" in out and "forward" in out and "ops launched per step" in out and "archs/s" in out
+    rc = main(["profile", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and "--dataset synthetic" in err

@@ -448,8 +448,6 @@ class Supernet(nn.Module):
                     if i not in used:
                         for p in params:
                             masks[p] = False
-        if self.auxiliary_head is not None and not self.training:
-            pass  # the auxiliary head runs in training mode only; the trainer trains in training mode
         plan.masks = masks
         return masks
 
