@@ -39,6 +39,7 @@ TINY = [
     "final.epochs=1",
     "final.batch_size=64",
     "device=cpu",
+    "threads=1",  # the same in the killed subprocess and in this process
 ]
 
 

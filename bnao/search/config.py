@@ -30,6 +30,9 @@ _OPTIONAL_TYPES: Dict[str, Tuple[type, ...]] = {
 DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda | cuda:N
+    # CPU threads of torch (0: torch's default). CPU results depend on the thread
+    # count, so a resumed run must use the same count to match exactly.
+    "threads": 0,
     "data": {
         "dataset": "cifar10",
         "root": None,  # data dir; searched as documented by bnao.data

@@ -76,6 +76,8 @@ class BalancedNAO:
         self.progress = progress
         self._echo = echo
         self.device = resolve_device(config["device"])
+        if int(config["threads"]) > 0:
+            torch.set_num_threads(int(config["threads"]))
         self.state: Dict[str, Any] = {"iteration": 0, "phase": "init", "elapsed": 0.0, "eval_indices": None}
         self.draws: List[Dict[str, np.ndarray]] = []  # per iteration: pool indices trained and draw counts
         self.history: List[Dict[str, Any]] = []
@@ -85,6 +87,9 @@ class BalancedNAO:
     def _build(self) -> None:
         c = self.config
         seed = int(c["seed"])
+        # Weight initialisation draws from torch's global generator: seed it so
+        # that the same config gives the same search in any process.
+        torch.manual_seed(seed)
         self.space = create_search_space(c["space"]["name"], op_set=c["space"]["op_set"], num_nodes=c["space"]["num_nodes"])
         data = c["data"]
         full = create_dataset(data["dataset"], root=data["root"], split="train")
