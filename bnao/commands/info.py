@@ -64,7 +64,7 @@ def collect() -> Dict[str, object]:
         try:
             from ..data import available_loaders
 
-            report["loaders_available_here"] = available_loaders("cuda" if torch.cuda.is_available() else "cpu")
+            report["loaders_usable"] = available_loaders("cuda" if torch.cuda.is_available() else "cpu")
         except ImportError:
             pass
     except ImportError as err:
