@@ -78,6 +78,16 @@ def test_search_end_to_end_writes_the_run_directory(tmp_path, capsys):
     assert "pairwise_accuracy" in history[0]["controller"]
 
 
+def test_search_runs_on_synthetic_data_anywhere(tmp_path):
+    """No data set needed: the synthetic preset shape used for timing searches."""
+    out = tmp_path / "synthetic"
+    extra = ["data.dataset=synthetic", "data.synthetic_samples=400", "data.synthetic_size=16",
+             "data.synthetic_channels=3", "data.synthetic_classes=5", "search.iterations=1"]
+    assert _search(out, *extra) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["size"] > 0 and 0.0 <= best["standalone_accuracy"] <= 1.0
+
+
 @needs_fmnist
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"

@@ -40,6 +40,11 @@ DEFAULTS: Dict[str, Any] = {
         "loader": "auto",
         "cutout": 0,
         "train_limit": None,  # use only the first N training images (quick runs)
+        # Shape of `dataset: synthetic` (random images, for timing without real data).
+        "synthetic_samples": 50000,
+        "synthetic_size": 32,
+        "synthetic_channels": 3,
+        "synthetic_classes": 10,
     },
     "space": {"name": "nao", "op_set": "small", "num_nodes": 5},
     "supernet": {

@@ -92,7 +92,12 @@ class BalancedNAO:
         torch.manual_seed(seed)
         self.space = create_search_space(c["space"]["name"], op_set=c["space"]["op_set"], num_nodes=c["space"]["num_nodes"])
         data = c["data"]
-        full = create_dataset(data["dataset"], root=data["root"], split="train")
+        options = {}
+        if data["dataset"] == "synthetic":
+            side, channels = int(data["synthetic_size"]), int(data["synthetic_channels"])
+            options = dict(num_samples=int(data["synthetic_samples"]), image_shape=(side, side, channels),
+                           num_classes=int(data["synthetic_classes"]), seed=seed)
+        full = create_dataset(data["dataset"], root=data["root"], split="train", **options)
         if data["train_limit"]:
             full = full.subset(np.arange(min(int(data["train_limit"]), len(full))), full.name)
         self.train_set, self.dev_set = split_train_dev(full, dev_fraction=data["dev_fraction"], seed=seed)
