@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from typing import List, Tuple
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 from bnao.data import (  # noqa: E402
     AugmentConfig,
     DatasetNotFoundError,
@@ -34,18 +34,6 @@ from bnao.data import (  # noqa: E402
     create_dataset,
     create_loader,
 )
-
-
-def cpu_model() -> str:
-    """The processor's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

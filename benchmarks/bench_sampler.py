@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 from typing import Callable, List
 
@@ -32,17 +31,7 @@ import torch
 import bnao
 from bnao import extension
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 
 
 def mean_call_seconds(fn: Callable[[], object], budget_s: float, min_calls: int = 3, max_calls: int = 10_000) -> float:

@@ -15,24 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 
 
 def timed(fn, repeats: int) -> float:

@@ -17,8 +17,7 @@ from bnao.cli import main as cli_main
 from bnao.extension import has_kernel
 from bnao.nets import build_network
 from bnao.size import SKELETON_CODES, model_size
-from bnao.size.reference import count_reference
-from bnao.space import Arch, InvalidArchError, NAOSpace
+from bnao.space import InvalidArchError, NAOSpace
 from bnao.space.ops import op_table
 
 HAS_CPP = has_kernel("model_size", "cpu")

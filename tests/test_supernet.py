@@ -16,7 +16,6 @@ from bnao.space.ops import (
     KIND_MAX_POOL,
     KIND_SEP_CONV,
     KIND_ZERO,
-    op_table,
 )
 from bnao.supernet import Supernet, evaluate_pool
 

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                     f"resuming {args.resume}: iteration {ckpt['state']['iteration']}, phase {ckpt['state']['phase']}"
                 )
         search.run()
-    except (ConfigError, RunDirError, PoolFileError, InvalidArchError, FileNotFoundError, DatasetNotFoundError) as err:
+    except (ConfigError, RunDirError, PoolFileError, InvalidArchError, FileNotFoundError, DatasetNotFoundError,
+            ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
         return _error(str(err))
     except KeyError as err:  # unknown registry names (dataset, loader, sampler) carry their own message
         return _error(str(err.args[0]) if err.args else repr(err))

@@ -40,7 +40,6 @@ from ..space.ops import (
     KIND_AVG_POOL,
     KIND_DIL_SEP_CONV,
     KIND_IDENTITY,
-    KIND_MAX_POOL,
     KIND_SEP_CONV,
     KIND_ZERO,
 )

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
 
 from ..controller import NAOController
+from ..device import resolve_device
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..metrics import kendall_tau, pairwise_accuracy
 from ..sampling import create_sampler
@@ -35,16 +36,6 @@ from .report import Scalars, size_buckets, write_plots
 from .rundir import RunDir, RunDirError
 
 PHASES = ("train", "eval", "controller", "generate")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for but no CUDA GPU is visible; use device=cpu or device=auto")
-    return device
 
 
 def _fmt_seconds(s: float) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..space.nao import NAOSpace
 from .evaluator import evaluate_pool
 from .model import Supernet
@@ -31,16 +32,6 @@ _NO_KERNEL = {
     "aten::set_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::flatten", "aten::expand_as",
     "aten::view_as", "aten::detach_", "aten::unflatten", "aten::zeros_like", "aten::ones_like", "aten::numpy_T",
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names as given (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, classes: int, samples: int):

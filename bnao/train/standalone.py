@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
@@ -140,16 +141,6 @@ class StandaloneConfig:
 _RESUME_FREE = ("eval_every", "eval_batch_size", "loader", "max_nonfinite_steps")
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return dev
 
 
 def count_parameters(model: nn.Module) -> int:
