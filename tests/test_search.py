@@ -153,3 +153,9 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
     assert main(["search", "--resume", str(run), "supernet.channels=8", "seed=5"]) == 2
     err = capsys.readouterr().err
     assert "seed: 0 -> 5" in err and "supernet.channels: 4 -> 8" in err
+
+    # A damaged checkpoint is named, with the way out.
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["search", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is corrupt or truncated" in err and "--overwrite" in err
