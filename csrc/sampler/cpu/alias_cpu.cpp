@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "sampler/alias.h"
+#include "sampler/alias_checks.h"
 
 namespace bnao {
 namespace {
@@ -65,16 +66,6 @@ at::Tensor alias_table_cpu(const at::Tensor& weights) {
   return table;
 }
 
-void check_draw_args(const at::Tensor& table, int64_t num_draws, int64_t offset) {
-  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kLong,
-              "bnao::alias_draw: table must be the 1-D int64 tensor returned by bnao::alias_table, got ",
-              table.scalar_type(), " of shape ", table.sizes());
-  TORCH_CHECK(table.numel() > 0, "bnao::alias_draw: table is empty; build it from at least one weight");
-  TORCH_CHECK(num_draws >= 0, "bnao::alias_draw: num_draws must be >= 0, got ", num_draws);
-  TORCH_CHECK(offset >= 0, "bnao::alias_draw: offset must be >= 0, got ", offset,
-              "; it counts the draws already taken from the stream");
-}
-
 // Draws [begin, end) of the stream into result. Same indices as
 // alias::draw_one, computed in two passes per block: first the random words and
 // columns (with a prefetch of each column), then the table lookups. A large
@@ -106,7 +97,7 @@ void draw_range(const uint64_t* columns, uint64_t n, uint64_t key, uint64_t base
 }
 
 at::Tensor alias_draw_cpu(const at::Tensor& table, int64_t num_draws, int64_t seed, int64_t offset) {
-  check_draw_args(table, num_draws, offset);
+  check_alias_draw_args(table, num_draws, offset);
   const at::Tensor t = table.contiguous();
   at::Tensor out = at::empty({num_draws}, t.options());
   if (num_draws == 0) return out;

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "sampler/alias.h"
+#include "sampler/alias_checks.h"
 
 namespace bnao {
 namespace {
@@ -50,13 +51,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor alias_draw_cuda(const at::Tensor& table, int64_t num_draws, int64_t seed, int64_t offset) {
-  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kLong,
-              "bnao::alias_draw: table must be the 1-D int64 tensor returned by bnao::alias_table, got ",
-              table.scalar_type(), " of shape ", table.sizes());
-  TORCH_CHECK(table.numel() > 0, "bnao::alias_draw: table is empty; build it from at least one weight");
-  TORCH_CHECK(num_draws >= 0, "bnao::alias_draw: num_draws must be >= 0, got ", num_draws);
-  TORCH_CHECK(offset >= 0, "bnao::alias_draw: offset must be >= 0, got ", offset,
-              "; it counts the draws already taken from the stream");
+  check_alias_draw_args(table, num_draws, offset);
   const c10::cuda::CUDAGuard guard(table.device());
   const at::Tensor t = table.contiguous();
   at::Tensor out = at::empty({num_draws}, t.options());
