@@ -16,6 +16,7 @@ and best arch as a run that was never interrupted::
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Any, Callable, Dict, List
 
@@ -64,7 +65,8 @@ class BalancedNAO:
     ):
         self.config = copy.deepcopy(config)
         self.run_dir = run_dir
-        self.progress = progress
+        # Bars only on a terminal: redirected to a file they are noise.
+        self.progress = progress and sys.stderr.isatty()
         self._echo = echo
         self.device = resolve_device(config["device"])
         if int(config["threads"]) > 0:
