@@ -5,6 +5,7 @@ Public entry points (imported lazily so that ``import bnao`` stays cheap):
 * search spaces: :func:`create_search_space`, :class:`NAOSpace`, :class:`Arch`
 * model size: :func:`model_size`
 * samplers: :func:`create_sampler`, :func:`register_sampler`, :func:`list_samplers`
+* data: :func:`create_dataset`, :func:`create_loader`, :func:`split_train_dev` (and their registries)
 """
 
 from importlib import import_module
@@ -22,6 +23,13 @@ _LAZY = {
     "create_sampler": "bnao.sampling",
     "register_sampler": "bnao.sampling",
     "list_samplers": "bnao.sampling",
+    "create_dataset": "bnao.data",
+    "list_datasets": "bnao.data",
+    "register_dataset": "bnao.data",
+    "create_loader": "bnao.data",
+    "list_loaders": "bnao.data",
+    "register_loader": "bnao.data",
+    "split_train_dev": "bnao.data",
 }
 
 
