@@ -30,6 +30,20 @@ from .layers import (
 )
 
 SKELETONS = ("cifar", "imagenet")
+
+
+def check_skeleton_args(skeleton: str, layers: int, channels: int, num_classes: int, in_channels: int) -> None:
+    """Refuses an unknown skeleton or a non-positive size (shared by the stand-alone net and the supernet).
+
+    Raises:
+        ValueError: naming the argument and the accepted values.
+    """
+    if skeleton not in SKELETONS:
+        raise ValueError(f"unknown skeleton {skeleton!r}; choose one of {SKELETONS}")
+    for name, value in (("layers", layers), ("channels", channels), ("num_classes", num_classes),
+                        ("in_channels", in_channels)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 Shape = Tuple[int, int]  # (level, channels)
 
 
@@ -124,12 +138,7 @@ class NASNetwork(nn.Module):
                  num_classes: int, in_channels: int, auxiliary: bool, drop_path_keep_prob: Optional[float],
                  dropout: float, total_steps: Optional[int]):
         super().__init__()
-        if skeleton not in SKELETONS:
-            raise ValueError(f"unknown skeleton {skeleton!r}; choose one of {SKELETONS}")
-        for name, value in (("layers", layers), ("channels", channels), ("num_classes", num_classes),
-                            ("in_channels", in_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
         if skeleton == "imagenet" and channels < 2:
             raise ValueError("the ImageNet stem needs channels >= 2 (its first conv has channels // 2)")
         if drop_path_keep_prob is not None and not 0.0 < drop_path_keep_prob <= 1.0:

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nets.network import check_skeleton_args
 from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
 from ..ops.cell import (
     NUM_BN,
@@ -48,7 +49,6 @@ from ..ops.cell import (
 from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 
-SKELETONS = ("cifar", "imagenet")
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,7 @@ class Supernet(nn.Module):
         super().__init__()
         if isinstance(space, str):
             space = NAOSpace(op_set=space)
-        if skeleton not in SKELETONS:
-            raise ValueError(f"unknown skeleton {skeleton!r}; choose one of {SKELETONS}")
-        for name, value in (("layers", layers), ("channels", channels), ("num_classes", num_classes),
-                            ("in_channels", in_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
         if drop_path_keep_prob is not None and not 0.0 < drop_path_keep_prob <= 1.0:
             raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
         if not 0.0 <= dropout < 1.0:

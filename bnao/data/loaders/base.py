@@ -11,6 +11,7 @@ have yielded next (for the loaders that say so; see each loader).
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Dict, Iterator, Tuple, Union
 
 import torch
@@ -47,7 +48,7 @@ def epoch_permutation(seed: int, epoch: int, n: int, shuffle: bool,
     return torch.randperm(n, generator=generator, device=generator.device)
 
 
-class Loader:
+class Loader(abc.ABC):
     """Base class: iteration over epochs with resumable ``(seed, epoch, position)``.
 
     Subclasses implement :meth:`_batches`. Iterating yields the rest of the
@@ -135,8 +136,9 @@ class Loader:
         start = b * self.batch_size
         return start, min(start + self.batch_size, len(self.dataset))
 
+    @abc.abstractmethod
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        raise NotImplementedError
+        """Batches of ``epoch`` from batch index ``start`` on (each backend's own pipeline)."""
 
     def _deliver(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
         """Moves to the device and sets the memory format."""
