@@ -91,12 +91,13 @@ std::vector<long double> implied_mass(const std::vector<uint64_t>& table) {
   return mass;
 }
 
-void check_table_reconstructs(const std::vector<double>& weights, const std::string& name) {
-  std::vector<uint64_t> table;
-  const auto problem = bnao::alias::build_table(weights, &table);
-  check(problem == bnao::alias::WeightsProblem::kNone, name + ": build accepted the weights");
-  if (problem != bnao::alias::WeightsProblem::kNone) return;
+// Checks that the column masses of `table` reconstruct `weights` to within the
+// flooring of each threshold.
+void check_mass_reconstructs(const std::vector<uint64_t>& table, const std::vector<double>& weights,
+                             const std::string& name) {
   const size_t n = weights.size();
+  check(table.size() == n, name + ": one column per weight");
+  if (table.size() != n) return;
   long double sum = 0.0L;
   for (double w : weights) sum += w;
   const std::vector<long double> mass = implied_mass(table);
@@ -128,6 +129,50 @@ void check_table_reconstructs(const std::vector<double>& weights, const std::str
                 name.c_str(), worst, bad);
   check(bad == 0, msg);
 }
+
+void check_table_reconstructs(const std::vector<double>& weights, const std::string& name) {
+  std::vector<uint64_t> table;
+  const auto problem = bnao::alias::build_table(weights, &table);
+  check(problem == bnao::alias::WeightsProblem::kNone, name + ": build accepted the weights");
+  if (problem != bnao::alias::WeightsProblem::kNone) return;
+  check_mass_reconstructs(table, weights, name);
+}
+
+// A table built by hand for weights {1, 0, 2, 7}: n = 4, scale = 4 / 10 = 0.4,
+// scaled weights {0.4, 0, 0.8, 2.8}. Small stack [0, 1, 2], large stack [3];
+// Vose pops small from the top: column 2 keeps 0.8 and aliases 3 (3 keeps 2.6),
+// column 1 keeps 0 and aliases 3 (1.6 left), column 0 keeps 0.4 and aliases 3
+// (1.0 left: column 3 aliases itself with the full threshold).
+// Thresholds: floor(0.4 * 2^32) = floor(1717986918.4) = 1717986918,
+//             floor(0.8 * 2^32) = floor(3435973836.8) = 3435973836.
+const std::vector<double> kHandWeights = {1.0, 0.0, 2.0, 7.0};
+const std::vector<uint64_t> kHandTable = {
+    (uint64_t{1717986918u} << 32) | 3u,
+    (uint64_t{0u} << 32) | 3u,
+    (uint64_t{3435973836u} << 32) | 3u,
+    (uint64_t{0xffffffffu} << 32) | 3u,
+};
+
+// Draw `index` of stream `seed` from kHandTable, written out independently of
+// draw_one: Philox4x32-10 of counter {index lo, index hi, 0, 0} under key
+// {seed lo, seed hi}; with n = 4 the column, hi64(((r1 << 32) | r0) * 4), is the
+// top two bits of r1; the coin r2 keeps the column below its threshold.
+int64_t hand_draw(uint64_t seed, uint64_t index) {
+  const bnao::alias::Philox4 r = bnao::alias::philox4x32_10(
+      {{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u}}, static_cast<uint32_t>(seed),
+      static_cast<uint32_t>(seed >> 32));
+  const uint32_t column = r.v[1] >> 30;
+  const uint32_t threshold = static_cast<uint32_t>(kHandTable[column] >> 32);
+  return r.v[2] < threshold ? column : 3;
+}
+
+// Draws 1000..1015 of stream 42 from kHandTable, from the Philox words
+// (r1, r2) = (ae44bf6c, b9b0a1bb): column 2, 0xb9b0a1bb < 3435973836 -> 2;
+// (c7ab26e1, ...) column 3 -> 3; (3e653544, 257c25ff): column 0, kept -> 0;
+// (7de38665, ...) column 1 (threshold 0) -> 3; (1a4bbc65, d647ff7a): column 0,
+// 0xd647ff7a >= 1717986918 -> 3; ... (words from the NumPy Philox of
+// bnao/ops/sampler.py, itself checked against the Random123 known answers).
+const int64_t kHandDraws42From1000[16] = {2, 3, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 2, 3, 2, 2};
 
 void test_table_properties() {
   std::mt19937_64 rng(7);
@@ -168,20 +213,27 @@ void test_table_properties() {
 }
 
 void test_draw_determinism_and_fit() {
-  std::vector<double> w = {1.0, 0.0, 2.0, 7.0};
+  const std::vector<double>& w = kHandWeights;
   std::vector<uint64_t> table;
-  bnao::alias::build_table(w, &table);
-  const uint64_t n = table.size();
+  check(bnao::alias::build_table(w, &table) == bnao::alias::WeightsProblem::kNone, "hand weights accepted");
+  bool same_as_hand = table.size() == kHandTable.size();
+  for (size_t c = 0; same_as_hand && c < table.size(); ++c) same_as_hand = table[c] == kHandTable[c];
+  check(same_as_hand, "build_table of {1, 0, 2, 7} equals the table built by hand");
+  const uint64_t n = kHandTable.size();
+  bool known = true;
+  for (int64_t i = 0; i < 16; ++i) {
+    known &= bnao::alias::draw_one(kHandTable.data(), n, 42, 1000 + i) == kHandDraws42From1000[i];
+  }
+  check(known, "draw_one gives the hand-derived draws 1000..1015 of stream 42");
   const int64_t draws = 400000;
   std::vector<int64_t> counts(n, 0);
-  bool repeatable = true;
+  int64_t differs = 0;
   for (int64_t i = 0; i < draws; ++i) {
-    const int64_t a = bnao::alias::draw_one(table.data(), n, 42, 1000 + i);
-    const int64_t b = bnao::alias::draw_one(table.data(), n, 42, 1000 + i);
-    repeatable &= (a == b);
+    const int64_t a = bnao::alias::draw_one(kHandTable.data(), n, 42, 1000 + i);
+    differs += a != hand_draw(42, 1000 + i);
     if (a >= 0 && a < static_cast<int64_t>(n)) ++counts[a];
   }
-  check(repeatable, "same (seed, index) gives the same draw");
+  check(differs == 0, "draw_one equals the draw written out by hand (" + std::to_string(differs) + " differ)");
   check(counts[1] == 0, "zero-weight item never drawn");
   // Chi-square with 2 degrees of freedom (item 1 excluded); 13.8 is the 0.999 quantile.
   double chi2 = 0.0;
@@ -194,7 +246,7 @@ void test_draw_determinism_and_fit() {
   // Different seeds give different streams.
   int same = 0;
   for (int64_t i = 0; i < 1000; ++i) {
-    same += bnao::alias::draw_one(table.data(), n, 1, i) == bnao::alias::draw_one(table.data(), n, 2, i);
+    same += bnao::alias::draw_one(kHandTable.data(), n, 1, i) == bnao::alias::draw_one(kHandTable.data(), n, 2, i);
   }
   check(same < 900, "seeds 1 and 2 give different streams");
 }
@@ -207,28 +259,48 @@ void test_registered_ops() {
   const auto draw_op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("bnao::alias_draw", "")
                            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  auto to_vector = [](const at::Tensor& t) {
+    std::vector<uint64_t> out(static_cast<size_t>(t.numel()));
+    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<uint64_t>(t[i].item<int64_t>());
+    return out;
+  };
+  // The hand-built table, from float64 and float32 weights (all exact in float).
+  const at::Tensor hand_weights = at::tensor(at::ArrayRef<double>(kHandWeights), at::kDouble);
+  const at::Tensor hand = table_op.call(hand_weights);
+  check(to_vector(hand) == kHandTable, "op alias_table of {1, 0, 2, 7} equals the table built by hand");
+  check(to_vector(table_op.call(hand_weights.to(at::kFloat))) == kHandTable,
+        "op alias_table of float32 {1, 0, 2, 7} equals the table built by hand");
+  const at::Tensor hand_draws = draw_op.call(hand, 5000, 123, 5);
+  int64_t differs = 0;
+  for (int64_t i = 0; i < hand_draws.numel(); ++i) differs += hand_draws[i].item<int64_t>() != hand_draw(123, 5 + i);
+  check(differs == 0, "op alias_draw equals the draws written out by hand (" + std::to_string(differs) + " differ)");
+  const at::Tensor known = draw_op.call(hand, 16, 42, 1000);
+  bool same_known = true;
+  for (int64_t i = 0; i < 16; ++i) same_known &= known[i].item<int64_t>() == kHandDraws42From1000[i];
+  check(same_known, "op alias_draw gives the hand-derived draws 1000..1015 of stream 42");
+
+  // A bigger table: its column masses reconstruct the weights; float32 weights give the same table.
   const std::vector<double> w = {5.0, 1.0, 0.0, 3.0, 2.5, 9.0, 0.5};
   const at::Tensor weights = at::tensor(at::ArrayRef<double>(w), at::kDouble);
   const at::Tensor table = table_op.call(weights);
-  std::vector<uint64_t> expected;
-  bnao::alias::build_table(w, &expected);
-  bool same_table = table.numel() == static_cast<int64_t>(expected.size());
-  for (int64_t i = 0; same_table && i < table.numel(); ++i) {
-    same_table = static_cast<uint64_t>(table[i].item<int64_t>()) == expected[i];
-  }
-  check(same_table, "op alias_table equals alias::build_table");
+  check_mass_reconstructs(to_vector(table), w, "op alias_table of 7 weights");
   check(table_op.call(weights.to(at::kFloat)).equal(table), "float32 and float64 weights give the same table");
 
   const at::Tensor all = draw_op.call(table, 100000, 123, 5);
   const at::Tensor head = draw_op.call(table, 40000, 123, 5);
   const at::Tensor tail = draw_op.call(table, 60000, 123, 40005);
   check(at::cat({head, tail}).equal(all), "chunked draws equal one big draw");
-  bool matches_core = true;
-  for (int64_t i = 0; i < 1000; ++i) {
-    matches_core &= all[i].item<int64_t>() == bnao::alias::draw_one(expected.data(), expected.size(), 123, 5 + i);
-  }
-  check(matches_core, "op alias_draw equals alias::draw_one");
   check((all != 2).all().item<bool>(), "op never draws the zero-weight item");
+  // Frequencies of the 100000 draws against the weights (5 degrees of freedom; 20.5 is the 0.999 quantile).
+  const at::Tensor counts = at::bincount(all, {}, static_cast<int64_t>(w.size()));
+  double chi2 = 0.0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (w[i] == 0.0) continue;
+    const double expected = 100000.0 * w[i] / 21.0;
+    const double got = static_cast<double>(counts[static_cast<int64_t>(i)].item<int64_t>());
+    chi2 += (got - expected) * (got - expected) / expected;
+  }
+  check(chi2 < 20.5, "op draw frequencies fit the weights (chi2=" + std::to_string(chi2) + ")");
 
   bool threw = false;
   try {

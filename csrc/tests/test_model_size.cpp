@@ -31,6 +31,7 @@
 //   total params 6694 + 24560 = 31254, madds 91328 + 217600 = 308928.
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "size/model_size.h"
@@ -79,40 +80,50 @@ NetConfig tiny_cifar() {
 
 int main() {
   const ModelSizeCounter counter(tiny_cifar(), kSmallKinds, kSmallKernels);
-  int64_t params = -1, madds = -1;
+  // Outputs are reset to a sentinel before every call, so a count that does not
+  // run (or returns early) cannot pass on the values of the previous arch.
+  constexpr int64_t kUnset = -7;
+  int64_t params = kUnset, madds = kUnset;
 
-  auto pools = all_from_input0(2, 5);
-  expect_eq(counter.count(pools.data(), &params, &madds), -1, "avg-pool arch is valid");
-  expect_eq(params, 6694, "avg-pool arch params");
-  expect_eq(madds, 91328, "avg-pool arch madds");
-
-  auto maxpools = all_from_input0(3, 5);
-  counter.count(maxpools.data(), &params, &madds);
-  expect_eq(params, 6694, "max-pool arch params");
-  expect_eq(madds, 91328, "max-pool arch madds");
-
-  auto ident = all_from_input0(4, 5);
-  counter.count(ident.data(), &params, &madds);
-  expect_eq(params, 10374, "identity arch params");
-  expect_eq(madds, 111808, "identity arch madds");
-
-  auto sep3 = all_from_input0(0, 5);
-  counter.count(sep3.data(), &params, &madds);
-  expect_eq(params, 31254, "sep_conv_3x3 arch params");
-  expect_eq(madds, 308928, "sep_conv_3x3 arch madds");
+  struct Valid {
+    int64_t op;
+    int64_t params, madds;
+    const char* name;
+  };
+  const Valid valid[] = {{2, 6694, 91328, "avg-pool"},
+                         {3, 6694, 91328, "max-pool"},
+                         {4, 10374, 111808, "identity"},
+                         {0, 31254, 308928, "sep_conv_3x3"}};
+  for (const Valid& v : valid) {
+    const auto arch = all_from_input0(v.op, 5);
+    params = madds = kUnset;
+    const std::string name(v.name);
+    expect_eq(counter.count(arch.data(), &params, &madds), -1, (name + " arch is valid").c_str());
+    expect_eq(params, v.params, (name + " arch params").c_str());
+    expect_eq(madds, v.madds, (name + " arch madds").c_str());
+  }
 
   // Invalid values: the position of the first bad integer is reported and nothing is written.
-  auto bad = pools;
-  bad[4] = 3;  // node 3's x_id may be 0..2
-  params = madds = -7;
-  expect_eq(counter.count(bad.data(), &params, &madds), 4, "input id 3 at node 3 is rejected at position 4");
-  expect_eq(params, -7, "nothing written for an invalid arch");
-  bad = pools;
-  bad[20 + 3] = 5;  // reduction cell, node 2, y_op; the small set has ops 0..4
-  expect_eq(counter.count(bad.data(), &params, &madds), 23, "op 5 is rejected at position 23");
-  bad = pools;
-  bad[1] = -1;
-  expect_eq(counter.count(bad.data(), &params, &madds), 1, "negative op is rejected");
+  const auto pools = all_from_input0(2, 5);
+  struct Invalid {
+    int64_t position, value, want;
+    const char* name;
+  };
+  const Invalid invalid[] = {
+      {4, 3, 4, "input id 3 at node 3 (ids 0..2) is rejected at position 4"},
+      {20 + 3, 5, 23, "reduction cell, node 2, y_op 5 (the small set has ops 0..4) is rejected at position 23"},
+      {1, -1, 1, "negative op is rejected at position 1"},
+      {20 + 4 * 4 + 2, 6, 38, "reduction cell, node 6, y_id 6 (ids 0..5) is rejected at position 38"},
+      {20, -1, 20, "negative input id at the first reduction position is rejected at position 20"},
+  };
+  for (const Invalid& b : invalid) {
+    auto bad = pools;
+    bad[b.position] = b.value;
+    params = madds = kUnset;
+    expect_eq(counter.count(bad.data(), &params, &madds), b.want, b.name);
+    expect_eq(params, kUnset, (std::string(b.name) + ": params not written").c_str());
+    expect_eq(madds, kUnset, (std::string(b.name) + ": madds not written").c_str());
+  }
 
   const std::string where = bnao::size::describe_position(23, 5);
   if (where != "reduction cell, node 2 (position 23), y_op") {
