@@ -5,6 +5,7 @@ Public entry points (imported lazily so that ``import bnao`` stays cheap):
 * search spaces: :func:`create_search_space`, :class:`NAOSpace`, :class:`Arch`
 * model size: :func:`model_size`
 * samplers: :func:`create_sampler`, :func:`register_sampler`, :func:`list_samplers`
+* networks: :func:`build_network` (an arch's stand-alone net), :func:`load_model` (a ``bnao train`` model file)
 * data: :func:`create_dataset`, :func:`create_loader`, :func:`split_train_dev` (and their registries)
 """
 
@@ -30,6 +31,8 @@ _LAZY = {
     "list_loaders": "bnao.data",
     "register_loader": "bnao.data",
     "split_train_dev": "bnao.data",
+    "load_model": "bnao.train",
+    "build_network": "bnao.nets",
 }
 
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "search": ("bnao.commands.search", "run Balanced NAO end to end (Algorithm 1)"),
     "train": ("bnao.commands.train", "train one architecture stand-alone"),
     "eval": ("bnao.commands.eval", "evaluate a trained checkpoint on a test set"),
+    "export": ("bnao.commands.export", "export a trained model as TorchScript, ONNX or a state dict"),
     "size": ("bnao.commands.size", "model size (parameters, multiply-adds) of architectures"),
     "profile": ("bnao.commands.profile", "profile supernet training throughput"),
     "info": ("bnao.commands.info", "versions, build flags, kernels and loaders available"),
