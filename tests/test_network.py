@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,13 +102,57 @@ def test_drop_path_is_active_in_training():
         assert torch.equal(no_drop(x), no_drop(x))
 
 
-def test_drop_path_skips_identity_and_zero():
+def test_drop_path_on_identity_as_the_reference_unless_exempted():
+    # The reference's Node drops every branch (identity included); zero stays zero either way.
     space = NAOSpace(op_set="middle")
     arch = space.parse(" ".join(["0 0 1 1"] * 5 + ["0 2 1 8"] * 5))
     net = build_network(arch, space, layers=1, channels=4, drop_path_keep_prob=0.8)
     normal, reduction = net.cells[0], net.cells[1]
-    assert all(not n.x_drop and not n.y_drop for n in normal.nodes)  # zero, identity
+    assert all(not n.x_drop and n.y_drop for n in normal.nodes)  # zero, identity
     assert all(n.x_drop and n.y_drop for n in reduction.nodes)  # sep conv, avg pool
+    exempt = build_network(arch, space, layers=1, channels=4, drop_path_keep_prob=0.8, drop_path_identity=False)
+    assert all(not n.x_drop and not n.y_drop for n in exempt.cells[0].nodes)
+
+
+def test_identity_branch_is_dropped_in_training():
+    # A normal cell of identities only: with drop-path on identity some samples of a state are zeroed.
+    space = NAOSpace()
+    identity = space.op_names.index("identity")
+    normal = [0, identity, 1, identity] * 5
+    net = build_network(normal + [0, 0] * 10, space, layers=1, channels=4, drop_path_keep_prob=0.5)
+    cell = net.cells[0].train()
+    torch.manual_seed(0)
+    s = torch.randn(1, 12, 4, 4).expand(64, 12, 4, 4).contiguous()  # every sample the same
+    out = cell(s, s, 0.5)
+    # Inputs are calibrated (ReLU-conv-BN) then summed per node: dropped branches show as per-sample
+    # differences; without drop-path every sample stays identical.
+    per_sample = out.flatten(1)
+    assert not torch.allclose(per_sample, per_sample[:1].expand_as(per_sample))
+    assert torch.allclose(*(lambda o: (o, o[:1].expand_as(o)))(cell(s, s, None).flatten(1)))
+
+
+def test_factorized_reduce_relu_only_in_calibration():
+    # The reference: ReLU before the calibration's factorized reduce (MaybeCalibrateSize), none in
+    # the identity-with-stride-2 op or the loose-end reductions (FactorizedReduce itself has no ReLU).
+    space = NAOSpace()
+    identity = space.op_names.index("identity")
+    reduce_arch = [1, identity, 1, identity] + [2, 0, 2, 0] * 4  # input 0 is a loose end
+    net = build_network([0, 0, 1, 0] * 5 + reduce_arch, space, layers=1, channels=4)
+    reduction, after = net.cells[1], net.cells[2]
+    assert reduction.nodes[0].x_op.relu is False and reduction.nodes[0].y_op.relu is False
+    assert list(reduction.reduce_loose) == ["0"] and reduction.reduce_loose["0"].relu is False
+    assert after.pre0.relu is True
+    # By hand: 1x1 weights of one, BN as the identity (eval mode, fresh statistics): a negative input
+    # passes through without ReLU and becomes zero with it.
+    fr = FactorizedReduce(1, 2).eval()
+    with torch.no_grad():
+        fr.conv1.weight.fill_(1.0)
+        fr.conv2.weight.fill_(1.0)
+    x = -torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    expected = torch.stack([x[0, 0, ::2, ::2], x[0, 0, 1::2, 1::2]])[None] / math.sqrt(1 + 1e-5)
+    torch.testing.assert_close(fr(x), expected)
+    fr.relu = True
+    assert torch.count_nonzero(fr(x)) == 0
 
 
 def test_structure_matches_nao():

@@ -188,7 +188,8 @@ class NAOController:
         batch_size: int = 100,
         lr: float = 1e-3,
         trade_off: float = 0.8,
-        swap_augment: Union[bool, int] = True,
+        expand: int = 10,
+        expand_redraw: bool = False,
         grad_clip: float = 5.0,
         holdout: float = 0.1,
         weight_decay: float = 0.0,
@@ -202,11 +203,12 @@ class NAOController:
         ``predict(raw=True)``. A random ``holdout`` fraction is kept out of
         training and used for the returned metrics (NAO's 90/10 split); when it
         has fewer than 2 archs the metrics are measured on the training archs
-        (``eval_set`` says which). With ``swap_augment``, every epoch adds a
-        freshly drawn copy of each training arch with the two branches of one
-        random node per cell swapped (same score), doubling the epoch; an
-        integer ``k`` adds ``k`` such copies (the Balanced NAO reference's
-        ``controller_expand=10`` is ``k=9``, drawn once there). Loss =
+        (``eval_set`` says which). Augmentation as the reference's
+        ``controller_expand``: the training archs plus ``expand - 1`` copies of
+        them, each with the two branches of one random node per cell swapped
+        (same arch, same score), drawn once before training, so an epoch has
+        ``expand`` times the training archs (``expand_redraw`` draws the copies
+        afresh every epoch instead). Loss =
         ``trade_off * MSE + (1 - trade_off) * NLL``; Adam; gradient-norm clip.
 
         The networks keep their weights across calls (NAO trains one controller
@@ -221,7 +223,8 @@ class NAOController:
             batch_size: Minibatch size (NAO: 100).
             lr: Adam learning rate (NAO: 1e-3).
             trade_off: lambda of the loss (NAO: 0.8).
-            swap_augment: Branch-swapped copies of every arch per epoch (True = 1, False = 0).
+            expand: Copies of the training archs per epoch, the original included (reference: 10; 1: none).
+            expand_redraw: Draw the swapped copies again every epoch (default: once, as the reference).
             grad_clip: Max global gradient norm (NAO: 5); ``<= 0`` disables clipping.
             holdout: Fraction of archs held out for the metrics, in ``[0, 1)``.
             weight_decay: Adam weight decay (L2).
@@ -256,9 +259,9 @@ class NAOController:
             raise ValueError(f"holdout must be in [0, 1), got {holdout}")
         if not 0.0 <= trade_off <= 1.0:
             raise ValueError(f"trade_off must be in [0, 1], got {trade_off}")
-        copies = int(swap_augment)
-        if copies < 0:
-            raise ValueError(f"swap_augment must be a bool or a count >= 0, got {swap_augment}")
+        if isinstance(expand, bool) or int(expand) != expand or expand < 1:
+            raise ValueError(f"expand must be an integer >= 1 (copies of the training archs), got {expand!r}")
+        copies = int(expand) - 1
         if epochs < 0 or batch_size < 1:
             raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
         t_start = time.perf_counter()
@@ -287,12 +290,12 @@ class NAOController:
         last = {"loss": float("nan"), "mse": float("nan"), "nll": float("nan")}
         model.train()
         t_train = time.perf_counter()
+        y_all = y_train.repeat(copies + 1)
+        x_all = None
         for epoch in range(1, epochs + 1):
-            if copies:
-                x = torch.cat([x_train] + [self._swap_branches(x_train) for _ in range(copies)])
-                y = y_train.repeat(copies + 1)
-            else:
-                x, y = x_train, y_train
+            if x_all is None or expand_redraw:
+                x_all = torch.cat([x_train] + [self._swap_branches(x_train) for _ in range(copies)])
+            x, y = x_all, y_all
             m = x.shape[0]
             perm = self._randperm(m)
             x, y = x[perm], y[perm]
@@ -407,6 +410,7 @@ class NAOController:
         eta_step: float = 1.0,
         eta_growth: float = 1.0,
         max_rounds: int = 51,
+        accept: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         return_info: bool = False,
     ) -> Union[np.ndarray, Tuple[np.ndarray, Dict[str, Any]]]:
         """New archs by moving the seeds' encoder outputs uphill on the predictor.
@@ -435,6 +439,8 @@ class NAOController:
             eta_step: Added to the step size after each round.
             eta_growth: Multiplies the step size after each round (1 = linear).
             max_rounds: Upper bound on rounds.
+            accept: Optional filter (e.g. a size budget): ``accept(archs [n, 8B]) -> bool [n]``. A
+                decoded arch it rejects is not taken, and rounds go on (up to ``max_rounds``) to find others.
             return_info: Also return a dict of details.
 
         Returns:
@@ -455,6 +461,7 @@ class NAOController:
         excl = np.union1d(excl, self.space.hash_array(seed_arr))  # sorted, unique
 
         found_archs, found_hashes, found_eta, found_seed = [], np.zeros(0, np.uint64), [], []
+        rejected_hashes = np.zeros(0, np.uint64)
         rounds = 0
         eta = float(eta_start)
         if num_new > 0:
@@ -485,6 +492,12 @@ class NAOController:
                 cand = self.space.decode(torch.cat(decoded).cpu().numpy())
                 hashes = self.space.hash_array(cand)
                 fresh = ~_member(hashes, excl) & ~np.isin(hashes, found_hashes)
+                if accept is not None and fresh.any():
+                    allowed = np.zeros_like(fresh)
+                    allowed[fresh] = np.asarray(accept(cand[fresh]), dtype=bool)
+                    # Distinct archs turned down over all rounds (an arch is often decoded again).
+                    rejected_hashes = np.union1d(rejected_hashes, hashes[fresh & ~allowed])
+                    fresh &= allowed
                 idx = np.flatnonzero(fresh)
                 # First occurrence of each hash, in seed order.
                 _, first = np.unique(hashes[idx], return_index=True)
@@ -506,6 +519,7 @@ class NAOController:
             "eta": eta,
             "etas": np.concatenate(found_eta) if found_eta else np.zeros(0),
             "seed_index": np.concatenate(found_seed) if found_seed else np.zeros(0, dtype=np.int64),
+            "rejected": int(rejected_hashes.size),
         }
         return result, info
 

@@ -1,9 +1,17 @@
 """Building blocks of the stand-alone NAO networks (SPEC section 2).
 
-The structure follows the NAO reference (renqianluo/NAO_pytorch, NAO_V2) so
-that a network built here has exactly the parameters whose number
-``bnao.model_size`` computes in closed form (``bnao/size/reference.py`` and
-``csrc/size/model_size.h`` mirror every module below; change them together).
+The modules have the parameters of the NAO reference's (renqianluo/NAO_pytorch,
+NAO_V2, ``operations.py``) so that a network built here has exactly the
+parameters whose number ``bnao.model_size`` computes in closed form
+(``bnao/size/reference.py`` and ``csrc/size/model_size.h`` mirror every module
+below; change them together). The forward passes follow the reference too:
+ReLU before a factorized reduce only where the reference has one (the
+calibration after a reduction cell), none on identity-with-stride-2 branches
+or loose-end reductions. Known differences: the factorized reduce samples the
+same pixels as the reference's stride-2 ``AvgPool2d(1)`` + 1x1 conv but with a
+strided 1x1 conv, and splits odd ``c_out`` unevenly where the reference
+asserts it is even; the auxiliary head falls back to adaptive pooling for
+inputs other than 8x8 / 7x7.
 
 All convolutions have no bias; every BatchNorm is affine.
 """
@@ -86,16 +94,24 @@ class FactorizedReduce(nn.Module):
     ``c_out // 2`` channels come from the first path and ``c_out - c_out // 2``
     from the second (so odd ``c_out`` works), then BN over the concatenation.
     Output resolution is ``ceil(h / 2)`` like every other stride-2 op here.
+
+    Args:
+        c_in: Input channels.
+        c_out: Output channels.
+        relu: ReLU before the convs. The reference has one only in the calibration after a reduction
+            cell (``MaybeCalibrateSize``); its identity-with-stride-2 op and loose-end reductions have none.
     """
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, relu: bool = False):
         super().__init__()
+        self.relu = relu
         self.conv1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.conv2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(x)
+        if self.relu:
+            x = F.relu(x)
         # Pad right/bottom, drop the first row/column: the second path samples the odd pixels.
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))

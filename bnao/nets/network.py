@@ -48,10 +48,14 @@ Shape = Tuple[int, int]  # (level, channels)
 
 
 class Node(nn.Module):
-    """One node: two branches (op on an earlier state), summed; drop-path on non-identity, non-zero branches."""
+    """One node: two branches (op on an earlier state), summed, drop-path on each branch.
+
+    The reference drops every branch, identity included (a dropped zero branch is still zero, so zero
+    branches are skipped); ``drop_path_identity=False`` exempts identity branches.
+    """
 
     def __init__(self, x_id: int, x_kind_kernel: Tuple[int, int], y_id: int, y_kind_kernel: Tuple[int, int],
-                 channels: int, reduction: bool):
+                 channels: int, reduction: bool, drop_path_identity: bool = True):
         super().__init__()
         self.x_id, self.y_id = x_id, y_id
         # Reduction cells stride only the branches that read a cell input (ids 0, 1).
@@ -59,9 +63,9 @@ class Node(nn.Module):
         y_stride = 2 if reduction and y_id < 2 else 1
         self.x_op = make_op(*x_kind_kernel, channels, x_stride)
         self.y_op = make_op(*y_kind_kernel, channels, y_stride)
-        # As in NAO, identity (even when it is a factorized reduce) and zero are never dropped.
-        self.x_drop = x_kind_kernel[0] not in (KIND_IDENTITY, KIND_ZERO)
-        self.y_drop = y_kind_kernel[0] not in (KIND_IDENTITY, KIND_ZERO)
+        skip = (KIND_ZERO,) if drop_path_identity else (KIND_IDENTITY, KIND_ZERO)
+        self.x_drop = x_kind_kernel[0] not in skip
+        self.y_drop = y_kind_kernel[0] not in skip
 
     def forward(self, states: List[torch.Tensor], keep_prob: Optional[float]) -> torch.Tensor:
         x = self.x_op(states[self.x_id])
@@ -83,15 +87,17 @@ class Cell(nn.Module):
         prev: ``(level, channels)`` of the two inputs (output of the cell before the previous one, then of the previous one).
         channels: ``C`` of this cell.
         reduction: Whether this is a reduction cell.
+        drop_path_identity: Drop-path on identity branches too (the reference's).
     """
 
-    def __init__(self, cell_arch: Sequence[int], table, prev: Tuple[Shape, Shape], channels: int, reduction: bool):
+    def __init__(self, cell_arch: Sequence[int], table, prev: Tuple[Shape, Shape], channels: int, reduction: bool,
+                 drop_path_identity: bool = True):
         super().__init__()
         (l0, c0), (l1, c1) = prev
         self.channels = channels
         # Calibration (NAO's MaybeCalibrateSize): equal resolution and C channels for both inputs.
         if l0 != l1:
-            self.pre0: nn.Module = FactorizedReduce(c0, channels)
+            self.pre0: nn.Module = FactorizedReduce(c0, channels, relu=True)
         elif c0 != channels:
             self.pre0 = ReLUConvBN(c0, channels)
         else:
@@ -103,7 +109,7 @@ class Cell(nn.Module):
         self.nodes = nn.ModuleList()
         for i in range(len(cell_arch) // 4):
             x_id, x_op, y_id, y_op = (int(v) for v in cell_arch[4 * i : 4 * i + 4])
-            self.nodes.append(Node(x_id, table[x_op], y_id, table[y_op], channels, reduction))
+            self.nodes.append(Node(x_id, table[x_op], y_id, table[y_op], channels, reduction, drop_path_identity))
             used[x_id] += 1
             used[y_id] += 1
             # Every node of a reduction cell is at the reduced level: node 2 reads only inputs.
@@ -136,7 +142,7 @@ class NASNetwork(nn.Module):
 
     def __init__(self, arch: Sequence[int], space: NAOSpace, skeleton: str, layers: int, channels: int,
                  num_classes: int, in_channels: int, auxiliary: bool, drop_path_keep_prob: Optional[float],
-                 dropout: float, total_steps: Optional[int]):
+                 dropout: float, total_steps: Optional[int], drop_path_identity: bool = True):
         super().__init__()
         check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
         if skeleton == "imagenet" and channels < 2:
@@ -185,7 +191,7 @@ class NASNetwork(nn.Module):
             reduction = i in self.reduction_indices
             if reduction:
                 c *= 2
-            cell = Cell(reduce if reduction else normal, table, (prev[0], prev[1]), c, reduction)
+            cell = Cell(reduce if reduction else normal, table, (prev[0], prev[1]), c, reduction, drop_path_identity)
             self.cells.append(cell)
             prev = [prev[1], cell.out_shape]
             if auxiliary and i == self.aux_index:
@@ -249,6 +255,7 @@ def build_network(
     drop_path_keep_prob: Optional[float] = None,
     dropout: float = 0.0,
     total_steps: Optional[int] = None,
+    drop_path_identity: bool = True,
 ) -> NASNetwork:
     """Builds the stand-alone network of an arch.
 
@@ -264,6 +271,7 @@ def build_network(
         drop_path_keep_prob: Base keep probability of drop-path (None: no drop-path).
         dropout: Dropout rate before the classifier.
         total_steps: Training steps, for the progress factor of drop-path (None: no progress scaling).
+        drop_path_identity: Drop-path on identity branches too, as the reference does (False: exempt them).
 
     Returns:
         The network (on the current default device; build under ``torch.device("meta")`` to count cheaply).
@@ -272,4 +280,4 @@ def build_network(
         space = NAOSpace(op_set=space)
     flat = space.arch(arch).to_list()
     return NASNetwork(flat, space, skeleton, layers, channels, num_classes, in_channels, auxiliary,
-                      drop_path_keep_prob, dropout, total_steps)
+                      drop_path_keep_prob, dropout, total_steps, drop_path_identity)

@@ -232,8 +232,9 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running: Optional[Tuple[
 
 def factorized_reduce(xs: Sequence[Tensor], w: Tensor, g: Tensor, b: Tensor,
                       running: Optional[Tuple[Tensor, Tensor]], batch_stats: bool, update: bool,
-                      momentum: float, eps: float, stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
-    """ReLU, 1x1 stride-2 convs on even and on odd pixels, concatenation, BN; for ``n`` inputs at once.
+                      momentum: float, eps: float, stats: Optional[List[Tuple[Tensor, Tensor]]] = None,
+                      relu: bool = False) -> Tensor:
+    """[ReLU,] 1x1 stride-2 convs on even and on odd pixels, concatenation, BN; for ``n`` inputs at once.
 
     Args:
         xs: ``n`` inputs ``[N, C_in, H, W]``.
@@ -246,6 +247,8 @@ def factorized_reduce(xs: Sequence[Tensor], w: Tensor, g: Tensor, b: Tensor,
         momentum: BN momentum.
         eps: BN epsilon.
         stats: When given, batch statistics ``(mean, invstd)`` are appended (slot BNs).
+        relu: ReLU first. The reference has one only in the calibration after a reduction cell; its
+            identity-with-stride-2 branches and loose-end reductions have none.
 
     Returns:
         ``[N, n*C, ceil(H/2), ceil(W/2)]`` (branch ``j`` in channels ``j*C:(j+1)*C``).
@@ -254,6 +257,7 @@ def factorized_reduce(xs: Sequence[Tensor], w: Tensor, g: Tensor, b: Tensor,
     w = w.reshape(n, -1, w.shape[-1])
     c_out, c_in = w.shape[1], w.shape[2]
     half = c_out // 2
+    act = F.relu if relu else (lambda t: t)
     parts = []
     for x in xs:
         if x.shape[-1] % 2 or x.shape[-2] % 2:
@@ -263,12 +267,12 @@ def factorized_reduce(xs: Sequence[Tensor], w: Tensor, g: Tensor, b: Tensor,
         parts += [x[:, :, ::2, ::2], odd]
     if c_out % 2 == 0:
         # Even split: one grouped conv (groups = 2n) gives [even_0, odd_0, even_1, odd_1, ...] directly.
-        y = F.conv2d(F.relu(torch.cat(parts, 1)), w.reshape(n * c_out, c_in, 1, 1), groups=2 * n)
+        y = F.conv2d(act(torch.cat(parts, 1)), w.reshape(n * c_out, c_in, 1, 1), groups=2 * n)
     else:
         outs = []
         for j in range(n):
-            outs.append(F.conv2d(F.relu(parts[2 * j]), w[j, :half, :, None, None]))
-            outs.append(F.conv2d(F.relu(parts[2 * j + 1]), w[j, half:, :, None, None]))
+            outs.append(F.conv2d(act(parts[2 * j]), w[j, :half, :, None, None]))
+            outs.append(F.conv2d(act(parts[2 * j + 1]), w[j, half:, :, None, None]))
         y = torch.cat(outs, 1)
     return _slot_bn(y, g, b, running, batch_stats, update, momentum, eps, stats)
 
@@ -309,6 +313,7 @@ def mixed_cell(
     drop_mask: Optional[Tensor] = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    drop_identity: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One cell of the supernet for one arch (pure-PyTorch reference).
 
@@ -323,9 +328,11 @@ def mixed_cell(
         batch_stats: BN with batch statistics (training, or evaluation with BN in training mode).
         update_stats: Update the non-slot running statistics in place (slot BN stats are returned instead).
         drop_mask: ``[N, 2B]`` drop-path multipliers per branch position (0 or ``1/keep``) in the activation
-            dtype; None disables drop-path. Identity and zero branches are never dropped (as in NAO).
+            dtype; None disables drop-path. Zero branches stay zero; identity branches are dropped like the
+            others (the reference's search model drops every branch) unless ``drop_identity`` is False.
         momentum: BN momentum.
         eps: BN epsilon.
+        drop_identity: Drop-path on identity branches too.
 
     Returns:
         ``(out [N, C, H', W'], mean, invstd)``: the cell output and, when ``batch_stats``, the slot BNs'
@@ -390,7 +397,7 @@ def mixed_cell(
                 if out is None:
                     continue  # zero op
                 op = cell_arch[4 * node + 2 * (pos % 2) + 1]
-                droppable = table[op][0] not in (KIND_IDENTITY, KIND_ZERO)
+                droppable = drop_identity or table[op][0] != KIND_IDENTITY
                 parts.append((out, drop_mask[:, pos, None, None, None] if drop_mask is not None and droppable
                               else None))
             states[node + 2] = _node_sum(parts, s1, reduction)

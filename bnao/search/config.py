@@ -1,15 +1,24 @@
 """Search configuration: defaults, YAML presets, command-line overrides.
 
 A configuration is a nested dict whose keys and value types are fixed by
-:data:`DEFAULTS` (the reference's CIFAR-10 settings, SPEC sections 4-6). A
+:data:`DEFAULTS`: the settings of the paper's reference code (NAO_pytorch,
+NAO_V2, ``train_search.py``) for CIFAR-10, SPEC sections 4-6. Where bnao
+offers something the reference does not do, the key says so in its comment
+and its default is the reference's behaviour. A
 YAML file or a ``key=value`` override may only set keys that exist there; an
 unknown key is refused with the closest valid key named, so a typo never
 silently falls back to a default.
+
+The machinery serves other commands too: a :class:`ConfigSchema` names the
+defaults, the types of keys that default to None and the presets' folder, and
+every function below takes ``schema=`` (default: the search's,
+:data:`SEARCH_SCHEMA`). ``bnao rank`` uses its own (``bnao.rank.config``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -25,6 +34,16 @@ _OPTIONAL_TYPES: Dict[str, Tuple[type, ...]] = {
     "search.pool_file": (str,),
     "final.channels": (int,),
     "final.layers": (int,),
+    "sampler.size_layers": (int,),
+    "sampler.size_channels": (int,),
+}
+
+# Keys that take one of a few words.
+_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "supernet.lr_schedule": ("epoch", "step"),
+    "supernet.eval_data": ("random", "fixed"),
+    "supernet.unused_slot_update": ("decay", "freeze"),
+    "sampler.size_measure": ("params", "madds"),
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -56,15 +75,26 @@ DEFAULTS: Dict[str, Any] = {
         "steps_per_epoch": None,  # default: training images // batch size
         "lr_max": 0.025,
         "lr_min": 0.001,
+        # Cosine lr per "epoch" (the reference: set at each epoch start, the first epoch already one
+        # step into the cosine) or per "step" (smooth; bnao's option).
+        "lr_schedule": "epoch",
         "momentum": 0.9,
         "weight_decay": 3e-4,
         "grad_clip": 5.0,
         "drop_path_keep_prob": 0.9,
+        # The reference applies drop-path to every branch, identity included; false exempts identity.
+        "drop_path_identity": True,
         "label_smoothing": 0.0,
         "bf16": False,
         "channels_last": False,
         "eval_batch_size": 500,
         "eval_batches": 1,
+        # Data each arch is scored on: "random" (the reference: a fresh random dev batch per arch)
+        # or "fixed" (the same first dev batches for every arch and iteration).
+        "eval_data": "random",
+        # Slots the step's arch does not use: "decay" (the reference under the PyTorch of its time:
+        # every slot used at least once gets momentum and weight decay every step) or "freeze".
+        "unused_slot_update": "decay",
         "checkpoint_every": 1000,  # training steps between mid-phase checkpoints
     },
     "sampler": {
@@ -72,6 +102,10 @@ DEFAULTS: Dict[str, Any] = {
         "alpha": 1.0,
         "uniform_mix": 0.0,
         "size_measure": "params",  # params | madds
+        # The network whose size drives sampling: the search network's N and C by default (the
+        # reference's), independent of the final training's.
+        "size_layers": None,
+        "size_channels": None,
     },
     "controller": {
         "epochs": 1000,
@@ -82,7 +116,12 @@ DEFAULTS: Dict[str, Any] = {
         "mlp_hidden": 64,
         "embedding_size": 32,
         "hidden_size": 64,
-        "swap_augment": True,
+        # Copies of the controller's training archs: the original plus expand-1 copies with the two
+        # branches of one random node per cell swapped, drawn once per fit (the reference's
+        # controller_expand=10); 1 = no augmentation.
+        "expand": 10,
+        # Draw the swapped copies afresh every epoch instead of once (bnao's option).
+        "expand_redraw": False,
     },
     "search": {
         "pool_size": 1000,
@@ -91,7 +130,9 @@ DEFAULTS: Dict[str, Any] = {
         "iterations": 3,
         "top_k": 100,  # seeds for generation
         "new_per_iteration": 300,
-        "fill_with_mutations": True,  # top up with seed mutations when the controller decodes too few
+        # Not in the reference: top up an iteration with one-position mutations of the seeds when
+        # the controller decodes fewer new archs than new_per_iteration.
+        "fill_with_mutations": False,
     },
     "final": {
         "rerank_top": 5,
@@ -114,6 +155,25 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigSchema:
+    """What one kind of configuration may hold.
+
+    Attributes:
+        defaults: Nested dict of every key with its default (its type is the key's type).
+        optional_types: Types of the keys whose default is None.
+        preset_subdir: Folder of the presets under ``configs/`` ("" = ``configs/`` itself).
+    """
+
+    defaults: Dict[str, Any]
+    optional_types: Dict[str, Tuple[type, ...]]
+    preset_subdir: str = ""
+
+    def valid_keys(self) -> Dict[str, Any]:
+        """Flat ``{"a.b": default}`` of every key."""
+        return flatten(self.defaults)
+
+
 def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: Dict[str, Any] = {}
@@ -128,23 +188,29 @@ def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 _VALID_KEYS = flatten(DEFAULTS)
 
+#: The search's configuration (``bnao search``, ``configs/*.yaml``).
+SEARCH_SCHEMA = ConfigSchema(DEFAULTS, _OPTIONAL_TYPES)
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, _VALID_KEYS, n=1, cutoff=0.4)
+
+def _closest(key: str, schema: Optional[ConfigSchema] = None) -> str:
+    valid = (schema or SEARCH_SCHEMA).valid_keys()
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
     if not match:
         leaf = key.rsplit(".", 1)[-1]
-        match = [k for k in _VALID_KEYS if k.rsplit(".", 1)[-1] == leaf][:1]
+        match = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:1]
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _coerce(key: str, value: Any) -> Any:
-    default = _VALID_KEYS[key]
+def _coerce(key: str, value: Any, schema: Optional[ConfigSchema] = None) -> Any:
+    schema = schema or SEARCH_SCHEMA
+    default = schema.valid_keys()[key]
+    optional_types = schema.optional_types
     if value is None:
-        if default is None or key in _OPTIONAL_TYPES:
+        if default is None or key in optional_types:
             return None
         raise ConfigError(f"config key {key!r} cannot be null")
     if default is None:
-        types = _OPTIONAL_TYPES.get(key, (str,))
+        types = optional_types.get(key, (str,))
     else:
         types = (type(default),)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
@@ -153,29 +219,33 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got a boolean {value!r}")
     if not isinstance(value, types):
         raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got {type(value).__name__} {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
     return value
 
 
-def _set(config: Dict[str, Any], key: str, value: Any) -> None:
-    if key not in _VALID_KEYS:
-        if any(k.startswith(key + ".") for k in _VALID_KEYS):
+def _set(config: Dict[str, Any], key: str, value: Any, schema: Optional[ConfigSchema] = None) -> None:
+    valid = (schema or SEARCH_SCHEMA).valid_keys()
+    if key not in valid:
+        if any(k.startswith(key + ".") for k in valid):
             raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.<name>=...")
-        raise ConfigError(f"unknown config key {key!r}{_closest(key)}")
+        raise ConfigError(f"unknown config key {key!r}{_closest(key, schema)}")
     node = config
     *parents, leaf = key.split(".")
     for part in parents:
         node = node[part]
-    node[leaf] = _coerce(key, value)
+    node[leaf] = _coerce(key, value, schema)
 
 
-def merge(config: Dict[str, Any], updates: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
+def merge(config: Dict[str, Any], updates: Dict[str, Any], source: str = "config",
+          schema: Optional[ConfigSchema] = None) -> Dict[str, Any]:
     """Returns ``config`` updated by a nested dict of ``updates`` (validated)."""
     out = copy.deepcopy(config)
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(updates).__name__}")
     for key, value in flatten(updates).items():
         try:
-            _set(out, key, value)
+            _set(out, key, value, schema)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
     return out
@@ -195,37 +265,39 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
     return out
 
 
-def apply_overrides(config: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+def apply_overrides(config: Dict[str, Any], overrides: Dict[str, Any],
+                    schema: Optional[ConfigSchema] = None) -> Dict[str, Any]:
     """Applies flat ``key=value`` overrides (validated)."""
     out = copy.deepcopy(config)
     for key, value in overrides.items():
         try:
-            _set(out, key, value)
+            _set(out, key, value, schema)
         except ConfigError as err:
             raise ConfigError(f"command line: {err}") from None
     return out
 
 
-def preset_dirs() -> List[Path]:
+def preset_dirs(schema: Optional[ConfigSchema] = None) -> List[Path]:
     """Where presets are looked up: the installed package data, then the source tree."""
     here = Path(__file__).resolve().parent.parent
-    return [here / "configs", here.parent / "configs"]
+    sub = (schema or SEARCH_SCHEMA).preset_subdir
+    return [here / "configs" / sub, here.parent / "configs" / sub]
 
 
-def list_presets() -> List[str]:
-    """Names of the available presets (``configs/*.yaml``)."""
+def list_presets(schema: Optional[ConfigSchema] = None) -> List[str]:
+    """Names of the available presets (``configs/*.yaml``, or the schema's folder)."""
     names = set()
-    for folder in preset_dirs():
+    for folder in preset_dirs(schema):
         if folder.is_dir():
             names.update(p.stem for p in folder.glob("*.yaml"))
     return sorted(names)
 
 
-def load_yaml(path: os.PathLike) -> Dict[str, Any]:
+def load_yaml(path: os.PathLike, schema: Optional[ConfigSchema] = None) -> Dict[str, Any]:
     """Reads a YAML config file with a clear error when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (presets: {', '.join(list_presets())})")
+        raise ConfigError(f"config file {str(path)!r} does not exist (presets: {', '.join(list_presets(schema))})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -233,25 +305,26 @@ def load_yaml(path: os.PathLike) -> Dict[str, Any]:
     return data
 
 
-def resolve_preset(name_or_path: str) -> Path:
+def resolve_preset(name_or_path: str, schema: Optional[ConfigSchema] = None) -> Path:
     """A preset name (``demo``) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    for folder in preset_dirs():
+    for folder in preset_dirs(schema):
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
+    raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets(schema))}")
 
 
-def load_config(preset: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """Defaults, then a preset or YAML file, then ``key=value`` overrides."""
-    config = copy.deepcopy(DEFAULTS)
+def load_config(preset: Optional[str] = None, overrides: Iterable[str] = (),
+                schema: Optional[ConfigSchema] = None) -> Dict[str, Any]:
+    """Defaults, then a preset or YAML file, then ``key=value`` overrides (all checked against ``schema``)."""
+    config = copy.deepcopy((schema or SEARCH_SCHEMA).defaults)
     if preset:
-        path = resolve_preset(preset)
-        config = merge(config, load_yaml(path), source=str(path))
-    return apply_overrides(config, parse_overrides(overrides))
+        path = resolve_preset(preset, schema)
+        config = merge(config, load_yaml(path, schema), source=str(path), schema=schema)
+    return apply_overrides(config, parse_overrides(overrides), schema)
 
 
 def diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:

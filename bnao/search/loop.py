@@ -30,7 +30,7 @@ from ..metrics import kendall_tau, pairwise_accuracy
 from ..sampling import create_sampler
 from ..size import model_size
 from ..space import create_search_space
-from ..supernet import Supernet, SupernetTrainer, evaluate_pool
+from ..supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
 from .config import diff
 from .pool import Pool, read_pool_file
 from .report import Scalars, size_buckets, write_plots
@@ -102,21 +102,14 @@ class BalancedNAO:
             augment=AugmentConfig(cutout=data["cutout"]), shuffle=True, drop_last=True, seed=seed,
             channels_last=sn["channels_last"],
         )
-        dev_loader = create_loader(
-            data["loader"], self.dev_set, min(sn["eval_batch_size"], len(self.dev_set)), device=self.device,
-            augment=False, shuffle=False, drop_last=False, seed=seed, channels_last=sn["channels_last"],
-        )
-        self.dev_batches = []
-        for images, labels in dev_loader:
-            self.dev_batches.append((images, labels))
-            if len(self.dev_batches) >= sn["eval_batches"]:
-                break
-        self.steps_per_iteration = int(sn["epochs"]) * int(sn["steps_per_epoch"] or len(self.train_loader))
+        self.dev_batches = self._dev_batches(seed)
+        self.steps_per_epoch = int(sn["steps_per_epoch"] or len(self.train_loader))
+        self.steps_per_iteration = int(sn["epochs"]) * self.steps_per_epoch
 
         self.model = Supernet(
             self.space, skeleton=sn["skeleton"], layers=sn["layers"], channels=sn["channels"], num_classes=self.num_classes,
             in_channels=self.in_channels, drop_path_keep_prob=sn["drop_path_keep_prob"],
-            total_steps=self.steps_per_iteration,
+            total_steps=self.steps_per_iteration, drop_path_identity=sn["drop_path_identity"],
         ).to(self.device)
 
         # The pool: random (seeded) or read from a file.
@@ -141,6 +134,8 @@ class BalancedNAO:
             lr_max=sn["lr_max"], lr_min=sn["lr_min"], momentum=sn["momentum"], weight_decay=sn["weight_decay"],
             grad_clip=sn["grad_clip"], label_smoothing=sn["label_smoothing"], bf16=sn["bf16"],
             channels_last=sn["channels_last"], steps_total=self.steps_per_iteration, device=self.device, seed=seed,
+            lr_steps_per_epoch=self.steps_per_epoch if sn["lr_schedule"] == "epoch" else None,
+            unused_slot_update=sn["unused_slot_update"],
         )
         cc = c["controller"]
         self.controller = NAOController(
@@ -148,11 +143,28 @@ class BalancedNAO:
             mlp_layers=cc["mlp_layers"], mlp_hidden=cc["mlp_hidden"], device=self.device, seed=seed,
         )
 
+    def _dev_batches(self, seed: int):
+        """The evaluation data: a :class:`RandomBatches` (``eval_data: random``) or a fixed list of batches."""
+        data, sn = self.config["data"], self.config["supernet"]
+        random = sn["eval_data"] == "random"
+        loader = create_loader(
+            data["loader"], self.dev_set, min(sn["eval_batch_size"], len(self.dev_set)), device=self.device,
+            augment=False, shuffle=random, drop_last=random, seed=seed + 1, channels_last=sn["channels_last"],
+        )
+        if random:
+            return RandomBatches(loader, int(sn["eval_batches"]))
+        batches = []
+        for images, labels in loader:
+            batches.append((images, labels))
+            if len(batches) >= sn["eval_batches"]:
+                break
+        return batches
+
     def _sizes(self, archs: np.ndarray) -> np.ndarray:
-        """Model size of the stand-alone nets (final-training shape), the sampler's weights."""
+        """Model size of the stand-alone nets that drives sampling (the search network's N and C by default)."""
         c = self.config
-        layers = c["final"]["layers"] or c["supernet"]["layers"]
-        channels = c["final"]["channels"] or c["supernet"]["channels"]
+        layers = c["sampler"]["size_layers"] or c["supernet"]["layers"]
+        channels = c["sampler"]["size_channels"] or c["supernet"]["channels"]
         return model_size(
             archs, space=self.space, skeleton=c["supernet"]["skeleton"], layers=layers, channels=channels, classes=self.num_classes,
             in_channels=self.in_channels, measure=c["sampler"]["size_measure"],
@@ -175,6 +187,7 @@ class BalancedNAO:
                 "controller": self.controller.state_dict(),
                 "draws": self.draws,
                 "history": self.history,
+                "eval_data": self.dev_batches.state_dict() if isinstance(self.dev_batches, RandomBatches) else None,
             }
         )
         self.run_dir.write_json(
@@ -196,6 +209,8 @@ class BalancedNAO:
         self.controller.load_state_dict(ckpt["controller"])
         self.draws = ckpt["draws"]
         self.history = ckpt["history"]
+        if isinstance(self.dev_batches, RandomBatches) and ckpt.get("eval_data") is not None:
+            self.dev_batches.load_state_dict(ckpt["eval_data"])
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -290,7 +305,7 @@ class BalancedNAO:
         bar = self._bar(int(cc["epochs"]), f"iter {it} controller")
         metrics = self.controller.fit(
             self.pool.archs.astype(np.int64), scores, epochs=cc["epochs"], batch_size=cc["batch_size"], lr=cc["lr"],
-            trade_off=cc["trade_off"], swap_augment=cc["swap_augment"],
+            trade_off=cc["trade_off"], expand=cc["expand"], expand_redraw=cc["expand_redraw"],
             progress=(lambda e, n, m: bar.update(1)) if bar else None,
         )
         if bar:

@@ -5,10 +5,10 @@
 * :func:`evaluate_pool` — every arch of a pool scored on the dev batch with BN in training mode.
 """
 
-from .evaluator import evaluate_pool
+from .evaluator import EVAL_DATA_MODES, RandomBatches, evaluate_pool
 from .model import Supernet
 from .optim import MaskedSGD
-from .trainer import CheckpointError, NonFiniteLossError, SupernetTrainer, cosine_lr
+from .trainer import UNUSED_SLOT_UPDATES, CheckpointError, NonFiniteLossError, SupernetTrainer, cosine_lr
 
 __all__ = ["Supernet", "SupernetTrainer", "MaskedSGD", "NonFiniteLossError", "CheckpointError", "evaluate_pool",
-           "cosine_lr"]
+           "cosine_lr", "RandomBatches", "EVAL_DATA_MODES", "UNUSED_SLOT_UPDATES"]

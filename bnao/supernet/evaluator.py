@@ -1,16 +1,23 @@
 """Scoring a pool of archs with the shared weights (SPEC section 4, NAO-WS evaluation).
 
-Every arch is run on the same held-out batch(es) with BatchNorm in training
-mode (batch statistics, as NAO-WS does: running statistics of a supernet mean
-nothing for one arch) but without touching the running statistics, the
-weights or any random generator; no gradients. The batches stay on the device
-and per-arch results are collected on the device, so the only host
+Every arch is run on held-out data with BatchNorm in training mode (batch
+statistics, as NAO-WS does: running statistics of a supernet mean nothing for
+one arch) but without touching the running statistics or the weights; no
+gradients. Which data each arch sees is the caller's choice:
+
+* ``fixed``: one list of batches, the same for every arch;
+* ``random`` (the reference's): a :class:`RandomBatches` that hands every
+  arch the next batch of a shuffled dev loader, a fresh uniformly random
+  subset of the dev set, as the reference's ``next(iter(valid_queue))``
+  over a ``SubsetRandomSampler`` does.
+
+Per-arch results are collected on the device, so the only host
 synchronisation is the final copy of the ``[n]`` results.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +26,43 @@ import torch.nn.functional as F
 from .model import Supernet
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+
+#: Values of the evaluation-data option (``supernet.eval_data``).
+EVAL_DATA_MODES = ("random", "fixed")
+
+
+class RandomBatches:
+    """A fresh random dev batch (or ``count`` of them) for every arch: the reference's evaluation data.
+
+    Args:
+        loader: A shuffled, seeded ``bnao.data`` loader over the dev set (no augmentation); iteration
+            cycles through its epochs, each with a new order.
+        count: Batches per arch.
+
+    Calling the object returns the next ``count`` batches. Its state is the loader's
+    (:meth:`state_dict`), so a resumed search scores every arch on the same images.
+    """
+
+    def __init__(self, loader: Any, count: int = 1):
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.loader = loader
+        self.count = int(count)
+        self._stream = None
+
+    def __call__(self) -> List[Batch]:
+        if self._stream is None:
+            self._stream = self.loader.stream()
+        return [next(self._stream) for _ in range(self.count)]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The loader's position (epoch, batch)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next call gives the batches the saved object would have."""
+        self.loader.load_state_dict(state)
+        self._stream = None
 
 
 def _as_batches(batches: Union[Batch, Iterable[Batch]]) -> Sequence[Batch]:
@@ -31,29 +75,31 @@ def _as_batches(batches: Union[Batch, Iterable[Batch]]) -> Sequence[Batch]:
 
 
 @torch.no_grad()
-def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence], batches: Union[Batch, Iterable[Batch]], *,
+def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
+                  batches: Union[Batch, Iterable[Batch], Callable[[], List[Batch]]], *,
                   bf16: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Accuracy and loss of every arch of a pool with the supernet's shared weights.
 
     Args:
         model: The supernet.
         archs: ``int64 [n, 8B]`` pool (or a sequence of archs).
-        batches: One ``(images, labels)`` batch (the reference uses one batch of 500 dev images) or several;
-            they should already be on the model's device.
+        batches: The same data for every arch: one ``(images, labels)`` batch or several; or a callable
+            (e.g. :class:`RandomBatches`) called once per arch for that arch's batches (the reference draws a
+            fresh random batch of 500 dev images per arch).
         bf16: bfloat16 autocast.
 
     Returns:
         ``(accuracy, loss)``, both ``float64 [n]``; with several batches, image-weighted means.
     """
-    batches = _as_batches(batches)
+    draw = batches if callable(batches) else None
     archs = np.asarray(archs, dtype=np.int64)
     if archs.ndim == 1:
         archs = archs[None, :]
     model.space.validate_array(archs)
     device = next(model.parameters()).device
-    batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
-    total = float(sum(int(y.shape[0]) for _, y in batches))
+    fixed = None if draw else _on_device(_as_batches(batches), device)
     n = len(archs)
+    seen = torch.zeros(n, device=device, dtype=torch.float32)
     acc = torch.zeros(n, device=device, dtype=torch.float32)
     loss = torch.zeros(n, device=device, dtype=torch.float32)
     was_training = model.training
@@ -62,14 +108,19 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence], batches: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for i, row in enumerate(archs.tolist()):
                 arch = tuple(row)
-                for x, y in batches:
+                for x, y in fixed if fixed is not None else _on_device(_as_batches(draw()), device):
                     logits = model(x, arch, bn_train=True).float()
                     # Sums stay on the device: no synchronisation per arch.
                     loss[i] += F.cross_entropy(logits, y, reduction="sum")
                     acc[i] += (logits.argmax(1) == y).sum()
+                    seen[i] += y.shape[0]
     finally:
         model.train(was_training)
-    return (acc / total).double().cpu().numpy(), (loss / total).double().cpu().numpy()
+    return (acc / seen).double().cpu().numpy(), (loss / seen).double().cpu().numpy()
 
 
-__all__ = ["evaluate_pool"]
+def _on_device(batches: Sequence[Batch], device: torch.device) -> List[Batch]:
+    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+
+
+__all__ = ["evaluate_pool", "RandomBatches", "EVAL_DATA_MODES"]

@@ -11,15 +11,18 @@ the rows the arch uses with one ``index_select`` per tensor and hands each
 cell its rows through :func:`bnao.ops.cell.mixed_cell`, the op boundary.
 
 Gradients: the rows an arch does not use receive zero gradient (the tensor's
-``.grad`` is dense). NAO keeps every slot in its own parameter, and with
-PyTorch >= 2 ``zero_grad()`` leaves an unused parameter's gradient at None,
-so SGD does not touch it at all: no weight decay, no momentum. The
-:class:`~bnao.supernet.optim.MaskedSGD` optimizer reproduces exactly that
-using :meth:`Supernet.touched_masks`.
+``.grad`` is dense). NAO keeps every slot in its own parameter; what its SGD
+does to the slots a step did not use depends on the PyTorch version (see
+``unused_slot_update`` in :mod:`bnao.supernet.trainer`), and
+:class:`~bnao.supernet.optim.MaskedSGD` with the row masks of
+:meth:`Supernet.touched_masks` reproduces either rule on the stacked tensors.
 
 Drop-path follows NAO: keep probability
 ``1 - (step+1)/total_steps * (layer+1)/num_cells * (1 - keep_prob)`` per cell,
-one Bernoulli per sample and branch, never on identity or zero branches.
+where ``step`` counts from 0 in every search iteration and ``total_steps`` is
+one iteration's length; one Bernoulli per sample and branch, on every branch
+(identity included, as the reference's search model; ``drop_path_identity=False``
+exempts identity branches).
 """
 
 from __future__ import annotations
@@ -112,9 +115,10 @@ class _CellFixed(nn.Module):
 
     def calibrate(self, s0: torch.Tensor, s1: torch.Tensor, batch_stats: bool, update: bool):
         if self.pre0 == "fr":
+            # The reference's MaybeCalibrateSize applies a ReLU before this factorized reduce.
             s0 = factorized_reduce([s0], self.pre0_w, self.pre0_bn.weight, self.pre0_bn.bias,
                                    self._stats(self.pre0_bn), batch_stats, update, self.pre0_bn.momentum,
-                                   self.pre0_bn.eps)
+                                   self.pre0_bn.eps, relu=True)
         elif self.pre0 == "rcb":
             s0 = F.conv2d(F.relu(s0), self.pre0_w[:, :, None, None])
             s0 = batch_norm(s0, self.pre0_bn.weight, self.pre0_bn.bias, self._stats(self.pre0_bn), batch_stats,
@@ -153,17 +157,19 @@ class Supernet(nn.Module):
         drop_path_keep_prob: Base keep probability of drop-path (1.0 or None: off).
         dropout: Dropout rate before the classifier.
         auxiliary: Auxiliary head after the second reduction cell (training mode only).
-        total_steps: Steps of the whole supernet training, for the drop-path progress factor (None: factor 1).
+        total_steps: Steps of one search iteration's supernet training, for the drop-path progress factor
+            (None: factor 1).
         bn_momentum: BatchNorm momentum.
         seed: Seed of the generator that draws drop-path and dropout masks (its state is checkpointed).
         plan_cache_size: Archs whose gather indices are kept on the device.
+        drop_path_identity: Drop-path on identity branches too (the reference's); False exempts them.
     """
 
     def __init__(self, space: Union[NAOSpace, str] = "small", *, skeleton: str = "cifar", layers: int = 3,
                  channels: int = 20, num_classes: int = 10, in_channels: int = 3,
                  drop_path_keep_prob: Optional[float] = 0.9, dropout: float = 0.0, auxiliary: bool = False,
                  total_steps: Optional[int] = None, bn_momentum: float = 0.1, seed: int = 0,
-                 plan_cache_size: int = 4096):
+                 plan_cache_size: int = 4096, drop_path_identity: bool = True):
         super().__init__()
         if isinstance(space, str):
             space = NAOSpace(op_set=space)
@@ -178,6 +184,7 @@ class Supernet(nn.Module):
         self.num_nodes = B = space.num_nodes
         self.table = op_table(space.op_set)
         self.drop_path_keep_prob = drop_path_keep_prob
+        self.drop_path_identity = bool(drop_path_identity)
         self.dropout = dropout
         self.total_steps = total_steps
         self.step: Optional[int] = None
@@ -334,7 +341,7 @@ class Supernet(nn.Module):
             self.generator(torch.device(key)).set_state(s)
 
     def set_step(self, step: int) -> None:
-        """Sets the training step for the drop-path schedule."""
+        """Sets the training step for the drop-path schedule (counted from 0 in each search iteration)."""
         self.step = int(step)
 
     # ------------------------------------------------------------------ plans
@@ -514,7 +521,8 @@ class Supernet(nn.Module):
             out, mean, invstd = mixed_cell(
                 c0, c1, cell_arch, weights, buffers, table=self.table, reduction=ci.reduction,
                 batch_stats=batch_stats, update_stats=update,
-                drop_mask=masks[ci.index] if masks is not None else None, momentum=mom, eps=eps)
+                drop_mask=masks[ci.index] if masks is not None else None, momentum=mom, eps=eps,
+                drop_identity=self.drop_path_identity)
             if update and mean is not None:
                 stats[ci.stage].append((mean, invstd))
             stage_hw[ci.stage] = out.shape[-2] * out.shape[-1]

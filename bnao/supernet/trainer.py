@@ -2,8 +2,17 @@
 
 Each step draws an arch index from the sampler (size-proportional in
 Balanced NAO), takes the next batch, and trains the shared weights of that
-arch on it. Untouched weight-sharing slots are left alone
-(:class:`~bnao.supernet.optim.MaskedSGD`).
+arch on it. What happens to the weight-sharing slots the step's arch does not
+use is ``unused_slot_update`` (both through
+:class:`~bnao.supernet.optim.MaskedSGD`):
+
+* ``"decay"`` (default, the reference's behaviour): the reference keeps one
+  parameter per slot, and under the PyTorch of its time ``zero_grad()`` kept a
+  zero gradient on every parameter that had ever received one, so SGD gave
+  every slot used at least once momentum and weight decay at every later
+  step. Slots never used so far do not move.
+* ``"freeze"``: only the slots of the step's arch move (what PyTorch >= 2
+  does with the reference code, whose unused parameters keep ``grad=None``).
 
 Non-finite losses: the step is skipped (no weight update), counted and logged;
 ``max_bad_steps`` of them in a row raise :class:`NonFiniteLossError` so that
@@ -39,6 +48,10 @@ from .optim import MaskedSGD
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "bnao-supernet-checkpoint"
+
+
+#: Values of ``unused_slot_update`` (see the module docstring).
+UNUSED_SLOT_UPDATES = ("decay", "freeze")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +91,11 @@ class SupernetTrainer:
         seed: Seeds the model's drop-path generator when the model was built with the default.
         sync_timing: Synchronise CUDA around each phase so the draw/forward/backward/optimizer split is exact
             (slower; for profiling).
+        lr_steps_per_epoch: When set, the learning rate is constant within each epoch of this many steps, as
+            the reference's per-epoch cosine scheduler (stepped at every epoch's start, so the first epoch is
+            already one epoch into the cosine and the last one runs at ``lr_min``); None: per-step cosine.
+        unused_slot_update: ``"decay"`` (the reference's: slots used at least once get momentum and weight
+            decay every step) or ``"freeze"`` (slots the step's arch does not use do not move).
     """
 
     def __init__(self, model: Supernet, sampler: Any, pool: np.ndarray, train_loader: Any, *,
@@ -85,9 +103,15 @@ class SupernetTrainer:
                  grad_clip: Optional[float] = 5.0, label_smoothing: float = 0.0, bf16: bool = False,
                  channels_last: bool = False, steps_total: int = 1000, max_bad_steps: int = 5,
                  aux_weight: float = 0.4, device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, lr_steps_per_epoch: Optional[int] = None,
+                 unused_slot_update: str = "decay"):
+        if unused_slot_update not in UNUSED_SLOT_UPDATES:
+            raise ValueError(f"unused_slot_update must be one of {UNUSED_SLOT_UPDATES}, got {unused_slot_update!r}")
         if steps_total <= 0:
             raise ValueError(f"steps_total must be positive, got {steps_total}")
+        if lr_steps_per_epoch is not None and lr_steps_per_epoch <= 0:
+            raise ValueError(f"lr_steps_per_epoch must be positive, got {lr_steps_per_epoch}")
+        self.lr_steps_per_epoch = lr_steps_per_epoch
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.model = model
@@ -108,6 +132,10 @@ class SupernetTrainer:
             model.total_steps = int(steps_total)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = MaskedSGD(self.params, lr=lr_max, momentum=momentum, weight_decay=weight_decay)
+        self.unused_slot_update = unused_slot_update
+        # "decay": per parameter (in self.params order), the rows used at least once so far:
+        # None (never), True (all rows) or a 0/1 row mask tensor on the device.
+        self.ever_used: list = [None] * len(self.params)
         self.schedule_steps = int(steps_total)
         self.schedule_step = 0
         self.global_step = 0
@@ -142,6 +170,10 @@ class SupernetTrainer:
 
     def current_lr(self) -> float:
         """Learning rate of the next step."""
+        per_epoch = self.lr_steps_per_epoch
+        if per_epoch:
+            epochs = -(-self.schedule_steps // per_epoch)
+            return cosine_lr(self.schedule_step // per_epoch + 1, epochs, self.lr_max, self.lr_min)
         return cosine_lr(self.schedule_step, self.schedule_steps, self.lr_max, self.lr_min)
 
     # ------------------------------------------------------------------ data
@@ -212,7 +244,9 @@ class SupernetTrainer:
             self._sync()
             t1 = time.perf_counter()
             lr = self.current_lr()
-            model.set_step(self.global_step)
+            # The drop-path ramp restarts with every search iteration, like the cosine schedule (the
+            # reference passes its per-iteration step counter to the model).
+            model.set_step(self.schedule_step)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
                 out = model(images, arch)
                 logits, aux = out if isinstance(out, tuple) else (out, None)
@@ -251,7 +285,7 @@ class SupernetTrainer:
                     if self.grad_clip:
                         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
                     self.optimizer.param_groups[0]["lr"] = lr
-                    self.optimizer.step(model.touched_masks(arch))
+                    self.optimizer.step(self._update_masks(arch))
                 good += 1
                 with torch.no_grad():
                     loss_sum += loss.detach().float()
@@ -284,6 +318,29 @@ class SupernetTrainer:
             "optimizer_ms": 1000.0 * t_opt / steps,
         }
 
+    def _update_masks(self, arch) -> Dict[torch.nn.Parameter, Any]:
+        """The MaskedSGD masks of one step under :attr:`unused_slot_update`."""
+        touched = self.model.touched_masks(arch)
+        if self.unused_slot_update == "freeze":
+            return touched
+        masks: Dict[torch.nn.Parameter, Any] = {}
+        for i, param in enumerate(self.params):
+            used, ever = touched.get(param, True), self.ever_used[i]
+            if used is True or ever is True:
+                ever = True
+            elif used is not False:
+                ever = used.clone() if ever is None else torch.maximum(ever, used)
+            self.ever_used[i] = ever
+            if ever is None:
+                masks[param] = False
+                continue
+            if ever is not True:
+                masks[param] = ever
+            if param.grad is None:
+                # Unused by this step's arch but used before: the reference's kept zero gradient.
+                param.grad = torch.zeros_like(param)
+        return masks
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue training exactly."""
@@ -297,6 +354,7 @@ class SupernetTrainer:
             "counts": torch.from_numpy(self.counts.copy()),
             # int8 is exact (ids <= B, ops < 16) and 8x smaller in a checkpoint.
             "pool": torch.from_numpy(self.pool.astype(np.int8)),
+            "ever_used": list(self.ever_used),
             "model_rng": self.model.rng_state(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -320,6 +378,11 @@ class SupernetTrainer:
         pool = state["pool"].numpy() if torch.is_tensor(state["pool"]) else np.asarray(state["pool"])
         if pool.shape != self.pool.shape or not np.array_equal(pool, self.pool):
             self.set_pool(pool)
+        # Checkpoints written before the option existed restart the record of used slots.
+        self.ever_used = list(state.get("ever_used", [None] * len(self.params)))
+        if len(self.ever_used) != len(self.params):
+            raise ValueError(f"ever_used has {len(self.ever_used)} entries, the model {len(self.params)} parameters")
+        self.ever_used = [e.to(self.device) if torch.is_tensor(e) else e for e in self.ever_used]
         counts = state["counts"]
         self.counts = (counts.numpy() if torch.is_tensor(counts) else np.asarray(counts)).astype(np.int64).copy()
         self.model.set_rng_state(state["model_rng"])
