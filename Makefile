@@ -1,6 +1,6 @@
 PY ?= .venv/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test bench gpu-check
 
 # One command: set up and run a real Balanced NAO search on Fashion-MNIST (CPU is fine).
 demo:
@@ -17,3 +17,9 @@ bench:
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_supernet.py
+
+# On a GPU machine (bare is fine): build, C++ and CUDA tests, compute-sanitizer, benchmarks and a
+# shortened search in about 8 minutes; report in $(OUT)/gpu-check.md and .json. See README "GPU check".
+OUT ?= gpu-check-out
+gpu-check:
+	PYTHON=$(if $(wildcard .venv/bin/python),.venv/bin/python,python3) scripts/gpu-check.sh $(OUT)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -79,6 +80,7 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); 1 avoids oversubscription on a busy CPU")
     p.add_argument("--no-fashion-mnist", action="store_true", help="skip Fashion-MNIST even if installed")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -104,6 +106,7 @@ def main(argv: List[str] = None) -> int:
           f"timed >= {args.seconds}s after {args.warmup} warm-up batches")
     print("| loader | dataset | images | batch | img/s | ms/batch | batches timed |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for ds_name, ds in datasets:
         for name in loaders:
             for bsz in args.batch_sizes:
@@ -112,7 +115,12 @@ def main(argv: List[str] = None) -> int:
                 rate, n = measure(loader, device, args.seconds, args.warmup, args.min_batches)
                 print(f"| {name} | {ds_name} | {len(ds)} | {bsz} | {rate:,.0f} | {1000 * bsz / rate:.2f} | {n} |",
                       flush=True)
+                rows.append({"loader": name, "dataset": ds_name, "images": len(ds), "batch": bsz,
+                             "img_per_s": rate, "batches": n})
                 del loader
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device_name(device), "rows": rows}, fh, indent=2)
     print(f"# load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'}")
     return 0
 

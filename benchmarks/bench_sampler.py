@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import time
 from typing import Callable, List
@@ -101,7 +102,8 @@ def single_draw_table(sizes: List[int], budget_s: float) -> List[str]:
     return rows
 
 
-def batched_draw_rows(device: str, pool: int, per_call: int, budget_s: float) -> str:
+def batched_draws(device: str, pool: int, per_call: int, budget_s: float) -> dict:
+    """Draws per second of ``sampler.draw(per_call)`` on ``device`` (synchronised), with what ran."""
     sizes_np = np.random.default_rng(1).integers(100_000, 5_000_001, pool)
     sampler = bnao.create_sampler("proportional", sizes_np, seed=1, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -113,7 +115,8 @@ def batched_draw_rows(device: str, pool: int, per_call: int, budget_s: float) ->
     seconds = mean_call_seconds(call, budget_s, min_calls=5)
     kernel = "compiled" if extension.has_kernel("alias_draw", device) else "NumPy reference"
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
-    return f"| {device} ({name}) | {kernel} | {pool:,} | {per_call:,} | {per_call / seconds:,.3g} |"
+    return {"device": device, "device_name": name, "kernel": kernel, "pool": pool, "per_call": per_call,
+            "draws_per_s": per_call / seconds}
 
 
 def main() -> None:
@@ -124,6 +127,8 @@ def main() -> None:
     )
     parser.add_argument("--budget", type=float, default=1.0, help="seconds spent per timed baseline")
     parser.add_argument("--batch-pool", type=float, default=1e6, help="pool size of the batched-draw benchmark")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (an empty --sizes skips the "
+                        "single-draw table)")
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
 
@@ -132,21 +137,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, numpy {np.__version__}, bnao {bnao.__version__}, "
           f"compiled kernels: cpu={extension.has_kernel('alias_draw', 'cpu')} cuda={extension.has_kernel('alias_draw', 'cuda')}")
     print()
-    print("One size-proportional draw from Python (weights: uniform integers in [1e5, 5e6]):")
-    print()
-    single_draw_table(sizes, args.budget)
-    print()
+    if sizes:
+        print("One size-proportional draw from Python (weights: uniform integers in [1e5, 5e6]):")
+        print()
+        single_draw_table(sizes, args.budget)
+        print()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     print("Batched draws, `sampler.draw(n)`:")
     print()
     print("| device | kernel | pool | draws per call | draws/s |")
     print("|---|---|---:|---:|---:|")
+    batched = []
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             print("| cuda | - | - | - | not measured: no CUDA GPU visible |")
             continue
         per_call = 100_000_000 if device == "cuda" else 10_000_000
-        print(batched_draw_rows(device, int(args.batch_pool), per_call, args.budget), flush=True)
+        r = batched_draws(device, int(args.batch_pool), per_call, args.budget)
+        batched.append(r)
+        print(f"| {device} ({r['device_name']}) | {r['kernel']} | {r['pool']:,} | {r['per_call']:,} | "
+              f"{r['draws_per_s']:,.3g} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"batched": batched}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100, help="timed steps per batch size (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     p.add_argument("--eval-archs", type=int, default=200, help="archs for the evaluation timing (default 200)")
+    p.add_argument("--layers", type=int, default=3, help="N (default 3, the reference's; smaller for smoke runs)")
+    p.add_argument("--channels", type=int, default=20, help="C (default 20, the reference's)")
+    p.add_argument("--eval-batch", type=int, default=500, help="dev batch of the evaluation (default 500)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
@@ -35,10 +38,11 @@ def main() -> int:
     results = []
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     for i, bs in enumerate(sizes):
-        r = profile_supernet(dataset="synthetic", space="small", layers=3, channels=20, classes=10, batch_size=bs,
+        r = profile_supernet(dataset="synthetic", space="small", layers=args.layers, channels=args.channels,
+                             classes=10, batch_size=bs,
                              steps=args.steps, warmup=args.warmup, device=args.device, bf16=args.bf16,
                              channels_last=args.channels_last, pool_size=1000, sampler="proportional",
-                             eval_archs=args.eval_archs if i == len(sizes) - 1 else 0, eval_batch=500)
+                             eval_archs=args.eval_archs if i == len(sizes) - 1 else 0, eval_batch=args.eval_batch)
         print(format_result(r), flush=True)
         print(flush=True)
         results.append(r)

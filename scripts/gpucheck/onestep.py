@@ -1,0 +1,55 @@
+"""The workload run under compute-sanitizer: every CUDA path of bnao once, on a small model.
+
+One supernet training step (drop-path masks drawn on the device, masked SGD,
+the non-finite flag copied through pinned memory), a batch of the GPU-resident
+loader, batched and single alias draws (the compiled CUDA kernel) and a pool
+evaluation. Small sizes keep memcheck's slowdown to seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+
+def run_one_step(device: str) -> int:
+    """Runs the workload on ``device``; prints one line per stage and returns 0."""
+    from bnao import create_sampler, create_search_space, model_size
+    from bnao.data import create_dataset, create_loader
+    from bnao.supernet import Supernet, SupernetTrainer, evaluate_pool
+
+    dev = torch.device(device)
+    space = create_search_space("nao", op_set="small")
+    pool = space.sample_array(16, rng=0)
+    sizes = np.asarray(model_size(pool, space=space, layers=1, channels=8), dtype=np.float64)
+    sampler = create_sampler("proportional", sizes, seed=0, device=dev)
+    draws = sampler.draw(100_000)
+    single = [sampler.draw() for _ in range(3)]
+    assert int(draws.max()) < len(pool) and all(0 <= i < len(pool) for i in single)
+    print(f"sampler: {draws.numel() + len(single)} draws on {draws.device}", flush=True)
+
+    data = create_dataset("synthetic", num_samples=64, image_shape=(32, 32, 3), num_classes=10)
+    loader = create_loader("tensor", data, 16, device=dev, augment=True, seed=0)
+    images, labels = next(iter(loader))
+    print(f"loader: batch {tuple(images.shape)} on {images.device}", flush=True)
+
+    torch.manual_seed(0)
+    model = Supernet(space, layers=1, channels=8, num_classes=10, total_steps=2).to(dev)
+    trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0)
+    stats = trainer.train_steps(1)
+    assert np.isfinite(stats["loss"]), stats
+    print(f"train: 1 step, loss {stats['loss']:.4f}", flush=True)
+
+    acc, loss = evaluate_pool(model, pool[:2], (images, labels))
+    assert np.isfinite(loss).all()
+    print(f"evaluate: 2 archs, accuracy {acc.tolist()}", flush=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    print("one step: ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_one_step(sys.argv[1] if len(sys.argv) > 1 else "cuda"))

@@ -1,0 +1,243 @@
+"""The parts of gpu-check, in the order they run: :data:`PARTS`.
+
+Adding a check is one entry in :data:`PARTS` (a :class:`~gpucheck.runner.Part`
+with its driver). Each driver runs on a GPU machine with the reference sizes
+and, in CPU smoke mode (``--smoke``), on the CPU with tiny sizes so that the
+plumbing is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List
+
+import yaml
+
+from . import measure
+from .dali import dali_part
+from .runner import CUT, FAIL, PASS, SKIP, Context, Figure, Part, PartResult
+
+
+def _status(result, ok: bool) -> str:
+    return CUT if result.timed_out else (PASS if ok else FAIL)
+
+
+def _failure_summary(result, what: str) -> str:
+    if result.timed_out:
+        return f"{what}: killed at its time limit"
+    return f"{what}: exit code {result.returncode}; last lines: {result.tail(3)!r}"
+
+
+def _cmake_commands(ctx: Context, cuda: bool) -> str:
+    """Shell line that configures and builds the C++ core and its tests under work/cmake."""
+    build = ctx.work / "cmake"
+    prefix = f"$({ctx.python} -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+    flags = ""
+    if cuda:
+        cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        arch = ctx.info.get("arch", "9.0").replace(".", "")
+        flags = f"-DBNAO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES={arch} -DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"
+    jobs = os.cpu_count() or 2
+    return (f"cmake -S . -B {build} -DCMAKE_PREFIX_PATH=\"{prefix}\" {flags} && "
+            f"cmake --build {build} -j{jobs}")
+
+
+def build(ctx: Context) -> PartResult:
+    """pip build of bnao for the visible GPU only, with the CMake build of the C++ tests alongside."""
+    if not ctx.gpu or ctx.smoke:
+        return PartResult("build", SKIP, "no GPU build in this mode: the installed bnao is used")
+    # The C++ tests build in the background meanwhile (the machine has cores for both).
+    ctx.start_background("cmake", ["bash", "-c", _cmake_commands(ctx, cuda=True)], "cmake-build.log")
+    env = {"CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"), "TORCH_CUDA_ARCH_LIST": ctx.info["arch"],
+           "MAX_JOBS": str(os.cpu_count() or 2), "BNAO_CUDA": "1", "BNAO_REQUIRE_EXTENSION": "1"}
+    pip = ctx.command([ctx.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."],
+                      "build.log", env=env)
+    if pip.returncode != 0:
+        return PartResult("build", _status(pip, False), _failure_summary(pip, "pip install"), log="logs/build.log")
+    probe = ctx.command([ctx.python, "-c", "import bnao.extension as e, sys; "
+                         "sys.exit(0 if e.has_kernel('alias_draw', 'cuda') else 'no CUDA kernel in bnao._C')"],
+                        "build.log", append=True)
+    ok = probe.returncode == 0
+    summary = (f"bnao._C built for sm_{ctx.info['arch'].replace('.', '')} in {pip.seconds:.0f} s, CUDA kernels "
+               "loaded" if ok else "bnao._C built but its CUDA kernels did not load")
+    return PartResult("build", _status(probe, ok), summary, details={"pip_seconds": pip.seconds},
+                      log="logs/build.log")
+
+
+def ctest(ctx: Context) -> PartResult:
+    """The C++ unit tests (ctest), with their CUDA cases when CUDA is built."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("ctest", SKIP, "no GPU")
+    cuda = ctx.gpu and not ctx.smoke
+    if "cmake" in ctx.background:
+        code = ctx.wait_background("cmake")
+        if code != 0:
+            why = "killed at its time limit" if code is None else f"exit code {code}"
+            return PartResult("ctest", CUT if code is None else FAIL, f"CMake build: {why}",
+                              log="logs/cmake-build.log")
+    else:
+        built = ctx.command(["bash", "-c", _cmake_commands(ctx, cuda=cuda)], "cmake-build.log")
+        if built.returncode != 0:
+            return PartResult("ctest", _status(built, False), _failure_summary(built, "CMake build"),
+                              log="logs/cmake-build.log")
+    run = ctx.command(["ctest", "--test-dir", ctx.work / "cmake", "--output-on-failure"], "ctest.log")
+    counts = measure.ctest_counts(run.log.read_text(errors="replace"))
+    ok = run.returncode == 0 and counts["parsed"] and counts["failed"] == 0
+    # On a GPU the CUDA cases must really run, not skip.
+    if cuda and counts["skipped"]:
+        ok = False
+    summary = f"{counts['total'] - counts['failed'] - counts['skipped']}/{counts['total']} passed"
+    if counts["skipped"]:
+        summary += f", skipped: {', '.join(counts['skipped_names'])}"
+    if counts["failed"]:
+        summary += f", failed: {', '.join(counts['failed_names'])}"
+    return PartResult("ctest", _status(run, ok), summary, details=counts, log="logs/ctest.log")
+
+
+def pytest_cuda(ctx: Context) -> PartResult:
+    """``pytest -m cuda``: every CUDA path against its CPU counterpart."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("pytest-cuda", SKIP, "no GPU")
+    xml = ctx.logs / "pytest-cuda.xml"
+    target = "tests/test_cuda_paths.py" if ctx.smoke else "tests"
+    run = ctx.command([ctx.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
+                       f"--junitxml={xml}", target], "pytest-cuda.log")
+    if run.timed_out or not xml.exists():
+        return PartResult("pytest-cuda", _status(run, False), _failure_summary(run, "pytest"),
+                          log="logs/pytest-cuda.log")
+    c = measure.pytest_counts(xml)
+    summary = f"{c['passed']} passed, {c['failed'] + c['errors']} failed, {c['skipped']} skipped"
+    if c["failed_ids"]:
+        summary += ": " + ", ".join(c["failed_ids"][:5])
+    status = FAIL if c["failed"] + c["errors"] else (SKIP if c["passed"] == 0 else PASS)
+    return PartResult("pytest-cuda", status, summary, details=c, log="logs/pytest-cuda.log")
+
+
+def sanitizer(ctx: Context) -> PartResult:
+    """One training step (plus draws, a loader batch and an evaluation) under compute-sanitizer memcheck."""
+    one_step = [ctx.python, "scripts/gpu_check.py", "--one-step", ctx.device]
+    if ctx.smoke or not ctx.gpu:
+        if not ctx.smoke:
+            return PartResult("sanitizer", SKIP, "no GPU")
+        run = ctx.command(one_step, "sanitizer.log")
+        return PartResult("sanitizer", _status(run, run.returncode == 0),
+                          "one step on the CPU, without compute-sanitizer (smoke run)", log="logs/sanitizer.log")
+    tool = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                             "bin", "compute-sanitizer")
+    if not os.path.exists(tool):
+        return PartResult("sanitizer", SKIP, "compute-sanitizer not found")
+    # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+    run = ctx.command([tool, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + one_step,
+                      "sanitizer.log", env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    errors = measure.sanitizer_errors(run.log.read_text(errors="replace"))
+    ok = run.returncode == 0 and errors == 0
+    summary = (f"memcheck: {errors} errors" if errors is not None else "memcheck printed no error summary")
+    return PartResult("sanitizer", _status(run, ok), summary, details={"errors": errors}, log="logs/sanitizer.log")
+
+
+def bench_supernet(ctx: Context) -> PartResult:
+    """Supernet img/s at batch 64 and 256 (split per phase, peak memory) and evaluation archs/s at batch 500."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("bench-supernet", SKIP, "no GPU")
+    out = ctx.logs / "bench-supernet.json"
+    sizes = (["--batch-sizes", "64,256", "--steps", "50", "--warmup", "10", "--eval-archs", "200"] if not ctx.smoke
+             else ["--batch-sizes", "8", "--steps", "2", "--warmup", "1", "--eval-archs", "2", "--layers", "1",
+                   "--channels", "4", "--eval-batch", "50"])
+    run = ctx.command([ctx.python, "benchmarks/bench_supernet.py", "--device", ctx.device, *sizes, "--json", out],
+                      "bench-supernet.log")
+    if run.returncode != 0 or not out.exists():
+        return PartResult("bench-supernet", _status(run, False), _failure_summary(run, "bench_supernet.py"),
+                          log="logs/bench-supernet.log")
+    figures = measure.supernet_figures(json.loads(out.read_text()))
+    return PartResult("bench-supernet", PASS, f"{len(figures)} figures", figures=figures,
+                      log="logs/bench-supernet.log")
+
+
+def bench_sampler(ctx: Context) -> PartResult:
+    """Batched alias draws per second from a pool of 1e6."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("bench-sampler", SKIP, "no GPU")
+    out = ctx.logs / "bench-sampler.json"
+    pool = "1e4" if ctx.smoke else "1e6"
+    run = ctx.command([ctx.python, "benchmarks/bench_sampler.py", "--device", ctx.device, "--sizes", "",
+                       "--batch-pool", pool, "--budget", "0.2" if ctx.smoke else "1", "--json", out],
+                      "bench-sampler.log")
+    if run.returncode != 0 or not out.exists():
+        return PartResult("bench-sampler", _status(run, False), _failure_summary(run, "bench_sampler.py"),
+                          log="logs/bench-sampler.log")
+    figures = measure.sampler_figures(json.loads(out.read_text()))
+    return PartResult("bench-sampler", PASS, f"{len(figures)} figures", figures=figures, log="logs/bench-sampler.log")
+
+
+def bench_loader(ctx: Context) -> PartResult:
+    """The GPU-resident (tensor) loader's img/s with the full CIFAR augmentation."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("bench-loader", SKIP, "no GPU")
+    out = ctx.logs / "bench-loader.json"
+    sizes = (["--batch-sizes", "256", "1024", "--seconds", "2"] if not ctx.smoke
+             else ["--batch-sizes", "256", "--seconds", "0.5", "--num-samples", "2000", "--warmup", "1",
+                   "--min-batches", "2", "--threads", "1"])
+    run = ctx.command([ctx.python, "benchmarks/bench_loader.py", "--device", ctx.device, "--loaders", "tensor",
+                       *sizes, "--no-fashion-mnist", "--json", out], "bench-loader.log")
+    if run.returncode != 0 or not out.exists():
+        return PartResult("bench-loader", _status(run, False), _failure_summary(run, "bench_loader.py"),
+                          log="logs/bench-loader.log")
+    figures = measure.loader_figures(json.loads(out.read_text())["rows"], "tensor", 256)
+    return PartResult("bench-loader", PASS, f"{len(figures)} figures", figures=figures, log="logs/bench-loader.log")
+
+
+# A shortened search at the reference settings: every phase runs at full size per unit
+# (same network, batch, pool growth ratio, controller), only fewer units of each.
+SEARCH_GPU = ["data.dataset=synthetic", "supernet.epochs=1", "supernet.steps_per_epoch=200",
+              "search.pool_size=300", "search.new_per_iteration=100", "controller.epochs=10",
+              "final.rerank_top=1", "final.epochs=1"]
+SEARCH_SMOKE = ["data.dataset=synthetic", "data.synthetic_samples=600", "search.iterations=1", "supernet.layers=1", "supernet.channels=4",
+                "supernet.batch_size=16", "supernet.epochs=1", "supernet.steps_per_epoch=2",
+                "supernet.eval_batch_size=20", "search.pool_size=8", "search.new_per_iteration=4", "search.top_k=4",
+                "controller.epochs=2", "final.rerank_top=1", "final.epochs=1", "final.batch_size=32"]
+
+
+def search(ctx: Context) -> PartResult:
+    """A shortened search at the reference settings, each phase extrapolated to 50 epochs x 4 rounds."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("search", SKIP, "no GPU")
+    run_dir = ctx.work / "search"
+    overrides = SEARCH_SMOKE if ctx.smoke else SEARCH_GPU
+    run = ctx.command([ctx.python, "-m", "bnao", "search", "--config", "cifar10", "--out", run_dir, "--overwrite",
+                       "--no-progress", "--device", ctx.device, *overrides], "search.log")
+    if run.returncode != 0:
+        return PartResult("search", _status(run, False), _failure_summary(run, "bnao search"), log="logs/search.log")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ext = measure.extrapolate_search(run_dir, config)
+    for name in ("history.jsonl", "ranking.jsonl", "best.json", "config.yaml"):
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, ctx.logs / f"search-{name}")
+    figures = [
+        Figure("full search at the reference settings (extrapolated)", ext["total_s"], "s",
+               measure.TARGETS["search_s"], better="lower",
+               note=f"about {measure.REFERENCE_SEARCH_S / 3600:.0f} h for the reference; phases in the table below"),
+        Figure("shortened search (measured)", run.seconds, "s", note=" ".join(overrides)),
+    ]
+    return PartResult("search", PASS, f"{ext['rounds']} rounds of {ext['steps_per_round']} steps", figures=figures,
+                      details={"extrapolation": ext}, log="logs/search.log")
+
+
+PARTS: List[Part] = [
+    Part("build", "build bnao for the visible GPU (and the C++ tests alongside)", 240, 60, build),
+    Part("ctest", "C++ unit tests with CUDA cases", 120, 10, ctest),
+    Part("pytest-cuda", "pytest -m cuda: CUDA paths against the CPU", 150, 30, pytest_cuda),
+    Part("sanitizer", "one training step under compute-sanitizer memcheck", 120, 30, sanitizer),
+    Part("bench-supernet", "supernet img/s at batch 64 and 256, evaluation archs/s", 120, 30, bench_supernet),
+    Part("bench-sampler", "batched alias draws/s from a pool of 1e6", 60, 10, bench_sampler),
+    Part("bench-loader", "GPU-resident loader img/s", 60, 10, bench_loader),
+    Part("search", "shortened search, extrapolated to the reference settings", 200, 60, search),
+    Part("dali", "DALI GPU pipeline into the supernet (when its wheels were brought)", 120, 30, dali_part),
+]
+
+
+def repo_root() -> Path:
+    """The repository this file belongs to."""
+    return Path(__file__).resolve().parents[2]
