@@ -449,8 +449,8 @@ class NAOController:
             warning is issued; check ``len``). With ``return_info``, a tuple
             ``(archs, info)``: ``info`` has ``count`` (m), ``rounds`` (rounds
             run), ``eta`` (the last step size), ``etas`` (``[m]`` step size at
-            which each arch was found) and ``seed_index`` (``[m]`` index of the
-            seed it came from).
+            which each arch was found), ``seed_index`` (``[m]`` index of the
+            seed it came from) and ``rejected`` (distinct new archs ``accept`` turned down).
         """
         seed_arr = self.space.validate_array(seeds)
         if num_new < 0:

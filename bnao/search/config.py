@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -36,6 +37,11 @@ _OPTIONAL_TYPES: Dict[str, Tuple[type, ...]] = {
     "final.layers": (int,),
     "sampler.size_layers": (int,),
     "sampler.size_channels": (int,),
+    # Size budgets of the final network (bnao.search.budget): numbers such as 3.5e6 or 600000000.
+    "search.min_params": (float,),
+    "search.max_params": (float,),
+    "search.min_madds": (float,),
+    "search.max_madds": (float,),
 }
 
 # Keys that take one of a few words.
@@ -133,6 +139,12 @@ DEFAULTS: Dict[str, Any] = {
         # Not in the reference: top up an iteration with one-position mutations of the seeds when
         # the controller decodes fewer new archs than new_per_iteration.
         "fill_with_mutations": False,
+        # Not in the reference: keep every arch inside a size budget, measured on the final network
+        # (final.layers / final.channels) at the data's image size; None = unbounded.
+        "max_params": None,
+        "min_params": None,
+        "max_madds": None,
+        "min_madds": None,
     },
     "final": {
         "rerank_top": 5,
@@ -215,6 +227,11 @@ def _coerce(key: str, value: Any, schema: Optional[ConfigSchema] = None) -> Any:
         types = (type(default),)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in types and isinstance(value, str):
+        # YAML 1.1 reads 3.5e6 and 600e6 (no dot or no exponent sign) as strings; they mean numbers.
+        number = _finite_float(value)
+        if number is not None:
+            return number
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got a boolean {value!r}")
     if not isinstance(value, types):
@@ -222,6 +239,14 @@ def _coerce(key: str, value: Any, schema: Optional[ConfigSchema] = None) -> Any:
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
     return value
+
+
+def _finite_float(text: str) -> Optional[float]:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _set(config: Dict[str, Any], key: str, value: Any, schema: Optional[ConfigSchema] = None) -> None:

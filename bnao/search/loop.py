@@ -31,7 +31,9 @@ from ..sampling import create_sampler
 from ..size import model_size
 from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
+from .budget import Budget, image_side
 from .config import diff
+from .pareto import write_run_fronts
 from .pool import Pool, read_pool_file
 from .report import Scalars, size_buckets, write_plots
 from .rundir import RunDir, RunDirError
@@ -96,6 +98,10 @@ class BalancedNAO:
         self.train_set, self.dev_set = split_train_dev(full, dev_fraction=data["dev_fraction"], seed=seed)
         self.num_classes = int(full.num_classes)
         self.in_channels = int(full.images.shape[-1]) if hasattr(full, "images") else 3
+        # The size budget (on the final network): refused here, before any training, when no arch can meet it.
+        self.budget = Budget.from_config(c, self.space, self.num_classes, self.in_channels,
+                                         image_side(full, c["supernet"]["skeleton"]))
+        self.budget.check_feasible()
         sn = c["supernet"]
         self.train_loader = create_loader(
             data["loader"], self.train_set, sn["batch_size"], device=self.device,
@@ -119,8 +125,15 @@ class BalancedNAO:
             archs, problems = read_pool_file(sc["pool_file"], self.space, skip_invalid=sc["skip_invalid"])
             for p in problems:
                 self.echo(f"skipped invalid arch: {p}")
+            archs, note = self.budget.restrict(archs, "search.pool_file")
+            if note:
+                self.echo(note)
+        elif self.budget.active:
+            archs = self.budget.draw(int(sc["pool_size"]), np.random.default_rng(seed))
         else:
             archs = self.space.sample_array(int(sc["pool_size"]), rng=np.random.default_rng(seed))
+        if self.budget.active:
+            self.echo(self.budget.summary())
         self.pool.add(archs, self._sizes(archs), iteration=0)
         self.state["eval_indices"] = np.arange(len(self.pool))
 
@@ -321,8 +334,12 @@ class BalancedNAO:
         t0 = time.perf_counter()
         seeds = self.pool.archs[self.pool.top(int(sc["top_k"]), self.pool.scores[it])].astype(np.int64)
         new, info = self.controller.generate(
-            seeds, int(sc["new_per_iteration"]), exclude_hashes=self.pool.hashes, return_info=True
+            seeds, int(sc["new_per_iteration"]), exclude_hashes=self.pool.hashes, return_info=True,
+            accept=self.budget.mask if self.budget.active else None,
         )
+        if self.budget.active:
+            self.echo(f"iteration {it}: {len(new)} of {sc['new_per_iteration']} new archs decoded inside the budget "
+                      f"in {info['rounds']} rounds; {info['rejected']} decoded archs outside it turned down")
         added = self.pool.add(new, self._sizes(new), iteration=it + 1) if len(new) else np.zeros(0, np.int64)
         from_controller = int(added.size)
         missing = int(sc["new_per_iteration"]) - from_controller
@@ -354,7 +371,7 @@ class BalancedNAO:
                 break
             child = self.space.mutate(seeds[rng.integers(len(seeds))], rng).to_array()
             h = int(self.space.hash_array(child))
-            if h not in hashes:
+            if h not in hashes and self.budget.mask(child)[0]:
                 hashes.add(h)
                 found.append(child)
         return np.stack(found) if found else np.zeros((0, self.space.length), np.int64)
@@ -366,7 +383,8 @@ class BalancedNAO:
         fc = c["final"]
         it = int(self.state["iteration"])
         scores = self.pool.scores[it]
-        top = self.pool.top(int(fc["rerank_top"]), scores)
+        # Every pool arch is inside the budget by construction; the mask makes the re-rank's own guarantee.
+        top = self.pool.top(int(fc["rerank_top"]), np.where(self.budget.mask(self.pool.archs[: scores.size]), scores, np.nan))
         t0 = time.perf_counter()
         results = rerank(
             self.pool.archs[top].astype(np.int64), self.space, self.train_set, self.dev_set,
@@ -395,6 +413,7 @@ class BalancedNAO:
             )
         ranking.sort(key=lambda r: -r["standalone_accuracy"])
         self.run_dir.write_jsonl(self.run_dir.ranking_path, ranking)
+        write_run_fronts(self.run_dir.path, self.pool, self.budget, ranking)
         best = dict(ranking[0])
         best["search_seconds"] = time.perf_counter() - started
         self.run_dir.write_json(self.run_dir.best_path, best)
@@ -450,8 +469,9 @@ class BalancedNAO:
         self.echo(line)
 
     def _write_outputs(self) -> None:
-        self.pool.write_jsonl(str(self.run_dir.pool_path))
+        self.pool.write_jsonl(str(self.run_dir.pool_path), columns=self.budget.columns(self.pool.archs))
         why = write_plots(self.run_dir.plots, self.pool, self.draws)
+        write_run_fronts(self.run_dir.path, self.pool, self.budget)
         if why and not getattr(self, "_plot_warned", False):
             self._plot_warned = True
             self.echo(why)

@@ -131,8 +131,14 @@ class Pool:
         self.scores = [np.asarray(s, dtype=np.float32) for s in state["scores"]]
         self.predicted = np.asarray(state["predicted"], dtype=np.float32)
 
-    def iter_records(self) -> Iterator[Dict[str, object]]:
-        """One JSON-ready record per arch (arch string, hash, size, scores per iteration, prediction)."""
+    def iter_records(self, columns: Optional[Dict[str, np.ndarray]] = None) -> Iterator[Dict[str, object]]:
+        """One JSON-ready record per arch (arch string, hash, size, scores per iteration, prediction).
+
+        Args:
+            columns: Extra integer columns (name -> ``[n]`` array), written after ``size``
+                (the search's final-network sizes, which its budget is measured on).
+        """
+        columns = columns or {}
         padded = [np.concatenate([s, np.full(len(self) - s.size, np.nan, np.float32)]) for s in self.scores]
         score_matrix = np.stack(padded, axis=1) if padded else np.zeros((len(self), 0), np.float32)
         for i in range(len(self)):
@@ -140,16 +146,17 @@ class Pool:
                 "arch": " ".join(map(str, self.archs[i].tolist())),
                 "hash": f"{int(self.hashes[i]):016x}",
                 "size": int(self.sizes[i]),
+                **{name: int(values[i]) for name, values in columns.items()},
                 "iteration_added": int(self.born[i]),
                 "one_shot": [None if np.isnan(v) else round(float(v), 6) for v in score_matrix[i]],
                 "predicted": None if np.isnan(self.predicted[i]) else round(float(self.predicted[i]), 6),
             }
 
-    def write_jsonl(self, path: str) -> None:
-        """Writes the pool as JSON lines, atomically."""
+    def write_jsonl(self, path: str, columns: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Writes the pool as JSON lines, atomically (``columns``: see :meth:`iter_records`)."""
         tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:
-            for record in self.iter_records():
+            for record in self.iter_records(columns):
                 fh.write(json.dumps(record) + "\n")
         os.replace(tmp, path)
 

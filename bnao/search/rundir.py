@@ -65,6 +65,7 @@ class RunDir:
         self.ranking_path = self.path / "ranking.jsonl"
         self.best_path = self.path / "best.json"
         self.history_path = self.path / "history.jsonl"
+        self.pareto_path = self.path / "pareto.jsonl"
         self.log_path = self.path / "log.txt"
         self.progress_path = self.path / "progress.json"
         self.plots = self.path / "plots"
@@ -83,7 +84,8 @@ class RunDir:
                 "choose another --out, or pass --overwrite to replace it"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.pt", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt"):
+        for name in ("checkpoint.pt", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt",
+                     "pareto.jsonl"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "rerank", ignore_errors=True)
         if self.tb.exists():
