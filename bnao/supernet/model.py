@@ -403,7 +403,10 @@ class Supernet(nn.Module):
             add(("bn", g), rows)
         add(("loose", False), sched[False].loose)
         add(("loose", True), sched[True].loose)
-        dev = torch.tensor(ints, dtype=torch.int64).to(device)  # one host-to-device copy per new arch
+        # One host-to-device copy per new arch, from pinned memory so that it does not block the host (pool
+        # evaluation builds a plan per arch); the pinned block is not reused before the copy has run.
+        pinned = device.type == "cuda"
+        dev = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
         view = {k: dev.narrow(0, a, n) for k, (a, n) in segs.items()}
         plan.gather = {(k[1], k[2]): v for k, v in view.items() if k[0] == "g"}
         plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}

@@ -201,7 +201,8 @@ class SupernetTrainer:
         # Copy the flag behind the forward's kernels; waiting on this event does not wait for the backward.
         self._flag_host.copy_(flag.view(1), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        # On self.device's stream, which the copy above ran on: the current device may be another GPU.
+        event.record(torch.cuda.current_stream(self.device))
         self._pending_event = event
         return None  # resolved after the backward is launched
 
