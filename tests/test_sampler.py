@@ -216,7 +216,8 @@ def test_set_weights_keeps_stream_position():
     new_weights = WEIGHTS["pareto"]
     sampler.set_weights(new_weights)
     assert sampler.num_drawn == 100 and sampler.num_items == new_weights.size
-    expected = ops.alias_draw(ops.alias_table(torch.from_numpy(new_weights)), 5_000, 21, 100)
+    # The NumPy reference (the sampler runs the compiled kernels when they are built).
+    expected = ops.reference_alias_draw(ops.reference_alias_table(torch.from_numpy(new_weights)), 5_000, 21, 100)
     assert [sampler.draw() for _ in range(5_000)] == expected.tolist()
 
 
@@ -245,7 +246,7 @@ def test_reference_matches_compiled_kernels(shape):
     assert torch.equal(table, ops.reference_alias_table(weights))
     assert torch.equal(torch.ops.bnao.alias_table(weights.float()), ops.reference_alias_table(weights.float()))
     for seed, offset in [(0, 0), (2**64 - 1, 2**40 + 17), (-5, 3), (123456789, 2**32 - 100)]:
-        compiled = ops.alias_draw(table, 20_000, seed, offset)
+        compiled = torch.ops.bnao.alias_draw(table, 20_000, ops.to_signed_seed(seed), offset)
         assert torch.equal(compiled, ops.reference_alias_draw(table, 20_000, seed, offset)), (seed, offset)
 
 
@@ -266,16 +267,63 @@ def test_reference_matches_compiled_on_rounding_edge_cases():
         assert torch.equal(torch.ops.bnao.alias_table(weights), ops.reference_alias_table(weights))
 
 
+@needs_extension
 def test_dispatch_falls_back_to_reference(monkeypatch):
+    """Without a kernel for the device, the ops and the sampler run the NumPy reference: same table, same draws
+    as the compiled kernels (called here directly, not through the dispatch under test)."""
     weights = torch.from_numpy(WEIGHTS["some_zeros"])
-    expected_table = ops.alias_table(weights)
-    expected_draws = ops.alias_draw(expected_table, 1000, 3, 10)
+    expected_table = torch.ops.bnao.alias_table(weights)
+    expected_draws = torch.ops.bnao.alias_draw(expected_table, 1000, 3, 10)
+    ran = []
+    for name in ("reference_alias_table", "reference_alias_draw"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: ran.append(_n) or _f(*a))
+    assert torch.equal(ops.alias_table(weights), expected_table)  # compiled: the reference must not run
+    assert ran == [], "with the kernels built, the dispatch ran the reference"
     monkeypatch.setattr(extension, "has_kernel", lambda op, device="cpu": False)
     assert torch.equal(ops.alias_table(weights), expected_table)
     assert torch.equal(ops.alias_draw(expected_table, 1000, 3, 10), expected_draws)
+    assert ran == ["reference_alias_table", "reference_alias_draw"]
     sampler = create_sampler("proportional", weights, seed=3)
     sampler.draw(10)
     assert sampler.draw(1000).tolist() == expected_draws.tolist()
+    assert set(ran[2:]) == {"reference_alias_table", "reference_alias_draw"}
+
+
+# Weights {1, 0, 2, 7}: the table built by hand in csrc/tests/test_alias.cpp (scale 0.4; columns 0, 1, 2
+# keep floor(0.4 * 2^32), 0 and floor(0.8 * 2^32) and alias 3; column 3 aliases itself), and draws
+# 1000..1015 of stream 42 derived by hand from the Philox words (n = 4: column = top two bits of r1).
+HAND_WEIGHTS = [1.0, 0.0, 2.0, 7.0]
+HAND_THRESHOLDS = [1717986918, 0, 3435973836, 0xFFFFFFFF]
+HAND_ALIASES = [3, 3, 3, 3]
+HAND_DRAWS_42_FROM_1000 = [2, 3, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 2, 3, 2, 2]
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("compiled", marks=needs_extension)])
+def test_table_and_draws_match_hand_derivation(impl):
+    """The NumPy reference and the compiled kernels against a table and draws worked out by hand."""
+    if impl == "reference":
+        table_of, draw = ops.reference_alias_table, ops.reference_alias_draw
+    else:
+        table_of = torch.ops.bnao.alias_table
+        draw = lambda t, n, seed, offset: torch.ops.bnao.alias_draw(t, n, ops.to_signed_seed(seed), offset)  # noqa: E731
+    table = table_of(torch.tensor(HAND_WEIGHTS, dtype=torch.float64))
+    thresholds, aliases = ops.unpack_table(table)
+    assert thresholds.tolist() == HAND_THRESHOLDS and aliases.tolist() == HAND_ALIASES
+    assert draw(table, 16, 42, 1000).tolist() == HAND_DRAWS_42_FROM_1000
+    # The draw rule written out with Python integers, over many draws: column = hi64(((r1 << 32) | r0) * n),
+    # kept when r2 < threshold, else the alias. The Philox words come from the reference Philox, which is
+    # checked against the Random123 known answers above.
+    offset, count = 2**32 - 500, 2000  # the counter's high word changes inside the range
+    c = np.arange(count, dtype=np.uint64) + np.uint64(offset)
+    zeros = np.zeros(count, dtype=np.uint64)
+    r0, r1, r2, _ = ops.reference_philox4x32_10((c & np.uint64(0xFFFFFFFF), c >> np.uint64(32), zeros, zeros),
+                                                (42, 0))
+    expected = []
+    for w0, w1, w2 in zip(r0.tolist(), r1.tolist(), r2.tolist()):
+        column = (((w1 << 32) | w0) * 4) >> 64
+        expected.append(column if w2 < HAND_THRESHOLDS[column] else HAND_ALIASES[column])
+    assert draw(table, count, 42, offset).tolist() == expected
 
 
 @needs_extension
