@@ -27,6 +27,7 @@ exempts identity branches).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ from ..ops.cell import (
 from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 
+log = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,15 @@ class _CellInfo:
 def _kaiming(shape: Sequence[int], fan_in: int) -> torch.Tensor:
     # NAO initialises every conv / linear weight with Kaiming normal (fan_in, gain sqrt(2)).
     return torch.randn(*shape) * math.sqrt(2.0 / fan_in)
+
+
+def _device_present(device: torch.device) -> bool:
+    """Whether ``device`` exists on this machine (CPU always; ``cuda:i`` when that GPU is visible)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return False
 
 
 class _ConvBN(nn.Module):
@@ -193,6 +205,8 @@ class Supernet(nn.Module):
         self.plan_cache_size = plan_cache_size
         self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
         self._generators: Dict[str, torch.Generator] = {}
+        # Generator states of devices this machine lacks (from a checkpoint written elsewhere), kept to be saved again.
+        self._absent_rng: Dict[str, torch.Tensor] = {}
         self.num_cells = 3 * layers + 2
         self.reduction_indices = (layers, 2 * layers + 1)
         self.aux_index = 2 * layers + 1
@@ -332,13 +346,33 @@ class Supernet(nn.Module):
         return gen
 
     def rng_state(self) -> Dict[str, torch.Tensor]:
-        """States of the mask generators, by device."""
-        return {k: g.get_state() for k, g in self._generators.items()}
+        """States of the mask generators, keyed by device (``"cpu"``, ``"cuda:0"``, ...).
+
+        States restored for a device this machine lacks are included unchanged, so a run that moves from a
+        GPU to a CPU machine and back picks its GPU stream up where it left it.
+        """
+        state = dict(self._absent_rng)
+        state.update({k: g.get_state() for k, g in self._generators.items()})
+        return state
 
     def set_rng_state(self, state: Dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`rng_state`."""
-        for key, s in state.items():
-            self.generator(torch.device(key)).set_state(s)
+        """Restores :meth:`rng_state`, also on a machine with other devices.
+
+        A state restores exactly on a machine that has its device. A state of a device this machine lacks
+        (a GPU checkpoint resumed on a CPU machine, or the reverse) is kept aside and saved again; the masks
+        on this machine's device then come from a generator seeded with :attr:`seed`. So across device types
+        the weights, optimizer state, schedule and sampler draws continue exactly, but the drop-path and
+        dropout masks do not (CPU and CUDA generators give different streams for one seed anyway).
+        """
+        for key, saved in state.items():
+            device = torch.device(key)
+            if _device_present(device):
+                self._absent_rng.pop(key, None)
+                self.generator(device).set_state(saved)
+            else:
+                self._absent_rng[key] = saved
+                log.warning("supernet mask generator state for %s kept aside (no such device here): masks on this "
+                            "machine come from a fresh stream, so they differ from an uninterrupted run's", key)
 
     def set_step(self, step: int) -> None:
         """Sets the training step for the drop-path schedule (counted from 0 in each search iteration)."""

@@ -25,7 +25,13 @@ used by the search, which normalises with batch statistics.)
 Resume: :meth:`SupernetTrainer.state_dict` holds the model, the optimizer,
 the schedule, the step counters, the draw counts, the sampler, the loader
 position and every random generator in play, so a resumed run continues with
-bit-identical weights (on the same device and software).
+bit-identical weights (on the same device and software). A checkpoint also
+moves between a GPU and a CPU machine (it is loaded onto the CPU first): the
+weights, optimizer state, schedule, counters, pool and sampler draws (one
+stream on every device) continue exactly, whereas the loader's order and
+augmentation and the drop-path masks come from the new device's generators
+(CPU and CUDA streams differ for one seed), so the continued run is a faithful
+continuation but not bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations

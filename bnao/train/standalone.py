@@ -233,6 +233,18 @@ class StandaloneTrainer:
             return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         return []
 
+    def _read_flag(self, flag: torch.Tensor) -> bool:
+        """A 0-dim bool tensor's value; on CUDA through pinned memory, waiting only for the work queued so far."""
+        if self.device.type != "cuda":
+            return bool(flag)
+        if getattr(self, "_flag_host", None) is None:
+            self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+        self._flag_host.copy_(flag.view(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        event.synchronize()
+        return bool(self._flag_host[0])
+
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
@@ -354,14 +366,15 @@ class StandaloneTrainer:
             if aux_logits is not None:
                 loss = loss + cfg.auxiliary_weight * self._loss(aux_logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
-            # A non-finite loss or gradient would poison the weights and momentum: skip the update.
-            # The .item() syncs once per step, a cost worth paying for not corrupting a long run.
-            finite = bool(torch.isfinite(loss).item())
-            if finite:
-                loss.backward()
-                if cfg.grad_clip:
-                    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    finite = bool(torch.isfinite(norm).item())
+            # A non-finite loss or gradient would poison the weights and momentum: skip the update. The
+            # backward and the clipping are queued before the host looks at the flag, so the GPU keeps
+            # working while the host waits (the backward of a rare bad step is wasted, not harmful).
+            loss.backward()
+            ok = torch.isfinite(loss.detach())
+            if cfg.grad_clip:
+                norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                ok = ok & torch.isfinite(norm)
+            finite = self._read_flag(ok)
             if finite:
                 self.optimizer.step()
                 bad_run = 0

@@ -13,14 +13,16 @@ Two pipelines:
   than by ``fn.random.coin_flip``/``fn.random.uniform``, whose RNG state
   cannot be restored mid-epoch: this makes the array pipeline exactly
   resumable and on the CPU identical to the ``tensor`` and ``torch`` loaders.
-* Folder datasets: ``fn.readers.file`` over the epoch's file list in our
-  seeded order, ``fn.decoders.image_random_crop`` (``device="mixed"``: nvJPEG
-  on the GPU; ``"cpu"`` without one), ``fn.resize``, flip by
-  ``fn.random.coin_flip``, ``fn.crop_mirror_normalize`` and optional cutout.
-  Resume is exact in order but not in augmentation mid-epoch: DALI's random
-  ops are seeded with ``(seed, epoch, start batch)``, so a run resumed at
-  batch ``k`` draws other crops for the rest of the epoch than an
-  uninterrupted one (exact again from the next epoch on).
+* Folder datasets: ``fn.external_source`` fed whole batches of encoded files
+  in our seeded order (read by a thread pool), ``fn.decoders.image_random_crop``
+  (``device="mixed"``: nvJPEG on the GPU; ``"cpu"`` without one),
+  ``fn.resize``, flip by ``fn.random.coin_flip``, ``fn.crop_mirror_normalize``
+  and optional cutout. The pipeline (with its GPU decoder) is built once and
+  runs across epochs; it is rebuilt only when training jumps (a resume).
+  Resume is exact in order but not in augmentation: DALI's random ops are
+  seeded with ``(seed, epoch, start batch)`` of the position the pipeline was
+  built at and their state cannot be saved, so a resumed run draws other crops
+  and flips from then on than an uninterrupted one.
 
 ``device="cpu"`` builds CPU-only pipelines (``device_id=None``), which is what
 CI tests; ``"cuda:i"`` runs the ops on GPU ``i`` and returns CUDA tensors.
@@ -29,6 +31,7 @@ CI tests; ``"cuda:i"`` runs the ops on GPU ``i`` and returns CUDA tensors.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
@@ -89,6 +92,7 @@ class DaliLoader(Loader):
         self.prefetch = int(prefetch)
         self._iter: Any = None
         self._next: Optional[Tuple[int, int]] = None  # (epoch, batch) the pipeline gives next
+        self.pipelines_built = 0  # a pipeline runs across epochs; rebuilt only when training jumps
 
     # ------------------------------------------------------------------ array pipeline
     def _array_feed(self, epoch: int, start: int) -> Iterator[tuple]:
@@ -151,20 +155,32 @@ class DaliLoader(Loader):
         return pipe
 
     # ------------------------------------------------------------------ folder pipeline
+    def _folder_feed(self, epoch: int, start: int) -> Iterator[tuple]:
+        """Endless full batches of encoded files from ``(epoch, start)`` on; short last batches are padded."""
+        ds, bsz = self.dataset, self.batch_size
+        gen = torch.Generator()
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            while True:
+                order = epoch_permutation(self.seed, epoch, len(ds), self.shuffle, gen).numpy()
+                for b in range(start, len(self)):
+                    lo, hi = self.batch_range(b)
+                    idx = order[lo:hi]
+                    if len(idx) < bsz:  # DALI batches are full: pad, trimmed after the pipeline
+                        idx = np.concatenate([idx, np.repeat(idx[-1:], bsz - len(idx))])
+                    files = list(pool.map(lambda i: np.fromfile(ds.paths[i], dtype=np.uint8), idx))
+                    yield files, np.asarray(ds.labels[idx], dtype=np.int64)
+                epoch, start = epoch + 1, 0
+
     def _folder_pipeline(self, epoch: int, start: int):
         Pipeline, fn, types, _ = self._dali
         ds, cfg, bsz = self.dataset, self.augment, self.batch_size
-        order = epoch_permutation(self.seed, epoch, len(ds), self.shuffle, torch.Generator()).numpy()
-        idx = order[start * bsz:self.batch_range(len(self) - 1)[1]]
-        if len(idx) % bsz:
-            idx = np.concatenate([idx, np.repeat(idx[-1:], bsz - len(idx) % bsz)])
+        feed = self._folder_feed(epoch, start)
         size = ds.image_size
         decoder = "mixed" if self.device_id is not None else "cpu"
         pipe = Pipeline(batch_size=bsz, num_threads=self.num_threads, device_id=self.device_id,
                         prefetch_queue_depth=self.prefetch, seed=mix_seed(self.seed, epoch, start) % (2**31))
         with pipe:
-            jpegs, labels = fn.readers.file(files=[ds.paths[i] for i in idx], labels=ds.labels[idx].tolist(),
-                                            random_shuffle=False, name="Reader")
+            jpegs, labels = fn.external_source(source=lambda: next(feed), batch=True, num_outputs=2)
             if cfg.random_resized_crop:
                 images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
                                                        random_area=list(cfg.resize_scale),
@@ -201,6 +217,7 @@ class DaliLoader(Loader):
         build = self._array_pipeline if isinstance(self.dataset, ArrayDataset) else self._folder_pipeline
         pipe = build(epoch, start)
         pipe.build()
+        self.pipelines_built += 1
         self._iter = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
         self._next = (epoch, start)
 
@@ -210,8 +227,6 @@ class DaliLoader(Loader):
         for b in range(start, len(self)):
             out = next(self._iter)[0]
             self._next = (epoch, b + 1) if b + 1 < len(self) else (epoch + 1, 0)
-            if isinstance(self.dataset, FolderDataset) and self._next[1] == 0:
-                self._next = None  # the folder pipeline holds one epoch's file list only
             lo, hi = self.batch_range(b)
             x, y = out["images"][: hi - lo], out["labels"][: hi - lo].reshape(-1).long()
             if self.channels_last:

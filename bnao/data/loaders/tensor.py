@@ -9,10 +9,12 @@ arithmetic on ``[B, H]`` and ``[B, W]`` vectors, one gather straight from the
 resident dataset, the normalisation (one ``addcmul``) and the cutout mask. The host does no per-image work and
 never synchronises with the device.
 
-Exactly resumable: the epoch order comes from a device generator seeded with
-``(seed, epoch)`` and batch ``b``'s augmentation from one seeded with
-``(seed, epoch, b)``. The same seed gives different (equally distributed)
-batches on CPU and CUDA, whose generators differ.
+Exactly resumable, and the same batches on every device: the epoch order comes
+from a CPU generator seeded with ``(seed, epoch)`` and batch ``b``'s
+augmentation parameters (``[B, 5]`` integers) from one seeded with
+``(seed, epoch, b)``; on a GPU they travel in one non-blocking copy from pinned
+memory (an order once per epoch, a few hundred bytes per batch), so CPU and
+CUDA runs of a seed see the same images, crops, flips and cutouts.
 """
 
 from __future__ import annotations
@@ -58,13 +60,21 @@ class TensorLoader(Loader):
         self._data = pad_images(torch.from_numpy(dataset.images).to(self.device), self.pad)
         self._labels = torch.from_numpy(dataset.labels).to(self.device)
         self._scale, self._shift = normalisation(dataset.mean, dataset.std, self.device)
-        self._gen = torch.Generator(device=self.device)
+        # On the CPU whatever the device: one stream of orders and parameters for CPU and CUDA runs.
+        self._gen = torch.Generator()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t
+        # Pinned source: the copy does not block the host; the pinned block is not reused before it ran.
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _batch(self, index: torch.Tensor, epoch: int, b: int) -> Batch:
         params = None
         if self.augment.random:
             self._gen.manual_seed(mix_seed(self.seed, epoch, b))
-            params = sample_params(index.shape[0], self.height, self.width, self.augment, self._gen)
+            params = self._to_device(sample_params(index.shape[0], self.height, self.width, self.augment,
+                                                   self._gen))
         x = gather_augment(self._data, index, params, self.height, self.width, self.pad, self.augment,
                            self._scale, self._shift)
         x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: already channels_last
@@ -73,7 +83,7 @@ class TensorLoader(Loader):
         return x, self._labels[index]
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        order = epoch_permutation(self.seed, epoch, len(self.dataset), self.shuffle, self._gen)
+        order = self._to_device(epoch_permutation(self.seed, epoch, len(self.dataset), self.shuffle, self._gen))
         for b in range(start, len(self)):
             lo, hi = self.batch_range(b)
             yield self._batch(order[lo:hi], epoch, b)
