@@ -93,7 +93,7 @@ def ranking_front(ranking: Iterable[Dict[str, Any]], measure: str, size_key: str
     rows = list(ranking)
     if not rows:
         return []
-    sizes = [r.get(size_key, r["size"]) for r in rows]
+    sizes = [r[size_key] if size_key in r else r["size"] for r in rows]
     return front_records("standalone", [r["arch"] for r in rows], [r["hash"] for r in rows],
                          [r["standalone_accuracy"] for r in rows], sizes, measure)
 
