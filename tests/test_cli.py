@@ -1,11 +1,15 @@
 """The command line: dispatch, help, `bnao info` and `python -m bnao.info`."""
 
 import importlib
+import importlib.metadata
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
-from bnao import extension
+import torch
+
 from bnao.cli import COMMANDS, build_parser, main
 
 
@@ -22,15 +26,41 @@ def test_no_command_prints_help(capsys):
     assert "search" in capsys.readouterr().out
 
 
+def _info_json(**env_changes) -> dict:
+    """`bnao info --json` in a fresh process (the extension's load state is decided once per process)."""
+    env = dict(os.environ)
+    env.pop("BNAO_DISABLE_EXTENSION", None)
+    env.update(env_changes)
+    out = subprocess.run([sys.executable, "-m", "bnao", "info", "--json"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
+# The ops declared by csrc/bnao.cpp, each with a CPU kernel.
+CORE_OPS = {"alias_table", "alias_draw", "model_size"}
+
+
 def test_info_reports_versions_kernels_and_loaders(capsys):
+    # Expectations from outside bnao.extension: the installed distribution's metadata, torch itself, and
+    # whether a compiled bnao._C file sits in the package.
+    compiled_file = importlib.util.find_spec("bnao._C") is not None
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["torch"] and report["bnao"]
-    assert report["extension_loaded"] == extension.has_ops()
-    if extension.has_ops():
-        assert {"alias_table", "alias_draw", "model_size"} <= set(report["kernels"])
-        assert all(report["kernels"][op]["cpu"] for op in ("alias_table", "alias_draw", "model_size"))
+    assert report["bnao"] == importlib.metadata.version("bnao")
+    assert report["torch"] == torch.__version__
     assert "tensor" in report["loaders"]
+    if os.environ.get("BNAO_DISABLE_EXTENSION") != "1":
+        assert report["extension_loaded"] is compiled_file, report["extension_error"]
+        if compiled_file:
+            assert report["extension_error"] is None
+            assert CORE_OPS <= set(report["kernels"])
+            assert all(report["kernels"][op]["cpu"] for op in CORE_OPS)
+        else:
+            assert report["kernels"] == {}
+
+    disabled = _info_json(BNAO_DISABLE_EXTENSION="1")
+    assert disabled["extension_loaded"] is False and disabled["kernels"] == {}
+    assert "BNAO_DISABLE_EXTENSION" in disabled["extension_error"]
 
 
 def test_python_dash_m_entry_points():
