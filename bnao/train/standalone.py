@@ -204,9 +204,12 @@ class StandaloneTrainer:
 
             augment = AugmentConfig(cutout=cfg.cutout) if cfg.augment else AugmentConfig(
                 crop_padding=0, flip=False, cutout=cfg.cutout)
+        # On the CPU, PyTorch's depthwise-conv weight gradient is ~40x slower on NCHW than on NHWC tensors
+        # (measured: 12.6 s vs 0.29 s a step at N=1, C=8, batch 128, 28x28), so the CPU always trains NHWC.
+        self.channels_last = cfg.channels_last or self.device.type == "cpu"
         self.train_loader = create_loader(
             cfg.loader, train_data, cfg.batch_size, device=self.device, augment=augment, shuffle=True,
-            drop_last=True, seed=mix_seed(cfg.seed, _SALT_LOADER), channels_last=cfg.channels_last)
+            drop_last=True, seed=mix_seed(cfg.seed, _SALT_LOADER), channels_last=self.channels_last)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
@@ -216,7 +219,7 @@ class StandaloneTrainer:
                 self.arch, space, skeleton=cfg.skeleton, layers=cfg.layers, channels=cfg.channels,
                 num_classes=cfg.num_classes, in_channels=cfg.in_channels, auxiliary=cfg.auxiliary,
                 drop_path_keep_prob=cfg.drop_path_keep_prob, dropout=cfg.dropout, total_steps=self.total_steps)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model.to(device=self.device, memory_format=memory_format)
         self.params = count_parameters(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum,
@@ -336,7 +339,7 @@ class StandaloneTrainer:
         if data is None:
             raise ValueError("no evaluation data")
         return evaluate_model(self.model, data, batch_size or self.config.eval_batch_size, self.device,
-                              loader=self.config.loader, channels_last=self.config.channels_last,
+                              loader=self.config.loader, channels_last=self.channels_last,
                               bf16=self.config.bf16)
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
