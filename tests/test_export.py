@@ -57,6 +57,14 @@ def _batch(n=5, side=32, channels=3):
     return torch.randn(n, channels, side, side, generator=torch.Generator().manual_seed(42))
 
 
+def _jit_load(path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in this torch, still supported
+        return torch.jit.load(str(path))
+
+
 def _close(exported, original):
     scale = max(1.0, float(original.abs().max()))
     return float((exported - original).abs().max()) <= RELATIVE_TOLERANCE * scale
@@ -176,3 +184,31 @@ def test_weights_that_do_not_fit(tmp_path):
         load_for_export(path, arch=str(other))
     with pytest.raises(ExportError, match="unknown export format"):
         export_network(load_for_export(path, arch=ARCH), "pickle", tmp_path / "x")
+
+
+def test_from_bnao_train_outputs(tmp_path, capsys):
+    """A real `bnao train` run: its model.pt, its checkpoint.pt, and its arch with the checkpoint as --weights."""
+    import bnao
+
+    run = tmp_path / "train"
+    assert cli_main(["train", ARCH, "--dataset", "synthetic", "--train-limit", "64", "--test-limit", "32",
+                     "--epochs", "1", "--layers", "1", "--channels", "4", "--batch-size", "32", "--out", str(run),
+                     "--no-progress", "--threads", "1"]) == 0
+    model, info = bnao.load_model(run / "model.pt")  # the top-level API the README documents
+    assert info["config"]["auxiliary"] and model.auxiliary_head is not None
+    images = _batch(n=4)
+    with torch.no_grad():
+        original = model(images)
+    for args in ([str(run / "model.pt")], [str(run / "checkpoint.pt")], [ARCH, "--weights", str(run / "checkpoint.pt")]):
+        out = tmp_path / "net.ts"
+        assert cli_main(["export", *args, "--format", "torchscript", "--out", str(out), "--threads", "1"]) == 0
+        assert "largest |exported - original|" in capsys.readouterr().out
+        with torch.no_grad():
+            assert _close(_jit_load(out)(images), original)
+    rebuilt = bnao.build_network(ARCH, "small", layers=1, channels=4, num_classes=10, auxiliary=True)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(images), original)
+    other = str(SPACE.arch(SPACE.sample_array(1, rng=9)[0]))
+    assert cli_main(["export", other, "--weights", str(run / "checkpoint.pt"), "--out", str(tmp_path / "x.ts")]) == 2
+    assert f"holds arch {ARCH!r}" in capsys.readouterr().err
