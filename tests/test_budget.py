@@ -185,3 +185,13 @@ def test_generation_accepts_only_what_the_filter_allows():
     assert info["rejected"] >= 0 and info["rounds"] <= 6
     none, info = controller.generate(seeds, 5, return_info=True, max_rounds=4, accept=lambda a: np.zeros(len(a), bool))
     assert len(none) == 0 and info["rounds"] == 4 and info["rejected"] > 0
+
+
+def test_size_range_command(capsys):
+    assert main(["size", "--range", "--layers", "2", "--channels", "6", "--measure", "both"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    extremes = size_extremes(NAOSpace(), **SHAPE)
+    assert lines[0] == f"params {extremes['params'].smallest} {extremes['params'].largest}"
+    assert lines[3] == f"madds {extremes['madds'].smallest} {extremes['madds'].largest}"
+    smallest_arch = lines[1].split(":", 1)[1].split()
+    assert model_size(" ".join(smallest_arch), layers=2, channels=6)[0] == extremes["params"].smallest

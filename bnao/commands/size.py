@@ -4,7 +4,9 @@ Archs come as arguments (each quoted: ``"0 1 0 1 ..."``) or one per line from
 ``--file`` (``-`` reads stdin; blank lines and ``#`` comments are skipped).
 Prints one count per line, in input order (``--measure both``: two columns,
 parameters then multiply-adds). An invalid arch is reported with its line
-number (or argument number) and the exit code is 2.
+number (or argument number) and the exit code is 2. ``--range`` prints instead
+the exact smallest and largest sizes of the whole space at that network, with
+an arch of each (what a search budget can ask for).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-channels", type=int, default=3, help="image channels (default 3)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input side for multiply-adds (default 32 cifar, 224 imagenet)")
+    parser.add_argument("--range", action="store_true",
+                        help="print the smallest and largest sizes of the whole space at this network (exact), "
+                             "with an arch of each, instead of sizing archs")
     parser.add_argument("--measure", default="params", choices=["params", "madds", "both"],
                         help="what to print (default params)")
 
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"bnao size: {err}", file=sys.stderr)
         return 2
+    if args.range:
+        return _print_range(args, space)
     try:
         items = _read_inputs(args)
     except OSError as err:
@@ -86,4 +93,23 @@ def run(args: argparse.Namespace) -> int:
     col = {"params": [0], "madds": [1], "both": [0, 1]}[args.measure]
     lines = [" ".join(str(int(v)) for v in row[col]) for row in out]
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _print_range(args: argparse.Namespace, space) -> int:
+    """``--range``: one line per measure, ``measure smallest largest``, then the two archs."""
+    from ..size.extremes import size_extremes
+
+    try:
+        extremes = size_extremes(space, skeleton=args.skeleton, layers=args.layers, channels=args.channels,
+                                 classes=args.classes, in_channels=args.in_channels, image_size=args.image_size)
+    except ValueError as err:
+        print(f"bnao size: {err}", file=sys.stderr)
+        return 2
+    measures = ("params", "madds") if args.measure == "both" else (args.measure,)
+    for measure in measures:
+        found = extremes[measure]
+        print(f"{measure} {found.smallest} {found.largest}")
+        print(f"  smallest: {' '.join(map(str, found.smallest_arch.tolist()))}")
+        print(f"  largest:  {' '.join(map(str, found.largest_arch.tolist()))}")
     return 0
