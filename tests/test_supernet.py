@@ -211,18 +211,57 @@ def test_few_parameter_tensors():
     assert len(m.slot_params) == 3 * 16 + 2 * 3
 
 
+# Drop-path keep probabilities worked out by hand (SPEC section 4) for 5 cells (N=1), base keep 0.9 and
+# 10 supernet steps per search iteration: cell c (0..4) at step s keeps 1 - (s+1)/10 * (c+1)/5 * (1 - 0.9).
+HAND_KEEP_0_9_OF_10 = {
+    0: [0.998, 0.996, 0.994, 0.992, 0.990],  # progress 1/10
+    4: [0.990, 0.980, 0.970, 0.960, 0.950],  # progress 5/10
+    9: [0.980, 0.960, 0.940, 0.920, 0.900],  # progress 1: the last cell reaches the base keep 0.9
+}
+# Base keep 0.6, 100 steps: 1 - (s+1)/100 * (c+1)/5 * 0.4.
+HAND_KEEP_0_6_OF_100 = {
+    0: [0.9992, 0.9984, 0.9976, 0.9968, 0.9960],
+    49: [0.96, 0.92, 0.88, 0.84, 0.80],
+    99: [0.92, 0.84, 0.76, 0.68, 0.60],
+}
+
+
+def test_keep_probs_hand_computed_and_ramp_restarts_every_iteration():
+    m = _small(NAOSpace(), drop_path_keep_prob=0.9, total_steps=10)
+    assert m.num_cells == 5
+    for step, want in HAND_KEEP_0_9_OF_10.items():
+        m.set_step(step)
+        assert m.keep_probs() == pytest.approx(want, abs=1e-12), step
+    # total_steps is one search iteration's steps and the step counts from 0 again in every iteration:
+    # three iterations of 10 steps ramp up three times, from the same start to the same end.
+    for iteration in range(3):
+        for step in range(10):
+            m.set_step(step)
+            keeps = m.keep_probs()
+            if step in HAND_KEEP_0_9_OF_10:
+                assert keeps == pytest.approx(HAND_KEEP_0_9_OF_10[step], abs=1e-12), (iteration, step)
+            assert keeps[-1] == pytest.approx(1.0 - (step + 1) / 10 * 0.1, abs=1e-12), (iteration, step)
+    # Past the end of an iteration the progress stays at 1 (never below the base keep).
+    m.set_step(25)
+    assert m.keep_probs() == pytest.approx(HAND_KEEP_0_9_OF_10[9], abs=1e-12)
+    # Without a step count the progress factor is 1; without drop-path every cell keeps everything.
+    m = _small(NAOSpace(), drop_path_keep_prob=0.9, total_steps=None)
+    m.set_step(3)
+    assert m.keep_probs() == pytest.approx(HAND_KEEP_0_9_OF_10[9], abs=1e-12)
+    assert _small(NAOSpace(), drop_path_keep_prob=None, total_steps=10).keep_probs() == [1.0] * 5
+
+
 def test_drop_path_statistics_follow_schedule():
     space = NAOSpace()
     m = _small(space, drop_path_keep_prob=0.6, total_steps=100)
-    for step in (0, 49, 99):
+    for step, want in HAND_KEEP_0_6_OF_100.items():
         m.set_step(step)
-        keeps = m.keep_probs()
+        assert m.keep_probs() == pytest.approx(want, abs=1e-12), step
         masks = m.drop_path_masks(20000, torch.device("cpu"))
-        for cell, keep in enumerate(keeps):
-            expected = 1.0 - (step + 1) / 100 * (cell + 1) / m.num_cells * 0.4
-            assert keep == pytest.approx(expected)
+        for cell, keep in enumerate(want):
+            # 20000 x 10 Bernoulli draws a cell: the kept fraction has a standard deviation below 0.0012.
             kept = masks[cell] > 0
-            assert kept.float().mean().item() == pytest.approx(keep, abs=0.01)
+            assert kept.float().mean().item() == pytest.approx(keep, abs=0.01), (step, cell)
             torch.testing.assert_close(masks[cell][kept], torch.full_like(masks[cell][kept], 1.0 / keep))
     # Training forward uses the masks (outputs vary); identical generator state gives identical outputs.
     x = torch.randn(4, 3, 8, 8)
