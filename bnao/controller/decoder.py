@@ -20,16 +20,13 @@ from ._util import dropout, normal_, reset_linear, reset_lstm
 
 SOS_ID = 0
 
-# NAO initialises the attention projection with U(-0.04, 0.04).
-_ATTENTION_INIT = 0.04
-
-
 class Decoder(nn.Module):
     """LSTM decoder with dot-product attention over the encoder outputs.
 
     Per step: token embedding (vocab -> hidden) -> LSTM (initial ``h`` and ``c``
     both the arch embedding, as NAO) -> attention context over the encoder
-    outputs -> ``tanh(W [context; output])`` -> linear to the vocabulary.
+    outputs (scores ``(W_in output) . encoder_output``) -> ``tanh(W_out [context; output])`` -> linear to
+    the vocabulary. The two attention projections have no bias, as the reference's ``Attention``.
 
     Args:
         vocab_size: Token vocabulary.
@@ -56,7 +53,8 @@ class Decoder(nn.Module):
         self.dropout = dropout
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         self.rnn = nn.LSTM(hidden_size, hidden_size, num_layers=1, batch_first=True)
-        self.attention_out = nn.Linear(2 * hidden_size, hidden_size)
+        self.attention_in = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.attention_out = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         self.out = nn.Linear(hidden_size, vocab_size)
         vocab = np.arange(vocab_size)[None, :]
         allowed = (vocab >= np.asarray(token_low)[:, None]) & (vocab < np.asarray(token_high)[:, None])
@@ -68,10 +66,11 @@ class Decoder(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default init (NAO's U(+-0.04) for the attention projection), from ``generator``."""
+        """PyTorch's default init of every layer, as the reference (NAO_V2 sets no init of its own), from ``generator``."""
         normal_(self.embedding.weight, 1.0, generator)
         reset_lstm(self.rnn, generator)
-        reset_linear(self.attention_out, generator, bound=_ATTENTION_INIT)
+        reset_linear(self.attention_in, generator)
+        reset_linear(self.attention_out, generator)
         reset_linear(self.out, generator)
 
     @staticmethod
@@ -82,7 +81,7 @@ class Decoder(nn.Module):
 
     def _attend(self, output: torch.Tensor, encoder_outputs: torch.Tensor) -> torch.Tensor:
         # output [n, T, H], encoder_outputs [n, S, H] -> [n, T, H]
-        scores = torch.bmm(output, encoder_outputs.transpose(1, 2))
+        scores = torch.bmm(self.attention_in(output), encoder_outputs.transpose(1, 2))
         context = torch.bmm(torch.softmax(scores, dim=-1), encoder_outputs)
         return torch.tanh(self.attention_out(torch.cat((context, output), dim=-1)))
 

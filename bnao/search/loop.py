@@ -33,6 +33,7 @@ from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
 from .budget import Budget, image_side
 from .config import diff
+from .final import standalone_settings, train_best
 from .pareto import write_run_fronts
 from .pool import Pool, read_pool_file
 from .report import Scalars, size_buckets, write_plots
@@ -245,6 +246,8 @@ class BalancedNAO:
                     self._phase_generate(it, started)
                 elif phase == "rerank":
                     self._phase_rerank(started)
+                elif phase == "final":
+                    self._phase_final(started)
         finally:
             self.scalars.close()
         return self.run_dir_best()
@@ -389,12 +392,7 @@ class BalancedNAO:
         results = rerank(
             self.pool.archs[top].astype(np.int64), self.space, self.train_set, self.dev_set,
             device=self.device, checkpoint_dir=self.run_dir.path / "rerank", progress=self.progress,
-            skeleton=c["supernet"]["skeleton"], layers=fc["layers"] or c["supernet"]["layers"],
-            channels=fc["channels"] or c["supernet"]["channels"], num_classes=self.num_classes,
-            in_channels=self.in_channels, epochs=fc["epochs"], batch_size=fc["batch_size"], lr_max=fc["lr_max"],
-            lr_min=fc["lr_min"], weight_decay=fc["weight_decay"], auxiliary=fc["auxiliary"],
-            auxiliary_weight=fc["auxiliary_weight"], drop_path_keep_prob=fc["drop_path_keep_prob"],
-            cutout=fc["cutout"], loader=c["data"]["loader"], seed=int(c["seed"]),
+            **standalone_settings(c, self.num_classes, self.in_channels),
         )
         ranking = []
         for res in results:
@@ -423,6 +421,25 @@ class BalancedNAO:
             f"stand-alone dev accuracy {best['standalone_accuracy']:.4f} ({fc['epochs']} epochs)  "
             f"[search {_fmt_seconds(best['search_seconds'])}, re-rank {_fmt_seconds(self.state['phase_seconds']['rerank'])}]"
         )
+        self._advance("final" if int(fc["full_epochs"]) > 0 else "done", started)
+
+    def _phase_final(self, started: float) -> None:
+        """Trains the re-rank's winner on the whole training split and tests it (``final.full_epochs``)."""
+        best = self.run_dir_best()
+        t0 = time.perf_counter()
+        result = train_best(self.config, best["arch"], self.space, self.run_dir.path, device=self.device,
+                            num_classes=self.num_classes, in_channels=self.in_channels, progress=self.progress,
+                            echo=self.echo)
+        if result is not None:
+            best["final"] = result
+            best["test_accuracy"] = result["test_accuracy"]
+            self.run_dir.write_json(self.run_dir.best_path, best)
+            self.echo(
+                f"final training: test accuracy {result['test_accuracy']:.4f} after {result['epochs']} epochs on "
+                f"{result['train_images']:,} images ({result['test_images']:,} test images) "
+                f"[{_fmt_seconds(time.perf_counter() - t0)}]; model saved to {result['model_file']}"
+            )
+        self.state["phase_seconds"]["final"] = time.perf_counter() - t0
         self._advance("done", started)
 
     # --------------------------------------------------------------- output
