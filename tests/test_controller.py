@@ -42,7 +42,7 @@ def trained():
     scores = 0.5 + 0.02 * sep_conv_count(archs)  # raw "accuracies", min-max normalised by fit
     ctrl = NAOController(SPACE, seed=3)
     # A shorter, hotter schedule than NAO's 1000 epochs at lr 1e-3 to keep the test quick.
-    result = ctrl.fit(archs, scores, epochs=40, batch_size=50, lr=5e-3, holdout=0.2)
+    result = ctrl.fit(archs, scores, epochs=40, batch_size=50, lr=5e-3, holdout=0.2, expand=2, expand_redraw=True)
     return ctrl, archs, scores, result
 
 
