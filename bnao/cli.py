@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("bnao.commands.eval", "evaluate a trained checkpoint on a test set"),
     "export": ("bnao.commands.export", "export a trained model as TorchScript, ONNX or a state dict"),
     "size": ("bnao.commands.size", "model size (parameters, multiply-adds) of architectures"),
+    "rank": ("bnao.commands.rank", "ranking correlation of one-shot and stand-alone accuracy (uniform vs proportional)"),
     "profile": ("bnao.commands.profile", "profile supernet training throughput"),
     "info": ("bnao.commands.info", "versions, build flags, kernels and loaders available"),
 }
