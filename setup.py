@@ -4,11 +4,14 @@ Switches (environment variables), printed at build time:
   BNAO_CUDA=auto|0|1     CUDA kernels: auto builds them when torch has CUDA and
                          nvcc is found; 1 requires them; 0 skips them.
   BNAO_NO_EXTENSION=1    install the pure-PyTorch package only.
-  TORCH_CUDA_ARCH_LIST   GPU targets (default "8.0;9.0" when no GPU is visible).
+  TORCH_CUDA_ARCH_LIST   GPU targets (default "8.0;9.0+PTX" when no GPU is visible: machine code for
+                         A100 and H100, PTX that newer GPUs compile at load time).
   MAX_JOBS               parallel compile jobs (ninja).
 
 Without a working C++ compiler (and BNAO_CUDA != 1) the build still succeeds:
 bnao then runs on its pure-PyTorch reference kernels and says so once at import.
+Under BNAO_CUDA=auto a failed CUDA compile is retried as a CPU-only build, so
+the compiled CPU kernels are kept.
 """
 
 import glob
@@ -29,6 +32,11 @@ def collect_sources():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/cpu/*.cpp"))
     cu = sorted(glob.glob("csrc/*/cuda/*.cu") + glob.glob("csrc/*/cuda/*.cpp"))
     return cpp, cu
+
+
+# Without a visible GPU: sm_80 (A100) and sm_90 (H100) machine code plus sm_90 PTX, which the driver
+# compiles for newer GPUs at load time.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def cuda_decision(torch, cpp_extension):
@@ -63,13 +71,19 @@ def make_extensions():
     with_cuda, why = cuda_decision(torch, cpp_extension)
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     cpp, cu = collect_sources()
     sources = cpp + (cu if with_cuda else [])
     debug = os.environ.get("BNAO_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
     extra = {"cxx": opt + ["-fvisibility=hidden"]}
+
+    def cpu_only_extension():
+        # The fallback after a failed CUDA compile: the same C++ sources, no .cu, no CUDA macro.
+        return cpp_extension.CppExtension("bnao._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
+                                          extra_compile_args={"cxx": list(extra["cxx"])})
+
     macros = []
     if with_cuda:
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
@@ -90,28 +104,51 @@ def make_extensions():
         extra_compile_args=extra,
     )
     build_info = {"cuda": with_cuda, "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""}
-    return [ext], {"build_ext": soft_build_ext(cpp_extension.BuildExtension, with_cuda, build_info)}
+    cuda_required = os.environ.get("BNAO_CUDA", "auto").lower() == "1"
+    build_ext = soft_build_ext(cpp_extension.BuildExtension, cuda_required, build_info,
+                               cpu_only_extension if with_cuda else None)
+    return [ext], {"build_ext": build_ext}
 
 
-def soft_build_ext(base, required, build_info):
-    """BuildExtension that records build flags and, unless CUDA was required, survives a compiler failure."""
+def soft_build_ext(base, cuda_required, build_info, cpu_fallback=None, root=ROOT):
+    """BuildExtension that records build flags and survives compiler failures where allowed.
+
+    A failed CUDA build is retried CPU-only (``cpu_fallback()`` builds that extension) unless
+    BNAO_CUDA=1; a failed CPU build leaves the pure-PyTorch package unless BNAO_REQUIRE_EXTENSION=1.
+    The build flags that took effect go to ``<root>/bnao/_build_info.json``.
+    """
 
     class SoftBuildExt(base.with_options(use_ninja=True)):
         def run(self):
             try:
                 super().run()
-            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to pure PyTorch
-                if required or os.environ.get("BNAO_REQUIRE_EXTENSION") == "1":
+            except Exception as err:  # noqa: BLE001 - any compiler failure has a fallback
+                if cuda_required or (cpu_fallback is None and os.environ.get("BNAO_REQUIRE_EXTENSION") == "1"):
+                    raise
+                if cpu_fallback is not None:
+                    log(f"WARNING: compiling the CUDA kernels failed ({err}); retrying without them")
+                    self._retry_cpu_only()
+                else:
+                    log(f"WARNING: building bnao._C failed ({err}); bnao will run on its pure-PyTorch kernels")
+            self._write_build_info()
+
+        def _retry_cpu_only(self):
+            self.extensions = [cpu_fallback()]
+            self.distribution.ext_modules = self.extensions
+            build_info.update(cuda=False, arch_list="", cuda_failed=True)
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001
+                if os.environ.get("BNAO_REQUIRE_EXTENSION") == "1":
                     raise
                 log(f"WARNING: building bnao._C failed ({err}); bnao will run on its pure-PyTorch kernels")
-            self._write_build_info()
 
         def _write_build_info(self):
             import json
 
             info = dict(build_info)
             info["torch"] = __import__("torch").__version__
-            target = os.path.join(ROOT, "bnao", "_build_info.json")
+            target = os.path.join(root, "bnao", "_build_info.json")
             with open(target, "w") as fh:
                 json.dump(info, fh)
             if not self.inplace:
