@@ -162,46 +162,45 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
         raise ValueError(f"{run_dir} has no history.jsonl records: the search did not finish a round")
     sn, cc, fc = config["supernet"], config["controller"], config["final"]
     steps_short = _short_steps(config)
-    train, evals, ctrl, gen = [], [], [], []
+    unit_costs: Dict[str, List[float]] = {"train": [], "eval": [], "controller": [], "generate": [], "rerank": []}
+    measured = dict.fromkeys(unit_costs, 0.0)
     for rec in history:
         ps = rec.get("phase_seconds", {})
-        evaluated = int(rec["pool"]) - int(rec.get("generated") or 0)
-        if "train" in ps:
-            train.append(ps["train"] / steps_short)
-        if "eval" in ps:
-            evals.append(ps["eval"] / evaluated)
-        if "controller" in ps:
-            ctrl.append(ps["controller"] / (int(cc["epochs"]) * evaluated))
-        if "generate" in ps and rec.get("generated"):
-            gen.append(ps["generate"] / int(rec["generated"]))
-    rerank = [r["standalone_seconds"] / int(fc["epochs"]) for r in ranking if "standalone_seconds" in r]
+        generated = int(rec.get("generated") or 0)
+        evaluated = int(rec["pool"]) - generated  # the summary is written after generation
+        units = {"train": steps_short, "eval": evaluated, "controller": int(cc["epochs"]) * evaluated,
+                 "generate": generated}
+        for phase, count in units.items():
+            if phase in ps:
+                measured[phase] += ps[phase]
+                if count:
+                    unit_costs[phase].append(ps[phase] / count)
+    for rec in ranking:
+        if "standalone_seconds" in rec:
+            measured["rerank"] += rec["standalone_seconds"]
+            unit_costs["rerank"].append(rec["standalone_seconds"] / int(fc["epochs"]))
 
     ref = reference
     rounds = ref["iterations"] + 1
-    steps_full = ref["epochs"] * (ref["train_images"] // ref["batch_size"])
     pools = [ref["pool_size"] + i * ref["new_per_iteration"] for i in range(rounds)]
-    phases = [
-        ("train", sum(t * steps_short for t in train), "step", _median(train), rounds * steps_full),
-        ("eval", None, "arch", _median(evals), sum(pools)),
-        ("controller", None, "epoch x arch", _median(ctrl), ref["controller_epochs"] * sum(pools[:-1])),
-        ("generate", None, "new arch", _median(gen), ref["iterations"] * ref["new_per_iteration"]),
-        ("rerank", sum(r["standalone_seconds"] for r in ranking if "standalone_seconds" in r), "arch x epoch",
-         _median(rerank), ref["rerank_top"] * ref["rerank_epochs"]),
-    ]
-    measured = {p: sum(rec.get("phase_seconds", {}).get(p, 0.0) for rec in history)
-                for p in ("train", "eval", "controller", "generate")}
-    out = []
-    for name, _, unit, unit_s, count in phases:
-        measured_s = measured.get(name) if name != "rerank" else phases[-1][1]
-        full = unit_s * count if unit_s is not None else None
-        out.append({"phase": name, "measured_s": measured_s, "unit": unit, "unit_s": unit_s, "full_count": count,
-                    "full_s": full})
-    known = [p["full_s"] for p in out if p["full_s"] is not None]
-    return {"phases": out, "total_s": sum(known) if len(known) == len(out) else None,
-            "measured_s": sum(v or 0.0 for v in measured.values()) + (phases[-1][1] or 0.0),
-            "rounds": len(history), "steps_per_round": steps_short,
-            "settings": {"supernet.epochs": sn["epochs"], "controller.epochs": cc["epochs"],
-                         "final.epochs": fc["epochs"], "final.rerank_top": fc["rerank_top"]}}
+    full_counts = {
+        "train": ("step", rounds * ref["epochs"] * (ref["train_images"] // ref["batch_size"])),
+        "eval": ("arch", sum(pools)),
+        "controller": ("epoch x arch", ref["controller_epochs"] * sum(pools[:-1])),
+        "generate": ("new arch", ref["iterations"] * ref["new_per_iteration"]),
+        "rerank": ("arch x epoch", ref["rerank_top"] * ref["rerank_epochs"]),
+    }
+    phases = []
+    for phase, (unit, count) in full_counts.items():
+        unit_s = _median(unit_costs[phase])
+        phases.append({"phase": phase, "measured_s": measured[phase], "unit": unit, "unit_s": unit_s,
+                       "full_count": count, "full_s": None if unit_s is None else unit_s * count})
+    known = [p["full_s"] for p in phases if p["full_s"] is not None]
+    return {"phases": phases, "total_s": sum(known) if len(known) == len(phases) else None,
+            "measured_s": sum(measured.values()), "rounds": len(history), "steps_per_round": steps_short,
+            "settings": {"supernet.epochs": sn["epochs"], "supernet.steps_per_epoch": sn.get("steps_per_epoch"),
+                         "controller.epochs": cc["epochs"], "final.epochs": fc["epochs"],
+                         "final.rerank_top": fc["rerank_top"]}}
 
 
 def _short_steps(config: Dict[str, Any]) -> int:

@@ -102,9 +102,9 @@ def pytest_cuda(ctx: Context) -> PartResult:
     if not ctx.gpu and not ctx.smoke:
         return PartResult("pytest-cuda", SKIP, "no GPU")
     xml = ctx.logs / "pytest-cuda.xml"
-    target = "tests/test_cuda_paths.py" if ctx.smoke else "tests"
+    targets = ["tests/test_cuda_paths.py", "tests/test_cuda_data.py"] if ctx.smoke else ["tests"]
     run = ctx.command([ctx.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
-                       f"--junitxml={xml}", target], "pytest-cuda.log")
+                       f"--junitxml={xml}", *targets], "pytest-cuda.log")
     if run.timed_out or not xml.exists():
         return PartResult("pytest-cuda", _status(run, False), _failure_summary(run, "pytest"),
                           log="logs/pytest-cuda.log")

@@ -1,0 +1,184 @@
+"""gpu-check's plumbing on the CPU: time limits, parsing, the search extrapolation and the report.
+
+The GPU parts themselves need a GPU; what decides whether their report can be
+trusted (a hung part is cut and its processes killed, counts are parsed right,
+figures are compared with the right targets, the extrapolation multiplies the
+right units) is checked here with hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from gpucheck import measure, report  # noqa: E402
+from gpucheck.runner import CUT, FAIL, PASS, SKIP, Context, Figure, Part, PartResult, run_parts  # noqa: E402
+
+
+def _ctx(tmp_path, budget=60.0):
+    return Context(tmp_path / "out", ROOT, sys.executable, gpu=False, smoke=False, deadline=time.monotonic() + budget)
+
+
+def test_figure_verdicts():
+    assert Figure("a", 3500.0, "img/s", 3000.0).verdict() == "met"
+    assert Figure("a", 2999.0, "img/s", 3000.0).verdict() == "missed"
+    assert Figure("s", 1700.0, "s", 1800.0, better="lower").verdict() == "met"
+    assert Figure("s", 1900.0, "s", 1800.0, better="lower").verdict() == "missed"
+    assert Figure("a", None, "img/s", 3000.0).verdict() == "not measured"
+    assert Figure("m", 812.0, "MiB").verdict() == "no target"
+    assert Figure("a", 3500.0, "img/s", 3000.0).verdict(comparable=False) == "not comparable"
+
+
+def test_run_parts_limits_kills_and_budget(tmp_path):
+    pid_file = tmp_path / "pid"
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def command_part(code):
+        def run(ctx):
+            res = ctx.command([sys.executable, "-c", code], "c.log")
+            status = CUT if res.timed_out else (PASS if res.returncode == 0 else FAIL)
+            return PartResult("", status, f"exit {res.returncode}")
+        return run
+
+    def broken(ctx):
+        raise KeyError("no such figure")
+
+    parts = [
+        Part("ok", "passes", 30, 1, command_part("pass")),
+        Part("bad", "exits 3", 30, 1, command_part("raise SystemExit(3)")),
+        Part("hang", "sleeps past its limit", 2, 1, command_part(hang)),
+        Part("broken", "driver raises", 30, 1, broken),
+        Part("late", "needs more than the budget has", 30, 1000, command_part("pass")),
+        Part("skipped", "not selected", 30, 1, command_part("pass")),
+    ]
+    start = time.monotonic()
+    results = run_parts(_ctx(tmp_path), parts, skip=["skipped"], echo=lambda line: None)
+    assert time.monotonic() - start < 30  # the 60 s sleep was cut at 2 s
+    status = {r.name: r.status for r in results}
+    assert status == {"ok": PASS, "bad": FAIL, "hang": CUT, "broken": FAIL, "late": CUT, "skipped": SKIP}
+    by_name = {r.name: r for r in results}
+    assert "KeyError" in by_name["broken"].summary and "not started" in by_name["late"].summary
+    assert 1.5 < by_name["hang"].seconds < 15 and by_name["hang"].limit_s == 2
+    with pytest.raises(ProcessLookupError):  # the hung child was killed with its process group
+        os.kill(int(pid_file.read_text()), 0)
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_cuda_paths" name="test_a"/>
+<testcase classname="tests.test_cuda_paths" name="test_b"><failure message="boom">trace</failure></testcase>
+<testcase classname="tests.test_cuda_data" name="test_c"><skipped message="needs two CUDA GPUs"/></testcase>
+<testcase classname="tests.test_cuda_data" name="test_d"><error message="fixture">trace</error></testcase>
+</testsuite></testsuites>"""
+
+CTEST = """    Start 2: test_alias_cuda
+2/3 Test #2: test_alias_cuda ..................***Skipped   1.12 sec
+3/3 Test #3: test_model_size ..................   Passed    1.32 sec
+
+67% tests passed, 1 tests failed out of 3
+
+The following tests did not run:
+\t  2 - test_alias_cuda (Skipped)
+
+The following tests FAILED:
+\t  1 - test_alias (Failed)
+"""
+
+
+def test_parsers(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text(JUNIT)
+    c = measure.pytest_counts(xml)
+    assert (c["passed"], c["failed"], c["errors"], c["skipped"]) == (1, 1, 1, 1)
+    assert c["failed_ids"] == ["tests.test_cuda_paths::test_b", "tests.test_cuda_data::test_d"]
+    assert "needs two CUDA GPUs" in c["skipped_ids"][0]
+    t = measure.ctest_counts(CTEST)
+    assert (t["total"], t["failed"], t["skipped"], t["parsed"]) == (3, 1, 1, True)
+    assert t["skipped_names"] == ["test_alias_cuda"] and t["failed_names"] == ["test_alias"]
+    assert measure.sanitizer_errors("...\n========= ERROR SUMMARY: 0 errors\n") == 0
+    assert measure.sanitizer_errors("========= ERROR SUMMARY: 3 errors") == 3
+    assert measure.sanitizer_errors("Segmentation fault") is None
+
+
+def _write_run(run_dir: Path):
+    """A shortened run: 4 rounds of 200 steps, pools 300..600, one re-ranked arch (numbers chosen by hand)."""
+    run_dir.mkdir()
+    rounds = [  # pool after generation, generated, train, eval, controller, generate seconds
+        (400, 100, 10.0, 6.0, 3.0, 1.0), (500, 100, 8.0, 8.0, 4.0, 2.0), (600, 100, 8.0, 10.0, 5.0, 1.0),
+    ]
+    lines = [{"iteration": i, "pool": p, "generated": g,
+              "phase_seconds": {"train": t, "eval": e, "controller": c, "generate": gen}}
+             for i, (p, g, t, e, c, gen) in enumerate(rounds)]
+    lines.append({"iteration": 3, "pool": 600, "phase_seconds": {"train": 8.0, "eval": 12.0}})
+    (run_dir / "history.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (run_dir / "ranking.jsonl").write_text(json.dumps({"standalone_seconds": 20.0}) + "\n")
+    return {"data": {"dataset": "synthetic", "dev_fraction": 0.1, "synthetic_samples": 50000},
+            "supernet": {"epochs": 1, "steps_per_epoch": 200, "batch_size": 64},
+            "controller": {"epochs": 10}, "final": {"epochs": 1, "rerank_top": 1}}
+
+
+def test_search_extrapolation_by_hand(tmp_path):
+    ext = measure.extrapolate_search(tmp_path / "run", _write_run(tmp_path / "run"))
+    full = {p["phase"]: p["full_s"] for p in ext["phases"]}
+    # Medians of the per-unit costs times the units at the reference settings:
+    # train 0.04 s/step x 4 x 50 x 703; eval 0.02 s/arch x (1000+1300+1600+1900);
+    # controller 0.001 s/(epoch x arch) x 1000 x (1000+1300+1600); generate 0.01 s x 900; rerank 20 s x 5 x 10.
+    assert full == pytest.approx({"train": 5624.0, "eval": 116.0, "controller": 3900.0, "generate": 9.0,
+                                  "rerank": 1000.0})
+    assert ext["total_s"] == pytest.approx(10649.0)
+    assert ext["measured_s"] == pytest.approx(34 + 36 + 12 + 4 + 20)
+    assert ext["rounds"] == 4 and ext["steps_per_round"] == 200
+
+
+def test_report_markdown_and_json(tmp_path):
+    ext = measure.extrapolate_search(tmp_path / "run", _write_run(tmp_path / "run"))
+    results = [
+        PartResult("build", PASS, "built", seconds=80, limit_s=240),
+        PartResult("bench-supernet", PASS, "3 figures", seconds=40, limit_s=120,
+                   figures=[Figure("supernet training, batch 64", 3500.0, "img/s", 3000.0),
+                            Figure("supernet training, batch 256", 9000.0, "img/s", 10000.0)]),
+        PartResult("search", PASS, "4 rounds", details={"extrapolation": ext},
+                   figures=[Figure("full search (extrapolated)", ext["total_s"], "s", 1800.0, better="lower")]),
+        PartResult("sanitizer", CUT, "killed at its time limit", log="logs/sanitizer.log"),
+        PartResult("dali", SKIP, "DALI's wheels were not brought along"),
+    ]
+    meta = {"device": "NVIDIA H100 80GB HBM3 (sm_90)", "driver": "580.159.04", "torch": "2.11.0+cu130",
+            "python": "3.12.3", "commit": "abc", "date": "2026-11-26 10:00 UTC", "budget": "470 s", "smoke": False}
+    text = report.write_report(tmp_path, meta, results)
+    assert (tmp_path / "gpu-check.md").read_text() == text
+    assert "| result | **INCOMPLETE** |" in text and "NVIDIA H100" in text and "580.159.04" in text
+    assert "| supernet training, batch 64 | 3,500 img/s | >= 3,000 img/s | met |" in text
+    assert "| supernet training, batch 256 | 9,000 img/s | >= 10,000 img/s | missed |" in text
+    assert "<= 1,800 s" in text and "| **total** |" in text and "10,649 s (177 min 29 s)" in text
+    assert "- sanitizer: CUT - killed at its time limit" in text and "- dali: skipped" in text
+    data = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert data["result"] == "INCOMPLETE" and [p["status"] for p in data["parts"]] == [
+        "pass", "pass", "pass", "cut", "skip"]
+    assert data["parts"][1]["figures"][1]["verdict"] == "missed"
+    results.append(PartResult("ctest", FAIL, "1 failed", log="logs/ctest.log"))
+    smoke = report.render_markdown(dict(meta, smoke=True), results)
+    assert "CPU smoke run" in smoke and "| result | **FAIL** |" in smoke and "not comparable" in smoke
+    assert "## Failures" in smoke and "logs/ctest.log" in smoke
+
+
+def test_cli_smoke_run_writes_report(tmp_path):
+    """The real entry point in smoke mode with one cheap part: report, JSON and log bundle appear."""
+    out = tmp_path / "gc"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), str(out), "--smoke",
+                           "--only", "bench-sampler", "--budget", "300"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((out / "gpu-check.json").read_text())
+    parts = {p["name"]: p for p in data["parts"]}
+    assert parts["bench-sampler"]["status"] == "pass" and parts["build"]["status"] == "skip"
+    assert parts["bench-sampler"]["figures"][0]["unit"] == "draws/s"
+    assert parts["bench-sampler"]["figures"][0]["value"] > 0
+    assert (out / "gpu-check-logs.tar.gz").stat().st_size > 0 and "# bnao gpu-check" in done.stdout
