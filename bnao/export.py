@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .nets.network import SKELETONS, build_network
+from .nets.network import build_network
 from .space import InvalidArchError, NAOSpace, create_search_space
 
 FORMATS = ("torchscript", "onnx", "state_dict")
@@ -105,6 +105,11 @@ def _read(path: Union[str, os.PathLike]) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not readable as weights"
+        if "weights only" in str(err).lower():
+            # Never unpickle arbitrary objects from a file the user points at; say what it is instead.
+            raise ExportError(f"{path}: not a bnao model: it holds pickled Python objects (e.g. a whole nn.Module "
+                              "saved with torch.save(model)), which are not loaded. Pass the model.pt written by "
+                              "`bnao train`, or save model.state_dict() and pass it with its arch.") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ExportError(f"{path}: not a bnao model: torch.load cannot read it as a weights file "
                           f"({type(err).__name__}: {first}). Pass the model.pt written by `bnao train`.") from None
@@ -149,6 +154,8 @@ def load_for_export(path: Union[str, os.PathLike], arch: Optional[str] = None, o
         if arch is not None and _canonical(arch, config) != config["arch"]:
             raise ExportError(f"{path} holds arch {config['arch']!r}, not {arch!r}; drop the arch argument.")
         weights = data.get("state_dict" if data["format"] == "bnao-model" else "model")
+        if not _is_state_dict(weights):
+            raise ExportError(f"{path}: a {origin} without its weights (found {_describe(weights)}); retrain it.")
         extra = data.get("extra") or {}
         model = inference_network(config, weights)
         return ExportSource(model, config, origin, extra.get("dataset"), dict(data.get("metrics") or {}))
@@ -207,7 +214,6 @@ def infer_config(state_dict: Dict[str, torch.Tensor], arch: Any, op_set: Optiona
         arch_text = str(space.arch(arch))
     except (InvalidArchError, ValueError) as err:
         raise ExportError(f"invalid arch: {err}") from None
-    assert skeleton in SKELETONS
     return {"arch": arch_text, "space": space.config(), "skeleton": skeleton, "layers": (num_cells - 2) // 3,
             "channels": int(channels), "num_classes": int(state_dict["classifier.weight"].shape[0]),
             "in_channels": int(in_channels)}
@@ -291,9 +297,9 @@ def _write_onnx(model: nn.Module, out: Path, example: torch.Tensor, meta: Dict[s
 
     graph = onnx.load(str(out))
     onnx.checker.check_model(graph)
-    for key, value in (("bnao", json.dumps(meta)),):
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
+    # What rebuilt the network, readable by any ONNX tool (onnx.load(path).metadata_props).
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "bnao", json.dumps(meta)
     onnx.save(graph, str(out))
     try:
         import onnxruntime

@@ -171,6 +171,10 @@ def test_not_a_bnao_model(tmp_path, capsys):
     assert "not a bnao model" in capsys.readouterr().err
     with pytest.raises(ExportError, match="no such file"):
         load_for_export(tmp_path / "missing.pt")
+    pickled = tmp_path / "whole_module.pt"
+    torch.save(build_network(ARCH, SPACE, layers=1, channels=4), pickled)
+    with pytest.raises(ExportError, match="holds pickled Python objects"):
+        load_for_export(pickled)
 
 
 def test_weights_that_do_not_fit(tmp_path):
