@@ -165,7 +165,7 @@ setup(
     # The presets live in the top-level configs/ folder and install as bnao/configs.
     packages=find_packages(include=["bnao", "bnao.*"]) + ["bnao.configs"],
     package_dir={"bnao.configs": "configs"},
-    package_data={"bnao.configs": ["*.yaml"], "bnao": ["_build_info.json"]},
+    package_data={"bnao.configs": ["*.yaml", "rank/*.yaml"], "bnao": ["_build_info.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
