@@ -35,11 +35,35 @@ def _error(message: str, code: int = 2) -> int:
     return code
 
 
+def _resume_config(args: argparse.Namespace, run_dir, overrides):
+    """The config asked for on resume and its resumable changes (any other change is refused)."""
+    from ..search.config import apply_overrides, load_config, parse_overrides
+    from ..search.resume import split_changes
+
+    config = run_dir.read_config()
+    wanted = apply_overrides(load_config(args.config), parse_overrides(overrides)) if args.config else (
+        apply_overrides(config, parse_overrides(overrides))
+    )
+    return wanted, split_changes(config, wanted)
+
+
+def _record_changes(run_dir, config, changes) -> None:
+    """Writes the resumable changes into the run directory and says that exact replay is gone."""
+    from ..search.resume import describe_changes
+
+    run_dir.record_changes({k: list(v) for k, v in changes.items()}, config)
+    print(f"bnao search: warning: resuming with {describe_changes(changes)} (recorded in {run_dir.changes_path}); "
+          "the run no longer replays an uninterrupted run exactly", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
+    from ..safe_io import CheckpointError, FileWriteError
+    from ..signals import GracefulStop, Stopped
     from ..space import InvalidArchError
-    from ..search.config import ConfigError, apply_overrides, diff, load_config, parse_overrides
+    from ..search.config import ConfigError, load_config
     from ..search.pool import PoolFileError
+    from ..search.resume import keep_schedule, oom_advice, out_of_memory
     from ..search.rundir import RunDir, RunDirError
 
     overrides = list(args.overrides)
@@ -50,21 +74,13 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_invalid:
         overrides.append("search.skip_invalid=true")
 
+    changes = {}
     try:
         if args.resume:
             if args.out and args.out != args.resume:
                 return _error("give either --out (new run) or --resume (continue a run), not both")
             run_dir = RunDir(args.resume)
-            config = run_dir.read_config()
-            wanted = apply_overrides(load_config(args.config), parse_overrides(overrides)) if args.config else (
-                apply_overrides(config, parse_overrides(overrides))
-            )
-            changed = diff(config, wanted)
-            if changed:
-                return _error(
-                    f"the config differs from the one {args.resume} was started with; a resumed run must keep it:\n  "
-                    + "\n  ".join(changed)
-                )
+            config, changes = _resume_config(args, run_dir, overrides)
         else:
             if not args.out:
                 return _error("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -73,33 +89,42 @@ def run(args: argparse.Namespace) -> int:
             run_dir.create(config, overwrite=args.overwrite)
     except (ConfigError, RunDirError) as err:
         return _error(str(err))
+    except FileWriteError as err:
+        return _error(str(err), code=1)
 
     from ..search.loop import BalancedNAO
 
+    search = None
     try:
-        search = BalancedNAO(config, run_dir, progress=not args.no_progress)
-        if args.resume:
-            ckpt = run_dir.load_checkpoint()
+        with GracefulStop() as stop:
+            ckpt = None
+            if args.resume:
+                ckpt = run_dir.load_checkpoint(warn=lambda line: print(f"bnao search: warning: {line}", file=sys.stderr))
+                if ckpt is not None and changes:
+                    config = keep_schedule(config, ckpt, changes)
+            search = BalancedNAO(config, run_dir, progress=not args.no_progress)
             if ckpt is not None:
                 search.restore(ckpt)
-                search.echo(
-                    f"resuming {args.resume}: iteration {ckpt['state']['iteration']}, phase {ckpt['state']['phase']}"
-                )
-        search.run()
+                search.echo(f"resuming {args.resume}: {search.position()}")
+            if args.resume and changes:
+                _record_changes(run_dir, config, changes)
+            try:
+                search.run()
+            except Stopped as stopped:
+                print(f"bnao search: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
+                      f"Resume with: bnao search --resume {run_dir.path}", file=sys.stderr)
+                return stop.exit_code
     except (ConfigError, RunDirError, PoolFileError, InvalidArchError, FileNotFoundError, DatasetNotFoundError,
-            ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
+            CheckpointError, ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
         return _error(str(err))
     except KeyError as err:  # unknown registry names (dataset, loader, sampler) carry their own message
         return _error(str(err.args[0]) if err.args else repr(err))
-    except RuntimeError as err:
-        if "out of memory" in str(err).lower():
-            return _error(
-                f"CUDA out of memory ({str(err).splitlines()[0]}). Lower supernet.batch_size or "
-                f"supernet.eval_batch_size, or set supernet.bf16=true; the run keeps its last checkpoint: "
-                f"continue with `bnao search --resume {run_dir.path} ...` once the config fits "
-                "(batch sizes are part of the config, so start a new run if you change them)",
-                code=1,
-            )
+    except FileWriteError as err:
+        return _error(str(err), code=1)
+    except (RuntimeError, MemoryError) as err:
+        if out_of_memory(err):
+            phase = str(search.state.get("phase")) if search is not None else "set-up"
+            return _error(oom_advice(err, str(run_dir.path), config, phase), code=1)
         if type(err).__name__ == "NonFiniteLossError":
             return _error(f"{err}\nthe last good checkpoint is in {run_dir.checkpoint_path}", code=1)
         raise

@@ -28,6 +28,7 @@ from ..device import resolve_device
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..metrics import kendall_tau, pairwise_accuracy
 from ..sampling import create_sampler
+from ..signals import Stopped, stop_requested
 from ..size import model_size
 from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
@@ -37,9 +38,18 @@ from .final import standalone_settings, train_best
 from .pareto import write_run_fronts
 from .pool import Pool, read_pool_file
 from .report import Scalars, size_buckets, write_plots
+from .resume import RESTORE_MAY_DIFFER, rescale_loader_state
 from .rundir import RunDir, RunDirError
 
 PHASES = ("train", "eval", "controller", "generate")
+
+
+class _StopAtStep(Exception):
+    """Raised by the trainer's per-step callback when a stop was requested; carries the steps done."""
+
+    def __init__(self, steps: int):
+        super().__init__(steps)
+        self.steps = steps
 
 
 def _fmt_seconds(s: float) -> str:
@@ -211,7 +221,8 @@ class BalancedNAO:
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
         """Loads a checkpoint written by :meth:`checkpoint`."""
-        changed = diff(ckpt["config"], self.config)
+        # Keys a resume may change (batch sizes, device, ...) were checked and recorded by the caller.
+        changed = [line for line in diff(ckpt["config"], self.config) if line.split(":")[0] not in RESTORE_MAY_DIFFER]
         if changed:
             raise RunDirError("the checkpoint was written with another config:\n  " + "\n  ".join(changed))
         self.state = ckpt["state"]
@@ -219,12 +230,15 @@ class BalancedNAO:
         idx = self.state["eval_indices"]
         self.sampler.set_weights(self.pool.sizes[idx].astype(np.float64))
         self.trainer.set_pool(self.pool.archs[idx].astype(np.int64))
-        self.trainer.load_state_dict(ckpt["trainer"])
+        trainer_state = dict(ckpt["trainer"])
+        if "loader" in trainer_state:  # a resume may change the batch size: same image, new batch index
+            trainer_state["loader"] = rescale_loader_state(trainer_state["loader"], self.train_loader.batch_size)
+        self.trainer.load_state_dict(trainer_state)
         self.controller.load_state_dict(ckpt["controller"])
         self.draws = ckpt["draws"]
         self.history = ckpt["history"]
         if isinstance(self.dev_batches, RandomBatches) and ckpt.get("eval_data") is not None:
-            self.dev_batches.load_state_dict(ckpt["eval_data"])
+            self.dev_batches.load_state_dict(rescale_loader_state(ckpt["eval_data"], self.dev_batches.loader.batch_size))
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -233,6 +247,8 @@ class BalancedNAO:
         started = time.perf_counter() - float(self.state["elapsed"])
         try:
             while self.state["phase"] != "done":
+                if stop_requested():  # every phase ends with a checkpoint: this is a step boundary
+                    raise Stopped(self.position())
                 it, phase = int(self.state["iteration"]), self.state["phase"]
                 if phase == "init":
                     self._start_iteration(0)
@@ -260,6 +276,27 @@ class BalancedNAO:
     def _global_step(self) -> int:
         return int(self.trainer.global_step) if hasattr(self.trainer, "global_step") else 0
 
+    def position(self) -> str:
+        """Where the run stands, e.g. ``iteration 1, phase train, step 40``."""
+        where = f"iteration {self.state['iteration']}, phase {self.state['phase']}"
+        if self.state["phase"] == "train":
+            where += f", step {self.state['train_step']}"
+        return where
+
+    @staticmethod
+    def _step_boundary(bar) -> Callable[[int], None]:
+        """The trainer's per-step callback: advances the bar and stops at the step boundary when asked."""
+        done = [0]
+
+        def on_step(steps: int) -> None:
+            done[0] += steps
+            if bar:
+                bar.update(steps)
+            if stop_requested():
+                raise _StopAtStep(done[0])
+
+        return on_step
+
     def _advance(self, phase: str, started: float) -> None:
         self.state["phase"] = phase
         self.state["elapsed"] = time.perf_counter() - started
@@ -280,8 +317,15 @@ class BalancedNAO:
         bar = self._bar(total, f"iter {it} supernet", initial=int(self.state["train_step"]))
         stats: Dict[str, float] = {}
         while self.state["train_step"] < total:
-            n = min(every, total - int(self.state["train_step"]))
-            stats = self.trainer.train_steps(n, progress=bar.update if bar else None)
+            # Chunks end on multiples of `every` even after a graceful stop mid-chunk, so a resumed
+            # run checkpoints (and summarises its last chunk) where an uninterrupted one does.
+            n = min(every - int(self.state["train_step"]) % every, total - int(self.state["train_step"]))
+            try:
+                stats = self.trainer.train_steps(n, progress=self._step_boundary(bar))
+            except _StopAtStep as stop:
+                self.state["train_step"] = int(self.state["train_step"]) + stop.steps
+                self._advance("train", started)
+                raise Stopped(self.position()) from None
             self.state["train_step"] = int(self.state["train_step"]) + n
             self.scalars.add_many("supernet", stats, self._global_step())
             self._advance("train", started)

@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..safe_io import atomic_write_lines, save_figure
+
 
 def pareto_front(scores: Sequence[float], sizes: Sequence[float]) -> np.ndarray:
     """Indices of the archs not dominated in (score up, size down), by size ascending.
@@ -100,12 +102,7 @@ def ranking_front(ranking: Iterable[Dict[str, Any]], measure: str, size_key: str
 
 def write_jsonl(path: os.PathLike, records: Iterable[Dict[str, Any]]) -> None:
     """Writes JSON lines atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_lines(path, (json.dumps(record) + "\n" for record in records))
 
 
 def plot_front(path: os.PathLike, sizes: np.ndarray, scores: np.ndarray, measure: str,
@@ -153,7 +150,7 @@ def plot_front(path: os.PathLike, sizes: np.ndarray, scores: np.ndarray, measure
     ax.legend(fontsize=7, markerscale=1.5)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return None
 

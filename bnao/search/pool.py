@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..safe_io import atomic_write_lines
 from ..space import InvalidArchError, NAOSpace
 
 
@@ -154,11 +155,8 @@ class Pool:
 
     def write_jsonl(self, path: str, columns: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Writes the pool as JSON lines, atomically (``columns``: see :meth:`iter_records`)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            for record in self.iter_records(columns):
-                fh.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        # Streamed (a pool of 1e6 is hundreds of MB of JSON); a failed write keeps the old file (FileWriteError).
+        atomic_write_lines(path, (json.dumps(record) + "\n" for record in self.iter_records(columns)))
 
 
 def read_pool_file(path: str, space: NAOSpace, skip_invalid: bool = False) -> Tuple[np.ndarray, List[str]]:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..safe_io import save_figure
 from .pool import Pool
 
 
@@ -101,7 +102,7 @@ def write_plots(folder: Path, pool: Pool, draws_per_iteration: List[Dict[str, np
     ax.set_title("One-shot score vs model size")
     ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
-    fig.savefig(folder / "score_vs_size.png", dpi=120)
+    save_figure(fig, folder / "score_vs_size.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -114,7 +115,7 @@ def write_plots(folder: Path, pool: Pool, draws_per_iteration: List[Dict[str, np
     ax.set_title("Best one-shot score per iteration")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "best_per_iteration.png", dpi=120)
+    save_figure(fig, folder / "best_per_iteration.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -131,6 +132,6 @@ def write_plots(folder: Path, pool: Pool, draws_per_iteration: List[Dict[str, np
     if draws_per_iteration:
         ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
-    fig.savefig(folder / "draws_vs_size.png", dpi=120)
+    save_figure(fig, folder / "draws_vs_size.png", dpi=120)
     plt.close(fig)
     return None

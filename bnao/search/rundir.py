@@ -4,6 +4,8 @@ Layout of ``RUN_DIR``::
 
     config.yaml       resolved configuration (every key)
     checkpoint.pt     last checkpoint (written atomically: temp file + fsync + rename)
+    checkpoint.prev.pt  the checkpoint before it (resumed from when checkpoint.pt is damaged)
+    changes.jsonl     config keys changed on --resume (batch sizes, device, ...), one record per resume
     progress.json     where the run stood at its last checkpoint (iteration, phase, step)
     pool.jsonl        one record per arch: string, hash, size, one-shot score per iteration, prediction
     ranking.jsonl     final ranking (re-ranked top archs first)
@@ -17,37 +19,41 @@ Layout of ``RUN_DIR``::
 
 from __future__ import annotations
 
-import io
 import shutil
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-import torch
 import yaml
+
+from ..safe_io import DamagedFileError, safe_load, save_atomic, write_error
+from ..safe_io import atomic_write_bytes as _atomic_write_bytes
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (another run, missing checkpoint, ...)."""
 
 
+class CheckpointsDamagedError(RunDirError):
+    """Every checkpoint the run directory keeps is damaged: the run cannot continue."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """Writes ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one.
+
+    Raises:
+        FileWriteError: The write failed (disk full, permission); the previous file is intact.
+    """
+    _atomic_write_bytes(path, data)
+
+
+def _position(state: Dict[str, Any]) -> str:
+    """Where a run stood, e.g. ``iteration 1, phase train, step 40``."""
+    where = f"iteration {state.get('iteration')}, phase {state.get('phase')}"
+    if state.get("phase") == "train" and state.get("train_step") is not None:
+        where += f", step {state.get('train_step')}"
+    return where
 
 
 class RunDir:
@@ -61,6 +67,8 @@ class RunDir:
         self.path = Path(path)
         self.config_path = self.path / "config.yaml"
         self.checkpoint_path = self.path / "checkpoint.pt"
+        self.previous_checkpoint_path = self.path / "checkpoint.prev.pt"
+        self.changes_path = self.path / "changes.jsonl"
         self.pool_path = self.path / "pool.jsonl"
         self.ranking_path = self.path / "ranking.jsonl"
         self.best_path = self.path / "best.json"
@@ -74,7 +82,7 @@ class RunDir:
     # ------------------------------------------------------------- lifecycle
     def holds_run(self) -> bool:
         """True when the folder already holds a search (config or checkpoint)."""
-        return self.config_path.exists() or self.checkpoint_path.exists()
+        return self.config_path.exists() or self.checkpoint_path.exists() or self.previous_checkpoint_path.exists()
 
     def create(self, config: Dict[str, Any], overwrite: bool = False) -> None:
         """Prepares a fresh run; refuses a folder that holds another run unless ``overwrite``."""
@@ -84,7 +92,7 @@ class RunDir:
                 "choose another --out, or pass --overwrite to replace it"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.pt", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt",
+        for name in ("checkpoint.pt", "checkpoint.prev.pt", "changes.jsonl", "progress.json", "pool.jsonl", "ranking.jsonl", "best.json", "history.jsonl", "log.txt",
                      "pareto.jsonl"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "rerank", ignore_errors=True)
@@ -100,22 +108,68 @@ class RunDir:
 
     # ------------------------------------------------------------ checkpoint
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        """Writes ``state`` atomically; the checkpoint it replaces is kept as ``checkpoint.prev.pt``.
 
-    def load_checkpoint(self) -> Optional[Dict[str, Any]]:
-        """The last checkpoint, or None when the run stopped before its first one."""
-        if not self.checkpoint_path.exists():
+        Raises:
+            FileWriteError: The write failed; both kept checkpoints are intact.
+        """
+        save_atomic(state, self.checkpoint_path, previous=self.previous_checkpoint_path)
+
+    def _read_checkpoint(self, path: Path) -> Dict[str, Any]:
+        """One checkpoint file, or DamagedFileError (UnsafeFileError propagates: a planted file is never skipped)."""
+        data = safe_load(path)
+        if not isinstance(data, dict) or not isinstance(data.get("state"), dict) or "config" not in data:
+            raise DamagedFileError(f"{path}: not a search checkpoint (found {type(data).__name__})")
+        return data
+
+    def load_checkpoint(self, warn: Optional[Callable[[str], None]] = None) -> Optional[Dict[str, Any]]:
+        """The last good checkpoint, or None when the run stopped before its first one.
+
+        When ``checkpoint.pt`` is damaged (or missing after a crash between the two
+        renames of a save), the previous checkpoint is used and ``warn`` is told which
+        work is redone.
+
+        Raises:
+            UnsafeFileError: A checkpoint needs arbitrary unpickling; it is refused unread.
+            CheckpointsDamagedError: Every kept checkpoint is damaged.
+        """
+        latest, previous = self.checkpoint_path, self.previous_checkpoint_path
+        if not latest.exists() and not previous.exists():
             return None
         try:
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise RunDirError(
-                f"checkpoint {self.checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err}); "
-                "checkpoints are written atomically, so this file was damaged after it was written: "
-                "restore it from a backup or start the run again with --overwrite"
+            return self._read_checkpoint(latest)
+        except DamagedFileError as err:
+            latest_problem = str(err)
+        if not previous.exists():
+            raise CheckpointsDamagedError(
+                f"{latest_problem}; the run keeps no earlier checkpoint ({previous.name} is missing), so it cannot "
+                f"continue: start it again with `bnao search --out {self.path} --overwrite ...`"
+            )
+        try:
+            ckpt = self._read_checkpoint(previous)
+        except DamagedFileError as err:
+            raise CheckpointsDamagedError(
+                f"both checkpoints of {self.path} are damaged: {latest_problem}; {err}. The run cannot continue: "
+                f"start it again with `bnao search --out {self.path} --overwrite ...`"
             ) from None
+        if warn is not None:
+            warn(f"{latest_problem}; resuming from the previous checkpoint {previous.name} "
+                 f"({_position(ckpt['state'])}): the work after it, up to {self._last_position()}, is redone")
+        return ckpt
+
+    def _last_position(self) -> str:
+        """Where the run stood at its last checkpoint, from progress.json (written after each one)."""
+        try:
+            return _position(json.loads(self.progress_path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            return "the damaged checkpoint"
+
+    def record_changes(self, changes: Dict[str, Any], config: Dict[str, Any]) -> None:
+        """Appends one resume's config changes ({key: [old, new]}) to changes.jsonl; config.yaml becomes ``config``."""
+        lines = self.changes_path.read_text() if self.changes_path.exists() else ""
+        lines += json.dumps({"resumed_with": changes, "exact_replay": False}, default=str) + "\n"
+        _atomic_write_bytes(self.changes_path, lines.encode())
+        _atomic_write_bytes(self.config_path, yaml.safe_dump(config, sort_keys=False).encode())
 
     # --------------------------------------------------------------- outputs
     def write_json(self, path: Path, obj: Any) -> None:
@@ -125,5 +179,8 @@ class RunDir:
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def log(self, line: str) -> None:
-        with open(self.log_path, "a") as fh:
-            fh.write(line + "\n")
+        try:
+            with open(self.log_path, "a") as fh:
+                fh.write(line + "\n")
+        except OSError as err:
+            raise write_error(self.log_path, err) from None

@@ -8,56 +8,35 @@ complete file or the new complete file, never a truncated one.
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ..safe_io import CheckpointError, DamagedFileError, UnsafeFileError, safe_load
+from ..safe_io import save_atomic as _save_atomic
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or model file is missing, unreadable, or of the wrong kind."""
+__all__ = ["CheckpointError", "DamagedFileError", "UnsafeFileError", "load_file", "save_atomic"]
 
 
-def save_atomic(obj: Any, path: PathLike) -> None:
+def save_atomic(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -> None:
     """Saves ``obj`` with :func:`torch.save` so that ``path`` is never left partly written.
+
+    NumPy values are encoded so that :func:`load_file` reads the file back with
+    ``weights_only=True`` (see :mod:`bnao.safe_io`).
 
     Args:
         obj: Anything :func:`torch.save` accepts.
         path: Destination file; its directory must exist.
+        previous: When given, the current ``path`` is kept under this name (last two versions).
+
+    Raises:
+        FileWriteError: The write failed; the existing file is intact.
     """
-    path = Path(path)
-    # Serialise to memory first: a failure while pickling then cannot leave even a temp file behind.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    # Persist the rename itself (the directory entry); not every platform allows opening a directory.
-    try:
-        dir_fd = os.open(str(path.parent), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    _save_atomic(obj, path, previous)
 
 
 def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[str, torch.device]] = "cpu") -> Dict[str, Any]:
@@ -73,20 +52,21 @@ def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[
         The stored dict.
 
     Raises:
-        CheckpointError: The file is missing, truncated/corrupt, or not a ``kind`` file.
+        UnsafeFileError: Loading the file would need arbitrary unpickling; it is refused unread.
+        DamagedFileError: The file is truncated or corrupt.
+        CheckpointError: The file is missing, or not a ``kind`` file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file. {fix}")
     try:
-        # Only tensors and plain Python containers are stored, so the safe loader suffices.
-        data = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: cannot read this file as a {kind} ({type(err).__name__}: {detail}); it is corrupt or "
-            f"truncated. {fix}"
-        ) from None
+        # Only tensors and plain Python are stored, so the safe loader suffices (and a planted
+        # file cannot run code).
+        data = safe_load(path, map_location=map_location)
+    except UnsafeFileError:
+        raise
+    except DamagedFileError as err:
+        raise DamagedFileError(f"{err} (expected a {kind}). {fix}") from None
     if not isinstance(data, dict) or data.get("format") != kind:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: not a {kind} (found {found!r}). {fix}")
