@@ -124,11 +124,12 @@ def write_plots(folder: Path, results: Dict[str, Any]) -> Optional[str]:
     xs = [int(e) for e in epochs]
     for sampler in samplers:
         stats = [results["metrics"][sampler][e]["pairwise_accuracy"] for e in epochs]
-        ax.errorbar(xs, [100 * s["mean"] for s in stats], yerr=[100 * s["std"] for s in stats], marker="o",
-                    capsize=3, label=sampler)
+        bars = ax.errorbar(xs, [100 * s["mean"] for s in stats], yerr=[100 * s["std"] for s in stats], marker="o",
+                           capsize=3, label=sampler)
         for e, x in zip(epochs, xs):  # every seed, so the spread is visible as it is
             per_seed = results["metrics"][sampler][e]["per_seed"].values()
-            ax.scatter([x] * len(per_seed), [100 * m["pairwise_accuracy"] for m in per_seed], s=8, alpha=0.4)
+            ax.scatter([x] * len(per_seed), [100 * m["pairwise_accuracy"] for m in per_seed], s=10, alpha=0.5,
+                       color=bars[0].get_color())
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("one-shot training epochs E")
