@@ -243,7 +243,13 @@ def reference_alias_draw(table: torch.Tensor, num_draws: int, seed: int, offset:
         column = _mulhi64((r1 << _SHIFT32) | r0, n)
         packed = columns[column]
         keep = r2 < (packed >> _SHIFT32)
-        out[start : start + count] = np.where(keep, column, packed & _MASK32).astype(np.int64)
+        aliases = packed & _MASK32
+        forged = ~keep & (aliases >= np.uint64(n))
+        if forged.any():  # the same refusal as the compiled kernels
+            bad = int(column[forged].min())
+            raise ValueError(f"table column {bad} aliases item {int(columns[bad] & _MASK32)}, outside the table's "
+                             f"{n} items; the table was not built by alias_table (rebuild it from the weights)")
+        out[start : start + count] = np.where(keep, column, aliases).astype(np.int64)
     return torch.from_numpy(out).to(table.device)
 
 

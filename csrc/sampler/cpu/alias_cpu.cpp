@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -72,8 +73,13 @@ at::Tensor alias_table_cpu(const at::Tensor& weights) {
 // table (8 MB at 1e6 items) misses the caches on every draw; issuing a block
 // of prefetches before the first lookup overlaps those misses instead of
 // paying them one after another behind the Philox arithmetic.
+//
+// A column whose alias is not below n (a table not built by alias_table) is
+// never returned: the draw yields the column itself and the column is recorded
+// in `first_bad` (the smallest such column wins, so the error is the same at any
+// thread count), for the caller to raise.
 void draw_range(const uint64_t* columns, uint64_t n, uint64_t key, uint64_t base, int64_t begin, int64_t end,
-                int64_t* result) {
+                int64_t* result, std::atomic<uint64_t>* first_bad) {
   constexpr int64_t kBlock = 64;
   uint64_t picked[kBlock];
   uint32_t coins[kBlock];
@@ -89,9 +95,16 @@ void draw_range(const uint64_t* columns, uint64_t n, uint64_t key, uint64_t base
     }
     for (int64_t j = 0; j < count; ++j) {
       const uint64_t packed = columns[picked[j]];
-      result[start + j] = coins[j] < alias::column_threshold(packed)
-                              ? static_cast<int64_t>(picked[j])
-                              : static_cast<int64_t>(alias::column_alias(packed));
+      const uint64_t alias_index = alias::column_alias(packed);
+      const bool keep = coins[j] < alias::column_threshold(packed);
+      if (!keep && alias_index >= n) {
+        uint64_t seen = first_bad->load();
+        while (picked[j] < seen && !first_bad->compare_exchange_weak(seen, picked[j])) {
+        }
+        result[start + j] = static_cast<int64_t>(picked[j]);
+        continue;
+      }
+      result[start + j] = keep ? static_cast<int64_t>(picked[j]) : static_cast<int64_t>(alias_index);
     }
   }
 }
@@ -110,9 +123,14 @@ at::Tensor alias_draw_cpu(const at::Tensor& table, int64_t num_draws, int64_t se
   // Draws are independent (counter-based), so any split gives the same output;
   // the grain keeps small requests (the sampler's buffer refills) on one thread.
   constexpr int64_t kGrain = 32768;
+  std::atomic<uint64_t> first_bad{n};
   at::parallel_for(0, num_draws, kGrain, [&](int64_t begin, int64_t end) {
-    draw_range(columns, n, key, base, begin, end, result);
+    draw_range(columns, n, key, base, begin, end, result, &first_bad);
   });
+  const uint64_t bad = first_bad.load();
+  TORCH_CHECK(bad == n, "bnao::alias_draw: table column ", bad, " aliases item ",
+              alias::column_alias(columns[bad]), ", outside the table's ", n,
+              " items; the table was not built by bnao::alias_table (rebuild it from the weights)");
   return out;
 }
 

@@ -32,7 +32,7 @@ constexpr int kDrawsPerThread = 4;
 
 __global__ void __launch_bounds__(kThreads)
     alias_draw_kernel(const unsigned long long* __restrict__ table, uint64_t n, uint64_t seed, uint64_t offset,
-                      int64_t num_draws, int64_t* __restrict__ out) {
+                      int64_t num_draws, int64_t* __restrict__ out, unsigned long long* __restrict__ first_bad) {
   const int64_t tile = static_cast<int64_t>(kThreads) * kDrawsPerThread;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * tile;
   for (int64_t start = static_cast<int64_t>(blockIdx.x) * tile; start < num_draws; start += stride) {
@@ -43,8 +43,15 @@ __global__ void __launch_bounds__(kThreads)
         const alias::Philox4 r = alias::philox_for_draw(seed, offset + static_cast<uint64_t>(i));
         const uint64_t column = alias::draw_column(r, n);
         const uint64_t packed = __ldg(table + column);
-        out[i] = r.v[2] < alias::column_threshold(packed) ? static_cast<int64_t>(column)
-                                                          : static_cast<int64_t>(alias::column_alias(packed));
+        const uint64_t alias_index = alias::column_alias(packed);
+        const bool keep = r.v[2] < alias::column_threshold(packed);
+        if (!keep && alias_index >= n) {
+          // A forged table: never return an index outside the pool; the host raises.
+          atomicMin(first_bad, static_cast<unsigned long long>(column));
+          out[i] = static_cast<int64_t>(column);
+        } else {
+          out[i] = keep ? static_cast<int64_t>(column) : static_cast<int64_t>(alias_index);
+        }
       }
     }
   }
@@ -67,10 +74,20 @@ at::Tensor alias_draw_cuda(const at::Tensor& table, int64_t num_draws, int64_t s
   const int64_t max_blocks = static_cast<int64_t>(sms) * 16;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, max_blocks));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(table.device().index()).stream();
+  // Smallest column with an out-of-range alias that a draw hit (all bits set: none). Reading it
+  // back costs one synchronisation per call, the price of raising on a forged table.
+  at::Tensor first_bad = at::empty({1}, t.options());
+  auto* first_bad_ptr = reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>());
+  C10_CUDA_CHECK(cudaMemsetAsync(first_bad_ptr, 0xff, sizeof(unsigned long long), stream));
   alias_draw_kernel<<<blocks, kThreads, 0, stream>>>(
       reinterpret_cast<const unsigned long long*>(t.data_ptr<int64_t>()), static_cast<uint64_t>(t.numel()),
-      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_draws, out.data_ptr<int64_t>());
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_draws, out.data_ptr<int64_t>(), first_bad_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  unsigned long long bad = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&bad, first_bad_ptr, sizeof(bad), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  TORCH_CHECK(bad == ~0ull, "bnao::alias_draw: table column ", bad, " aliases an item outside the table's ",
+              t.numel(), " items; the table was not built by bnao::alias_table (rebuild it from the weights)");
   return out;
 }
 
