@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
     from ..space import InvalidArchError, NAOSpace
+    from ..safe_io import FileWriteError
+    from ..signals import GracefulStop, Stopped
     from ..train import CheckpointError, NonFiniteLossError, StandaloneTrainer, make_config, save_model
 
     if args.threads is not None:
@@ -330,12 +332,21 @@ def _run(args: argparse.Namespace) -> int:
           f"N={config.layers} C={config.channels}, {trainer.params:,} params, {config.epochs} epochs of "
           f"{trainer.steps_per_epoch} steps, device {trainer.device}", flush=True)
     try:
-        if args.resume and (out / "checkpoint.pt").exists():
-            trainer.load_checkpoint()
-            print(f"  resumed after epoch {trainer.epoch}", flush=True)
-        result = trainer.fit(resume=False)
+        with GracefulStop() as stop:
+            if args.resume and (out / "checkpoint.pt").exists():
+                trainer.load_checkpoint()
+                print(f"  resumed after epoch {trainer.epoch}", flush=True)
+            try:
+                result = trainer.fit(resume=False)
+            except Stopped as stopped:
+                print(f"bnao train: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
+                      f"Resume with: bnao train --resume --out {out}", file=sys.stderr)
+                return stop.exit_code
     except CheckpointError as err:
         raise UsageError(str(err)) from None
+    except FileWriteError as err:
+        print(f"bnao train: error: {err}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"bnao train: error: {err}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from ..device import resolve_device
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
+from ..signals import Stopped, stop_requested
 from .checkpoint import CheckpointError, load_file, save_atomic
 
 CHECKPOINT_FORMAT = "bnao-standalone-checkpoint"
@@ -229,6 +230,8 @@ class StandaloneTrainer:
         self.history: List[Dict[str, Any]] = []
         self.seconds = 0.0  # training + evaluation time over all sessions
         self.result: Optional[Dict[str, Any]] = None
+        # Sums and RNG state of an epoch stopped part-way (graceful stop), to continue it exactly.
+        self._partial: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ helpers
     def _rng_devices(self) -> List[int]:
@@ -280,6 +283,7 @@ class StandaloneTrainer:
             "history": self.history,
             "seconds": self.seconds,
             "result": self.result,
+            "partial_epoch": self._partial,
         }
 
     def save_checkpoint(self) -> None:
@@ -326,6 +330,7 @@ class StandaloneTrainer:
         self.history = list(state["history"])
         self.seconds = float(state["seconds"])
         self.result = state.get("result")
+        self._partial = state.get("partial_epoch")
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -348,11 +353,15 @@ class StandaloneTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        self.train_loader.set_epoch(epoch)
-        torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen, skipped, bad_run = 0, 0, 0
+        partial, self._partial = self._partial, None
+        if partial is None:
+            self.train_loader.set_epoch(epoch)
+            torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch))
+        else:  # continue an epoch stopped part-way: the loader's position came with the checkpoint
+            self._set_rng(partial["rng"])
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, dtype=torch.float64, device=self.device)
+        correct = torch.tensor(partial["correct"] if partial else 0, dtype=torch.int64, device=self.device)
+        seen, skipped, bad_run = (partial["seen"], partial["skipped"], partial["bad_run"]) if partial else (0, 0, 0)
         batches = self.train_loader
         bar = None
         if self.progress:
@@ -403,10 +412,32 @@ class StandaloneTrainer:
                 bar.update(1)
                 if seen and self.global_step % 20 == 0:
                     bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
+            if stop_requested() and self.train_loader.position < self.steps_per_epoch:
+                if bar is not None:
+                    bar.close()
+                self._stop_mid_epoch(epoch, float(loss_sum), int(correct), seen, skipped, bad_run)
         if bar is not None:
             bar.close()
         return {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(seen, 1),
                 "train_acc": float(correct) / max(seen, 1), "skipped_steps": skipped}
+
+    def _rng_state(self) -> Dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng(self, state: Dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _stop_mid_epoch(self, epoch: int, loss_sum: float, correct: int, seen: int, skipped: int, bad_run: int) -> None:
+        """Checkpoints the epoch in progress at this step boundary and raises :class:`Stopped`."""
+        self._partial = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "skipped": skipped,
+                         "bad_run": bad_run, "rng": self._rng_state()}
+        self.save_checkpoint()
+        raise Stopped(f"epoch {epoch + 1}, step {self.train_loader.position} of {self.steps_per_epoch}")
 
     def fit(self, resume: bool = True) -> Dict[str, Any]:
         """Trains the remaining epochs, evaluating and checkpointing after each.
@@ -426,6 +457,8 @@ class StandaloneTrainer:
         cfg = self.config
         with torch.random.fork_rng(devices=self._rng_devices()):
             while self.epoch < cfg.epochs:
+                if stop_requested():  # the checkpoint of the last finished epoch is this step boundary
+                    raise Stopped(f"the end of epoch {self.epoch}")
                 start = time.perf_counter()
                 record = self._train_epoch(self.epoch)
                 last = self.epoch + 1 == cfg.epochs
