@@ -48,6 +48,15 @@ def _results(run):
     return pool, ranking, strip(json.loads((run / "best.json").read_text()))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these nets are tiny, and OpenMP workers on a shared machine only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run: what every recovered run must end with."""
@@ -314,3 +323,47 @@ def test_a_second_signal_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert not signals.stop_requested()
+
+
+def test_bnao_train_stops_mid_epoch_and_resumes_bit_identically(tmp_path, monkeypatch):
+    from bnao.data import ArrayDataset
+    from bnao.space import NAOSpace
+    from bnao.train import StandaloneTrainer, make_config
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 128)
+    images = np.clip(np.where(labels[:, None, None, None] == 1, 170, 60) + rng.integers(-50, 50, (128, 8, 8, 1)),
+                     0, 255).astype(np.uint8)
+    train = ArrayDataset(images, labels, 2, (0.45,), (0.25,), name="bright")
+    space = NAOSpace()
+    arch = space.sample(3)
+    settings = dict(layers=1, channels=4, batch_size=32, epochs=2, drop_path_keep_prob=0.8, dropout=0.3, seed=1)
+
+    def trainer(path):
+        return StandaloneTrainer(arch, space, train, train, make_config(**settings), device="cpu", checkpoint_path=path)
+
+    full = trainer(tmp_path / "full.pt")
+    full_result = full.fit()
+
+    cut = trainer(tmp_path / "cut.pt")
+    real_loss = StandaloneTrainer._loss
+    calls = [0]
+
+    def loss_then_signal(self, logits, labels):
+        calls[0] += 1
+        if calls[0] == 7:  # epoch 2, step 3 of 4 (4 steps of 32 images per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, logits, labels)
+
+    monkeypatch.setattr(StandaloneTrainer, "_loss", loss_then_signal)
+    with signals.GracefulStop(), pytest.raises(signals.Stopped, match="epoch 2, step 3 of 4"):
+        cut.fit()
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "cut.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial_epoch"]["seen"] == 96
+
+    resumed = trainer(tmp_path / "cut.pt")
+    result = resumed.fit()  # continues at step 4 of epoch 2
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert result["eval_acc"] == full_result["eval_acc"]
+    assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
