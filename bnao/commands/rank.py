@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 HELP = "ranking correlation of one-shot and stand-alone accuracy (uniform vs proportional sampling)"
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
     from ..rank import load_rank_config, run_rank
     from ..search.config import ConfigError
+    from ..signals import GracefulStop, Stopped
 
     overrides = list(args.overrides)
     for flag, key in (("data_dir", "data.root"), ("device", "device"), ("cache", "cache")):
@@ -44,7 +46,15 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     try:
         config = load_rank_config(args.config, overrides)
-        run_rank(config, args.out, overwrite=args.overwrite, echo=lambda line: print(line, flush=True))
+        with GracefulStop() as stop:  # SIGTERM/Ctrl-C: in-process trainings stop at a step boundary
+            try:
+                run_rank(config, args.out, overwrite=args.overwrite, echo=lambda line: print(line, flush=True))
+            except Stopped as stopped:
+                again = " ".join(["bnao rank", *(["--config", args.config] if args.config else []), "--out", args.out,
+                                  *(shlex.quote(o) for o in args.overrides)])
+                print(f"bnao rank: stopped by {stop.signal_name} at {stopped.where}; finished trainings are cached. "
+                      f"Resume with: {again}", file=sys.stderr)
+                return stop.exit_code
     except (ConfigError, FileExistsError, DatasetNotFoundError, ValueError) as err:
         return _error(str(err))
     except KeyError as err:  # unknown registry names (dataset, loader, sampler) carry their own message
