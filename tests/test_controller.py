@@ -104,12 +104,11 @@ def test_generate_finds_new_better_archs(trained):
     new_hashes = SPACE.hash_array(new)
     assert len(set(new_hashes.tolist())) == 40  # no duplicates, branch swaps included
     assert not np.isin(new_hashes, pool_hashes).any()
-    # Moving uphill on the predictor: the new archs score higher than the seeds they came from,
-    # by the predictor and (on average) by the true synthetic score.
+    # Moving uphill on the predictor from the top seeds gives archs better than the pool on average by
+    # the true synthetic score. (Their re-encoded predictions need not beat the seeds': the step is taken
+    # on the embedding, and the decoded arch is re-encoded elsewhere; the reference checks only novelty.)
     assert info["rounds"] >= 1 and info["etas"].shape == (40,) and (info["etas"] >= 1).all()
-    parents = seeds[info["seed_index"]]
-    assert ctrl.predict(new).mean() > ctrl.predict(parents).mean()
-    assert sep_conv_count(new).mean() > sep_conv_count(archs).mean()
+    assert sep_conv_count(new).mean() > sep_conv_count(archs).mean() + 1.0
     # A set of Python ints excludes exactly as the array does.
     again = ctrl.generate(seeds, 40, exclude_hashes={int(h) for h in pool_hashes})
     assert np.array_equal(again, new)
