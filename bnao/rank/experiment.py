@@ -110,6 +110,20 @@ def _arch_records(state: Dict[str, Any], gt: Dict[str, Any], main: Dict[str, Any
     return records
 
 
+def _ground_truth(state: Dict[str, Any], cache_dir: Optional[Union[str, os.PathLike]], log: _Log):
+    """The archs' hashes and their ground truth (cached or trained); sets ``state["truth"]``."""
+    config, space, data, sizes = state["config"], state["space"], state["data"], state["sizes"]
+    hashes = [space.hash(row) for row in state["archs"]]
+    log(f"{len(hashes)} archs ({config['archs']['mode']}), sizes {sizes.min():,.0f} to {sizes.max():,.0f} "
+        f"(median {np.median(sizes):,.0f}); data: {len(data.train):,} train / {len(data.dev):,} dev"
+        + (f" / {len(data.test):,} test" if data.test is not None else ""))
+    cache = GroundTruthCache(cache_dir or config["cache"] or default_cache_dir(),
+                             settings_key(config, data, space.config()))
+    gt = ground_truth([space.format(row) for row in state["archs"]], hashes, state, cache, echo=log)
+    state["truth"] = gt["accuracy"]
+    return hashes, gt
+
+
 def run_rank(config: Dict[str, Any], out_dir: Union[str, os.PathLike], *,
              cache_dir: Optional[Union[str, os.PathLike]] = None, echo: Callable[[str], None] = print,
              overwrite: bool = False) -> Dict[str, Any]:
@@ -141,18 +155,7 @@ def run_rank(config: Dict[str, Any], out_dir: Union[str, os.PathLike], *,
     started, when = time.perf_counter(), datetime.datetime.now().astimezone()
 
     state = make_state(config)
-    space, data = state["space"], state["data"]
-    hashes = [space.hash(row) for row in state["archs"]]
-    sizes = state["sizes"]
-    log(f"{len(hashes)} archs ({config['archs']['mode']}), sizes {sizes.min():,.0f} to {sizes.max():,.0f} "
-        f"(median {np.median(sizes):,.0f}); data: {len(data.train):,} train / {len(data.dev):,} dev"
-        + (f" / {len(data.test):,} test" if data.test is not None else ""))
-
-    cache = GroundTruthCache(cache_dir or config["cache"] or default_cache_dir(),
-                             settings_key(config, data, space.config()))
-    archs_text = [space.format(row) for row in state["archs"]]
-    gt = ground_truth(archs_text, hashes, state, cache, echo=log)
-    state["truth"] = gt["accuracy"]
+    hashes, gt = _ground_truth(state, cache_dir, log)
 
     def write_partial(shots: Dict[str, Any], left: int) -> None:
         if left:  # a run stopped midway still leaves every finished supernet run's metrics

@@ -92,37 +92,26 @@ def _mean_scores(results: Dict[str, Any], sampler: str, epochs: str) -> np.ndarr
     return np.asarray([np.mean(list(a["one_shot"][sampler][epochs].values())) for a in results["archs"]])
 
 
-def write_plots(folder: Path, results: Dict[str, Any]) -> Optional[str]:
-    """Scatter per sampler, pairwise accuracy vs E, size vs ground truth; returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as err:  # noqa: BLE001 - matplotlib is optional
-        return f"plots not written ({err}); `pip install matplotlib`"
-    folder.mkdir(parents=True, exist_ok=True)
-    samplers = list(results["config"]["sampler"]["names"])
+def _scatter(plt, folder: Path, results: Dict[str, Any], sampler: str, truth: np.ndarray, sizes: np.ndarray) -> None:
     epochs = [str(e) for e in results["config"]["supernet"]["epochs"]]
-    truth = np.asarray([a["ground_truth"] for a in results["archs"]])
-    sizes = np.asarray([a["size"] for a in results["archs"]], dtype=np.float64)
+    fig, axes = plt.subplots(1, len(epochs), figsize=(3.2 * len(epochs), 3.3), squeeze=False)
+    for ax, e in zip(axes[0], epochs):
+        pa = results["metrics"][sampler][e]["pairwise_accuracy"]["mean"]
+        ax.scatter(truth, _mean_scores(results, sampler, e), s=12, c=sizes, cmap="viridis")
+        ax.set_title(f"E={e}: pairwise {100 * pa:.1f}%", fontsize=9)
+        ax.set_xlabel("stand-alone accuracy", fontsize=8)
+    axes[0][0].set_ylabel("one-shot accuracy (mean over seeds)", fontsize=8)
+    fig.suptitle(f"{sampler} sampling (colour: model size)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / f"scatter_{sampler}.png", dpi=110)
+    plt.close(fig)
 
-    for sampler in samplers:
-        fig, axes = plt.subplots(1, len(epochs), figsize=(3.2 * len(epochs), 3.3), squeeze=False)
-        for ax, e in zip(axes[0], epochs):
-            pa = results["metrics"][sampler][e]["pairwise_accuracy"]["mean"]
-            ax.scatter(truth, _mean_scores(results, sampler, e), s=12, c=sizes, cmap="viridis")
-            ax.set_title(f"E={e}: pairwise {100 * pa:.1f}%", fontsize=9)
-            ax.set_xlabel("stand-alone accuracy", fontsize=8)
-        axes[0][0].set_ylabel("one-shot accuracy (mean over seeds)", fontsize=8)
-        fig.suptitle(f"{sampler} sampling (colour: model size)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(folder / f"scatter_{sampler}.png", dpi=110)
-        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+def _pairwise_vs_epochs(plt, folder: Path, results: Dict[str, Any]) -> None:
+    epochs = [str(e) for e in results["config"]["supernet"]["epochs"]]
     xs = [int(e) for e in epochs]
-    for sampler in samplers:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for sampler in results["config"]["sampler"]["names"]:
         stats = [results["metrics"][sampler][e]["pairwise_accuracy"] for e in epochs]
         bars = ax.errorbar(xs, [100 * s["mean"] for s in stats], yerr=[100 * s["std"] for s in stats], marker="o",
                            capsize=3, label=sampler)
@@ -140,6 +129,8 @@ def write_plots(folder: Path, results: Dict[str, Any]) -> Optional[str]:
     fig.savefig(folder / "pairwise_vs_epochs.png", dpi=110)
     plt.close(fig)
 
+
+def _size_vs_truth(plt, folder: Path, truth: np.ndarray, sizes: np.ndarray) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(sizes / 1e3, truth, s=14)
     ax.set_xlabel("model size (thousand parameters, supernet's N and C)")
@@ -148,6 +139,24 @@ def write_plots(folder: Path, results: Dict[str, Any]) -> Optional[str]:
     fig.tight_layout()
     fig.savefig(folder / "size_vs_ground_truth.png", dpi=110)
     plt.close(fig)
+
+
+def write_plots(folder: Path, results: Dict[str, Any]) -> Optional[str]:
+    """Scatter per sampler, pairwise accuracy vs E, size vs ground truth; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as err:  # noqa: BLE001 - matplotlib is optional
+        return f"plots not written ({err}); `pip install matplotlib`"
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = np.asarray([a["ground_truth"] for a in results["archs"]])
+    sizes = np.asarray([a["size"] for a in results["archs"]], dtype=np.float64)
+    for sampler in results["config"]["sampler"]["names"]:
+        _scatter(plt, folder, results, sampler, truth, sizes)
+    _pairwise_vs_epochs(plt, folder, results)
+    _size_vs_truth(plt, folder, truth, sizes)
     return None
 
 
