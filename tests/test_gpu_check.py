@@ -157,7 +157,7 @@ def test_report_markdown_and_json(tmp_path):
     assert "| result | **INCOMPLETE** |" in text and "NVIDIA H100" in text and "580.159.04" in text
     assert "| supernet training, batch 64 | 3,500 img/s | >= 3,000 img/s | met |" in text
     assert "| supernet training, batch 256 | 9,000 img/s | >= 10,000 img/s | missed |" in text
-    assert "<= 1,800 s" in text and "| **total** |" in text and "10,649 s (177 min 29 s)" in text
+    assert "<= 1,800 s" in text and "| **total** |" in text and "10,649 s (2 h 57 min)" in text
     assert "- sanitizer: CUT - killed at its time limit" in text and "- dali: skipped" in text
     data = json.loads((tmp_path / "gpu-check.json").read_text())
     assert data["result"] == "INCOMPLETE" and [p["status"] for p in data["parts"]] == [

@@ -17,8 +17,12 @@ def _fmt(value: Optional[float], unit: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if unit == "s":
-        minutes, seconds = divmod(value, 60)
-        return f"{value:,.0f} s ({int(minutes)} min {seconds:02.0f} s)" if value >= 60 else f"{value:,.1f} s"
+        if value < 60:
+            return f"{value:,.1f} s"
+        minutes, seconds = divmod(int(round(value)), 60)
+        if minutes < 60:
+            return f"{value:,.0f} s ({minutes} min {seconds:02d} s)"
+        return f"{value:,.0f} s ({minutes // 60} h {minutes % 60:02d} min)"
     if abs(value) >= 1e7:
         return f"{value:.3g} {unit}".strip()
     if abs(value) >= 100:
