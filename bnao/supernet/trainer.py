@@ -395,7 +395,9 @@ class SupernetTrainer:
         self.model.set_rng_state(state["model_rng"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # Only the GPUs both machines have (a checkpoint may come from a machine with more or fewer).
+            for index, saved in zip(range(torch.cuda.device_count()), state["cuda_rng"]):
+                torch.cuda.set_rng_state(saved, index)
         if "sampler" in state and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(state["sampler"])
         if "loader" in state and hasattr(self.loader, "load_state_dict"):
