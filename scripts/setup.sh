@@ -30,7 +30,7 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
 fi
 pip install -q numpy pybind11 ninja pyyaml tqdm matplotlib tensorboard
 if [ $dev = 1 ]; then
-  pip install -q pytest scipy
+  pip install -q pytest scipy hypothesis
   pip install -q nvidia-dali-cuda130 || say "WARNING: nvidia-dali-cuda130 not installable here; DALI tests will be skipped"
   pip install -q onnx onnxruntime onnxscript || say "WARNING: onnx/onnxruntime not installable here; ONNX export tests will be skipped"
 fi

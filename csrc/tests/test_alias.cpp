@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -311,6 +312,57 @@ void test_registered_ops() {
   check(threw, "op rejects a negative weight with a message naming it");
 }
 
+// Hostile inputs: every one is refused with a c10::Error whose message contains `expected`.
+template <typename Call>
+void check_refused(Call call, const std::string& expected, const std::string& what) {
+  bool refused = false;
+  try {
+    call();
+  } catch (const c10::Error& err) {
+    refused = std::string(err.what()).find(expected) != std::string::npos;
+  }
+  check(refused, what + " is refused with a message containing '" + expected + "'");
+}
+
+void test_hostile_inputs() {
+  const auto table_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("bnao::alias_table", "")
+                            .typed<at::Tensor(const at::Tensor&)>();
+  const auto draw_op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("bnao::alias_draw", "")
+                           .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  const at::Tensor hand = table_op.call(at::tensor(at::ArrayRef<double>(kHandWeights), at::kDouble));
+  const int64_t n = hand.numel();
+
+  // A forged table whose column 1 always takes its alias 99, outside the 4 items: refused.
+  at::Tensor forged = hand.clone();
+  forged[1] = static_cast<int64_t>(bnao::alias::pack_column(0u, 99u));
+  check_refused([&] { draw_op.call(forged, 1000, 7, 0); }, "outside the table's 4 items", "a table aliasing item 99");
+  // The same alias behind a full threshold is never taken: every draw stays inside the pool.
+  forged[1] = static_cast<int64_t>(bnao::alias::pack_column(0xffffffffu, 0xfffffffeu));
+  const at::Tensor kept = draw_op.call(forged, 1000, 7, 0);
+  check((kept >= 0).all().item<bool>() && (kept < n).all().item<bool>(), "an unused forged alias yields no bad index");
+
+  check_refused([&] { draw_op.call(hand.to(at::kInt), 4, 0, 0); }, "1-D int64", "an int32 table");
+  check_refused([&] { draw_op.call(hand.reshape({2, 2}), 4, 0, 0); }, "1-D int64", "a 2-D table");
+  check_refused([&] { draw_op.call(hand.slice(0, 0, 0), 4, 0, 0); }, "empty", "an empty table");
+  check_refused([&] { draw_op.call(hand, -1, 0, 0); }, "num_draws must be >= 0", "a negative draw count");
+  check_refused([&] { draw_op.call(hand, 4, 0, -5); }, "offset must be >= 0", "a negative offset");
+  // A strided view draws like its contiguous copy.
+  const at::Tensor doubled = at::stack({hand, hand}, 1).reshape({-1});
+  check(draw_op.call(doubled.slice(0, 0, 2 * n, 2), 500, 3, 9).equal(draw_op.call(hand, 500, 3, 9)),
+        "a strided table draws like its contiguous copy");
+
+  const double inf = std::numeric_limits<double>::infinity();
+  check_refused([&] { table_op.call(at::tensor({1.0, std::nan(""), 2.0}, at::kDouble)); }, "finite", "a NaN weight");
+  check_refused([&] { table_op.call(at::tensor({1.0, inf}, at::kDouble)); }, "finite", "an infinite weight");
+  check_refused([&] { table_op.call(at::tensor({1e308, 1e308}, at::kDouble)); }, "infinity", "weights summing to inf");
+  check_refused([&] { table_op.call(at::zeros({3}, at::kDouble)); }, "all weights are zero", "zero weights");
+  check_refused([&] { table_op.call(at::ones({2, 2}, at::kDouble)); }, "1-D", "2-D weights");
+  check_refused([&] { table_op.call(at::ones({3}, at::kLong)); }, "floating-point", "int64 weights");
+  check_refused([&] { table_op.call(at::ones({0}, at::kDouble)); }, "empty", "no weights");
+}
+
 }  // namespace
 
 int main() {
@@ -319,6 +371,7 @@ int main() {
   test_table_properties();
   test_draw_determinism_and_fit();
   test_registered_ops();
+  test_hostile_inputs();
   std::printf("test_alias: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
