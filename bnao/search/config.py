@@ -294,7 +294,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({' '.join(str(err).split())})") from None
     return out
 
 
@@ -334,7 +334,7 @@ def load_yaml(path: os.PathLike, schema: Optional[ConfigSchema] = None) -> Dict[
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return data
 
 

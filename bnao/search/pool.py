@@ -174,16 +174,15 @@ def read_pool_file(path: str, space: NAOSpace, skip_invalid: bool = False) -> Tu
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pool file {path!r} does not exist")
     rows, problems = [], []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
+    with open(path, "rb") as fh:  # decoded per line: a non-UTF-8 line is one bad line, not a crash
+        for lineno, raw in enumerate(fh, 1):
             try:
-                if text.startswith("{") and '"arch"' in text:
-                    text = json.loads(text)["arch"]
-                rows.append(space.parse(text).to_array())
-            except (InvalidArchError, ValueError, KeyError) as err:
+                text = raw.decode("utf-8").split("#", 1)[0].strip()
+                if not text:
+                    continue
+                value = json.loads(text)["arch"] if text.startswith("{") and '"arch"' in text else text
+                rows.append(space.arch(value).to_array())
+            except (InvalidArchError, ValueError, KeyError, TypeError) as err:
                 message = f"{path}:{lineno}: {err}"
                 if not skip_invalid:
                     raise PoolFileError(message + " (pass --skip-invalid to skip such lines)") from None

@@ -170,9 +170,18 @@ class NAOSpace:
                 raise InvalidArchError(
                     f"an arch object has exactly the keys 'normal' and 'reduction', got {sorted(value)}"
                 )
-            flat = list(value["normal"]) + list(value["reduction"])
+            cells = (value["normal"], value["reduction"])
+            if not all(isinstance(cell, (list, tuple, np.ndarray)) for cell in cells):
+                raise InvalidArchError("an arch object's 'normal' and 'reduction' are lists of integers, got "
+                                       f"{type(cells[0]).__name__} and {type(cells[1]).__name__}")
+            flat = list(cells[0]) + list(cells[1])
+        elif isinstance(value, np.ndarray):
+            flat = list(value.reshape(-1).tolist())
+        elif isinstance(value, (list, tuple)):
+            flat = list(value)
         else:
-            flat = list(np.asarray(value).reshape(-1).tolist()) if isinstance(value, np.ndarray) else list(value)
+            raise InvalidArchError("an arch is a string, a list of integers or an object with 'normal' and "
+                                   f"'reduction', got {type(value).__name__}")
         self.validate(flat)
         flat = [int(v) for v in flat]
         return Arch(tuple(flat[: self.cell_length]), tuple(flat[self.cell_length :]))
