@@ -1,0 +1,117 @@
+"""The compiled ops fed with hostile tensors: an error, never a crash, never an index outside the pool.
+
+Wrong dtypes, shapes, strides and devices, non-finite, negative and huge values, forged alias tables
+and absurd integer arguments go straight to ``torch.ops.bnao.*`` (and to the Python wrappers, which
+fall back to the references). A crash would kill the test process; a read out of bounds is caught
+by the C++ unit tests under AddressSanitizer (scripts/test.sh), and its visible symptom here, an
+index outside the table, fails the property.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bnao import extension
+from bnao.ops import sampler as sampler_ops
+
+pytestmark = pytest.mark.skipif(not extension.has_ops(), reason="the compiled core is not built")
+
+SCALE = float(os.environ.get("BNAO_FUZZ_SCALE", "1"))
+FUZZ = settings(max_examples=int(200 * SCALE), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, -1, 2**31, 2**32, 2**63 - 1, -(2**63)]))
+FLOATS = st.one_of(st.floats(), st.sampled_from([0.0, -0.0, 1e308, -1e-300, 5e-324, float("inf"), float("nan")]))
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
+          torch.uint8, torch.bool, torch.complex64]
+# Draw counts whose output cannot be allocated: the op must refuse, not overflow or hang.
+HUGE_DRAWS = [2**45, 2**62, 2**63 - 1]
+
+
+@st.composite
+def hostile_tensors(draw, values):
+    """Tensors of any dtype and rank (0-3), possibly non-contiguous, expanded or on the meta device."""
+    shape = draw(st.lists(st.integers(0, 6), max_size=3))
+    numbers = draw(st.lists(values, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    dtype = draw(st.sampled_from(DTYPES))
+    tensor = torch.tensor(numbers, dtype=torch.float64 if values is FLOATS else torch.int64).reshape(shape)
+    if dtype != tensor.dtype:
+        tensor = tensor.to(dtype) if dtype != torch.bool else tensor != 0
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded", "meta"]))
+    if layout == "transposed" and tensor.dim() >= 2:
+        tensor = tensor.transpose(0, 1)
+    elif layout == "strided" and tensor.dim() >= 1:
+        tensor = torch.stack([tensor, tensor], -1).select(-1, 0)
+    elif layout == "expanded" and tensor.dim() >= 1 and tensor.shape[0] == 1:
+        tensor = tensor.expand(4, *tensor.shape[1:])
+    elif layout == "meta":
+        tensor = tensor.to("meta")
+    return tensor
+
+
+def _returns_or_refuses(op, *args):
+    """Runs an op; returns its output, or None when it refused with a Python exception."""
+    try:
+        return op(*args)
+    except (RuntimeError, ValueError, TypeError, IndexError, OverflowError, NotImplementedError):
+        return None
+
+
+@FUZZ
+@given(st.lists(INT64, min_size=1, max_size=40), st.integers(0, 3000), INT64, st.integers(0, 2**63 - 1))
+def test_a_forged_alias_table_never_yields_an_index_outside_it(columns, num_draws, seed, offset):
+    table = torch.tensor(columns, dtype=torch.int64)
+    n = table.numel()
+    for op in (torch.ops.bnao.alias_draw, sampler_ops.reference_alias_draw):
+        out = _returns_or_refuses(op, table, num_draws, seed, offset)
+        if out is not None:
+            assert out.shape == (num_draws,) and out.dtype == torch.int64
+            assert bool(((out >= 0) & (out < n)).all()), "an index outside the table"
+
+
+@FUZZ
+@given(hostile_tensors(FLOATS), st.one_of(st.integers(0, 500), st.sampled_from(HUGE_DRAWS), INT64), INT64, INT64)
+def test_alias_ops_refuse_hostile_weights_and_arguments(weights, num_draws, seed, offset):
+    table = _returns_or_refuses(torch.ops.bnao.alias_table, weights)
+    if table is None or table.device.type == "meta":
+        return
+    # A table was built: the weights were a usable 1-D floating vector.
+    w = weights.double()
+    assert weights.dim() == 1 and weights.is_floating_point() and bool(torch.isfinite(w).all())
+    assert bool((w >= 0).all()) and float(w.sum()) > 0
+    out = _returns_or_refuses(torch.ops.bnao.alias_draw, table, num_draws, seed, offset)
+    if out is not None:
+        assert 0 <= num_draws < 2**45 and offset >= 0
+        assert bool(((out >= 0) & (out < table.numel())).all())
+        assert bool((w[out] > 0).all()), "a zero-weight item was drawn"
+
+
+MODEL_SIZE_SMALL = st.one_of(st.integers(-3, 40), INT64)
+
+
+@FUZZ
+@given(hostile_tensors(INT64 | st.integers(-2, 6)), st.one_of(st.integers(0, 8), INT64),
+       st.lists(MODEL_SIZE_SMALL, max_size=6), st.lists(MODEL_SIZE_SMALL, max_size=6),
+       st.lists(MODEL_SIZE_SMALL, min_size=6, max_size=6))
+def test_model_size_refuses_hostile_archs_and_settings(archs, num_nodes, kinds, kernels, settings_):
+    skeleton, layers, channels, classes, in_channels, image_size = settings_
+    out = _returns_or_refuses(torch.ops.bnao.model_size, archs, num_nodes, kinds, kernels, skeleton, layers,
+                              channels, classes, in_channels, image_size)
+    if out is None or out.device.type == "meta":
+        return
+    assert archs.dim() == 2 and archs.dtype == torch.int64 and archs.shape[1] == 8 * num_nodes
+    assert out.shape == (archs.shape[0], 2) and bool((out >= 0).all())
+
+
+def test_the_model_size_kernel_gives_real_sizes_on_a_valid_pool():
+    """The property above must not pass by refusing everything: valid input gives the reference's sizes."""
+    from bnao.size import model_size
+    from bnao.space import NAOSpace
+
+    space = NAOSpace()
+    pool = space.sample_array(64, rng=0)
+    assert np.array_equal(model_size(pool, space=space, layers=2, channels=8),
+                          model_size(pool, space=space, layers=2, channels=8, backend="reference"))
