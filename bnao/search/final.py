@@ -83,6 +83,7 @@ def train_best(config: Dict[str, Any], arch: str, space: NAOSpace, run_dir: Path
     train = create_dataset(data["dataset"], root=data["root"], split="train", **options)
     settings = standalone_settings(config, num_classes, in_channels)
     settings["epochs"] = int(config["final"]["full_epochs"])
+    settings["eval_every"] = 0  # the test split is for the final figure, not for watching epochs
     trainer = StandaloneTrainer(arch, space, train, test, make_config(**settings), device=device,
                                 checkpoint_path=run_dir / "final" / "checkpoint.pt", progress=progress)
     result = trainer.fit(resume=True)
