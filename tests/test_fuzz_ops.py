@@ -21,7 +21,7 @@ from bnao.ops import sampler as sampler_ops
 pytestmark = pytest.mark.skipif(not extension.has_ops(), reason="the compiled core is not built")
 
 SCALE = float(os.environ.get("BNAO_FUZZ_SCALE", "1"))
-FUZZ = settings(max_examples=int(200 * SCALE), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(max_examples=int(150 * SCALE), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, -1, 2**31, 2**32, 2**63 - 1, -(2**63)]))
 FLOATS = st.one_of(st.floats(), st.sampled_from([0.0, -0.0, 1e308, -1e-300, 5e-324, float("inf"), float("nan")]))
