@@ -90,7 +90,9 @@ def test_config_accepts_the_units_users_write():
 
 
 def _budget(**bounds):
-    config = load_config("demo", [f"search.{k}={v}" for k, v in bounds.items()] + ["supernet.channels=4"])
+    # The demo preset's own budget is cleared first: each test states its bounds.
+    config = load_config("demo", ["search.max_params=null"] + [f"search.{k}={v}" for k, v in bounds.items()]
+                         + ["supernet.channels=4"])
     return Budget.from_config(config, NAOSpace(), classes=10, in_channels=1, image_size=28)
 
 
@@ -123,7 +125,7 @@ def test_rejection_sampling_draws_distinct_archs_inside_the_budget():
 
 
 # A budgeted search on synthetic data (no data set needed): every phase runs.
-SEARCH = ["data.dataset=synthetic", "data.synthetic_samples=400", "data.synthetic_size=16", "data.synthetic_channels=3",
+SEARCH = ["search.max_params=null", "final.full_epochs=0", "data.dataset=synthetic", "data.synthetic_samples=400", "data.synthetic_size=16", "data.synthetic_channels=3",
           "data.synthetic_classes=5", "supernet.channels=4", "supernet.batch_size=32", "supernet.steps_per_epoch=6",
           "supernet.eval_batch_size=100", "search.pool_size=24", "search.iterations=1", "search.top_k=8",
           "search.new_per_iteration=12", "search.fill_with_mutations=true", "controller.epochs=6",

@@ -24,6 +24,7 @@ needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not ins
 # proportional draws, pool evaluation, controller fit, generation, re-rank.
 TINY = [
     "data.train_limit=800",
+    "final.full_epochs=0",  # the demo's final training on all 60,000 images has its own test
     "supernet.channels=4",
     "supernet.batch_size=32",
     "supernet.steps_per_epoch=12",
