@@ -75,7 +75,8 @@ def variant_metrics(truth: np.ndarray, variants: List[Dict[str, Any]], main: Dic
         base = main.get(v["sampler"], {}).get(v["epochs"], {}).get(v["seed"])
         out.append({"name": v["name"], "sampler": v["sampler"], "seed": v["seed"], "epochs": v["epochs"],
                     "metrics": score_metrics(truth, v["scores"]),
-                    "main_metrics": score_metrics(truth, base) if base is not None else None})
+                    "main_metrics": score_metrics(truth, base) if base is not None else None,
+                    "scores": list(v["scores"])})
     return out
 
 
