@@ -17,7 +17,8 @@ def test_every_command_has_a_module_with_its_hooks():
     for name, (module_name, _) in COMMANDS.items():
         module = importlib.import_module(module_name)
         assert callable(module.add_arguments) and callable(module.run), name
-        required = {"train": ["x", "--out", "d"], "eval": ["x"], "export": ["x", "--out", "f"]}.get(name, [])
+        required = {"train": ["x", "--out", "d"], "eval": ["x"], "export": ["x", "--out", "f"],
+                    "rank": ["--out", "d"]}.get(name, [])
         assert build_parser(name).parse_args([name] + required)._run is module.run
 
 
