@@ -23,7 +23,7 @@ TINY = [
     "data.synthetic_classes=3", "supernet.channels=4", "supernet.batch_size=32", "supernet.steps_per_epoch=3",
     "supernet.checkpoint_every=2", "supernet.eval_batch_size=40", "search.pool_size=8", "search.iterations=1",
     "search.top_k=4", "search.new_per_iteration=3", "controller.epochs=2", "final.rerank_top=1", "final.epochs=1",
-    "final.full_epochs=0", "device=cpu", "threads=1",
+    "final.full_epochs=0", "final.batch_size=32", "device=cpu", "threads=1",
 ]
 
 
