@@ -26,8 +26,8 @@ def _bn(y, g, b):
 
 
 def _fr(x, w, g, b):
+    # The reference's FactorizedReduce has no ReLU; only the calibration after a reduction cell adds one.
     half = w.shape[0] // 2
-    x = F.relu(x)
     shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
     y = torch.cat([F.conv2d(x, w[:half, :, None, None], stride=2),
                    F.conv2d(shifted, w[half:, :, None, None], stride=2)], 1)
@@ -47,7 +47,7 @@ def naive_forward(m: Supernet, x, arch):
         s1 = _bn(F.conv2d(F.relu(s0), m.stem1.weight, stride=2, padding=1), m.stem1.bn.weight, m.stem1.bn.bias)
     for ci, fx in zip(m.cell_info, m.fixed):
         if fx.pre0 == "fr":
-            s0c = _fr(s0, fx.pre0_w, fx.pre0_bn.weight, fx.pre0_bn.bias)
+            s0c = _fr(F.relu(s0), fx.pre0_w, fx.pre0_bn.weight, fx.pre0_bn.bias)
         elif fx.pre0 == "rcb":
             s0c = _bn(F.conv2d(F.relu(s0), fx.pre0_w[:, :, None, None]), fx.pre0_bn.weight, fx.pre0_bn.bias)
         else:
@@ -274,17 +274,20 @@ def test_drop_path_statistics_follow_schedule():
     torch.testing.assert_close(m(x, arch), a)
 
 
-def test_drop_path_never_drops_identity():
-    # As in NAO (and bnao.nets), identity and zero branches are never dropped: an all-identity arch is
-    # deterministic in training mode even at keep 0.5, while a sep-conv arch is not.
+def test_drop_path_drops_identity_as_the_reference_unless_exempted():
+    # The reference's search model drops every branch, identity included: an all-identity arch is random
+    # in training mode at keep 0.5; with drop_path_identity=False it is deterministic, a sep-conv arch not.
     space = NAOSpace()
-    m = _small(space, drop_path_keep_prob=0.5, total_steps=1)
-    m.set_step(0)
     x = torch.randn(4, 3, 8, 8)
     ident = _arch_all_op(space, space.op_names.index("identity"), np.random.default_rng(0))
-    torch.testing.assert_close(m(x, ident), m(x, ident))
     sep = _arch_all_op(space, 0, np.random.default_rng(0))
-    assert not torch.allclose(m(x, sep), m(x, sep))
+    m = _small(space, drop_path_keep_prob=0.5, total_steps=1)
+    m.set_step(0)
+    assert not torch.allclose(m(x, ident), m(x, ident))
+    exempt = _small(space, drop_path_keep_prob=0.5, total_steps=1, drop_path_identity=False)
+    exempt.set_step(0)
+    torch.testing.assert_close(exempt(x, ident), exempt(x, ident))
+    assert not torch.allclose(exempt(x, sep), exempt(x, sep))
 
 
 def test_evaluator_uses_batch_stats_and_changes_nothing():
