@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 HELP = "run Balanced NAO end to end (Algorithm 1)"
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  bnao search --config demo --out runs/demo\n"
         "  bnao search --config cifar10 --out runs/c10 supernet.epochs=10 sampler.name=uniform\n"
         "  bnao search --resume runs/c10\n"
+        "  torchrun --nproc_per_node=4 -m bnao search --config cifar10 --out runs/c10  (several GPUs)\n"
         "every config key can be overridden as key=value (see configs/*.yaml for the keys)"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. search.iterations=2")
@@ -37,14 +39,55 @@ def _error(message: str, code: int = 2) -> int:
 
 def _resume_config(args: argparse.Namespace, run_dir, overrides):
     """The config asked for on resume and its resumable changes (any other change is refused)."""
-    from ..search.config import apply_overrides, load_config, parse_overrides
+    from ..search.config import DEFAULTS, apply_overrides, load_config, parse_overrides
     from ..search.resume import split_changes
 
     config = run_dir.read_config()
+    # Runs from before the distributed section ran as one process: its defaults describe them.
+    config.setdefault("distributed", copy.deepcopy(DEFAULTS["distributed"]))
     wanted = apply_overrides(load_config(args.config), parse_overrides(overrides)) if args.config else (
         apply_overrides(config, parse_overrides(overrides))
     )
-    return wanted, split_changes(config, wanted)
+    return config, wanted
+
+
+def _launch(config, old_config):
+    """Joins torchrun's process group (when launched by it) and records how the run is launched.
+
+    Returns:
+        ``(context, config, changes)``: ``config`` with ``distributed.world_size``, ``backend`` and ``hosts``
+        set; ``changes`` are its resumable changes from ``old_config`` (None for a new run).
+    """
+    from ..distributed import init_from_env, launch_record
+    from ..search.resume import split_changes
+
+    context = init_from_env(config["device"], float(config["distributed"]["timeout_s"]))
+    config = copy.deepcopy(config)
+    config["distributed"].update(launch_record(context))
+    if context.world_size == 1:
+        config["distributed"]["hosts"] = ""  # a single-process run stays movable between machines unremarked
+    return context, config, (split_changes(old_config, config) if old_config is not None else None)
+
+
+def _prepare_run_dir(args, context, run_dir, config, changes):
+    """Rank 0 creates the run directory (a new run); every rank learns whether that worked.
+
+    Returns:
+        None, or ``(message, exit code)`` (the same on every rank).
+    """
+    from ..distributed import broadcast_object
+    from ..safe_io import FileWriteError
+    from ..search.rundir import RunDirError
+
+    problem = None
+    if context.is_main and not args.resume:
+        try:
+            run_dir.create(config, overwrite=args.overwrite)
+        except RunDirError as err:
+            problem = (str(err), 2)
+        except FileWriteError as err:  # the disk, not the request: exit code 1 as for any failed write
+            problem = (str(err), 1)
+    return broadcast_object(problem, "creating the run directory")
 
 
 def _record_changes(run_dir, config, changes) -> None:
@@ -58,6 +101,7 @@ def _record_changes(run_dir, config, changes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
+    from ..distributed import DistributedError, barrier, shutdown
     from ..safe_io import CheckpointError, FileWriteError
     from ..signals import GracefulStop, Stopped
     from ..space import InvalidArchError
@@ -74,23 +118,28 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_invalid:
         overrides.append("search.skip_invalid=true")
 
-    changes = {}
+    old_config = None
     try:
         if args.resume:
             if args.out and args.out != args.resume:
                 return _error("give either --out (new run) or --resume (continue a run), not both")
             run_dir = RunDir(args.resume)
-            config, changes = _resume_config(args, run_dir, overrides)
+            old_config, config = _resume_config(args, run_dir, overrides)
         else:
             if not args.out:
                 return _error("--out RUN_DIR is required (or --resume RUN_DIR)")
             config = load_config(args.config, overrides)
             run_dir = RunDir(args.out)
-            run_dir.create(config, overwrite=args.overwrite)
-    except (ConfigError, RunDirError) as err:
+        context, config, changes = _launch(config, old_config)
+        problem = _prepare_run_dir(args, context, run_dir, config, changes)
+        if problem:
+            return _error(*problem)
+    except (ConfigError, RunDirError, DistributedError) as err:
         return _error(str(err))
     except FileWriteError as err:
         return _error(str(err), code=1)
+    changes = changes or {}
+    run_dir.writes = context.is_main
 
     from ..search.loop import BalancedNAO
 
@@ -98,24 +147,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         with GracefulStop() as stop:
             ckpt = None
-            if args.resume:
-                ckpt = run_dir.load_checkpoint(warn=lambda line: print(f"bnao search: warning: {line}", file=sys.stderr))
+            if args.resume:  # every rank reads the same checkpoint
+                warn = (lambda line: print(f"bnao search: warning: {line}", file=sys.stderr)) if context.is_main \
+                    else (lambda line: None)
+                ckpt = run_dir.load_checkpoint(warn=warn)
                 if ckpt is not None and changes:
                     config = keep_schedule(config, ckpt, changes)
-            search = BalancedNAO(config, run_dir, progress=not args.no_progress)
+            search = BalancedNAO(config, run_dir, progress=not args.no_progress and context.is_main)
             if ckpt is not None:
                 search.restore(ckpt)
                 search.echo(f"resuming {args.resume}: {search.position()}")
-            if args.resume and changes:
+            barrier("loading the checkpoint")  # rank 0 writes nothing before every rank has read it
+            if context.enabled:
+                search.echo(f"running on {context.describe()}")
+            if args.resume and changes and context.is_main:
                 _record_changes(run_dir, config, changes)
             try:
                 search.run()
             except Stopped as stopped:
-                print(f"bnao search: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
-                      f"Resume with: bnao search --resume {run_dir.path}", file=sys.stderr)
+                if context.is_main:
+                    print(f"bnao search: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is "
+                          f"written. Resume with: bnao search --resume {run_dir.path}", file=sys.stderr)
                 return stop.exit_code
     except (ConfigError, RunDirError, PoolFileError, InvalidArchError, FileNotFoundError, DatasetNotFoundError,
-            CheckpointError, ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
+            CheckpointError, DistributedError, ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
         return _error(str(err))
     except KeyError as err:  # unknown registry names (dataset, loader, sampler) carry their own message
         return _error(str(err.args[0]) if err.args else repr(err))
@@ -128,5 +183,7 @@ def run(args: argparse.Namespace) -> int:
         if type(err).__name__ == "NonFiniteLossError":
             return _error(f"{err}\nthe last good checkpoint is in {run_dir.checkpoint_path}", code=1)
         raise
-    print(f"run directory: {run_dir.path} (best.json, ranking.jsonl, pool.jsonl, plots/, tb/)")
+    if context.is_main:
+        print(f"run directory: {run_dir.path} (best.json, ranking.jsonl, pool.jsonl, plots/, tb/)")
+    shutdown()
     return 0

@@ -146,6 +146,18 @@ DEFAULTS: Dict[str, Any] = {
         "max_madds": None,
         "min_madds": None,
     },
+    # Several processes (torchrun --nproc_per_node=K -m bnao search ...; see bnao.distributed).
+    "distributed": {
+        # Seconds a rank waits in a collective (the others' step, rank 0's controller phase, the slowest
+        # rank's share of the re-rank) before it stops with an error: a hung or lost rank.
+        "timeout_s": 3600.0,
+        # Debug: compare every step's arch across ranks and stop with an error when they differ.
+        "check_arch": False,
+        # Written by bnao search, not read: how the run was launched (processes, backend, machines).
+        "world_size": 1,
+        "backend": "none",
+        "hosts": "",
+    },
     # Stand-alone training after the search. The re-rank's defaults are the reference's
     # (train_and_evaluate_top_on_cifar10): the search network's N and C, 10 epochs, batch 64, cosine
     # 0.025 -> 0.001 per epoch, auxiliary head (0.4), drop-path 0.8, dropout 0.4. One difference: its

@@ -71,6 +71,7 @@ def train_best(config: Dict[str, Any], arch: str, space: NAOSpace, run_dir: Path
         ``{"test_accuracy", "test_loss", "epochs", "train_images", "test_images", "seconds", "model_file"}``,
         or None when the dataset has no test split (said through ``echo``).
     """
+    from ..distributed import current
     from ..train import StandaloneTrainer, make_config, save_model
 
     data = config["data"]
@@ -85,12 +86,14 @@ def train_best(config: Dict[str, Any], arch: str, space: NAOSpace, run_dir: Path
     settings["epochs"] = int(config["final"]["full_epochs"])
     settings["eval_every"] = 0  # the test split is for the final figure, not for watching epochs
     trainer = StandaloneTrainer(arch, space, train, test, make_config(**settings), device=device,
-                                checkpoint_path=run_dir / "final" / "checkpoint.pt", progress=progress)
+                                checkpoint_path=run_dir / "final" / "checkpoint.pt", progress=progress,
+                                parallel=current())  # data-parallel under torchrun; rank 0 writes
     result = trainer.fit(resume=True)
     model_file = run_dir / "model.pt"
     metrics = {"test_acc": result["eval_acc"], "test_error": result["eval_error"], "params": result["params"]}
-    save_model(model_file, trainer.model, trainer.config_dict(), metrics=metrics,
-               extra={"dataset": data["dataset"], "source": "bnao search (final.full_epochs)"})
+    if current().is_main:
+        save_model(model_file, trainer.model, trainer.config_dict(), metrics=metrics,
+                   extra={"dataset": data["dataset"], "source": "bnao search (final.full_epochs)"})
     return {
         "test_accuracy": float(result["eval_acc"]),
         "test_loss": float(result["eval_loss"]),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..controller import NAOController
-from ..device import resolve_device
+from ..distributed import GradientSync, ShardedLoader, any_rank, average_buffers, current, rank_device
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..metrics import kendall_tau, pairwise_accuracy
 from ..sampling import create_sampler
@@ -34,6 +34,7 @@ from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
 from .budget import Budget, image_side
 from .config import diff
+from .distributed_phases import controller_and_generate, evaluate_split, rerank_split
 from .final import standalone_settings, train_best
 from .pareto import write_run_fronts
 from .pool import Pool, read_pool_file
@@ -81,7 +82,10 @@ class BalancedNAO:
         # Bars only on a terminal: redirected to a file they are noise.
         self.progress = progress and sys.stderr.isatty()
         self._echo = echo
-        self.device = resolve_device(config["device"])
+        # One process, or one of several started by torchrun (bnao.distributed): rank 0 writes and prints.
+        self.parallel = current()
+        run_dir.writes = run_dir.writes and self.parallel.is_main
+        self.device = rank_device(config["device"], self.parallel)
         if int(config["threads"]) > 0:
             torch.set_num_threads(int(config["threads"]))
         self.state: Dict[str, Any] = {"iteration": 0, "phase": "init", "elapsed": 0.0, "eval_indices": None}
@@ -119,6 +123,8 @@ class BalancedNAO:
             augment=AugmentConfig(cutout=data["cutout"]), shuffle=True, drop_last=True, seed=seed,
             channels_last=sn["channels_last"],
         )
+        if self.parallel.enabled:
+            self.train_loader = ShardedLoader(self.train_loader, self.parallel, "supernet.batch_size")
         self.dev_batches = self._dev_batches(seed)
         self.steps_per_epoch = int(sn["steps_per_epoch"] or len(self.train_loader))
         self.steps_per_iteration = int(sn["epochs"]) * self.steps_per_epoch
@@ -128,6 +134,7 @@ class BalancedNAO:
             in_channels=self.in_channels, drop_path_keep_prob=sn["drop_path_keep_prob"],
             total_steps=self.steps_per_iteration, drop_path_identity=sn["drop_path_identity"],
         ).to(self.device)
+        self.model.batch_shard = (self.parallel.rank, self.parallel.world_size)
 
         # The pool: random (seeded) or read from a file.
         sc = c["search"]
@@ -160,6 +167,8 @@ class BalancedNAO:
             channels_last=sn["channels_last"], steps_total=self.steps_per_iteration, device=self.device, seed=seed,
             lr_steps_per_epoch=self.steps_per_epoch if sn["lr_schedule"] == "epoch" else None,
             unused_slot_update=sn["unused_slot_update"],
+            data_parallel=GradientSync(self.parallel, check_arch=bool(c.get("distributed", {}).get("check_arch")))
+            if self.parallel.enabled else None,
         )
         cc = c["controller"]
         self.controller = NAOController(
@@ -196,11 +205,17 @@ class BalancedNAO:
 
     # ----------------------------------------------------------- state i/o
     def echo(self, line: str) -> None:
-        self._echo(line)
-        self.run_dir.log(line)
+        if self.parallel.is_main:
+            self._echo(line)
+            self.run_dir.log(line)
 
     def checkpoint(self) -> None:
-        """Saves everything needed to continue exactly (atomically), then says where the run is."""
+        """Saves everything needed to continue exactly (atomically), then says where the run is.
+
+        Rank 0 writes; every rank holds the same state (no collective here, so rank 0 may call it alone).
+        """
+        if not self.parallel.is_main:
+            return
         self.run_dir.save_checkpoint(
             {
                 "format": 1,
@@ -243,11 +258,13 @@ class BalancedNAO:
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
         """Runs (or continues) the search to the end; returns the best arch record."""
-        self.scalars = Scalars(self.run_dir.tb, purge_step=self._global_step() or None)
+        self.scalars = Scalars(self.run_dir.tb if self.parallel.is_main else None,
+                               purge_step=self._global_step() or None)
         started = time.perf_counter() - float(self.state["elapsed"])
         try:
             while self.state["phase"] != "done":
-                if stop_requested():  # every phase ends with a checkpoint: this is a step boundary
+                # Every phase ends with a checkpoint: this is a step boundary (agreed by all ranks).
+                if any_rank(stop_requested(), "a stop check"):
                     raise Stopped(self.position())
                 it, phase = int(self.state["iteration"]), self.state["phase"]
                 if phase == "init":
@@ -256,6 +273,8 @@ class BalancedNAO:
                     self._phase_train(it, started)
                 elif phase == "eval":
                     self._phase_eval(it, started)
+                elif phase in ("controller", "generate") and self.parallel.enabled:
+                    controller_and_generate(self, it, started)
                 elif phase == "controller":
                     self._phase_controller(it, started)
                 elif phase == "generate":
@@ -269,8 +288,11 @@ class BalancedNAO:
         return self.run_dir_best()
 
     def run_dir_best(self) -> Dict[str, Any]:
+        """The best arch record (kept in the state too, so that every rank has it without reading a file)."""
         import json
 
+        if "best" in self.state:
+            return dict(self.state["best"])
         return json.loads(self.run_dir.best_path.read_text())
 
     def _global_step(self) -> int:
@@ -283,16 +305,17 @@ class BalancedNAO:
             where += f", step {self.state['train_step']}"
         return where
 
-    @staticmethod
-    def _step_boundary(bar) -> Callable[[int], None]:
+    def _step_boundary(self, bar) -> Callable[[int], None]:
         """The trainer's per-step callback: advances the bar and stops at the step boundary when asked."""
         done = [0]
+        sync = self.trainer.data_parallel
 
         def on_step(steps: int) -> None:
             done[0] += steps
             if bar:
                 bar.update(steps)
-            if stop_requested():
+            # Several processes stop at the step where any of them was asked to (the flag rode the all-reduce).
+            if sync.stop_agreed if sync is not None else stop_requested():
                 raise _StopAtStep(done[0])
 
         return on_step
@@ -303,12 +326,16 @@ class BalancedNAO:
         self.checkpoint()
 
     def _start_iteration(self, it: int) -> None:
+        self._prepare_iteration()
+        self.state.update(iteration=it, phase="train", train_step=0, phase_seconds={})
+        self.checkpoint()
+
+    def _prepare_iteration(self) -> None:
+        """Points the sampler and the trainer at this iteration's archs and restarts the schedule."""
         idx = np.asarray(self.state["eval_indices"])
         self.sampler.set_weights(self.pool.sizes[idx].astype(np.float64))
         self.trainer.set_pool(self.pool.archs[idx].astype(np.int64))
         self.trainer.restart_schedule(self.steps_per_iteration)
-        self.state.update(iteration=it, phase="train", train_step=0, phase_seconds={})
-        self.checkpoint()
 
     def _phase_train(self, it: int, started: float) -> None:
         every = int(self.config["supernet"]["checkpoint_every"])
@@ -323,6 +350,7 @@ class BalancedNAO:
             try:
                 stats = self.trainer.train_steps(n, progress=self._step_boundary(bar))
             except _StopAtStep as stop:
+                average_buffers(self.model)  # the chunk ended early: one model on every rank before the checkpoint
                 self.state["train_step"] = int(self.state["train_step"]) + stop.steps
                 self._advance("train", started)
                 raise Stopped(self.position()) from None
@@ -343,8 +371,11 @@ class BalancedNAO:
 
     def _phase_eval(self, it: int, started: float) -> None:
         t0 = time.perf_counter()
-        acc, loss = evaluate_pool(self.model, self.pool.archs.astype(np.int64), self.dev_batches,
-                                  bf16=self.config["supernet"]["bf16"])
+        if self.parallel.enabled:
+            acc, loss = evaluate_split(self, bf16=self.config["supernet"]["bf16"])
+        else:
+            acc, loss = evaluate_pool(self.model, self.pool.archs.astype(np.int64), self.dev_batches,
+                                      bf16=self.config["supernet"]["bf16"])
         self.pool.set_scores(it, acc)
         self.state["phase_seconds"]["eval"] = time.perf_counter() - t0
         self.scalars.add("eval/best_one_shot", float(np.max(acc)), it)
@@ -433,7 +464,7 @@ class BalancedNAO:
         # Every pool arch is inside the budget by construction; the mask makes the re-rank's own guarantee.
         top = self.pool.top(int(fc["rerank_top"]), np.where(self.budget.mask(self.pool.archs[: scores.size]), scores, np.nan))
         t0 = time.perf_counter()
-        results = rerank(
+        results = (rerank_split if self.parallel.enabled else rerank)(
             self.pool.archs[top].astype(np.int64), self.space, self.train_set, self.dev_set,
             device=self.device, checkpoint_dir=self.run_dir.path / "rerank", progress=self.progress,
             **standalone_settings(c, self.num_classes, self.in_channels),
@@ -455,10 +486,12 @@ class BalancedNAO:
             )
         ranking.sort(key=lambda r: -r["standalone_accuracy"])
         self.run_dir.write_jsonl(self.run_dir.ranking_path, ranking)
-        write_run_fronts(self.run_dir.path, self.pool, self.budget, ranking)
+        if self.parallel.is_main:
+            write_run_fronts(self.run_dir.path, self.pool, self.budget, ranking)
         best = dict(ranking[0])
         best["search_seconds"] = time.perf_counter() - started
         self.run_dir.write_json(self.run_dir.best_path, best)
+        self.state["best"] = best
         self.state["phase_seconds"]["rerank"] = time.perf_counter() - t0
         self.echo(
             f"best arch: {best['arch']}\n  model size {best['size']:,} params, one-shot {best['one_shot']:.4f}, "
@@ -478,6 +511,7 @@ class BalancedNAO:
             best["final"] = result
             best["test_accuracy"] = result["test_accuracy"]
             self.run_dir.write_json(self.run_dir.best_path, best)
+            self.state["best"] = best
             self.echo(
                 f"final training: test accuracy {result['test_accuracy']:.4f} after {result['epochs']} epochs on "
                 f"{result['train_images']:,} images ({result['test_images']:,} test images) "
@@ -530,6 +564,8 @@ class BalancedNAO:
         self.echo(line)
 
     def _write_outputs(self) -> None:
+        if not self.parallel.is_main:
+            return
         self.pool.write_jsonl(str(self.run_dir.pool_path), columns=self.budget.columns(self.pool.archs))
         why = write_plots(self.run_dir.plots, self.pool, self.draws)
         write_run_fronts(self.run_dir.path, self.pool, self.budget)

@@ -25,8 +25,10 @@ class Scalars:
             curves do not double back.
     """
 
-    def __init__(self, folder: Path, purge_step: Optional[int] = None):
+    def __init__(self, folder: Optional[Path], purge_step: Optional[int] = None):
         self._writer = None
+        if folder is None:  # nothing to write (ranks other than 0 of a run on several processes)
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -25,6 +25,13 @@ RESUMABLE_KEYS: Dict[str, str] = {
     "supernet.channels_last": "memory layout",
     "threads": "CPU threads",
     "device": "device",
+    # Per-rank BatchNorm batches change with the process count, so exact replay ends (see bnao.distributed);
+    # the data order, sampler, schedules and loader positions are global and carry over to any count.
+    "distributed.world_size": "processes (torchrun)",
+    "distributed.backend": "collective backend",
+    "distributed.hosts": "machines",
+    "distributed.timeout_s": "collective timeout",
+    "distributed.check_arch": "arch check across ranks",
 }
 
 #: Keys a checkpoint's config may differ in from the run's: the resumable keys, plus the steps per

@@ -78,6 +78,8 @@ class RunDir:
         self.progress_path = self.path / "progress.json"
         self.plots = self.path / "plots"
         self.tb = self.path / "tb"
+        # False on the ranks other than 0 of a run on several processes: rank 0 alone writes run files.
+        self.writes = True
 
     # ------------------------------------------------------------- lifecycle
     def holds_run(self) -> bool:
@@ -113,6 +115,8 @@ class RunDir:
         Raises:
             FileWriteError: The write failed; both kept checkpoints are intact.
         """
+        if not self.writes:
+            return
         save_atomic(state, self.checkpoint_path, previous=self.previous_checkpoint_path)
 
     def _read_checkpoint(self, path: Path) -> Dict[str, Any]:
@@ -166,6 +170,8 @@ class RunDir:
 
     def record_changes(self, changes: Dict[str, Any], config: Dict[str, Any]) -> None:
         """Appends one resume's config changes ({key: [old, new]}) to changes.jsonl; config.yaml becomes ``config``."""
+        if not self.writes:
+            return
         lines = self.changes_path.read_text() if self.changes_path.exists() else ""
         lines += json.dumps({"resumed_with": changes, "exact_replay": False}, default=str) + "\n"
         _atomic_write_bytes(self.changes_path, lines.encode())
@@ -173,12 +179,18 @@ class RunDir:
 
     # --------------------------------------------------------------- outputs
     def write_json(self, path: Path, obj: Any) -> None:
+        if not self.writes:
+            return
         atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
     def write_jsonl(self, path: Path, records) -> None:
+        if not self.writes:
+            return
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def log(self, line: str) -> None:
+        if not self.writes:
+            return
         try:
             with open(self.log_path, "a") as fh:
                 fh.write(line + "\n")

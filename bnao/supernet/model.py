@@ -202,6 +202,10 @@ class Supernet(nn.Module):
         self.step: Optional[int] = None
         self.bn_momentum, self.bn_eps = bn_momentum, 1e-5
         self.seed = int(seed)
+        # (rank, world size) of a data-parallel run (bnao.distributed): masks are drawn for the global batch
+        # and this rank keeps its slice of them, as it does of the images, so a run on several processes
+        # draws what one process would.
+        self.batch_shard: Tuple[int, int] = (0, 1)
         self.plan_cache_size = plan_cache_size
         self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
         self._generators: Dict[str, torch.Generator] = {}
@@ -571,7 +575,8 @@ class Supernet(nn.Module):
             self._update_slot_stats(plan, stats, stage_hw, images.shape[0])
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
         if training and self.dropout > 0:
-            u = torch.rand(out.shape, generator=self.generator(device), device=device)
+            u = self._shard_rows(torch.rand((out.shape[0] * self.batch_shard[1], *out.shape[1:]),
+                                            generator=self.generator(device), device=device), 0)
             out = out * (u >= self.dropout).to(out.dtype) / (1.0 - self.dropout)
         logits = self.classifier(out)
         if self.auxiliary_head is not None and training:
@@ -609,8 +614,18 @@ class Supernet(nn.Module):
             ratio = min(float(self.step + 1) / self.total_steps, 1.0)
         # keep per cell computed on the device from a constant: no host-to-device copy per step.
         keep_t = (1.0 - self._drop_depth.to(device) * ratio).view(-1, 1, 1)
-        u = torch.rand(self.num_cells, batch, 2 * self.num_nodes, generator=self.generator(device), device=device)
+        u = torch.rand(self.num_cells, batch * self.batch_shard[1], 2 * self.num_nodes,
+                       generator=self.generator(device), device=device)
+        u = self._shard_rows(u, 1)
         return torch.where(u < keep_t, keep_t.reciprocal(), torch.zeros((), device=device)).to(dtype)
+
+    def _shard_rows(self, u: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice along ``dim`` of random numbers drawn for the global batch (see ``batch_shard``)."""
+        rank, world = self.batch_shard
+        if world == 1:
+            return u
+        local = u.shape[dim] // world
+        return u.narrow(dim, rank * local, local)
 
     @torch.no_grad()
     def _update_slot_stats(self, plan: _Plan, stats, stage_hw: List[int], batch: int) -> None:

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from ..distributed import GradientSync, average_buffers, sum_across_ranks
+from ..signals import stop_requested
 from ..train.checkpoint import CheckpointError, load_file, save_atomic
 from .model import Supernet
 from .optim import MaskedSGD
@@ -102,6 +104,9 @@ class SupernetTrainer:
             already one epoch into the cosine and the last one runs at ``lr_min``); None: per-step cosine.
         unused_slot_update: ``"decay"`` (the reference's: slots used at least once get momentum and weight
             decay every step) or ``"freeze"`` (slots the step's arch does not use do not move).
+        data_parallel: Several processes (:mod:`bnao.distributed`): the loader yields this rank's slice of
+            each batch, and this averages the gradients over the ranks after every backward (None: one
+            process). Every rank draws the same arch from its identically seeded sampler.
     """
 
     def __init__(self, model: Supernet, sampler: Any, pool: np.ndarray, train_loader: Any, *,
@@ -110,7 +115,7 @@ class SupernetTrainer:
                  channels_last: bool = False, steps_total: int = 1000, max_bad_steps: int = 5,
                  aux_weight: float = 0.4, device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
                  sync_timing: bool = False, lr_steps_per_epoch: Optional[int] = None,
-                 unused_slot_update: str = "decay"):
+                 unused_slot_update: str = "decay", data_parallel: Optional[GradientSync] = None):
         if unused_slot_update not in UNUSED_SLOT_UPDATES:
             raise ValueError(f"unused_slot_update must be one of {UNUSED_SLOT_UPDATES}, got {unused_slot_update!r}")
         if steps_total <= 0:
@@ -132,6 +137,7 @@ class SupernetTrainer:
         self.max_bad_steps = int(max_bad_steps)
         self.aux_weight = float(aux_weight)
         self.sync_timing = bool(sync_timing) and self.device.type == "cuda"
+        self.data_parallel = data_parallel
         if seed is not None and model.seed == 0:
             model.seed = int(seed)
         if model.total_steps is None:
@@ -243,6 +249,8 @@ class SupernetTrainer:
         for _ in range(n):
             t0 = time.perf_counter()
             idx = int(self.sampler.draw())
+            if self.data_parallel is not None:
+                self.data_parallel.verify_arch(idx, self.global_step)
             arch = tuple(self.pool[idx].tolist())
             self.counts[idx] += 1
             images, labels = self._next_batch()
@@ -261,13 +269,16 @@ class SupernetTrainer:
                 if aux is not None:
                     loss = loss + self.aux_weight * F.cross_entropy(aux.float(), labels,
                                                                     label_smoothing=self.label_smoothing)
-            finite = self._loss_is_finite(loss)
+            # Data-parallel: every rank's flag travels with the gradients, so all skip the same steps.
+            finite = self._loss_is_finite(loss) if self.data_parallel is None else True
             self._sync()
             t2 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             with record_function("bnao::backward"):
                 loss.backward()
-            if finite is None:
+            if self.data_parallel is not None:
+                finite = self.data_parallel.reduce(self.params, loss, stop_requested())
+            elif finite is None:
                 self._pending_event.synchronize()
                 finite = bool(self._flag_host[0])
             self._sync()
@@ -311,6 +322,9 @@ class SupernetTrainer:
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - start
         steps = max(n, 1)
+        if self.data_parallel is not None:
+            loss_sum, correct_sum, seen, images_total = self._reduce_stats(loss_sum, correct_sum, seen, images_total)
+            good *= self.data_parallel.context.world_size
         return {
             "loss": float(loss_sum) / good if good else float("nan"),
             "acc": float(correct_sum) / seen if seen else float("nan"),
@@ -324,6 +338,12 @@ class SupernetTrainer:
             "backward_ms": 1000.0 * t_bwd / steps,
             "optimizer_ms": 1000.0 * t_opt / steps,
         }
+
+    def _reduce_stats(self, loss_sum: torch.Tensor, correct_sum: torch.Tensor, seen: int, images: int):
+        """Sums of a chunk's statistics over the ranks (every rank then reports the global figures)."""
+        average_buffers(self.model)  # one model on every rank: checkpoints and later phases see the same one
+        totals = sum_across_ranks([float(loss_sum), float(correct_sum), seen, images], "the supernet statistics")
+        return totals[0], totals[1], int(totals[2]), int(totals[3])
 
     def _update_masks(self, arch) -> Dict[torch.nn.Parameter, Any]:
         """The MaskedSGD masks of one step under :attr:`unused_slot_update`."""

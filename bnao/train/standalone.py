@@ -29,11 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..device import resolve_device
+from ..distributed import Context, GradientSync, ShardedLoader, average_buffers, sum_across_ranks
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
@@ -171,6 +173,9 @@ class StandaloneTrainer:
         checkpoint_path: Where to checkpoint after every epoch (None: no checkpoints).
         progress: Shows a progress bar per epoch (tqdm, on stderr).
         on_epoch: Called with each epoch's record after its checkpoint is written.
+        parallel: Several processes (:mod:`bnao.distributed`): data-parallel training, each rank on its slice
+            of every batch with gradients averaged over the ranks; rank 0 writes the checkpoint (None: one
+            process). ``device`` must then be this rank's device.
 
     Raises:
         bnao.space.InvalidArchError: The arch is not in ``space``.
@@ -180,7 +185,9 @@ class StandaloneTrainer:
     def __init__(self, arch: ArchLike, space: NAOSpace, train_data: Any, eval_data: Any = None,
                  config: Optional[StandaloneConfig] = None, *, device: Union[str, torch.device, None] = "auto",
                  checkpoint_path: Optional[Union[str, os.PathLike]] = None, progress: bool = False,
-                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None):
+                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None, parallel: Optional[Context] = None):
+        self.parallel = parallel if parallel is not None and parallel.enabled else None
+        self.grad_sync = GradientSync(self.parallel) if self.parallel else None
         self.space = space
         self.arch = space.arch(arch)
         self.config = dataclasses.replace(config) if config is not None else StandaloneConfig()
@@ -211,6 +218,8 @@ class StandaloneTrainer:
         self.train_loader = create_loader(
             cfg.loader, train_data, cfg.batch_size, device=self.device, augment=augment, shuffle=True,
             drop_last=True, seed=mix_seed(cfg.seed, _SALT_LOADER), channels_last=self.channels_last)
+        if self.parallel:
+            self.train_loader = ShardedLoader(self.train_loader, self.parallel, "batch_size")
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
@@ -288,7 +297,7 @@ class StandaloneTrainer:
 
     def save_checkpoint(self) -> None:
         """Writes :meth:`state_dict` atomically to ``checkpoint_path`` (no-op without one)."""
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or (self.parallel and not self.parallel.is_main):
             return
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(self.state_dict(), self.checkpoint_path)
@@ -330,7 +339,7 @@ class StandaloneTrainer:
         self.history = list(state["history"])
         self.seconds = float(state["seconds"])
         self.result = state.get("result")
-        self._partial = state.get("partial_epoch")
+        self._partial = _partial_of_rank(state.get("partial_epoch"), self.parallel, path)
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -343,6 +352,14 @@ class StandaloneTrainer:
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation data")
+        if self.parallel:  # every rank scores every world_size-th image; the sums are added up
+            rank, world = self.parallel.rank, self.parallel.world_size
+            part = evaluate_model(self.model, data.subset(np.arange(rank, len(data), world)),
+                                  batch_size or self.config.eval_batch_size, self.device, loader=self.config.loader,
+                                  channels_last=self.channels_last, bf16=self.config.bf16)
+            acc, loss, n = sum_across_ranks([part["acc"] * part["n"], part["loss"] * part["n"], part["n"]],
+                                            "the evaluation")
+            return {"acc": acc / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
         return evaluate_model(self.model, data, batch_size or self.config.eval_batch_size, self.device,
                               loader=self.config.loader, channels_last=self.channels_last,
                               bf16=self.config.bf16)
@@ -356,7 +373,9 @@ class StandaloneTrainer:
         partial, self._partial = self._partial, None
         if partial is None:
             self.train_loader.set_epoch(epoch)
-            torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch))
+            # Rank 0 draws one process's stream; the others their own (rank-salted), not copies of it.
+            rank = (self.parallel.rank,) if self.parallel and self.parallel.rank else ()
+            torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch, *rank))
         else:  # continue an epoch stopped part-way: the loader's position came with the checkpoint
             self._set_rng(partial["rng"])
         loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, dtype=torch.float64, device=self.device)
@@ -383,6 +402,8 @@ class StandaloneTrainer:
             # working while the host waits (the backward of a rare bad step is wasted, not harmful).
             loss.backward()
             ok = torch.isfinite(loss.detach())
+            if self.grad_sync is not None:  # average over the ranks; all agree on skipping and stopping
+                ok = torch.tensor(self.grad_sync.reduce(list(model.parameters()), loss, stop_requested()), device=self.device)
             if cfg.grad_clip:
                 norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 ok = ok & torch.isfinite(norm)
@@ -412,12 +433,16 @@ class StandaloneTrainer:
                 bar.update(1)
                 if seen and self.global_step % 20 == 0:
                     bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
-            if stop_requested() and self.train_loader.position < self.steps_per_epoch:
+            stop = self.grad_sync.stop_agreed if self.grad_sync is not None else stop_requested()
+            if stop and self.train_loader.position < self.steps_per_epoch:
                 if bar is not None:
                     bar.close()
                 self._stop_mid_epoch(epoch, float(loss_sum), int(correct), seen, skipped, bad_run)
         if bar is not None:
             bar.close()
+        if self.parallel:  # one model and one record on every rank
+            average_buffers(model)
+            loss_sum, correct, seen = sum_across_ranks([float(loss_sum), int(correct), seen], "the epoch's statistics")
         return {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(seen, 1),
                 "train_acc": float(correct) / max(seen, 1), "skipped_steps": skipped}
 
@@ -436,6 +461,11 @@ class StandaloneTrainer:
         """Checkpoints the epoch in progress at this step boundary and raises :class:`Stopped`."""
         self._partial = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "skipped": skipped,
                          "bad_run": bad_run, "rng": self._rng_state()}
+        if self.parallel:  # each rank's sums and random stream, kept by rank in the one checkpoint
+            from ..distributed import gather_objects
+
+            average_buffers(self.model)
+            self._partial = {"by_rank": gather_objects(self._partial, "a stop mid-epoch")}
         self.save_checkpoint()
         raise Stopped(f"epoch {epoch + 1}, step {self.train_loader.position} of {self.steps_per_epoch}")
 
@@ -497,6 +527,27 @@ class StandaloneTrainer:
             "seconds": self.seconds,
             "history": [dict(h) for h in self.history],
         }
+
+
+def _partial_of_rank(partial: Optional[Dict[str, Any]], parallel: Optional[Context],
+                     path: Path) -> Optional[Dict[str, Any]]:
+    """This rank's part of a checkpointed epoch stopped part-way.
+
+    Raises:
+        CheckpointError: The epoch was stopped under another number of processes: its per-rank sums and
+            random streams do not map onto this one. (Checkpoints at epoch ends resume at any world size.)
+    """
+    saved = len(partial["by_rank"]) if partial is not None and "by_rank" in partial else 1
+    world = parallel.world_size if parallel else 1
+    if partial is None or (saved == 1 and world == 1):
+        return partial
+    if saved != world:
+        raise CheckpointError(
+            f"{path}: this training was stopped in the middle of an epoch with {saved} process(es); that epoch "
+            f"resumes only with {saved} (its per-process sums and random streams are in the checkpoint). Resume "
+            f"with torchrun --nproc_per_node={saved} (or as one process when 1); epoch-end checkpoints resume at "
+            "any number of processes")
+    return partial["by_rank"][parallel.rank]
 
 
 @torch.no_grad()

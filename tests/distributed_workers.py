@@ -1,0 +1,109 @@
+"""Workers of tests/test_distributed.py, started by torchrun (2 processes, gloo on the CPU).
+
+``python -m torch.distributed.run --nproc_per_node=2 --standalone tests/distributed_workers.py OUT`` runs,
+on every rank, a few data-parallel supernet steps (both unused-slot rules), the split pool evaluation, a
+data-parallel stand-alone epoch and the arch check against a rank whose sampler was seeded differently;
+each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those files with each other and
+with single-process runs built by :func:`build` (shared so that both sides start from the same set-up).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnao import distributed
+from bnao.data import create_dataset, create_loader
+from bnao.sampling import create_sampler
+from bnao.space import NAOSpace
+from bnao.supernet import RandomBatches, Supernet, SupernetTrainer
+
+STEPS = 4
+GLOBAL_BATCH = 16
+
+
+def build(unused_slot_update: str = "decay", sampler_seed: int = 0, data_parallel=None):
+    """The supernet trainer both sides use: its loader yields the global batch (sliced by the caller)."""
+    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 1), num_classes=3, seed=0)
+    loader = create_loader("tensor", data, GLOBAL_BATCH, device="cpu", augment=True, shuffle=True,
+                           drop_last=True, seed=0)
+    space = NAOSpace(num_nodes=5, op_set="small")
+    pool = space.sample_array(6, rng=np.random.default_rng(0))
+    torch.manual_seed(0)
+    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=1, drop_path_keep_prob=None)
+    sampler = create_sampler("proportional", np.arange(1.0, 7.0), seed=sampler_seed)
+    if data_parallel is not None:
+        loader = distributed.ShardedLoader(loader, data_parallel.context)
+        model.batch_shard = (data_parallel.context.rank, data_parallel.context.world_size)
+    trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=10, seed=0, lr_max=0.1,
+                              unused_slot_update=unused_slot_update, data_parallel=data_parallel)
+    draws = []
+    real_draw = sampler.draw
+
+    def draw():
+        index = real_draw()
+        draws.append(int(index))
+        return index
+
+    sampler.draw = draw
+    return trainer, draws
+
+
+def eval_setup():
+    """A freshly seeded supernet, a pool of 7 archs and the reference's random dev batches."""
+    data = create_dataset("synthetic", num_samples=60, image_shape=(8, 8, 1), num_classes=3, seed=1)
+    loader = create_loader("tensor", data, 20, device="cpu", augment=False, shuffle=True, drop_last=True, seed=5)
+    space = NAOSpace(num_nodes=5, op_set="small")
+    torch.manual_seed(1)
+    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=1, drop_path_keep_prob=None)
+    return model, space.sample_array(7, rng=np.random.default_rng(1)), RandomBatches(loader, 1)
+
+
+def standalone_setup(parallel=None):
+    """A stand-alone trainer for one epoch without drop-path, dropout or auxiliary head."""
+    from bnao.train import StandaloneTrainer, make_config
+
+    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 1), num_classes=3, seed=2)
+    space = NAOSpace(num_nodes=5, op_set="small")
+    arch = space.sample_array(1, rng=np.random.default_rng(2))[0]
+    config = make_config(layers=1, channels=4, epochs=1, batch_size=16, drop_path_keep_prob=None, dropout=0.0,
+                         auxiliary=False, lr_max=0.1, seed=0)
+    return StandaloneTrainer(arch, space, data, None, config, device="cpu", parallel=parallel)
+
+
+def main(out: Path) -> None:
+    from types import SimpleNamespace
+
+    from bnao.search.distributed_phases import evaluate_split
+
+    torch.set_num_threads(1)
+    context = distributed.init_from_env("cpu", timeout_s=60)
+    record = {"world_size": context.world_size}
+    for rule in ("decay", "freeze"):
+        trainer, draws = build(rule, data_parallel=distributed.GradientSync(context, check_arch=True))
+        stats = trainer.train_steps(STEPS)
+        record[rule] = {"draws": draws, "stats": stats, "model": trainer.model.state_dict(),
+                        "momentum": [trainer.optimizer.state[p].get("momentum_buffer") for p in trainer.params]}
+    model, archs, batches = eval_setup()
+    acc, loss = evaluate_split(SimpleNamespace(pool=SimpleNamespace(archs=archs), dev_batches=batches, model=model),
+                               bf16=False)
+    record["eval"] = {"acc": acc, "loss": loss, "loader": batches.state_dict()}
+    standalone = standalone_setup(distributed.current())
+    standalone.fit(resume=False)
+    record["standalone"] = standalone.model.state_dict()
+    # A rank whose sampler was seeded differently: the arch check must stop both ranks.
+    trainer, _ = build(sampler_seed=context.rank, data_parallel=distributed.GradientSync(context, check_arch=True))
+    try:
+        trainer.train_steps(STEPS)
+        record["mismatch"] = None
+    except distributed.DistributedError as err:
+        record["mismatch"] = str(err)
+    torch.save(record, out / f"rank{context.rank}.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
