@@ -103,7 +103,7 @@ def rank_device(device: Union[str, torch.device, None], context: Optional[Contex
     resolved = resolve_device(device)
     if not context.enabled or resolved.type != "cuda":
         return resolved
-    if resolved.index is not None and str(device) not in ("auto", "cuda"):
+    if resolved.index is not None:
         raise DistributedError(
             f"device {str(device)!r} names one GPU but {context.world_size} processes run; use device=cuda "
             "(or auto): each process takes the GPU of its LOCAL_RANK")

@@ -2,8 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node=2 --standalone tests/distributed_workers.py OUT`` runs,
 on every rank, a few data-parallel supernet steps (both unused-slot rules), the split pool evaluation, a
-data-parallel stand-alone epoch and the arch check against a rank whose sampler was seeded differently;
-each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those files with each other and
+data-parallel stand-alone epoch, the arch check against a rank whose sampler was seeded differently and
+``bnao train`` under torchrun; each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those files with each other and
 with single-process runs built by :func:`build` (shared so that both sides start from the same set-up).
 """
 
@@ -101,6 +101,13 @@ def main(out: Path) -> None:
         record["mismatch"] = None
     except distributed.DistributedError as err:
         record["mismatch"] = str(err)
+    # `bnao train` itself, data-parallel (it leaves the process group when done).
+    from bnao.cli import main as cli
+
+    arch = " ".join(map(str, NAOSpace(num_nodes=5, op_set="small").sample_array(1, rng=np.random.default_rng(3))[0]))
+    record["train_exit"] = cli(["train", arch, "--dataset", "synthetic", "--train-limit", "128", "--test-limit", "50",
+                                "--layers", "1", "--channels", "4", "--epochs", "1", "--batch-size", "32", "--out",
+                                str(out / "train"), "--device", "cpu", "--threads", "1", "--no-progress"])
     torch.save(record, out / f"rank{context.rank}.pt")
     distributed.shutdown()
 

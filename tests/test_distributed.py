@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from bnao import distributed
-from bnao.search.rundir import RunDir
+from bnao.cli import main
+from bnao.safe_io import safe_load
 from bnao.supernet import Supernet, evaluate_pool
 
 import distributed_workers as workers_module
@@ -36,9 +37,9 @@ TOLERANCE = dict(atol=1e-5, rtol=1e-4)
 TINY = [
     "data.dataset=synthetic", "data.synthetic_samples=200", "data.synthetic_size=8", "data.synthetic_channels=1",
     "data.synthetic_classes=3", "supernet.channels=4", "supernet.batch_size=32", "supernet.steps_per_epoch=3",
-    "supernet.checkpoint_every=1", "supernet.eval_batch_size=40", "search.pool_size=8", "search.iterations=1",
-    "search.top_k=4", "search.new_per_iteration=3", "controller.epochs=2", "final.rerank_top=2", "final.epochs=1",
-    "final.full_epochs=0", "final.batch_size=32", "device=cpu", "threads=1",
+    "supernet.checkpoint_every=1", "supernet.eval_batch_size=40", "search.pool_size=6", "search.iterations=1",
+    "search.top_k=3", "search.new_per_iteration=2", "search.max_params=null", "controller.epochs=2",
+    "final.rerank_top=2", "final.epochs=1", "final.full_epochs=0", "final.batch_size=32", "device=cpu", "threads=1",
 ]
 
 
@@ -88,8 +89,11 @@ def _halves(model):
 def workers(tmp_path_factory):
     """What each of 2 ranks saw in tests/distributed_workers.py."""
     out = tmp_path_factory.mktemp("workers")
-    _run(_torchrun(str(ROOT / "tests" / "distributed_workers.py"), str(out)))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    done = _run(_torchrun(str(ROOT / "tests" / "distributed_workers.py"), str(out)))
+    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for record in records:
+        record["out"], record["stdout"] = out, done.stdout
+    return records
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -192,6 +196,17 @@ def test_standalone_data_parallel_equals_one_process(workers):
         assert torch.equal(value, workers[1]["standalone"][name]), name
 
 
+def test_bnao_train_runs_data_parallel_and_rank_0_alone_writes_and_prints(workers):
+    assert [record["train_exit"] for record in workers] == [0, 0]
+    out = workers[0]["out"] / "train"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo" and metrics["epochs"] == 1
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    stdout = workers[0]["stdout"]
+    assert stdout.count("bnao train: arch") == 1 and stdout.count("test error") == 1
+    assert "4 steps, device cpu, 2 processes (gloo)" in stdout  # 128 images / global batch 32
+
+
 # --------------------------------------------------------------------------------- whole search
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -273,5 +288,11 @@ def test_a_rank_that_dies_stops_the_other_with_a_clear_error_and_a_valid_checkpo
     assert process.returncode != 0
     assert stopped_after < 60, stopped_after
     assert "bnao search: error: rank 0 of 2 stopped during" in output and "another rank died" in output, output[-3000:]
-    checkpoint = RunDir(run).load_checkpoint()  # intact (written atomically), not the previous one
-    assert checkpoint is not None and checkpoint["state"]["phase"] in ("train", "eval", "controller", "generate")
+    checkpoint = safe_load(run / "checkpoint.pt")  # the latest is intact: written atomically by rank 0 alone
+    assert checkpoint["state"]["phase"] in ("train", "eval", "controller", "generate")
+    assert checkpoint["config"]["distributed"]["world_size"] == 2
+    # It resumes, here as one process: another world size works (recorded; exact replay needs the same one).
+    assert main(["search", "--resume", str(run), "--no-progress"]) == 0
+    resumed_with = json.loads((run / "changes.jsonl").read_text().splitlines()[-1])["resumed_with"]
+    assert resumed_with["distributed.world_size"] == [2, 1]
+    assert json.loads((run / "best.json").read_text())["standalone_accuracy"] >= 0

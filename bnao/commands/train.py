@@ -121,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny nets on a busy CPU)")
     g.add_argument("--seed", type=int, default=None, help="default 0")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: seconds a process waits for the others before it stops with an error")
 
 
 # argparse dest -> settings key, for every setting a preset may hold.
@@ -254,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
+    from ..distributed import DistributedError, barrier, init_from_env, launch_record, rank_device, shutdown
     from ..space import InvalidArchError, NAOSpace
     from ..safe_io import FileWriteError
     from ..signals import GracefulStop, Stopped
@@ -310,36 +313,46 @@ def _run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
 
-    out.mkdir(parents=True, exist_ok=True)
-    if stored is None:
-        _write_json(out / "config.json", settings)
+    # Under torchrun: data-parallel, rank 0 writes and prints. Every rank has checked --out above, before
+    # this rendezvous, so none of them sees the files rank 0 writes next.
+    try:
+        context = init_from_env(args.device, args.timeout)
+        device = rank_device(args.device, context)
+    except (DistributedError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    say = print if context.is_main else (lambda *a, **k: None)
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if stored is None:
+            _write_json(out / "config.json", dict(settings, **launch_record(context)))
+    barrier("creating the output directory")
 
     def on_epoch(rec: Dict[str, Any]) -> None:
         test = ""
         if rec.get("eval_acc") is not None:
             test = f" | test acc {100 * rec['eval_acc']:.2f}% loss {rec['eval_loss']:.4f}"
         skipped = f" ({rec['skipped_steps']} non-finite steps skipped)" if rec.get("skipped_steps") else ""
-        print(f"epoch {rec['epoch']}/{config.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
+        say(f"epoch {rec['epoch']}/{config.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
               f"acc {100 * rec['train_acc']:.2f}%{test} | {_fmt_seconds(rec['seconds'])}{skipped}", flush=True)
 
     try:
-        trainer = StandaloneTrainer(arch, space, train_data, test_data, config, device=args.device,
-                                    checkpoint_path=out / "checkpoint.pt",
-                                    progress=not args.no_progress and sys.stderr.isatty(), on_epoch=on_epoch)
-    except ValueError as err:
+        trainer = StandaloneTrainer(arch, space, train_data, test_data, config, device=device,
+                                    checkpoint_path=out / "checkpoint.pt", on_epoch=on_epoch, parallel=context,
+                                    progress=not args.no_progress and sys.stderr.isatty() and context.is_main)
+    except ValueError as err:  # DistributedError too: a batch that does not split over the processes
         raise UsageError(str(err)) from None
-    print(f"bnao train: arch {arch}\n  {settings['dataset']} ({len(train_data)} train / {len(test_data)} test images), "
+    say(f"bnao train: arch {arch}\n  {settings['dataset']} ({len(train_data)} train / {len(test_data)} test images), "
           f"N={config.layers} C={config.channels}, {trainer.params:,} params, {config.epochs} epochs of "
-          f"{trainer.steps_per_epoch} steps, device {trainer.device}", flush=True)
+          f"{trainer.steps_per_epoch} steps, device {trainer.device}, {context.describe()}", flush=True)
     try:
         with GracefulStop() as stop:
             if args.resume and (out / "checkpoint.pt").exists():
                 trainer.load_checkpoint()
-                print(f"  resumed after epoch {trainer.epoch}", flush=True)
+                say(f"  resumed after epoch {trainer.epoch}", flush=True)
             try:
                 result = trainer.fit(resume=False)
             except Stopped as stopped:
-                print(f"bnao train: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
+                say(f"bnao train: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
                       f"Resume with: bnao train --resume --out {out}", file=sys.stderr)
                 return stop.exit_code
     except CheckpointError as err:
@@ -347,9 +360,12 @@ def _run(args: argparse.Namespace) -> int:
     except FileWriteError as err:
         print(f"bnao train: error: {err}", file=sys.stderr)
         return 1
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, DistributedError) as err:
         print(f"bnao train: error: {err}", file=sys.stderr)
         return 1
+    if not context.is_main:
+        shutdown()
+        return 0
 
     metrics = {
         "arch": str(arch),
@@ -362,6 +378,7 @@ def _run(args: argparse.Namespace) -> int:
         "steps": result["steps"],
         "seconds": result["seconds"],
         "device": str(trainer.device),
+        **launch_record(context),
         "history": result["history"],
     }
     save_model(out / "model.pt", trainer.model, trainer.config_dict(), metrics={k: v for k, v in metrics.items()
@@ -371,4 +388,5 @@ def _run(args: argparse.Namespace) -> int:
     print(f"test error {100 * result['eval_error']:.2f}% (accuracy {100 * result['eval_acc']:.2f}%), "
           f"loss {result['eval_loss']:.4f}, params {result['params'] / 1e6:.3f}M, {result['epochs']} epochs in "
           f"{_fmt_seconds(result['seconds'])}\nwrote {out / 'model.pt'}, {out / 'metrics.json'}", flush=True)
+    shutdown()
     return 0
