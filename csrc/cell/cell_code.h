@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "common/op_kinds.h"
+
 #ifdef __CUDACC__
 #define BNAO_CELL_HD __host__ __device__ __forceinline__
 #else
@@ -17,7 +19,7 @@ namespace cell {
 
 enum Field : int {
   kInput = 0,     // state id the branch reads
-  kKind = 1,      // op kind (kKind* below, = bnao.space.ops.KIND_*)
+  kKind = 1,      // op kind (bnao::OpKind, = bnao.space.ops.KIND_*)
   kKernel = 2,    // kernel size (0 when none)
   kDilation = 3,  // 1, or 2 for dilated sep convs
   kStride = 4,    // 1, or 2 for reduction-cell branches reading inputs 0/1
@@ -28,14 +30,13 @@ enum Field : int {
   kNumFields = 9,
 };
 
-enum Kind : int32_t {
-  kKindZero = 0,
-  kKindIdentity = 1,
-  kKindSepConv = 2,
-  kKindDilSepConv = 3,
-  kKindAvgPool = 4,
-  kKindMaxPool = 5,
-};
+// Op kinds under the names the cell kernels use (one definition: csrc/common/op_kinds.h).
+constexpr int32_t kKindZero = kZero;
+constexpr int32_t kKindIdentity = kIdentity;
+constexpr int32_t kKindSepConv = kSepConv;
+constexpr int32_t kKindDilSepConv = kDilSepConv;
+constexpr int32_t kKindAvgPool = kAvgPool;
+constexpr int32_t kKindMaxPool = kMaxPool;
 
 constexpr int32_t kFlagDrop = 1;  // drop-path applies to the branch
 constexpr int32_t kFlagBn1 = 2;   // round 1's result is batch-normalised

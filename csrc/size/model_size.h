@@ -27,18 +27,19 @@
 #include <string>
 #include <vector>
 
+#include "common/op_kinds.h"
+
 namespace bnao {
 namespace size {
 
-// Op kind codes; must equal bnao/space/ops.py (KIND_ZERO .. KIND_MAX_POOL).
-enum OpKind : int64_t {
-  kZero = 0,
-  kIdentity = 1,
-  kSepConv = 2,
-  kDilSepConv = 3,
-  kAvgPool = 4,
-  kMaxPool = 5,
-};
+// Op kind codes (csrc/common/op_kinds.h), shared with the fused cell kernels.
+using bnao::OpKind;
+using bnao::kZero;
+using bnao::kIdentity;
+using bnao::kSepConv;
+using bnao::kDilSepConv;
+using bnao::kAvgPool;
+using bnao::kMaxPool;
 
 // Skeleton codes; must equal bnao/size/__init__.py (SKELETON_CODES).
 enum Skeleton : int64_t { kCifar = 0, kImageNet = 1 };

@@ -13,19 +13,11 @@
 #include <vector>
 
 #include "sampler/alias.h"
+#include "tests/check.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using bnao_test::check;
 
 std::string hex4(const bnao::alias::Philox4& r) {
   char buf[64];
@@ -252,14 +244,21 @@ void test_draw_determinism_and_fit() {
   check(same < 900, "seeds 1 and 2 give different streams");
 }
 
+// The registered ops, called through the dispatcher as a C++ user would.
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)> alias_table_op() {
+  return c10::Dispatcher::singleton().findSchemaOrThrow("bnao::alias_table", "").typed<at::Tensor(const at::Tensor&)>();
+}
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)> alias_draw_op() {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnao::alias_draw", "")
+      .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+}
+
 // The registered CPU kernels (bnao_core links csrc/bnao.cpp and the CPU sources).
 void test_registered_ops() {
-  const auto table_op = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("bnao::alias_table", "")
-                            .typed<at::Tensor(const at::Tensor&)>();
-  const auto draw_op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("bnao::alias_draw", "")
-                           .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  const auto table_op = alias_table_op();
+  const auto draw_op = alias_draw_op();
   auto to_vector = [](const at::Tensor& t) {
     std::vector<uint64_t> out(static_cast<size_t>(t.numel()));
     for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<uint64_t>(t[i].item<int64_t>());
@@ -325,12 +324,8 @@ void check_refused(Call call, const std::string& expected, const std::string& wh
 }
 
 void test_hostile_inputs() {
-  const auto table_op = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("bnao::alias_table", "")
-                            .typed<at::Tensor(const at::Tensor&)>();
-  const auto draw_op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("bnao::alias_draw", "")
-                           .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  const auto table_op = alias_table_op();
+  const auto draw_op = alias_draw_op();
   const at::Tensor hand = table_op.call(at::tensor(at::ArrayRef<double>(kHandWeights), at::kDouble));
   const int64_t n = hand.numel();
 
@@ -372,6 +367,5 @@ int main() {
   test_draw_determinism_and_fit();
   test_registered_ops();
   test_hostile_inputs();
-  std::printf("test_alias: %d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return bnao_test::finish("test_alias");
 }

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/check.h"
+
 #ifdef BNAO_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -21,16 +23,7 @@ constexpr int kSkipped = 77;
 
 #ifdef BNAO_WITH_CUDA
 
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using bnao_test::check;
 
 using TableOp = at::Tensor(const at::Tensor&);
 using DrawOp = at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t);
@@ -132,7 +125,6 @@ int main() {
   test_tables_identical();
   test_draws_identical();
   test_errors_match_cpu();
-  std::printf("test_alias_cuda: %d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return bnao_test::finish("test_alias_cuda");
 #endif
 }
