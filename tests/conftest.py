@@ -30,3 +30,17 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Runs a test once per available device type ("cpu", and "cuda" with a GPU)."""
     return request.param
+
+
+@pytest.fixture
+def per_slot_sgd():
+    """A stacked ``[5, 3]`` slot tensor under MaskedSGD, and the same rows as separate parameters under
+    ``torch.optim.SGD`` (NAO keeps one parameter per slot): ``(stacked, rows, masked_sgd, reference_sgd)``."""
+    from bnao.supernet.optim import MaskedSGD
+
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(5, 3))
+    rows = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(5)]
+    masked = MaskedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=0.01)
+    reference = torch.optim.SGD(rows, lr=0.1, momentum=0.9, weight_decay=0.01)
+    return stacked, rows, masked, reference

@@ -16,7 +16,7 @@ from bnao.ops.cell import factorized_reduce
 from bnao.sampling import create_sampler
 from bnao.search.config import DEFAULTS, load_config
 from bnao.space import NAOSpace
-from bnao.supernet import MaskedSGD, RandomBatches, Supernet, SupernetTrainer, evaluate_pool
+from bnao.supernet import RandomBatches, Supernet, SupernetTrainer, evaluate_pool
 
 SPACE = NAOSpace()
 
@@ -140,14 +140,10 @@ def test_mutation_top_up_is_off_by_default():
 
 
 # ---------------------------------------------------------------- 7. unused-slot update
-def test_decay_rule_equals_per_slot_sgd_that_keeps_zero_gradients():
+def test_decay_rule_equals_per_slot_sgd_that_keeps_zero_gradients(per_slot_sgd):
     # Paper-era PyTorch: zero_grad() zeroed gradients in place, so a slot that once got a gradient
     # gets momentum and weight decay at every later step; a slot never used has grad None.
-    torch.manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(5, 3))
-    rows = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(5)]
-    opt = MaskedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=0.01)
-    ref = torch.optim.SGD(rows, lr=0.1, momentum=0.9, weight_decay=0.01)
+    stacked, rows, opt, ref = per_slot_sgd
     ever = torch.zeros(5, 1)
     for used in ([0, 1], [1, 2], [1], [0]):
         grad = torch.randn(5, 3)

@@ -9,7 +9,6 @@ from bnao.sampling import create_sampler
 from bnao.space import NAOSpace
 from bnao.supernet import (
     CheckpointError,
-    MaskedSGD,
     NonFiniteLossError,
     Supernet,
     SupernetTrainer,
@@ -33,12 +32,8 @@ def _make(seed_model=0, pool_size=6, loader=None, **kw):
     return SupernetTrainer(model, sampler, pool, loader, **args)
 
 
-def test_masked_sgd_equals_sgd_on_per_slot_parameters():
-    torch.manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(5, 3))
-    rows = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(5)]
-    opt = MaskedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=0.01)
-    ref = torch.optim.SGD(rows, lr=0.1, momentum=0.9, weight_decay=0.01)
+def test_masked_sgd_equals_sgd_on_per_slot_parameters(per_slot_sgd):
+    stacked, rows, opt, ref = per_slot_sgd
     for used in ([0, 1], [1, 2, 3], [4], [0, 4], [2]):
         grad = torch.randn(5, 3)
         mask = torch.zeros(5, 1)
