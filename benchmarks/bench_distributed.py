@@ -4,7 +4,9 @@ Every process trains the same arch at every step on its slice of the global batc
 averaged in one all-reduce (:mod:`bnao.distributed`), exactly as ``torchrun -m bnao search`` does. The
 script starts ``torchrun --standalone`` once per process count, times ``--steps`` steps after ``--warmup``,
 and prints global images per second and the scaling efficiency ``img/s(K) / (K * img/s(1))`` at a fixed
-*per-process* batch (weak scaling: the global batch grows with K).
+*per-process* batch (weak scaling: the global batch grows with K), and the CPU time per image of all
+processes together with its ratio to one process's (the distributed overhead, less sensitive than wall
+time to other work on a shared machine; GPU runs: wall time is the figure).
 
     python benchmarks/bench_distributed.py --procs 1,2 --device cpu          # this CPU, one thread each
     python benchmarks/bench_distributed.py --procs 1,2,4,8 --device cuda     # a multi-GPU machine
@@ -59,15 +61,18 @@ def worker(args: argparse.Namespace) -> None:
                               device=device, data_parallel=sync)
     trainer.train_steps(args.warmup)
     distributed.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     stats = trainer.train_steps(args.steps)
     distributed.barrier()
     elapsed = time.perf_counter() - start
+    # CPU seconds of all ranks: on a shared machine wall time measures the neighbours too, CPU time less so.
+    cpu = distributed.sum_across_ranks([time.process_time() - cpu_start], "the CPU time")[0]
     if context.is_main:
         print(json.dumps({"processes": context.world_size, "backend": context.backend, "device": str(device),
                           "global_batch": global_batch, "steps": args.steps, "seconds": elapsed,
                           "img_per_s": global_batch * args.steps / elapsed, "trainer_img_per_s": stats["img_per_s"],
-                          "ms_per_step": 1000 * elapsed / args.steps}), flush=True)
+                          "ms_per_step": 1000 * elapsed / args.steps,
+                          "cpu_ms_per_image": 1000 * cpu / (global_batch * args.steps)}), flush=True)
     distributed.shutdown()
 
 
@@ -101,11 +106,13 @@ def main() -> int:
         worker(args)
         return 0
     results = [launch(args, int(k)) for k in args.procs.split(",") if k]
-    base = results[0]["img_per_s"] / results[0]["processes"]
+    base, base_cpu = results[0]["img_per_s"] / results[0]["processes"], results[0]["cpu_ms_per_image"]
     for r in results:
         r["efficiency"] = r["img_per_s"] / (r["processes"] * base)
+        r["cpu_efficiency"] = base_cpu / r["cpu_ms_per_image"]
         print(f"{r['processes']} process(es) ({r['backend']}, {r['device']}): global batch {r['global_batch']}, "
-              f"{r['img_per_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, scaling efficiency {r['efficiency']:.2f}")
+              f"{r['img_per_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, scaling efficiency {r['efficiency']:.2f}; "
+              f"{r['cpu_ms_per_image']:.2f} CPU ms/image (efficiency {r['cpu_efficiency']:.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
