@@ -24,15 +24,37 @@ fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 
-if ! python -c "import torch, torchvision" 2>/dev/null; then
-  say "installing torch ${TORCH_VERSION:-2.14.1} and torchvision ${TORCHVISION_VERSION:-0.29.1}"
-  pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+# Packages go in with uv when it can be had (torch's CUDA build is about 5 GB of wheels: 28 s with uv
+# against 77 s with pip on a 2-core machine), else with pip. uv does not read pip's configuration, so
+# the indexes, links and constraints pip is configured with are handed on; BNAO_NO_UV=1 keeps pip.
+uv=""
+uv_args=()
+if [ "${BNAO_NO_UV:-0}" != 1 ] && pip install -q uv >/dev/null 2>&1 && [ -x "$venv/bin/uv" ]; then
+  uv="$venv/bin/uv"
+  pip_setting() { pip config get "global.$1" 2>/dev/null || true; }
+  index=$(pip_setting index-url)
+  [ -n "${PIP_INDEX_URL:-$index}" ] && uv_args+=(--index-url "${PIP_INDEX_URL:-$index}")
+  for url in ${PIP_EXTRA_INDEX_URL:-$(pip_setting extra-index-url)}; do uv_args+=(--extra-index-url "$url"); done
+  for links in ${PIP_FIND_LINKS:-$(pip_setting find-links)}; do uv_args+=(--find-links "$links"); done
+  for file in ${PIP_CONSTRAINT:-$(pip_setting constraint)}; do [ -f "$file" ] && uv_args+=(--constraint "$file"); done
 fi
-pip install -q numpy pybind11 ninja pyyaml tqdm matplotlib tensorboard
+install() {
+  if [ -n "$uv" ] && "$uv" pip install -q --python "$venv/bin/python" "${uv_args[@]}" "$@"; then
+    return 0
+  fi
+  [ -n "$uv" ] && say "uv could not install $*; trying pip"
+  pip install -q "$@"
+}
+
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  say "installing torch ${TORCH_VERSION:-2.14.1} and torchvision ${TORCHVISION_VERSION:-0.29.1}${uv:+ (with uv)}"
+  install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+fi
+install numpy pybind11 ninja pyyaml tqdm matplotlib tensorboard
 if [ $dev = 1 ]; then
-  pip install -q pytest scipy hypothesis
-  pip install -q nvidia-dali-cuda130 || say "WARNING: nvidia-dali-cuda130 not installable here; DALI tests will be skipped"
-  pip install -q onnx onnxruntime onnxscript || say "WARNING: onnx/onnxruntime not installable here; ONNX export tests will be skipped"
+  install pytest scipy hypothesis
+  install nvidia-dali-cuda130 || say "WARNING: nvidia-dali-cuda130 not installable here; DALI tests will be skipped"
+  install onnx onnxruntime onnxscript || say "WARNING: onnx/onnxruntime not installable here; ONNX export tests will be skipped"
 fi
 
 # Fashion-MNIST, the embedded default data set, comes from Debian's package.
