@@ -228,6 +228,7 @@ def test_profile_command_runs_and_missing_dataset_is_an_error(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0
     assert "img/s" in out and "forward" in out and "ops launched per step" in out and "archs/s" in out
+    assert "launch sequence of a training step over 5 archs: differs between archs" in out  # eager path
     rc = main(["profile", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--steps", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "not found" in err and "--dataset synthetic" in err

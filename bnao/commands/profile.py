@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch", type=int, default=500, help="dev batch of the evaluation (default 500)")
     parser.add_argument("--loader", default="auto", help="data loader (default auto)")
     parser.add_argument("--no-count-ops", action="store_true", help="skip counting the ops launched per step")
+    parser.add_argument("--sequence-archs", type=int, default=5,
+                        help="compare the launch sequence of a training step over this many archs (default 5; 0: skip)")
     parser.add_argument("--trace", metavar="DIR", default=None, help="write a torch.profiler trace to DIR")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, device=args.device, bf16=args.bf16, channels_last=args.channels_last,
             pool_size=args.pool_size, sampler=args.sampler, eval_archs=args.eval_archs,
             eval_batch=args.eval_batch, trace_dir=args.trace, count_ops=not args.no_count_ops,
-            loader=args.loader,
+            loader=args.loader, sequence_archs=args.sequence_archs,
         )
     except (DatasetNotFoundError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

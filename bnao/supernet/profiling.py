@@ -95,7 +95,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
                      warmup: int = 5, device: str = "auto", bf16: bool = False, channels_last: bool = False,
                      pool_size: int = 1000, sampler: str = "proportional", eval_archs: int = 0,
                      eval_batch: int = 500, trace_dir: Optional[str] = None, count_ops: bool = True,
-                     loader: str = "auto", seed: int = 0) -> Dict[str, Any]:
+                     loader: str = "auto", seed: int = 0, sequence_archs: int = 5) -> Dict[str, Any]:
     """Measures supernet training (and optionally pool evaluation) throughput.
 
     Args:
@@ -119,6 +119,8 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         count_ops: Count ops launched per step (two extra profiled steps).
         loader: Loader name (``"auto"`` picks the GPU-resident one when it fits).
         seed: Seed of pool, sampler, data and model.
+        sequence_archs: Records the launch sequence of a training step for this many archs of the pool and
+            reports whether it is the same for all (0: skip).
 
     Returns:
         Dict of the figures (see ``bnao profile``).
@@ -174,6 +176,12 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if count_ops:
         result.update(count_ops_per_step(trainer, 2))
+    if sequence_archs:
+        from .launches import compare_launch_sequences
+
+        images, labels = next(iter(train_loader))
+        archs = [tuple(row.tolist()) for row in pool[:sequence_archs]]
+        result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs)
     if trace_dir:
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
@@ -216,6 +224,12 @@ def format_result(r: Dict[str, Any]) -> str:
         if "kernels_per_step" in r:
             line += f", {r['kernels_per_step']:.0f} CUDA kernels"
         lines.append(line)
+    if "launch_sequence" in r:
+        seq = r["launch_sequence"]
+        verdict = ("identical for every arch" if seq["identical"] else
+                   f"differs between archs ({seq['distinct']} distinct sequences)")
+        lines.append(f"launch sequence of a training step over {seq['archs']} archs: {verdict}, "
+                     f"{seq['ops_min']}-{seq['ops_max']} dispatched ops")
     if "peak_memory_mib" in r:
         lines.append(f"peak GPU memory: {r['peak_memory_mib']:,.0f} MiB")
     if "eval_archs_per_s" in r:
