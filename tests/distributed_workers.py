@@ -74,6 +74,50 @@ def standalone_setup(parallel=None):
     return StandaloneTrainer(arch, space, data, None, config, device="cpu", parallel=parallel)
 
 
+def stop_on_rank_1(context) -> int:
+    """Supernet steps every rank ran when only rank 1 was asked to stop before the first (all must stop at 1)."""
+    from bnao import signals
+
+    trainer, _ = build(data_parallel=distributed.GradientSync(context))
+    done = [0]
+
+    def on_step(steps):
+        done[0] += steps
+        if trainer.data_parallel.stop_agreed:
+            raise StopIteration
+
+    with signals.GracefulStop():
+        if context.rank == 1:
+            signals.request_stop()
+        try:
+            trainer.train_steps(STEPS, progress=on_step)
+        except StopIteration:
+            pass
+    return done[0]
+
+
+def standalone_stop_on_rank_1(context, out: Path) -> str:
+    """A stand-alone epoch stopped mid-way by a request on rank 1 only; rank 0 checkpoints to OUT/mid.pt."""
+    from bnao import signals
+
+    trainer = standalone_setup(distributed.current())
+    trainer.checkpoint_path = out / "mid.pt"
+    forward = trainer.model.forward
+
+    def forward_then_ask_to_stop(*args, **kwargs):  # rank 1 is asked during the first step
+        if context.rank == 1:
+            signals.request_stop()
+        return forward(*args, **kwargs)
+
+    trainer.model.forward = forward_then_ask_to_stop
+    with signals.GracefulStop():
+        try:
+            trainer.fit(resume=False)
+        except signals.Stopped as stopped:
+            return stopped.where
+    return "not stopped"
+
+
 def main(out: Path) -> None:
     from types import SimpleNamespace
 
@@ -94,6 +138,8 @@ def main(out: Path) -> None:
     standalone = standalone_setup(distributed.current())
     standalone.fit(resume=False)
     record["standalone"] = standalone.model.state_dict()
+    record["stop_steps"] = stop_on_rank_1(context)
+    record["standalone_stop"] = standalone_stop_on_rank_1(context, out)
     # A rank whose sampler was seeded differently: the arch check must stop both ranks.
     trainer, _ = build(sampler_seed=context.rank, data_parallel=distributed.GradientSync(context, check_arch=True))
     try:

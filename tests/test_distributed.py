@@ -196,6 +196,19 @@ def test_standalone_data_parallel_equals_one_process(workers):
         assert torch.equal(value, workers[1]["standalone"][name]), name
 
 
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(workers):
+    assert [record["stop_steps"] for record in workers] == [1, 1]
+    assert [record["standalone_stop"] for record in workers] == ["epoch 1, step 1 of 4"] * 2
+
+
+def test_an_epoch_stopped_mid_way_on_2_processes_refuses_to_resume_on_1_and_says_why(workers):
+    from bnao.train import CheckpointError
+
+    trainer = workers_module.standalone_setup()
+    with pytest.raises(CheckpointError, match=r"stopped in the middle of an epoch with 2 process\(es\).*nproc_per_node=2"):
+        trainer.load_checkpoint(workers[0]["out"] / "mid.pt")
+
+
 def test_bnao_train_runs_data_parallel_and_rank_0_alone_writes_and_prints(workers):
     assert [record["train_exit"] for record in workers] == [0, 0]
     out = workers[0]["out"] / "train"

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..device import resolve_device
-from ..distributed import Context, GradientSync, ShardedLoader, average_buffers, sum_across_ranks
+from ..distributed import Context, GradientSync, ShardedLoader, any_rank, average_buffers, sum_across_ranks
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
@@ -487,7 +487,8 @@ class StandaloneTrainer:
         cfg = self.config
         with torch.random.fork_rng(devices=self._rng_devices()):
             while self.epoch < cfg.epochs:
-                if stop_requested():  # the checkpoint of the last finished epoch is this step boundary
+                # The checkpoint of the last finished epoch is this step boundary (agreed by all ranks).
+                if any_rank(stop_requested(), "a stop check") if self.parallel else stop_requested():
                     raise Stopped(f"the end of epoch {self.epoch}")
                 start = time.perf_counter()
                 record = self._train_epoch(self.epoch)
