@@ -3,8 +3,8 @@
 ``python -m torch.distributed.run --nproc_per_node=2 --standalone tests/distributed_workers.py OUT`` runs,
 on every rank, a few data-parallel supernet steps (both unused-slot rules), the split pool evaluation, a
 data-parallel stand-alone epoch, the arch check against a rank whose sampler was seeded differently and
-``bnao train`` under torchrun; each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those files with each other and
-with single-process runs built by :func:`build` (shared so that both sides start from the same set-up).
+``bnao train`` under torchrun; each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those
+files with each other and with single-process runs built by :func:`build` (shared so that both sides start from the same set-up).
 """
 
 from __future__ import annotations

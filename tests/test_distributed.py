@@ -143,7 +143,8 @@ def test_the_tolerance_tells_per_rank_statistics_from_full_batch_statistics(work
     """Without the per-half BatchNorm accounting, one process differs by far more than the tolerance."""
     trainer, _ = workers_module.build("decay")
     trainer.train_steps(workers_module.STEPS)
-    gaps = [float((workers[0]["decay"]["model"][n] - p.detach()).abs().max()) for n, p in trainer.model.named_parameters()]
+    ranked = workers[0]["decay"]["model"]
+    gaps = [float((ranked[n] - p.detach()).abs().max()) for n, p in trainer.model.named_parameters()]
     assert max(gaps) > 100 * TOLERANCE["atol"]
 
 
@@ -205,7 +206,8 @@ def test_an_epoch_stopped_mid_way_on_2_processes_refuses_to_resume_on_1_and_says
     from bnao.train import CheckpointError
 
     trainer = workers_module.standalone_setup()
-    with pytest.raises(CheckpointError, match=r"stopped in the middle of an epoch with 2 process\(es\).*nproc_per_node=2"):
+    refusal = r"stopped in the middle of an epoch with 2 process\(es\).*nproc_per_node=2"
+    with pytest.raises(CheckpointError, match=refusal):
         trainer.load_checkpoint(workers[0]["out"] / "mid.pt")
 
 

@@ -38,9 +38,8 @@ def _error(message: str, code: int = 2) -> int:
 
 
 def _resume_config(args: argparse.Namespace, run_dir, overrides):
-    """The config asked for on resume and its resumable changes (any other change is refused)."""
+    """The run's config and the config asked for on resume (:func:`_launch` checks the changes)."""
     from ..search.config import DEFAULTS, apply_overrides, load_config, parse_overrides
-    from ..search.resume import split_changes
 
     config = run_dir.read_config()
     # Runs from before the distributed section ran as one process: its defaults describe them.

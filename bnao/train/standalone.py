@@ -403,7 +403,8 @@ class StandaloneTrainer:
             loss.backward()
             ok = torch.isfinite(loss.detach())
             if self.grad_sync is not None:  # average over the ranks; all agree on skipping and stopping
-                ok = torch.tensor(self.grad_sync.reduce(list(model.parameters()), loss, stop_requested()), device=self.device)
+                agreed = self.grad_sync.reduce(list(model.parameters()), loss, stop_requested())
+                ok = torch.tensor(agreed, device=self.device)
             if cfg.grad_clip:
                 norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 ok = ok & torch.isfinite(norm)
