@@ -306,13 +306,8 @@ def _run_fused(net, arch, stage, inputs, masks):
 _HANDMADE_REDUCE = (1, 1, 1, 2, 2, 0, 1, 6, 3, 8, 2, 9, 4, 4, 1, 5, 5, 1, 3, 3)
 
 
-def _check_fused_equals_eager(op_set, stage, drop, seed, device="cpu", reduce_arch=None):
-    torch.manual_seed(seed)
-    net = Supernet(NAOSpace(op_set=op_set), layers=1, channels=4).double().to(device)
-    arch = net.space.sample(seed).to_list()
-    if reduce_arch is not None:
-        arch = arch[: net.space.cell_length] + list(reduce_arch)
-    eager_net, fused_net = copy.deepcopy(net), copy.deepcopy(net)
+def _stage_inputs(net, stage, drop, device):
+    """Random cell inputs and drop masks for every cell of a stage (cells are not chained)."""
     batch, size = 2, 4 if stage == 0 else 3  # stage 1: the reduction cell reads 5x5 (odd: padded odd pixels)
     inputs, masks = [], []
     for info in net.stage_cells[stage]:
@@ -321,64 +316,86 @@ def _check_fused_equals_eager(op_set, stage, drop, seed, device="cpu", reduce_ar
                        for _ in range(2)])
         keep = (torch.rand(batch, 2 * net.num_nodes, dtype=torch.float64, device=device) < 0.7).double() / 0.7
         masks.append(keep if drop else None)
-    eager_in = [[x.clone().requires_grad_() for x in pair] for pair in inputs]
-    fused_in = [[x.clone().requires_grad_() for x in pair] for pair in inputs]
-    eager_out, eager_stats = _run_eager(eager_net, arch, stage, eager_in, masks)
-    fused_out, codes, mean, invstd = _run_fused(fused_net, arch, stage, fused_in, masks)
+    return inputs, masks
 
-    weights = [torch.randn_like(out) for out in eager_out]
-    for outs in (eager_out, fused_out):
-        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
-    for e, f in zip(eager_out, fused_out):
-        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-10)
+
+def _assert_same_grads(eager_net, fused_net, eager_in, fused_in):
     for e_pair, f_pair in zip(eager_in, fused_in):
         for e, f in zip(e_pair, f_pair):
             # An input read only by zero ops gets no eager gradient; the fused cell's is exactly zero.
             expected = e.grad if e.grad is not None else torch.zeros_like(e)
             torch.testing.assert_close(f.grad, expected, rtol=1e-9, atol=1e-9)
     fused_params = dict(fused_net.named_parameters())
-    checked = 0
+    nonzero = 0
     for name, p in eager_net.named_parameters():
         q = fused_params[name]
         e = p.grad if p.grad is not None else torch.zeros_like(p)
         f = q.grad if q.grad is not None else torch.zeros_like(q)
         torch.testing.assert_close(f, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
-        checked += int(p.grad is not None and bool(p.grad.abs().sum() > 0))
-    assert checked > 0
+        nonzero += int(p.grad is not None and bool(p.grad.abs().sum() > 0))
+    assert nonzero > 0
 
-    # Slot statistics: the fused [B, round, branch] layout mapped to the eager BN order, with the same rows.
-    plan = eager_net._plan(tuple(arch), torch.device(device))
+
+def _assert_same_slot_stats(plan, stage, eager_stats, codes, mean, invstd):
+    """The fused [cell, node, round, branch] statistics in the eager BN order, with the plan's rows."""
     fused_rows = fused.slot_bn_rows(codes)
+    channels = mean.shape[-1]
     mapped_rows = []
     for i, (sched, e_mean, e_invstd) in enumerate(eager_stats):
         if e_mean is None:
             continue
-        channels = mean.shape[-1]
         for k, (pos, _op, j) in enumerate(sched.bn_slots):
             node, branch = divmod(pos, 2)
-            torch.testing.assert_close(mean[i, node, j, branch], e_mean.view(-1, channels)[k], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(mean[i, node, j, branch], e_mean.view(-1, channels)[k], rtol=1e-10,
+                                       atol=1e-10)
             torch.testing.assert_close(invstd[i, node, j, branch], e_invstd.view(-1, channels)[k], rtol=1e-9,
                                        atol=1e-9)
             mapped_rows.append(int(fused_rows[i, node, j, branch]))
     assert mapped_rows == plan.bn_rows[stage].tolist()
     assert int((fused_rows >= 0).sum()) == len(mapped_rows)  # no extra BN rows in the fused layout
 
-    # Running statistics: the eager update of the stage vs one update_slot_stats call.
-    count = batch * fused_out[0].shape[-2] * fused_out[0].shape[-1]
+
+def _assert_same_running_stats(eager_net, fused_net, plan, stage, eager_stats, codes, mean, invstd, out):
+    """``Supernet._update_slot_stats`` on the eager statistics vs one ``update_slot_stats`` call; all buffers."""
+    batch, plane = out.shape[0], out.shape[-2] * out.shape[-1]
     stats = [[] for _ in range(eager_net.num_stages)]
     stats[stage] = [(m, v) for _s, m, v in eager_stats if m is not None]
     hw = [1] * eager_net.num_stages
-    hw[stage] = fused_out[0].shape[-2] * fused_out[0].shape[-1]
+    hw[stage] = plane
     for model in (eager_net, fused_net):  # the eager update folds float32 statistics into float32 buffers
         for name in (f"s{stage}_running_mean", f"s{stage}_running_var"):
             setattr(model, name, getattr(model, name).float())
     eager_net._update_slot_stats(SimpleNamespace(bn_rows=plan.bn_rows), stats, hw, batch)
     fused.update_stage_slot_stats(getattr(fused_net, f"s{stage}_running_mean"),
                                   getattr(fused_net, f"s{stage}_running_var"), codes, mean, invstd,
-                                  fused_net.bn_momentum, fused_net.bn_eps, count)
+                                  fused_net.bn_momentum, fused_net.bn_eps, batch * plane)
     fused_buffers = dict(fused_net.named_buffers())
     for name, buf in eager_net.named_buffers():
         torch.testing.assert_close(fused_buffers[name], buf, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def _check_fused_equals_eager(op_set, stage, drop, seed, device="cpu", reduce_arch=None):
+    """Runs every cell of ``stage`` eagerly and fused on copies of one supernet and compares everything."""
+    torch.manual_seed(seed)
+    net = Supernet(NAOSpace(op_set=op_set), layers=1, channels=4).double().to(device)
+    arch = net.space.sample(seed).to_list()
+    if reduce_arch is not None:
+        arch = arch[: net.space.cell_length] + list(reduce_arch)
+    eager_net, fused_net = copy.deepcopy(net), copy.deepcopy(net)
+    inputs, masks = _stage_inputs(net, stage, drop, device)
+    eager_in = [[x.clone().requires_grad_() for x in pair] for pair in inputs]
+    fused_in = [[x.clone().requires_grad_() for x in pair] for pair in inputs]
+    eager_out, eager_stats = _run_eager(eager_net, arch, stage, eager_in, masks)
+    fused_out, codes, mean, invstd = _run_fused(fused_net, arch, stage, fused_in, masks)
+    for e, f in zip(eager_out, fused_out):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-10)
+    weights = [torch.randn_like(out) for out in eager_out]
+    for outs in (eager_out, fused_out):
+        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
+    _assert_same_grads(eager_net, fused_net, eager_in, fused_in)
+    plan = eager_net._plan(tuple(arch), torch.device(device))
+    _assert_same_slot_stats(plan, stage, eager_stats, codes, mean, invstd)
+    _assert_same_running_stats(eager_net, fused_net, plan, stage, eager_stats, codes, mean, invstd, fused_out[0])
     return net, arch
 
 
