@@ -75,7 +75,7 @@ inline GatherShape check_gather_rows_args(at::TensorList stacks, const at::Tenso
     TORCH_CHECK(stacks[s].scalar_type() == first.scalar_type() && stacks[s].device() == first.device(),
                 "bnao::gather_rows: every stack must have stack 0's dtype and device (", first.scalar_type(), ", ",
                 first.device(), "), stack ", s, " is ", stacks[s].scalar_type(), " on ", stacks[s].device());
-    StackTable<const void*> probe{};
+    StackTable<const void*> probe{};  // only to run the size checks of fill_stack_sizes up front
     fill_stack_sizes("gather_rows", &probe, static_cast<int>(s), stacks[s].sizes(), gather_shape);
   }
   check_index_pair("gather_rows", select, rows, first.device());
