@@ -9,6 +9,7 @@ weight and input, the slot-BN batch statistics in the eager BN order, and the ru
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES
@@ -431,3 +432,84 @@ def test_fused_cell_refuses_running_statistics():
         fused.fused_cell(x, x, code, zeros, (), (torch.zeros(2, 3, 2), torch.ones(2), torch.zeros(2)),
                          CellBuffers(None, (), (torch.zeros(2), torch.ones(2))), fused.loose_mask(code),
                          reduction=False, batch_stats=False)
+
+
+# ------------------------------------------------------------------ hostile inputs
+# The compiled ops fed with hostile tensors (any dtype, rank, layout, device "meta", absurd values and
+# sizes): an error or a well-formed result, never a crash. Strategies of tests/test_fuzz_ops.py.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_fuzz_ops import FLOATS, INT64, SCALE, _returns_or_refuses, hostile_tensors  # noqa: E402
+
+FUZZ_FEW = settings(max_examples=int(40 * SCALE), deadline=None, suppress_health_check=list(HealthCheck),
+                    database=None)
+SIZES = st.lists(st.one_of(st.integers(-2, 7), st.sampled_from([2**31, 2**62])), max_size=5)
+INDICES = hostile_tensors(st.one_of(st.integers(-2, 4), INT64))
+
+
+@FUZZ_FEW
+@given(st.lists(hostile_tensors(FLOATS), max_size=3), INDICES, INDICES, SIZES, hostile_tensors(FLOATS))
+def test_gather_rows_refuses_hostile_inputs(stacks, select, rows, shape, grad):
+    _require_kernels("cpu")
+    out = _returns_or_refuses(torch.ops.bnao.gather_rows, stacks, select, rows, shape)
+    if out is not None:
+        assert out.shape == (select.shape[0], *shape)
+    grads = _returns_or_refuses(torch.ops.bnao.gather_rows_backward, grad, select, rows, shape)
+    if grads is not None:
+        per_stack = grad.dim()
+        assert [tuple(g.shape) for g in grads] == [tuple(shape[i : i + per_stack])
+                                                   for i in range(0, len(shape), per_stack)]
+
+
+@FUZZ_FEW
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 3)), min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(-2, 3), st.integers(-1, 4)), max_size=6))
+def test_gather_rows_valid_layouts_match_the_reference_or_are_refused(layouts, pairs):
+    """Random stacks and indices: the reference's result, or a refusal naming a real violation."""
+    _require_kernels("cpu")
+    stacks = [torch.randn(rows, 2, k, k, dtype=torch.float64) for rows, k in layouts]
+    select = torch.tensor([s for s, _ in pairs], dtype=torch.int64)
+    rows = torch.tensor([r for _, r in pairs], dtype=torch.int64)
+    out = _returns_or_refuses(torch.ops.bnao.gather_rows, stacks, select, rows, [2, 3, 3])
+    used = [(s, r) for s, r in pairs if s >= 0]
+    valid = all(s < len(stacks) and 0 <= r < stacks[s].shape[0] for s, r in used) and len(set(used)) == len(used)
+    assert (out is not None) == valid
+    if valid:
+        torch.testing.assert_close(out, gather_rows_reference(stacks, select, rows, [2, 3, 3]), rtol=0, atol=0)
+
+
+@st.composite
+def node_inputs(draw):
+    """node_output arguments of valid shapes with hostile values: any kind and flag bits, non-finite floats."""
+    batch, channels, side = draw(st.integers(0, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+
+    def floats(*shape):
+        values = draw(st.lists(FLOATS, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        return torch.tensor(values, dtype=torch.float64).reshape(shape)
+
+    code = torch.tensor(draw(st.lists(st.integers(-3, 2**31 - 1) | st.integers(-3, 8), min_size=18, max_size=18)),
+                        dtype=torch.int32).reshape(2, 9)
+    stats = [floats(2, channels) for _ in range(4)]
+    mask = floats(batch, 2) if draw(st.booleans()) else None
+    return floats(2, batch, channels, side, side), code, stats, mask
+
+
+@FUZZ_FEW
+@given(node_inputs())
+def test_node_output_hostile_values_match_the_reference(inputs):
+    _require_kernels("cpu")
+    pre, code, stats, mask = inputs
+    out = torch.ops.bnao.node_output(pre, code, *stats, mask)
+    ref = node_output_reference(pre, code, tuple(stats), mask)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0, equal_nan=True)
+    grads = torch.ops.bnao.node_output_backward(torch.ones_like(out), pre, code, *stats[:3], mask)
+    assert grads[0].shape == pre.shape and all(g.shape == stats[0].shape for g in grads[1:])
+
+
+@FUZZ_FEW
+@given(st.lists(hostile_tensors(FLOATS), min_size=4, max_size=4), INDICES, FLOATS, FLOATS, INT64)
+def test_update_slot_stats_refuses_hostile_inputs(tensors, bn_rows, momentum, eps, count):
+    _require_kernels("cpu")
+    running_mean, running_var, mean, invstd = tensors
+    _returns_or_refuses(torch.ops.bnao.update_slot_stats, running_mean, running_var, bn_rows, mean, invstd,
+                        momentum, eps, count)

@@ -37,8 +37,11 @@ inline GatherShape make_gather_shape(const char* op, at::IntArrayRef shape) {
   GatherShape result{};
   result.dims = static_cast<int>(shape.size());
   result.inner = 1;
+  // Bounded so that the element count and every index stay far inside int64.
+  constexpr int64_t kMaxRowNumel = int64_t{1} << 40;
   for (int d = 0; d < result.dims; ++d) {
-    TORCH_CHECK(shape[d] > 0, "bnao::", op, ": shape must be positive, got ", shape);
+    TORCH_CHECK(shape[d] > 0 && shape[d] <= kMaxRowNumel / result.inner, "bnao::", op,
+                ": shape must be positive with at most 2^40 elements, got ", shape);
     result.sizes[d] = shape[d];
     result.inner *= shape[d];
   }

@@ -94,21 +94,30 @@ def _flat_stack_sizes(stacks: Sequence[Tensor]) -> List[int]:
 # --------------------------------------------------------------------------- autograd and fake kernels
 if extension.has_ops() and hasattr(torch.ops.bnao, "gather_rows"):
 
+    def _check_gather_indices(op, select, rows):
+        torch._check(select.dim() == 1 and rows.dim() == 1 and select.shape[0] == rows.shape[0],
+                     lambda: f"bnao::{op}: select and rows must be 1-D of one length")
+        torch._check(select.dtype == torch.int64 and rows.dtype == torch.int64,
+                     lambda: f"bnao::{op}: select and rows must be int64")
+
     @torch.library.register_fake("bnao::gather_rows")
     def _gather_rows_fake(stacks, select, rows, shape):
-        torch._check(len(stacks) >= 1, lambda: "bnao::gather_rows: pass at least one stack")
-        torch._check(select.dim() == 1 and rows.dim() == 1 and select.shape[0] == rows.shape[0],
-                     lambda: "bnao::gather_rows: select and rows must be 1-D of one length")
+        torch._check(1 <= len(stacks) <= 16, lambda: "bnao::gather_rows: pass 1 to 16 stacks")
+        torch._check(1 <= len(shape) <= 4 and all(s > 0 for s in shape),
+                     lambda: "bnao::gather_rows: shape must have 1 to 4 positive dims")
+        _check_gather_indices("gather_rows", select, rows)
         for stack in stacks:
-            torch._check(stack.dim() == len(shape) + 1,
-                         lambda: "bnao::gather_rows: every stack needs a row dim plus the dims of shape")
+            torch._check(stack.dim() == len(shape) + 1 and stack.dtype == stacks[0].dtype,
+                         lambda: "bnao::gather_rows: every stack needs stack 0's dtype, a row dim and shape's dims")
         return stacks[0].new_empty((select.shape[0], *shape))
 
     @torch.library.register_fake("bnao::gather_rows_backward")
     def _gather_rows_backward_fake(grad, select, rows, stack_sizes):
         per_stack = grad.dim()  # one row dim plus the gathered row's dims
-        torch._check(len(stack_sizes) % per_stack == 0,
+        torch._check(2 <= per_stack <= 5, lambda: "bnao::gather_rows_backward: grad must be [R, *shape]")
+        torch._check(len(stack_sizes) > 0 and len(stack_sizes) % per_stack == 0,
                      lambda: "bnao::gather_rows_backward: stack_sizes must hold grad.dim() ints per stack")
+        _check_gather_indices("gather_rows_backward", select, rows)
         return [grad.new_empty(stack_sizes[i : i + per_stack]) for i in range(0, len(stack_sizes), per_stack)]
 
     def _gather_rows_setup(ctx, inputs, output):
@@ -143,7 +152,8 @@ if extension.has_ops() and hasattr(torch.ops.bnao, "gather_rows"):
 
     @torch.library.register_fake("bnao::node_output_backward")
     def _node_output_backward_fake(grad, pre, code, mean, invstd, gamma, drop_mask):
-        torch._check(grad.shape == pre.shape[1:], lambda: "bnao::node_output_backward: grad must be pre.shape[1:]")
+        torch._check(pre.dim() == 5 and grad.shape == pre.shape[1:],
+                     lambda: "bnao::node_output_backward: pre must be [2, N, C, H, W] and grad pre.shape[1:]")
         return (torch.empty_like(pre), torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean),
                 torch.empty_like(mean))
 
