@@ -253,15 +253,17 @@ def _eager_weights(net, cell, cell_arch):
     info = net.cell_info[cell]
     sched = cell_schedule(tuple(cell_arch), info.reduction, net.table)
     ops = [()] * len(net.table)
+    device = net.fixed[cell].comb_w.device
     for op, sizes in sched.op_chunks.items():
-        index = torch.tensor([net.slot_index(cell, p // 2, p % 2, inp, op) for p, inp in sched.op_slots[op]])
+        index = torch.tensor([net.slot_index(cell, p // 2, p % 2, inp, op) for p, inp in sched.op_slots[op]],
+                             device=device)
         roles = [net.slot_tensor(info.stage, op, role).index_select(0, index).split(list(sizes))
                  for role in ROLES[net.table[op][0]]]
         ops[op] = tuple(zip(*roles))
     fixed = net.fixed[cell]
     reduce_weights, reduce_stats = fixed.reduce_weights()
     weights = CellWeights(tuple(ops), reduce_weights, (fixed.comb_w, fixed.comb_bn.weight, fixed.comb_bn.bias),
-                          torch.tensor(sched.loose))
+                          torch.tensor(sched.loose, device=device))
     return sched, weights, CellBuffers(None, reduce_stats, (fixed.comb_bn.running_mean, fixed.comb_bn.running_var))
 
 
@@ -282,9 +284,10 @@ def _run_eager(net, arch, stage, inputs, masks):
 def _run_fused(net, arch, stage, inputs, masks):
     length = net.space.cell_length
     cells = net.stage_cells[stage]
+    device = inputs[0][0].device
     codes = torch.stack([fused.supernet_cell_code(net, info.index, arch[length:] if info.reduction else arch[:length])
-                         for info in cells])
-    select, rows = fused.gather_indices(codes, fused.stack_index_table(net.table, net.slot_ops[stage]))
+                         for info in cells]).to(device)  # the kernels read the codes on the activations' device
+    select, rows = fused.gather_indices(codes, fused.stack_index_table(net.table, net.slot_ops[stage], device))
     gathered = fused.gather_node_weights(fused.supernet_role_stacks(net, stage), select, rows,
                                          net.stage_channels[stage], codes.shape[:3], inputs[0][0])
     outs, means, invstds = [], [], []
