@@ -22,4 +22,30 @@ TORCH_LIBRARY(bnao, m) {
       "model_size(Tensor archs, int num_nodes, int[] op_kinds, int[] op_kernels, "
       "int skeleton, int layers, int channels, int num_classes, int in_channels, "
       "int image_size) -> Tensor");
+
+  // --- fused cell: gather, node output, slot statistics (csrc/cell) -------
+  // Semantics in csrc/cell/DESIGN.md ("Ops"); references in
+  // bnao/ops/fused/reference.py. gather_rows: out[r] = the top-left corner of
+  // stacks[select[r]][rows[r]] zero-padded to `shape` (zeros where select[r] < 0).
+  // Precondition: rows are unique per stack within a call (the backward writes
+  // without atomics; the CPU kernels check it). stack_sizes of the backward:
+  // per stack its row count then its trailing sizes, flattened.
+  m.def("gather_rows(Tensor[] stacks, Tensor select, Tensor rows, int[] shape) -> Tensor");
+  m.def("gather_rows_backward(Tensor grad, Tensor select, Tensor rows, int[] stack_sizes) -> Tensor[]");
+  // A node's state from its two round-2 results pre [2, N, C, H, W]: the sum
+  // of the non-zero branches, BN2-normalised where flagged, times drop_mask
+  // [N, 2] where the drop flag is set. The backward returns the gradients of
+  // pre, mean, invstd, gamma and beta (zero for branches without BN2).
+  m.def(
+      "node_output(Tensor pre, Tensor code, Tensor mean, Tensor invstd, Tensor gamma, Tensor beta, "
+      "Tensor? drop_mask) -> Tensor");
+  m.def(
+      "node_output_backward(Tensor grad, Tensor pre, Tensor code, Tensor mean, Tensor invstd, Tensor gamma, "
+      "Tensor? drop_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Folds slot-BN batch statistics into a stage's running statistics in place,
+  // as Supernet._update_slot_stats: for each k with bn_rows[k] >= 0,
+  // lerp(mean) and lerp((1/invstd^2 - eps) * count/(count-1)) by momentum.
+  m.def(
+      "update_slot_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor bn_rows, Tensor mean, "
+      "Tensor invstd, float momentum, float eps, int count) -> ()");
 }

@@ -134,3 +134,57 @@ def node_output_reference(pre: Tensor, code: Tensor, norm: Norm, drop_mask: Opti
             y = y * drop_mask[:, b].view(-1, 1, 1, 1)
         out = out + y
     return out
+
+
+def gather_rows_reference(stacks: Sequence[Tensor], select: Tensor, rows: Tensor, shape: Sequence[int]) -> Tensor:
+    """Rows of several stacks, zero-padded to one shape (DESIGN.md, "gather_rows").
+
+    Differentiable in every stack and free of host synchronisation (a ``torch.where`` per stack).
+
+    Args:
+        stacks: ``[rows_s, *sizes_s]`` tensors, ``sizes_s <= shape`` elementwise.
+        select: int64 ``[R]``: stack of each gathered row, -1 for a zero row.
+        rows: int64 ``[R]``: row in the selected stack.
+        shape: Shape of one gathered row.
+
+    Returns:
+        ``[R, *shape]``: ``out[r]`` = the top-left corner of ``stacks[select[r]][rows[r]]`` zero-padded to
+        ``shape``, zeros where ``select[r] < 0``.
+    """
+    shape = [int(s) for s in shape]
+    out = stacks[0].new_zeros((select.shape[0], *shape))
+    hit_view = (-1,) + (1,) * len(shape)
+    for index, stack in enumerate(stacks):
+        if stack.shape[0] == 0:
+            continue  # no row can select it
+        pad: List[int] = []
+        for d in reversed(range(len(shape))):
+            pad += [0, shape[d] - stack.shape[d + 1]]
+        padded = F.pad(stack, pad)
+        # Rows of other stacks may be out of this one's range: clamp them, torch.where drops them.
+        taken = padded.index_select(0, rows.clamp(0, stack.shape[0] - 1))
+        out = torch.where((select == index).view(hit_view), taken, out)
+    return out
+
+
+def update_slot_stats_reference(running_mean: Tensor, running_var: Tensor, bn_rows: Tensor, mean: Tensor,
+                                invstd: Tensor, momentum: float, eps: float, count: int) -> None:
+    """Folds slot-BN batch statistics into running statistics in place (``Supernet._update_slot_stats``).
+
+    Args:
+        running_mean: ``[rows, C]`` running means, updated in place.
+        running_var: ``[rows, C]`` running (unbiased) variances, updated in place.
+        bn_rows: int64 ``[K]``: running row of each statistics row; rows < 0 are skipped. Unique.
+        mean: ``[K, C]`` batch means.
+        invstd: ``[K, C]`` batch ``1/sqrt(biased var + eps)``.
+        momentum: Running-average momentum.
+        eps: BN epsilon.
+        count: Values per channel behind each statistic (``N * H * W``), for the unbiased variance.
+    """
+    with torch.no_grad():
+        valid = bn_rows >= 0
+        rows = bn_rows[valid]
+        m = mean[valid].to(running_mean.dtype)
+        var = (invstd[valid].to(running_var.dtype).pow(-2) - eps).mul_(count / max(count - 1, 1))
+        running_mean.index_copy_(0, rows, running_mean.index_select(0, rows).lerp_(m, momentum))
+        running_var.index_copy_(0, rows, running_var.index_select(0, rows).lerp_(var, momentum))

@@ -1,0 +1,291 @@
+"""The fused mixed cell: one static launch sequence for every arch (``csrc/cell/DESIGN.md``).
+
+:func:`fused_cell` computes what :func:`bnao.ops.cell.mixed_cell` computes with batch statistics, but reads
+the arch from the branch code (device data) instead of scheduling it on the host: per node
+``branch_round(1)``, ``branch_round(2)``, ``node_output``; then the combine as torch ops. The launches and
+their shapes are the same for every arch of a cell, so a step can be captured in a CUDA graph once
+``branch_round`` is the compiled op.
+
+The weights of the branches come from the supernet's stacked slot tensors through :func:`gather_rows`,
+one call per fused role and stage. A role (``dw1, pw1, g1, b1, dw2, pw2, g2, b2``) is fed by the stacks
+of the ops that have it: a sep conv by its own eight roles; a dilated sep conv by ``dw, pw, g, b`` as
+``dw1, pw1, g1, b1``; a stride-2 identity (factorized reduce) by ``w, g, b`` as ``pw1, g1, b1``. The
+static table op -> stack index per role turns the codes' ``(op, row)`` into ``(select, rows)`` on the
+device (:func:`gather_indices`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ...space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
+from ..cell import CellBuffers, batch_norm, factorized_reduce
+from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code
+from .nodes import gather_rows, node_output, update_slot_stats
+from .reference import branch_round_reference
+
+Tensor = torch.Tensor
+
+#: The gathered weight roles of a branch, in the order of :class:`NodeWeights`.
+FUSED_ROLES = ("dw1", "pw1", "g1", "b1", "dw2", "pw2", "g2", "b2")
+#: Per op kind with weights, fused role -> the op's own role (``bnao.ops.cell.ROLES``).
+ROLE_SOURCES = {
+    KIND_SEP_CONV: {role: role for role in FUSED_ROLES},
+    KIND_DIL_SEP_CONV: {"dw1": "dw", "pw1": "pw", "g1": "g", "b1": "b"},
+    KIND_IDENTITY: {"pw1": "w", "g1": "g", "b1": "b"},
+}
+
+
+def _reference_round(sources, code, round_index, dw, pw, in_norm, eps):
+    return branch_round_reference(sources, code, round_index, dw, pw, in_norm, eps)
+
+
+try:  # the compiled branch rounds (bnao/ops/fused/round.py) once merged; same signature as the reference
+    from .round import branch_round as _compiled_round  # type: ignore[attr-defined]
+except ImportError:
+    _compiled_round = None
+
+#: The branch-round function :func:`fused_cell` calls:
+#: ``(sources, code, round_index, dw, pw, in_norm, eps) -> (pre, mean, invstd)``.
+BRANCH_ROUND: Callable = _compiled_round if _compiled_round is not None else _reference_round
+
+
+class NodeWeights(NamedTuple):
+    """Gathered per-branch weights of a cell's nodes, each with leading dims ``[B, 2]`` (node, branch).
+
+    Unused entries are zero (a branch reads only the roles of its op kind). ``dw*``: ``[B, 2, C, 7, 7]``
+    (top-left ``k x k`` used); ``pw*``: ``[B, 2, C, C]``; ``g*``, ``b*``: ``[B, 2, C]``.
+    """
+
+    dw1: Tensor
+    pw1: Tensor
+    g1: Tensor
+    b1: Tensor
+    dw2: Tensor
+    pw2: Tensor
+    g2: Tensor
+    b2: Tensor
+
+
+def role_sources(table: Sequence[Tuple[int, int]], ops: Sequence[int]) -> Dict[str, List[Tuple[int, str]]]:
+    """Per fused role, the ``(op, op role)`` of each stack feeding it, in stack order.
+
+    Args:
+        table: ``(kind, kernel)`` per op index.
+        ops: Op indices that have stacked tensors in the stage (``Supernet.slot_ops[stage]``).
+    """
+    sources: Dict[str, List[Tuple[int, str]]] = {role: [] for role in FUSED_ROLES}
+    for op in ops:
+        for role, own in ROLE_SOURCES.get(table[op][0], {}).items():
+            sources[role].append((op, own))
+    return sources
+
+
+def stack_index_table(table: Sequence[Tuple[int, int]], ops: Sequence[int], device=None) -> Tensor:
+    """int64 ``[len(FUSED_ROLES), num_ops]``: the stack index of each op in each role (-1: the op has none)."""
+    index = torch.full((len(FUSED_ROLES), len(table)), -1, dtype=torch.int64)
+    for r, role in enumerate(FUSED_ROLES):
+        for s, (op, _own) in enumerate(role_sources(table, ops)[role]):
+            index[r, op] = s
+    return index.to(device)
+
+
+def gather_indices(codes: Tensor, stack_index: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(select, rows)`` of every role for the branches of ``codes``, computed on the codes' device.
+
+    Args:
+        codes: int32 ``[..., 2, NUM_FIELDS]`` branch codes (e.g. ``[cells, B, 2, NUM_FIELDS]`` of a stage).
+        stack_index: :func:`stack_index_table` on the codes' device.
+
+    Returns:
+        int64 ``select, rows``, each ``[len(FUSED_ROLES), M]`` with ``M`` the number of branches: the stack
+        per role (-1 for branches without weights, i.e. ``ROW < 0``, or ops without that role) and the row.
+    """
+    flat = codes.reshape(-1, codes.shape[-1]).long()
+    op, row = flat[:, OP], flat[:, ROW]
+    select = torch.where(row >= 0, stack_index.index_select(1, op), torch.full_like(row, -1))
+    rows = torch.where(select >= 0, row, torch.zeros_like(row))
+    return select, rows
+
+
+def role_shape(role: str, channels: int) -> Tuple[int, ...]:
+    """Shape of one gathered row of ``role``."""
+    if role.startswith("dw"):
+        return channels, MAX_KERNEL, MAX_KERNEL
+    if role.startswith("pw"):
+        return channels, channels
+    return (channels,)
+
+
+def gather_node_weights(stacks: Dict[str, Sequence[Tensor]], select: Tensor, rows: Tensor, channels: int,
+                        lead_shape: Sequence[int], like: Tensor) -> NodeWeights:
+    """Gathers every role (one :func:`gather_rows` each) and shapes it ``[*lead_shape, *row shape]``.
+
+    Args:
+        stacks: Per fused role, its stacks in :func:`role_sources` order, each ``[rows, *row sizes]``
+            (depthwise ``[rows, C, k, k]``).
+        select: From :func:`gather_indices`.
+        rows: From :func:`gather_indices`.
+        channels: ``C``.
+        lead_shape: Leading dims of the branches, e.g. ``(cells, B, 2)``.
+        like: A tensor of the weights' dtype and device, for roles without any stack (zeros).
+    """
+    out = []
+    for r, role in enumerate(FUSED_ROLES):
+        shape = role_shape(role, channels)
+        if stacks[role]:
+            gathered = gather_rows(stacks[role], select[r], rows[r], shape)
+        else:
+            gathered = like.new_zeros((select.shape[1], *shape))
+        out.append(gathered.view(*lead_shape, *shape))
+    return NodeWeights(*out)
+
+
+def loose_mask(code: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B + 2]`` float: 1 for the states no branch reads (the loose ends), computed on the code's device."""
+    num_states = code.shape[0] + 2
+    used = torch.zeros(num_states, dtype=dtype, device=code.device)
+    used.index_fill_(0, code[..., INPUT].reshape(-1).long(), 1.0)
+    return 1.0 - used
+
+
+def slot_bn_rows(code: Tensor) -> Tensor:
+    """int64 ``[..., B, 2, 2]`` (node, round, branch): running-statistics row of each slot BN, -1 where none.
+
+    Matches the statistics :func:`fused_cell` returns: round 1's BN is ``BN_ROW`` (when FLAG_BN1),
+    round 2's ``BN_ROW + 1`` (when FLAG_BN2).
+    """
+    bn_row, flags = code[..., BN_ROW].long(), code[..., FLAGS].long()
+    none = torch.full_like(bn_row, -1)
+    first = torch.where(flags & FLAG_BN1 != 0, bn_row, none)
+    second = torch.where(flags & FLAG_BN2 != 0, bn_row + 1, none)
+    return torch.stack([first, second], dim=-2)
+
+
+def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
+               reduce_loose: Sequence[Tuple[Tensor, Tensor, Tensor]], combine: Tuple[Tensor, Tensor, Tensor],
+               buffers: CellBuffers, loose: Tensor, *, reduction: bool, batch_stats: bool = True,
+               update_stats: bool = True, drop_mask: Optional[Tensor] = None, momentum: float = 0.1,
+               eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+    """One cell for the arch in ``code``, equal to ``mixed_cell`` with batch statistics.
+
+    Args:
+        s0: Calibrated input 0 ``[N, C, H, W]``.
+        s1: Calibrated input 1, same shape.
+        code: int32 ``[B, 2, NUM_FIELDS]`` branch codes on the activations' device.
+        nodes: :class:`NodeWeights` of this cell (leading dims ``[B, 2]``).
+        reduce_loose: Reduction cells: ``((w [C, C], g, b), (w, g, b))`` of inputs 0 and 1; ``()`` otherwise.
+        combine: ``(w [C, B+2, C], g [C], b [C])`` of the final ReLU-conv1x1-BN.
+        buffers: :class:`~bnao.ops.cell.CellBuffers` (``slot_stats`` unused: slot statistics are returned).
+        loose: ``[B + 2]`` float mask of the loose ends (:func:`loose_mask`), on the device.
+        reduction: Reduction cell (inputs 0/1 are always factorized-reduced for the combine).
+        batch_stats: Must be True: evaluation with running statistics stays on the eager path.
+        update_stats: Update the combine's and (where loose) the input reductions' running statistics.
+        drop_mask: ``[N, 2B]`` drop-path multipliers per branch position; None: off.
+        momentum: BN momentum.
+        eps: BN epsilon.
+
+    Returns:
+        ``(out, mean, invstd)``: the cell output and the slot BNs' batch statistics, ``[B, 2, 2, C]``
+        (node, round, branch; detached), 0 and 1 where a branch has no such BN. Their running rows are
+        :func:`slot_bn_rows`.
+    """
+    if not batch_stats:
+        raise ValueError("fused_cell computes batch-statistics BN only; evaluate with running statistics on "
+                         "the eager path (bnao.ops.cell.mixed_cell)")
+    states = [s0, s1]
+    means, invstds = [], []
+    for node in range(code.shape[0]):
+        node_code = code[node]
+        pre1, mean1, invstd1 = BRANCH_ROUND(list(states), node_code, 1, nodes.dw1[node], nodes.pw1[node], None, eps)
+        norm1 = (mean1, invstd1, nodes.g1[node], nodes.b1[node])
+        pre2, mean2, invstd2 = BRANCH_ROUND([pre1], node_code, 2, nodes.dw2[node], nodes.pw2[node], norm1, eps)
+        mask = drop_mask[:, 2 * node : 2 * node + 2] if drop_mask is not None else None
+        states.append(node_output(pre2, node_code, mean2, invstd2, nodes.g2[node], nodes.b2[node], mask))
+        means.append(torch.stack([mean1, mean2]))
+        invstds.append(torch.stack([invstd1, invstd2]))
+    if reduction:
+        states[0], states[1] = (_reduce_input(states[i], reduce_loose[i], buffers.reduce_loose[i], loose[i],
+                                              update_stats, momentum, eps) for i in (0, 1))
+    out = _combine(states, loose, combine, buffers.combine, update_stats, momentum, eps)
+    return out, torch.stack(means).detach(), torch.stack(invstds).detach()
+
+
+def _reduce_input(x: Tensor, weights: Tuple[Tensor, Tensor, Tensor], running: Tuple[Tensor, Tensor],
+                  is_loose: Tensor, update: bool, momentum: float, eps: float) -> Tensor:
+    """Factorized reduce (no ReLU) + batch-statistics BN of a reduction cell's input, always computed.
+
+    The running statistics change only when the input is loose, decided by device data: the update runs on
+    copies and ``torch.where`` keeps the old values otherwise (no host synchronisation, same launches).
+    """
+    w, g, b = weights
+    if not update:
+        return factorized_reduce([x], w, g, b, None, True, False, momentum, eps)
+    mean, var = running
+    scratch = (mean.clone(), var.clone())
+    y = factorized_reduce([x], w, g, b, scratch, True, True, momentum, eps)
+    with torch.no_grad():
+        keep = is_loose > 0
+        mean.copy_(torch.where(keep, scratch[0], mean))
+        var.copy_(torch.where(keep, scratch[1], var))
+    return y
+
+
+def _combine(states: List[Tensor], loose: Tensor, combine: Tuple[Tensor, Tensor, Tensor],
+             running: Tuple[Tensor, Tensor], update: bool, momentum: float, eps: float) -> Tensor:
+    """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv."""
+    w, g, b = combine
+    weight = w * loose.to(w.dtype).view(1, -1, 1)
+    out = torch.einsum("osc,snchw->nohw", weight, F.relu(torch.stack(states)))
+    return batch_norm(out, g, b, running, True, update, momentum, eps)
+
+
+# --------------------------------------------------------------------------- supernet glue
+def supernet_cell_code(net, cell: int, cell_arch: Sequence[int]) -> Tensor:
+    """Branch code of cell ``cell`` of a :class:`~bnao.supernet.Supernet` (host int32 ``[B, 2, NUM_FIELDS]``).
+
+    ``ROW`` is the supernet's slot row (``slot_index``), ``BN_ROW`` its slot-BN row in the stage's running
+    statistics (the eager path's ``(local * 2B + pos) * bn_per_branch + bn_offset[op]``).
+    """
+    info = net.cell_info[cell]
+    per_cell = 2 * net.num_nodes
+    return cell_code(
+        cell_arch, info.reduction, net.table,
+        slot_row=lambda node, branch, inp, op: net.slot_index(cell, node, branch, inp, op),
+        bn_row=lambda node, branch, op: ((info.local * per_cell + 2 * node + branch) * net._bn_per_branch
+                                         + net._bn_offset[op]),
+        drop_identity=net.drop_path_identity)
+
+
+def supernet_role_stacks(net, stage: int) -> Dict[str, List[Tensor]]:
+    """Per fused role, the supernet's stacked tensors of ``stage`` feeding it (depthwise as ``[rows, C, k, k]``)."""
+    stacks: Dict[str, List[Tensor]] = {}
+    for role, sources in role_sources(net.table, net.slot_ops[stage]).items():
+        tensors = []
+        for op, own in sources:
+            t = net.slot_tensor(stage, op, own)
+            tensors.append(t.flatten(1, 2) if own.startswith("dw") else t)  # [rows, C, 1, k, k] -> [rows, C, k, k]
+        stacks[role] = tensors
+    return stacks
+
+
+def update_stage_slot_stats(running_mean: Tensor, running_var: Tensor, codes: Tensor, mean: Tensor, invstd: Tensor,
+                            momentum: float, eps: float, count: int) -> None:
+    """Folds the slot statistics of a stage's cells into its running statistics (one op call).
+
+    Args:
+        running_mean: The stage's ``[rows, C]`` running means (``s{g}_running_mean``), updated in place.
+        running_var: The stage's running variances, updated in place.
+        codes: int32 ``[..., B, 2, NUM_FIELDS]`` codes of the cells whose statistics are given.
+        mean: ``[..., B, 2, 2, C]`` from :func:`fused_cell` (stacked over the same leading dims).
+        invstd: Like ``mean``.
+        momentum: BN momentum.
+        eps: BN epsilon.
+        count: ``N * Ho * Wo`` of the stage.
+    """
+    channels = mean.shape[-1]
+    update_slot_stats(running_mean, running_var, slot_bn_rows(codes).reshape(-1), mean.reshape(-1, channels),
+                      invstd.reshape(-1, channels), momentum, eps, count)
