@@ -49,6 +49,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "supernet.lr_schedule": ("epoch", "step"),
     "supernet.eval_data": ("random", "fixed"),
     "supernet.unused_slot_update": ("decay", "freeze"),
+    "supernet.kernels": ("auto", "fused", "eager"),
     "sampler.size_measure": ("params", "madds"),
 }
 
@@ -93,6 +94,9 @@ DEFAULTS: Dict[str, Any] = {
         "label_smoothing": 0.0,
         "bf16": False,
         "channels_last": False,
+        # Cells on the "fused" kernels (the arch as device data, csrc/cell/DESIGN.md), the "eager"
+        # PyTorch ones, or "auto": fused where they are built for the device.
+        "kernels": "auto",
         "eval_batch_size": 500,
         "eval_batches": 1,
         # Data each arch is scored on: "random" (the reference: a fresh random dev batch per arch)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..controller import NAOController
-from ..distributed import GradientSync, ShardedLoader, any_rank, average_buffers, current, rank_device
+from ..data_parallel import GradientSync, ShardedLoader
+from ..distributed import any_rank, average_buffers, current, rank_device
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..metrics import kendall_tau, pairwise_accuracy
 from ..sampling import create_sampler
@@ -133,6 +134,7 @@ class BalancedNAO:
             self.space, skeleton=sn["skeleton"], layers=sn["layers"], channels=sn["channels"], num_classes=self.num_classes,
             in_channels=self.in_channels, drop_path_keep_prob=sn["drop_path_keep_prob"],
             total_steps=self.steps_per_iteration, drop_path_identity=sn["drop_path_identity"],
+            kernels=sn["kernels"],
         ).to(self.device)
         self.model.batch_shard = (self.parallel.rank, self.parallel.world_size)
 

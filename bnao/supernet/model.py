@@ -51,6 +51,8 @@ from ..ops.cell import (
     mixed_cell,
 )
 from ..space.nao import Arch, NAOSpace
+from . import fused_forward
+from .fused_forward import FusedKernelsUnavailable, FusedState, check_kernels, fused_built
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ class _Plan:
     """Everything a forward needs for one arch on one device (cached per arch)."""
 
     __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
-                 "masks")
+                 "masks", "codes")
 
 
 class Supernet(nn.Module):
@@ -175,14 +177,20 @@ class Supernet(nn.Module):
         seed: Seed of the generator that draws drop-path and dropout masks (its state is checkpointed).
         plan_cache_size: Archs whose gather indices are kept on the device.
         drop_path_identity: Drop-path on identity branches too (the reference's); False exempts them.
+        kernels: ``"eager"`` (the level-scheduled PyTorch cells of :func:`~bnao.ops.cell.mixed_cell`),
+            ``"fused"`` (the compiled fused-cell ops, arch as device data: csrc/cell/DESIGN.md; an error where
+            they are not built) or ``"auto"`` (fused where built for the device, else eager). Evaluation
+            with running statistics and bf16 autocast always run eager.
     """
 
     def __init__(self, space: Union[NAOSpace, str] = "small", *, skeleton: str = "cifar", layers: int = 3,
                  channels: int = 20, num_classes: int = 10, in_channels: int = 3,
                  drop_path_keep_prob: Optional[float] = 0.9, dropout: float = 0.0, auxiliary: bool = False,
                  total_steps: Optional[int] = None, bn_momentum: float = 0.1, seed: int = 0,
-                 plan_cache_size: int = 4096, drop_path_identity: bool = True):
+                 plan_cache_size: int = 4096, drop_path_identity: bool = True, kernels: str = "auto"):
         super().__init__()
+        self.kernels = check_kernels(kernels)
+        self._fused_states: Dict[str, "FusedState"] = {}
         if isinstance(space, str):
             space = NAOSpace(op_set=space)
         check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
@@ -337,6 +345,7 @@ class Supernet(nn.Module):
     # ---------------------------------------------------------------- devices
     def _apply(self, fn, recurse=True):
         self._plans.clear()  # cached index tensors live on the old device
+        self._fused_states.clear()
         return super()._apply(fn, recurse)
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -450,6 +459,7 @@ class Supernet(nn.Module):
         plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}
         plan.loose = {False: view[("loose", False)], True: view[("loose", True)]}
         plan.masks = None
+        plan.codes = None  # the fused path's branch codes, built on first use
         return plan
 
     def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, Tuple[torch.Tensor, torch.Tensor]]]:
@@ -509,22 +519,16 @@ class Supernet(nn.Module):
         """
         key = self.arch_key(arch)
         device = images.device
-        if device.type == "cpu":
-            # PyTorch's CPU depthwise-conv weight gradient is ~100x slower on NCHW than on NHWC tensors
-            # (measured: 14 s vs 0.16 s for [64, 80, 32, 32], 5x5); NHWC propagates through the whole net.
-            images = images.contiguous(memory_format=torch.channels_last)
-        plan = self._plan(key, device)
         training = self.training
         batch_stats = training or bn_train
         update = training
-        mom, eps = self.bn_momentum, self.bn_eps
-
-        # One gather per stacked tensor, split into the per-group chunks of every cell of the stage.
-        chunks: Dict[Tuple[int, int], List[Tuple[torch.Tensor, ...]]] = {}
-        for (g, o), idx in plan.gather.items():
-            sizes = plan.chunk_sizes[(g, o)]
-            roles = [self.slot_tensor(g, o, r).index_select(0, idx).split(sizes) for r in ROLES[self.table[o][0]]]
-            chunks[(g, o)] = list(zip(*roles))
+        fused = self._fused_path(device, batch_stats, images.dtype)
+        if device.type == "cpu" and not fused:
+            # PyTorch's CPU depthwise-conv weight gradient is ~100x slower on NCHW than on NHWC tensors
+            # (measured: 14 s vs 0.16 s for [64, 80, 32, 32], 5x5); NHWC propagates through the whole net.
+            # (The fused kernels take NCHW.)
+            images = images.contiguous(memory_format=torch.channels_last)
+        plan = self._plan(key, device)
 
         if self.skeleton == "cifar":
             s0 = s1 = self.stem(images, batch_stats, update)
@@ -533,6 +537,32 @@ class Supernet(nn.Module):
             s1 = self.stem1(F.relu(s0), batch_stats, update)
 
         masks = self.drop_path_masks(images.shape[0], device, s1.dtype) if training else None
+
+        if fused:
+            s1, aux_logits = fused_forward.run_cells(self, self._codes(plan, device), s0, s1, masks, update)
+        else:
+            s1, aux_logits = self._eager_cells(plan, s0, s1, masks, batch_stats, update)
+        out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        if training and self.dropout > 0:
+            u = self._shard_rows(torch.rand((out.shape[0] * self.batch_shard[1], *out.shape[1:]),
+                                            generator=self.generator(device), device=device), 0)
+            out = out * (u >= self.dropout).to(out.dtype) / (1.0 - self.dropout)
+        logits = self.classifier(out)
+        if self.auxiliary_head is not None and training:
+            return logits, aux_logits
+        return logits
+
+    def _eager_cells(self, plan: _Plan, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor],
+                     batch_stats: bool, update: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Every cell on the eager path (:func:`~bnao.ops.cell.mixed_cell`); ``(last output, aux logits)``."""
+        training = self.training
+        mom, eps = self.bn_momentum, self.bn_eps
+        # One gather per stacked tensor, split into the per-group chunks of every cell of the stage.
+        chunks: Dict[Tuple[int, int], List[Tuple[torch.Tensor, ...]]] = {}
+        for (g, o), idx in plan.gather.items():
+            sizes = plan.chunk_sizes[(g, o)]
+            roles = [self.slot_tensor(g, o, r).index_select(0, idx).split(sizes) for r in ROLES[self.table[o][0]]]
+            chunks[(g, o)] = list(zip(*roles))
 
         stats: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.num_stages)]
         stage_hw = [1] * self.num_stages
@@ -572,16 +602,32 @@ class Supernet(nn.Module):
                 aux_logits = self.auxiliary_head(s1)
 
         if update:
-            self._update_slot_stats(plan, stats, stage_hw, images.shape[0])
-        out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
-        if training and self.dropout > 0:
-            u = self._shard_rows(torch.rand((out.shape[0] * self.batch_shard[1], *out.shape[1:]),
-                                            generator=self.generator(device), device=device), 0)
-            out = out * (u >= self.dropout).to(out.dtype) / (1.0 - self.dropout)
-        logits = self.classifier(out)
-        if self.auxiliary_head is not None and training:
-            return logits, aux_logits
-        return logits
+            self._update_slot_stats(plan, stats, stage_hw, s1.shape[0])
+        return s1, aux_logits
+
+    def _fused_path(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> bool:
+        """Whether this forward runs the fused cells (see the ``kernels`` argument)."""
+        if self.kernels == "eager":
+            return False
+        built = fused_built(device.type)
+        if self.kernels == "fused" and not built:
+            raise FusedKernelsUnavailable(
+                f"Supernet(kernels='fused'): the fused-cell ops are not built for {device.type} in this bnao "
+                "build (see `bnao info`); rebuild with scripts/setup.sh (CUDA: BNAO_CUDA=1) or use kernels='auto'")
+        autocast = torch.is_autocast_enabled(device.type) if device.type != "cpu" else torch.is_autocast_cpu_enabled()
+        return built and batch_stats and not autocast and dtype in (torch.float32, torch.float64)
+
+    def fused_state(self, device: torch.device) -> FusedState:
+        """Per-device constants of the fused path."""
+        state = self._fused_states.get(str(device))
+        if state is None:
+            state = self._fused_states[str(device)] = FusedState(self, device)
+        return state
+
+    def _codes(self, plan: _Plan, device: torch.device) -> torch.Tensor:
+        if plan.codes is None:
+            plan.codes = fused_forward.arch_codes(self, plan.arch).to(device)
+        return plan.codes
 
     def keep_probs(self) -> List[float]:
         """Drop-path keep probability of every cell at the current :attr:`step` (NAO's schedule)."""
@@ -634,12 +680,13 @@ class Supernet(nn.Module):
             if not entries:
                 continue
             cg = self.stage_channels[g]
-            mean = torch.cat([m for m, _ in entries]).view(-1, cg).float()
-            invstd = torch.cat([v for _, v in entries]).view(-1, cg).float()
+            rm = getattr(self, f"s{g}_running_mean")
+            # In the buffers' dtype: bf16 statistics (autocast) are widened, float64 ones kept.
+            mean = torch.cat([m for m, _ in entries]).view(-1, cg).to(rm.dtype)
+            invstd = torch.cat([v for _, v in entries]).view(-1, cg).to(rm.dtype)
             n = batch * stage_hw[g]
             var = (invstd.pow(-2) - self.bn_eps).mul_(n / max(n - 1, 1))
             rows = plan.bn_rows[g]
-            rm = getattr(self, f"s{g}_running_mean")
             rv = getattr(self, f"s{g}_running_var")
             rm.index_copy_(0, rows, rm.index_select(0, rows).lerp_(mean, self.bn_momentum))
             rv.index_copy_(0, rows, rv.index_select(0, rows).lerp_(var, self.bn_momentum))

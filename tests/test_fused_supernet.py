@@ -1,0 +1,138 @@
+"""The supernet on the fused kernels (``Supernet(kernels="fused")``) against the eager path.
+
+The fused path reads the arch from device data and runs one static launch sequence; the eager path
+(``bnao.ops.cell.mixed_cell``) schedules the branches on the host. Both must train the same supernet.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES
+
+from bnao.data import create_dataset, create_loader
+from bnao.sampling import create_sampler
+from bnao.space import NAOSpace
+from bnao.supernet import Supernet, SupernetTrainer
+from bnao.supernet.fused_forward import FusedKernelsUnavailable, fused_built
+from bnao.supernet.launches import compare_launch_sequences
+
+
+def _require_fused(device: str) -> None:
+    if not fused_built(torch.device(device).type):
+        pytest.skip(f"the fused-cell ops are not built for {device}")
+
+
+def _pair(space, device, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    eager = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=2, kernels="eager", seed=7, **kw)
+    eager = eager.to(device=device, dtype=dtype)
+    fused = copy.deepcopy(eager)
+    fused.kernels = "fused"
+    return eager, fused
+
+
+def _grads(model):
+    # The fused path gives every parameter a dense gradient; the eager one leaves unused ones None.
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_set", ["small", "middle"])
+def test_fused_training_step_equals_eager(device, op_set):
+    _require_fused(device)
+    space = NAOSpace(op_set=op_set)
+    eager, fused = _pair(space, device, drop_path_keep_prob=0.6, total_steps=10, auxiliary=True)
+    for model in (eager, fused):
+        model.set_step(4)  # drop-path active: both draw the same masks from the same seeded generator
+    images = torch.randn(6, 2, 8, 8, dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    for arch in space.sample_array(4, np.random.default_rng(3)):
+        arch = tuple(arch.tolist())
+        outputs = []
+        for model in (eager, fused):
+            model.zero_grad(set_to_none=True)
+            logits, aux = model(images, arch)
+            (F.cross_entropy(logits, labels) + 0.4 * F.cross_entropy(aux, labels)).backward()
+            outputs.append((logits.detach(), aux.detach()))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-9, atol=1e-10)
+        for g_fused, g_eager in zip(_grads(fused), _grads(eager)):
+            torch.testing.assert_close(g_fused, g_eager, rtol=1e-8, atol=1e-10)
+        for b_fused, b_eager in zip(fused.buffers(), eager.buffers()):
+            torch.testing.assert_close(b_fused, b_eager, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_candidate_evaluation_equals_eager(device):
+    _require_fused(device)
+    space = NAOSpace(op_set="middle")
+    eager, fused = _pair(space, device)
+    images = torch.randn(5, 2, 8, 8, dtype=torch.float64, device=device)
+    for model in (eager, fused):
+        model.eval()
+    for arch in space.sample_array(3, np.random.default_rng(4)):
+        arch = tuple(arch.tolist())
+        with torch.no_grad():
+            torch.testing.assert_close(fused(images, arch, bn_train=True), eager(images, arch, bn_train=True))
+
+
+def _trainer(kernels, device, steps):
+    space = NAOSpace(op_set="small")
+    torch.manual_seed(0)
+    model = Supernet(space, layers=1, channels=4, num_classes=4, drop_path_keep_prob=0.8, total_steps=steps,
+                     kernels=kernels).to(device)
+    pool = space.sample_array(6, 3)
+    sampler = create_sampler("proportional", np.arange(1, 7, dtype=np.float64), seed=5)
+    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 3), num_classes=4)
+    loader = create_loader("tensor", data, 8, device=device, augment=True, shuffle=True, drop_last=True, seed=1)
+    return SupernetTrainer(model, sampler, pool, loader, steps_total=steps, lr_max=0.05, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_300_fused_steps_follow_the_eager_ones(device):
+    """300 float32 steps: the two paths differ only in the order of float32 sums (1e-7 relative per op), so
+    their losses may drift apart slowly, never by more than 1e-3 here; a semantic difference (a wrong
+    weight row, BN statistic or drop-path mask) shows at once. Slots that no arch used stay bit-identical."""
+    _require_fused(device)
+    steps = 300
+    runs = {}
+    for kernels in ("eager", "fused"):
+        trainer = _trainer(kernels, device, steps)
+        initial = {name: p.detach().clone() for name, p in trainer.model.slot_params.items()}
+        losses = []
+        for _ in range(steps // 10):
+            losses.append(trainer.train_steps(10)["loss"])
+        runs[kernels] = (trainer, initial, np.array(losses))
+    (eager, initial, eager_losses), (fused, initial_f, fused_losses) = runs["eager"], runs["fused"]
+    np.testing.assert_allclose(fused_losses, eager_losses, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(fused.counts, eager.counts)  # the same archs were drawn
+    for name, p in fused.model.slot_params.items():
+        never = eager.model.slot_params[name].detach() == initial[name]
+        rows_never_used = never.flatten(1).all(1)
+        assert torch.equal(p.detach()[rows_never_used], initial_f[name][rows_never_used]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_launch_sequence_is_the_same_for_every_arch(device):
+    _require_fused(device)
+    space = NAOSpace(op_set="middle")
+    _, fused = _pair(space, device, dtype=torch.float32, drop_path_keep_prob=0.8, total_steps=5)
+    images = torch.randn(4, 2, 8, 8, device=device)
+    labels = torch.tensor([0, 1, 2, 0], device=device)
+    archs = [tuple(a.tolist()) for a in space.sample_array(20, np.random.default_rng(5))]
+    result = compare_launch_sequences(fused, images, labels, archs)
+    assert result["identical"], result
+
+
+def test_fused_where_not_built_is_a_clear_error(monkeypatch):
+    import bnao.supernet.model as model_module
+
+    monkeypatch.setattr(model_module, "fused_built", lambda device_type: False)
+    _, fused = _pair(NAOSpace(), "cpu")
+    with pytest.raises(FusedKernelsUnavailable, match="kernels='auto'"):
+        fused(torch.randn(2, 2, 8, 8, dtype=torch.float64), NAOSpace().sample_array(1, 0)[0])
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Supernet(NAOSpace(), layers=1, channels=4, kernels="fast")
