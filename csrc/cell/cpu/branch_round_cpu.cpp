@@ -1,0 +1,71 @@
+// CPU kernels of bnao::branch_round and bnao::branch_round_backward: the
+// bodies of cell/branch_round.h run under at::parallel_for.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "cell/branch_round.h"
+#include "cell/branch_round_ops.h"
+
+namespace bnao {
+namespace cell {
+namespace {
+
+// Elements per task: a body costs from a copy to a C-term dot product or a 7x7 tap loop, so the
+// grain is well below ATen's default (32768 elementwise ops).
+constexpr int64_t kElementGrain = 1024;
+
+struct CpuLauncher {
+  template <template <typename> class Body, typename T>
+  void for_each(int64_t count, const RoundArgs<T>& a) const {
+    at::parallel_for(0, count, kElementGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) Body<T>::run(a, index);
+    });
+  }
+
+  // One output per iteration, its terms added in order in double: the result does not depend
+  // on the thread count.
+  template <template <typename> class Term, typename T>
+  void reduce(int64_t outputs, int64_t length, const RoundArgs<T>& a) const {
+    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t output = begin; output < end; ++output) {
+        const auto ctx = Term<T>::prepare(a, output);
+        double sum = 0.0;
+        if (ctx.active) {
+          for (int64_t k = 0; k < length; ++k) sum += static_cast<double>(Term<T>::term(a, ctx, k));
+        }
+        Term<T>::finish(a, ctx, sum);
+      }
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_cpu(
+    at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw, const at::Tensor& pw,
+    const OptionalTensor& in_mean, const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+    const OptionalTensor& in_beta, double eps, bool reduction) {
+  return branch_round_forward(CpuLauncher{}, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta,
+                              eps, reduction);
+}
+
+BackwardResult branch_round_backward_cpu(const at::Tensor& grad_pre, const at::Tensor& grad_mean,
+                                         const at::Tensor& grad_invstd, at::TensorList sources,
+                                         const at::Tensor& code, int64_t round, const at::Tensor& dw,
+                                         const at::Tensor& pw, const OptionalTensor& in_mean,
+                                         const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+                                         const OptionalTensor& in_beta, const at::Tensor& pre,
+                                         const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+  return branch_round_backward_impl(CpuLauncher{}, grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw,
+                                    in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnao, CPU, m) {
+  m.impl("branch_round", &branch_round_cpu);
+  m.impl("branch_round_backward", &branch_round_backward_cpu);
+}
+
+}  // namespace cell
+}  // namespace bnao
