@@ -4,14 +4,18 @@
 // "branch_round", defined by bnao/ops/fused/reference.py::branch_round_reference.
 //
 // Two kinds of bodies, both functions of (arguments, work-item index):
-//   * elementwise bodies (`struct X { static void run(const RoundArgs<T>&, int64_t index); }`),
-//     one work item per element of a [2, N, C, Ho, Wo] (or source-shaped) tensor, writing only
-//     that element, so they need no atomics;
-//   * reduction terms (`prepare`, `term`, `finish`): output `o` is the sum over `k < length` of
-//     `term(ctx, k)`. The CPU launcher adds the terms of an output in order on one thread; the
-//     CUDA launcher runs one block per output with a fixed-shape tree. Both are deterministic.
+//   * elementwise bodies: one work item per element (row, column) of a [2, N, C, Ho, Wo] (or
+//     source-shaped) tensor, writing only that element, so they need no atomics.
+//     `Body::row(args, row)` decodes a row (all but the last dimension) into a `Body::Row`, and
+//     `Body::run(args, row, column)` computes one element. The CPU launcher decodes each row
+//     once and walks its columns; the CUDA launcher gives one element to each thread.
+//   * reduction terms: output `o` (a (branch, channel) statistic or a weight gradient) is the
+//     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
+//     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
+//     adds the terms of an output in order on one thread (in double); the CUDA launcher runs one
+//     block per output with a fixed-shape tree. Both are deterministic.
 // The phase sequences (run_forward / run_backward) are written once here, against a launcher
-// that provides `for_each<Body>(count, args)` and `reduce<Term>(outputs, length, args)`.
+// that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
 //
 // The branch code is device data: it is read inside the bodies. Every read of an activation is
 // bounds-checked against the source's real shape, so a corrupt code cannot read out of bounds
@@ -148,25 +152,6 @@ BNAO_CELL_HD Branch<T> read_branch(const RoundArgs<T>& a, int b) {
   return br;
 }
 
-// Position of an element of a [2, N, C, H, W] tensor.
-struct Position {
-  int b;
-  int64_t n, c, i, j;
-};
-
-BNAO_CELL_HD Position split_index(int64_t index, int64_t batch, int64_t channels, int64_t height, int64_t width) {
-  Position p;
-  p.j = index % width;
-  index /= width;
-  p.i = index % height;
-  index /= height;
-  p.c = index % channels;
-  index /= channels;
-  p.n = index % batch;
-  p.b = static_cast<int>(index / batch);
-  return p;
-}
-
 template <typename T>
 BNAO_CELL_HD int64_t pre_offset(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t i, int64_t j) {
   return (((static_cast<int64_t>(b) * a.batch + n) * a.channels + c) * a.height + i) * a.width + j;
@@ -190,6 +175,39 @@ BNAO_CELL_HD T load_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int
   return value;
 }
 
+// One channel plane of a branch's input with round 2's prologue constants read once, for the
+// loops that visit many pixels of one (n, c).
+template <typename T>
+struct ChannelInput {
+  const T* plane;
+  int64_t height, width;
+  bool normalize;
+  T mean, factor, beta;
+
+  BNAO_CELL_HD T at(int64_t y, int64_t x) const {
+    const T value = plane[y * width + x];
+    return normalize ? (value - mean) * factor + beta : value;
+  }
+  BNAO_CELL_HD bool inside(int64_t y, int64_t x) const { return y >= 0 && y < height && x >= 0 && x < width; }
+};
+
+template <typename T>
+BNAO_CELL_HD ChannelInput<T> channel_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c) {
+  ChannelInput<T> in;
+  in.plane = br.input + (n * a.channels + c) * br.in_height * br.in_width;
+  in.height = br.in_height;
+  in.width = br.in_width;
+  in.normalize = br.normalize;
+  in.mean = in.factor = in.beta = T(0);
+  if (br.normalize) {
+    const int64_t bc = b * a.channels + c;
+    in.mean = a.in_mean[bc];
+    in.factor = a.in_invstd[bc] * a.in_gamma[bc];
+    in.beta = a.in_beta[bc];
+  }
+  return in;
+}
+
 // ReLU that keeps NaN (like torch.relu).
 template <typename T>
 BNAO_CELL_HD T relu(T value) {
@@ -206,12 +224,20 @@ BNAO_CELL_HD T depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b
   const int k = br.kernel, d = br.dilation, s = br.stride;
   const int64_t pad = static_cast<int64_t>(d) * (k / 2);
   const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const ChannelInput<T> in = channel_input(a, br, b, n, c);
+  const int64_t top = i * s - pad, left = j * s - pad, span = static_cast<int64_t>(k - 1) * d;
   T sum = T(0);
+  if (top >= 0 && left >= 0 && top + span < in.height && left + span < in.width) {
+    // Interior pixel (most of them): no bounds checks in the tap loop.
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * relu(in.at(top + kh * d, left + kw * d));
+    return sum;
+  }
   for (int kh = 0; kh < k; ++kh) {
-    const int64_t y = i * s - pad + kh * d;
+    const int64_t y = top + kh * d;
     for (int kw = 0; kw < k; ++kw) {
-      const int64_t x = j * s - pad + kw * d;
-      if (inside(br, y, x)) sum += weight[kh * kMaxKernel + kw] * relu(load_input(a, br, b, n, c, y, x));
+      const int64_t x = left + kw * d;
+      if (in.inside(y, x)) sum += weight[kh * kMaxKernel + kw] * relu(in.at(y, x));
     }
   }
   return sum;
@@ -311,20 +337,67 @@ BNAO_CELL_HD T branch_value(const RoundArgs<T>& a, const Branch<T>& br, int b, i
 }
 
 // ------------------------------------------------------------------ forward bodies
+// A row (b, n, c, i) of a [2, N, C, Ho, Wo] tensor, with its branch and the offset of column 0.
 template <typename T>
-struct DepthwiseForward {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
-    const Branch<T> br = read_branch(a, p.b);
-    if (br.op == kOpSepConv) a.mid[index] = depthwise_value(a, br, p.b, p.n, p.c, p.i, p.j);
+struct PreRow {
+  int b;
+  int64_t n, c, i, offset;
+  Branch<T> br;
+};
+
+template <typename T>
+BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
+  PreRow<T> r;
+  r.offset = row * a.width;
+  r.i = row % a.height;
+  row /= a.height;
+  r.c = row % a.channels;
+  row /= a.channels;
+  r.n = row % a.batch;
+  r.b = static_cast<int>(row / a.batch);
+  r.br = read_branch(a, r.b);
+  return r;
+}
+
+// Elementwise bodies over pre's shape share the row decoding.
+template <typename T>
+struct PreBody {
+  using Row = PreRow<T>;
+  static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) { return pre_row(a, index); }
+};
+
+template <typename T>
+struct DepthwiseForward : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op == kOpSepConv) a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+};
+
+// Where the maximum of a max-pool window is, as (row - top) * 3 + (column - left) of the unclipped
+// window: small integers, exact in any float type.
+template <typename T>
+BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int64_t y, int64_t x) {
+  return static_cast<T>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
+}
+
+// The backward's forward work, recomputed rather than saved: depthwise results of sep convs, and
+// the argmax of each max-pool window (so that the input gradient tests 9 codes, not 9 windows).
+template <typename T>
+struct RecomputeForward : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op == kOpSepConv) {
+      a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
+    } else if (r.br.op == kOpMaxPool) {
+      const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+      a.mid[r.offset + j] = max_position_code(r.br, r.i, j, best.y, best.x);
+    }
   }
 };
 
 template <typename T>
-struct BranchForward {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
-    a.pre[index] = branch_value(a, read_branch(a, p.b), p.b, p.n, p.c, p.i, p.j);
+struct BranchForward : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    a.pre[r.offset + j] = branch_value(a, r.br, r.b, r.n, r.c, r.i, j);
   }
 };
 
@@ -349,13 +422,6 @@ BNAO_CELL_HD ChannelContext<T> channel_context(const RoundArgs<T>& a, int64_t ou
   return ctx;
 }
 
-// Offset of element k (over N x Ho x Wo) of channel (b, c) in a [2, N, C, Ho, Wo] tensor.
-template <typename T>
-BNAO_CELL_HD int64_t channel_element(const RoundArgs<T>& a, int b, int64_t c, int64_t k) {
-  const int64_t plane = a.height * a.width;
-  const int64_t n = k / plane;
-  return ((static_cast<int64_t>(b) * a.batch + n) * a.channels + c) * plane + (k - n * plane);
-}
 
 // Batch mean of pre per (branch, channel); 0 for branches without the round's BN.
 template <typename T>
@@ -366,8 +432,8 @@ struct MeanTerm {
     ctx.active = ctx.br.has_bn;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    return a.pre[channel_element(a, ctx.b, ctx.c, k)];
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)];
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
@@ -380,8 +446,8 @@ template <typename T>
 struct InvstdTerm {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) { return MeanTerm<T>::prepare(a, output); }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    const T centred = a.pre[channel_element(a, ctx.b, ctx.c, k)] - a.mean[ctx.output];
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const T centred = a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)] - a.mean[ctx.output];
     return centred * centred;
   }
   template <typename Acc>
@@ -395,12 +461,12 @@ struct InvstdTerm {
 // Gradient of pre including the statistics' (d mean / d pre = 1/M; d invstd / d pre =
 // -invstd^3 (pre - mean) / M, the mean's own dependence cancelling in the biased variance).
 template <typename T>
-struct GradTotal {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
+struct GradTotal : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    const int64_t index = r.offset + j;
     T grad = a.grad_pre[index];
-    if (read_branch(a, p.b).has_bn) {
-      const int64_t bc = p.b * a.channels + p.c;
+    if (r.br.has_bn) {
+      const int64_t bc = r.b * a.channels + r.c;
       const T count = static_cast<T>(a.batch * a.height * a.width);
       const T invstd = a.invstd[bc];
       grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * (a.pre[index] - a.mean[bc]) / count;
@@ -411,16 +477,15 @@ struct GradTotal {
 
 // Gradient of the depthwise result of sep-conv branches: pw^T . grad_total.
 template <typename T>
-struct GradMid {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
-    if (read_branch(a, p.b).op != kOpSepConv) return;
-    const T* column = a.pw + static_cast<int64_t>(p.b) * a.channels * a.channels + p.c;
-    const T* grad = a.grad_total + pre_offset(a, p.b, p.n, 0, p.i, p.j);
+struct GradMid : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op != kOpSepConv) return;
+    const T* column = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;
+    const T* grad = a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, j);
     const int64_t plane = a.height * a.width;
     T sum = T(0);
     for (int64_t o = 0; o < a.channels; ++o) sum += column[o * a.channels] * grad[o * plane];
-    a.grad_mid[index] = sum;
+    a.grad_mid[r.offset + j] = sum;
   }
 };
 
@@ -444,13 +509,11 @@ struct GradPwTerm {
     ctx.active = ctx.br.op == kOpSepConv || ctx.br.op == kOpReduce;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    const T grad = a.grad_total[channel_element(a, ctx.b, ctx.o, k)];
-    if (ctx.br.op == kOpSepConv) return grad * a.mid[channel_element(a, ctx.b, ctx.c, k)];
-    const int64_t plane = a.height * a.width;
-    const int64_t n = k / plane, pixel = k - n * plane;
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const T grad = a.grad_total[pre_offset(a, ctx.b, n, ctx.o, i, j)];
+    if (ctx.br.op == kOpSepConv) return grad * a.mid[pre_offset(a, ctx.b, n, ctx.c, i, j)];
     const int64_t offset = reduce_offset(ctx.o, a.channels);
-    const int64_t y = 2 * (pixel / a.width) + offset, x = 2 * (pixel % a.width) + offset;
+    const int64_t y = 2 * i + offset, x = 2 * j + offset;
     return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : T(0);
   }
   template <typename Acc>
@@ -483,14 +546,12 @@ struct GradDwTerm {
     ctx.active = ctx.br.op == kOpSepConv && ctx.kh < ctx.br.kernel && ctx.kw < ctx.br.kernel;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    const int64_t plane = a.height * a.width;
-    const int64_t n = k / plane, pixel = k - n * plane;
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
     const int d = ctx.br.dilation, s = ctx.br.stride;
     const int64_t pad = static_cast<int64_t>(d) * (ctx.br.kernel / 2);
-    const int64_t y = (pixel / a.width) * s - pad + ctx.kh * d, x = (pixel % a.width) * s - pad + ctx.kw * d;
+    const int64_t y = i * s - pad + ctx.kh * d, x = j * s - pad + ctx.kw * d;
     if (!inside(ctx.br, y, x)) return T(0);
-    return a.grad_mid[channel_element(a, ctx.b, ctx.c, k)] * relu(load_input(a, ctx.br, ctx.b, n, ctx.c, y, x));
+    return a.grad_mid[pre_offset(a, ctx.b, n, ctx.c, i, j)] * relu(load_input(a, ctx.br, ctx.b, n, ctx.c, y, x));
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
@@ -500,10 +561,11 @@ struct GradDwTerm {
 
 // Output index i of a tap of a strided window reaching input row y through tap offset `reach`
 // (i * stride + reach == y), or -1 when none.
+// Strides are 1 or 2 (read_branch clamps them), so no division is needed.
 BNAO_CELL_HD int64_t strided_source(int64_t y, int64_t reach, int stride, int64_t size) {
   const int64_t scaled = y - reach;
-  if (scaled < 0 || scaled % stride != 0) return -1;
-  const int64_t i = scaled / stride;
+  if (scaled < 0 || (stride == 2 && (scaled & 1))) return -1;
+  const int64_t i = stride == 2 ? scaled >> 1 : scaled;
   return i < size ? i : -1;
 }
 
@@ -514,13 +576,23 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
   const int k = br.kernel, d = br.dilation, s = br.stride;
   const int64_t pad = static_cast<int64_t>(d) * (k / 2);
   const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
   T sum = T(0);
+  if (s == 1) {
+    const int64_t bottom = y + pad, right = x + pad, span = static_cast<int64_t>(k - 1) * d;
+    if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
+      // Interior pixel at stride 1: every tap reaches an output, no checks needed.
+      for (int kh = 0; kh < k; ++kh)
+        for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
+      return sum;
+    }
+  }
   for (int kh = 0; kh < k; ++kh) {
     const int64_t i = strided_source(y, kh * d - pad, s, a.height);
     if (i < 0) continue;
     for (int kw = 0; kw < k; ++kw) {
       const int64_t j = strided_source(x, kw * d - pad, s, a.width);
-      if (j >= 0) sum += weight[kh * kMaxKernel + kw] * a.grad_mid[pre_offset(a, b, n, c, i, j)];
+      if (j >= 0) sum += weight[kh * kMaxKernel + kw] * grad[i * a.width + j];
     }
   }
   return sum;
@@ -555,9 +627,8 @@ BNAO_CELL_HD T pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b
       if (br.op == kOpAvgPool) {
         const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
         sum += grad / static_cast<T>((rows.end - rows.begin) * (cols.end - cols.begin));
-      } else {
-        const MaxAt<T> best = max_pool_at(a, br, b, n, c, i, j);
-        if (best.y == y && best.x == x) sum += grad;  // only the window's first maximum gets it
+      } else if (a.mid[pre_offset(a, b, n, c, i, j)] == max_position_code(br, i, j, y, x)) {
+        sum += grad;  // only the window's first maximum gets it (RecomputeForward found it)
       }
     }
   }
@@ -586,37 +657,45 @@ BNAO_CELL_HD T branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int
 // Round 1: gradient of source a.source_index, summed over the branches that read it (zero when none).
 template <typename T>
 struct SourceGrad {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const int s = a.source_index;
-    const int64_t height = a.source_height[s], width = a.source_width[s];
-    const int64_t x = index % width, y = (index / width) % height;
-    const int64_t c = (index / (width * height)) % a.channels, n = index / (width * height * a.channels);
+  // A row (n, c, y) of source a.source_index.
+  struct Row {
+    int64_t n, c, y, offset;
+    Branch<T> br[kNumBranches];
+  };
+  static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) {
+    Row r;
+    r.offset = index * a.source_width[a.source_index];
+    r.y = index % a.source_height[a.source_index];
+    index /= a.source_height[a.source_index];
+    r.c = index % a.channels;
+    r.n = index / a.channels;
+    for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
+    return r;
+  }
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
     T sum = T(0);
     for (int b = 0; b < kNumBranches; ++b) {
-      const Branch<T> br = read_branch(a, b);
-      if (br.source == s) sum += branch_input_grad(a, br, b, n, c, y, x);
+      if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
     }
-    a.grad_source[index] = sum;
+    a.grad_source[r.offset + x] = sum;
   }
 };
 
 // Round 2, first pass: gradient of each branch's normalised input, into grad_source (scaled to
 // pre1's gradient by ScaleNormGrad once the prologue's parameter gradients have read it).
 template <typename T>
-struct NormInputGrad {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
-    a.grad_source[index] = branch_input_grad(a, read_branch(a, p.b), p.b, p.n, p.c, p.i, p.j);
+struct NormInputGrad : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    a.grad_source[r.offset + j] = branch_input_grad(a, r.br, r.b, r.n, r.c, r.i, j);
   }
 };
 
 template <typename T>
-struct ScaleNormGrad {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t index) {
-    const Position p = split_index(index, a.batch, a.channels, a.height, a.width);
-    if (!read_branch(a, p.b).normalize) return;
-    const int64_t bc = p.b * a.channels + p.c;
-    a.grad_source[index] *= a.in_invstd[bc] * a.in_gamma[bc];
+struct ScaleNormGrad : PreBody<T> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (!r.br.normalize) return;
+    const int64_t bc = r.b * a.channels + r.c;
+    a.grad_source[r.offset + j] *= a.in_invstd[bc] * a.in_gamma[bc];
   }
 };
 
@@ -630,8 +709,8 @@ struct NormShiftTerm {
     ctx.active = ctx.br.normalize;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    return a.grad_source[channel_element(a, ctx.b, ctx.c, k)];
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return a.grad_source[pre_offset(a, ctx.b, n, ctx.c, i, j)];
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
@@ -649,8 +728,8 @@ struct NormScaleTerm {
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
     return NormShiftTerm<T>::prepare(a, output);
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t k) {
-    const int64_t offset = channel_element(a, ctx.b, ctx.c, k);
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const int64_t offset = pre_offset(a, ctx.b, n, ctx.c, i, j);
     return a.grad_source[offset] * (a.sources[0][offset] - a.in_mean[ctx.output]);
   }
   template <typename Acc>
@@ -663,42 +742,41 @@ struct NormScaleTerm {
 };
 
 // ------------------------------------------------------------------ phase sequences (host)
-// `launcher.for_each<Body>(count, args)` runs Body<T>::run for every index < count;
-// `launcher.reduce<Term>(outputs, length, args)` runs the reduction described above.
+// `launcher.for_each<Body>(rows, columns, args)` runs Body<T> on every element of a
+// [rows, columns] tensor; `launcher.reduce<Term>(outputs, args)` runs Term<T> for every output
+// (its terms over every (n, i, j) of pre's shape).
 template <typename Launcher, typename T>
 void run_forward(const Launcher& launcher, const RoundArgs<T>& a) {
-  const int64_t elements = kNumBranches * a.batch * a.channels * a.height * a.width;
-  const int64_t per_channel = a.batch * a.height * a.width;
-  launcher.template for_each<DepthwiseForward>(elements, a);
-  launcher.template for_each<BranchForward>(elements, a);
-  launcher.template reduce<MeanTerm>(kNumBranches * a.channels, per_channel, a);
-  launcher.template reduce<InvstdTerm>(kNumBranches * a.channels, per_channel, a);
+  const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
+  launcher.template for_each<DepthwiseForward>(rows, a.width, a);
+  launcher.template for_each<BranchForward>(rows, a.width, a);
+  launcher.template reduce<MeanTerm>(kNumBranches * a.channels, a);
+  launcher.template reduce<InvstdTerm>(kNumBranches * a.channels, a);
 }
 
 // `grad_sources[s]` is where source s's gradient goes (round 2: one tensor shaped like pre1).
 template <typename Launcher, typename T>
 void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sources) {
-  const int64_t elements = kNumBranches * a.batch * a.channels * a.height * a.width;
-  const int64_t per_channel = a.batch * a.height * a.width;
-  launcher.template for_each<GradTotal>(elements, a);
-  launcher.template for_each<DepthwiseForward>(elements, a);  // recomputed rather than saved
-  launcher.template for_each<GradMid>(elements, a);
-  launcher.template reduce<GradPwTerm>(kNumBranches * a.channels * a.channels, per_channel, a);
-  launcher.template reduce<GradDwTerm>(kNumBranches * a.channels * kSlab, per_channel, a);
+  const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
+  launcher.template for_each<GradTotal>(rows, a.width, a);
+  launcher.template for_each<RecomputeForward>(rows, a.width, a);
+  launcher.template for_each<GradMid>(rows, a.width, a);
+  launcher.template reduce<GradPwTerm>(kNumBranches * a.channels * a.channels, a);
+  launcher.template reduce<GradDwTerm>(kNumBranches * a.channels * kSlab, a);
   if (a.round == 1) {
     for (int s = 0; s < a.num_sources; ++s) {
       a.source_index = s;
       a.grad_source = grad_sources[s];
-      launcher.template for_each<SourceGrad>(a.batch * a.channels * a.source_height[s] * a.source_width[s], a);
+      launcher.template for_each<SourceGrad>(a.batch * a.channels * a.source_height[s], a.source_width[s], a);
     }
     return;
   }
   a.source_index = 0;
   a.grad_source = grad_sources[0];
-  launcher.template for_each<NormInputGrad>(elements, a);
-  launcher.template reduce<NormShiftTerm>(kNumBranches * a.channels, per_channel, a);
-  launcher.template reduce<NormScaleTerm>(kNumBranches * a.channels, per_channel, a);
-  launcher.template for_each<ScaleNormGrad>(elements, a);
+  launcher.template for_each<NormInputGrad>(rows, a.width, a);
+  launcher.template reduce<NormShiftTerm>(kNumBranches * a.channels, a);
+  launcher.template reduce<NormScaleTerm>(kNumBranches * a.channels, a);
+  launcher.template for_each<ScaleNormGrad>(rows, a.width, a);
 }
 
 }  // namespace cell

@@ -12,28 +12,34 @@ namespace bnao {
 namespace cell {
 namespace {
 
-// Elements per task: a body costs from a copy to a C-term dot product or a 7x7 tap loop, so the
-// grain is well below ATen's default (32768 elementwise ops).
-constexpr int64_t kElementGrain = 1024;
+// Rows per task: a row is Wo elements, each from a copy to a C-term dot product or a 7x7 tap
+// loop, so a few rows already amortise a task.
+constexpr int64_t kRowGrain = 16;
 
 struct CpuLauncher {
+  // Each row is decoded once (Body::row), then its columns run in order.
   template <template <typename> class Body, typename T>
-  void for_each(int64_t count, const RoundArgs<T>& a) const {
-    at::parallel_for(0, count, kElementGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t index = begin; index < end; ++index) Body<T>::run(a, index);
+  void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) {
+        const typename Body<T>::Row row = Body<T>::row(a, index);
+        for (int64_t column = 0; column < columns; ++column) Body<T>::run(a, row, column);
+      }
     });
   }
 
-  // One output per iteration, its terms added in order in double: the result does not depend
-  // on the thread count.
+  // One output per iteration, its terms added in (n, i, j) order in double: the result does not
+  // depend on the thread count.
   template <template <typename> class Term, typename T>
-  void reduce(int64_t outputs, int64_t length, const RoundArgs<T>& a) const {
+  void reduce(int64_t outputs, const RoundArgs<T>& a) const {
     at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t output = begin; output < end; ++output) {
         const auto ctx = Term<T>::prepare(a, output);
         double sum = 0.0;
         if (ctx.active) {
-          for (int64_t k = 0; k < length; ++k) sum += static_cast<double>(Term<T>::term(a, ctx, k));
+          for (int64_t n = 0; n < a.batch; ++n)
+            for (int64_t i = 0; i < a.height; ++i)
+              for (int64_t j = 0; j < a.width; ++j) sum += static_cast<double>(Term<T>::term(a, ctx, n, i, j));
         }
         Term<T>::finish(a, ctx, sum);
       }
