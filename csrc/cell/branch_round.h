@@ -359,17 +359,80 @@ BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
   return r;
 }
 
-// Elementwise bodies over pre's shape share the row decoding.
-template <typename T>
+// Elementwise bodies over pre's shape share the row decoding. `run_columns` (used by the CPU
+// launcher on whole rows) defaults to `run` per column; a body overrides it where another loop
+// order computes the same sums faster (the pointwise products, channel-outer).
+template <typename T, typename Derived>
 struct PreBody {
   using Row = PreRow<T>;
   static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) { return pre_row(a, index); }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) Derived::run(a, r, j);
+  }
 };
 
+// out[j] = sum over c (in order) of weight[c * weight_stride] * input[c * plane + j], j in [begin, end):
+// the per-element sums of pointwise_value and GradMid, with the channel loop outside so that the
+// inner loop runs over contiguous columns (channel planes are far apart: walking them per
+// element defeats the caches).
 template <typename T>
-struct DepthwiseForward : PreBody<T> {
+BNAO_CELL_HD void pointwise_columns(const T* weight, int64_t weight_stride, const T* input, int64_t plane,
+                                    int64_t channels, int64_t begin, int64_t end, T* out) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = begin; start < end; start += kChunk) {
+    const int64_t count = end - start < kChunk ? end - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      const T w = weight[c * weight_stride];
+      const T* column = input + c * plane + start;
+      for (int64_t q = 0; q < count; ++q) sum[q] += w * column[q];
+    }
+    for (int64_t q = 0; q < count; ++q) out[start + q] = sum[q];
+  }
+}
+
+// Depthwise results of columns [begin, end) of a sep-conv row into out: the columns whose taps are
+// all inside run tap-outer, column-inner (the same per-element sums as depthwise_value, in the
+// same tap order, but independent columns side by side instead of one long add chain).
+template <typename T>
+BNAO_CELL_HD void depthwise_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end, T* out) {
+  const Branch<T>& br = r.br;
+  const int k = br.kernel, d = br.dilation, s = br.stride;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2), span = static_cast<int64_t>(k - 1) * d;
+  const int64_t top = r.i * s - pad;
+  // Interior columns: left = j * s - pad >= 0 and left + span < width.
+  int64_t first = (pad + s - 1) / s, last = (br.in_width - 1 - span + pad) / s;  // last inclusive
+  if (br.in_width - 1 - span + pad < 0 || top < 0 || top + span >= br.in_height) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t j = begin; j < first; ++j) out[j] = depthwise_value(a, br, r.b, r.n, r.c, r.i, j);
+  const T* weight = a.dw + (static_cast<int64_t>(r.b) * a.channels + r.c) * kSlab;
+  const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) {
+        const T w = weight[kh * kMaxKernel + kw];
+        const int64_t y = top + kh * d, x0 = start * s - pad + kw * d;
+        for (int64_t q = 0; q < count; ++q) sum[q] += w * relu(in.at(y, x0 + q * s));
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] = sum[q];
+  }
+  for (int64_t j = (last + 1 > first ? last + 1 : first); j < end; ++j)
+    out[j] = depthwise_value(a, br, r.b, r.n, r.c, r.i, j);
+}
+
+template <typename T>
+struct DepthwiseForward : PreBody<T, DepthwiseForward<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (r.br.op == kOpSepConv) a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpSepConv) depthwise_columns(a, r, begin, end, a.mid + r.offset);
   }
 };
 
@@ -383,7 +446,7 @@ BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int6
 // The backward's forward work, recomputed rather than saved: depthwise results of sep convs, and
 // the argmax of each max-pool window (so that the input gradient tests 9 codes, not 9 windows).
 template <typename T>
-struct RecomputeForward : PreBody<T> {
+struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (r.br.op == kOpSepConv) {
       a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
@@ -392,12 +455,28 @@ struct RecomputeForward : PreBody<T> {
       a.mid[r.offset + j] = max_position_code(r.br, r.i, j, best.y, best.x);
     }
   }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpSepConv) {
+      depthwise_columns(a, r, begin, end, a.mid + r.offset);
+    } else if (r.br.op == kOpMaxPool) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+    }
+  }
 };
 
 template <typename T>
-struct BranchForward : PreBody<T> {
+struct BranchForward : PreBody<T, BranchForward<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     a.pre[r.offset + j] = branch_value(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      return;
+    }
+    const T* weight = a.pw + (static_cast<int64_t>(r.b) * a.channels + r.c) * a.channels;  // row c of pw[b]
+    pointwise_columns(weight, 1, a.mid + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width, a.channels, begin,
+                      end, a.pre + r.offset);
   }
 };
 
@@ -423,9 +502,25 @@ BNAO_CELL_HD ChannelContext<T> channel_context(const RoundArgs<T>& a, int64_t ou
 }
 
 
+// Reduction terms share `row_sum`, the sum of the terms of one row (n, i) in T, used by the CPU
+// launcher: four interleaved partial sums break the add latency chain of one running sum, and
+// the row sums are then added in double in (n, i) order (deterministic, like every sum here).
+template <typename T, typename Derived>
+struct TermBase {
+  template <typename Context>
+  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    T partial[4] = {T(0), T(0), T(0), T(0)};
+    int64_t j = 0;
+    for (; j + 4 <= a.width; j += 4)
+      for (int q = 0; q < 4; ++q) partial[q] += Derived::term(a, ctx, n, i, j + q);
+    for (; j < a.width; ++j) partial[0] += Derived::term(a, ctx, n, i, j);
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+};
+
 // Batch mean of pre per (branch, channel); 0 for branches without the round's BN.
 template <typename T>
-struct MeanTerm {
+struct MeanTerm : TermBase<T, MeanTerm<T>> {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
     Context ctx = channel_context(a, output);
@@ -443,7 +538,7 @@ struct MeanTerm {
 
 // 1 / sqrt(biased variance + eps) per (branch, channel), two-pass (after MeanTerm); 1 without BN.
 template <typename T>
-struct InvstdTerm {
+struct InvstdTerm : TermBase<T, InvstdTerm<T>> {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) { return MeanTerm<T>::prepare(a, output); }
   static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
@@ -461,7 +556,7 @@ struct InvstdTerm {
 // Gradient of pre including the statistics' (d mean / d pre = 1/M; d invstd / d pre =
 // -invstd^3 (pre - mean) / M, the mean's own dependence cancelling in the biased variance).
 template <typename T>
-struct GradTotal : PreBody<T> {
+struct GradTotal : PreBody<T, GradTotal<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     const int64_t index = r.offset + j;
     T grad = a.grad_pre[index];
@@ -477,7 +572,7 @@ struct GradTotal : PreBody<T> {
 
 // Gradient of the depthwise result of sep-conv branches: pw^T . grad_total.
 template <typename T>
-struct GradMid : PreBody<T> {
+struct GradMid : PreBody<T, GradMid<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (r.br.op != kOpSepConv) return;
     const T* column = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;
@@ -487,11 +582,17 @@ struct GradMid : PreBody<T> {
     for (int64_t o = 0; o < a.channels; ++o) sum += column[o * a.channels] * grad[o * plane];
     a.grad_mid[r.offset + j] = sum;
   }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) return;
+    const T* weight = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;  // column c of pw[b]
+    pointwise_columns(weight, a.channels, a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width,
+                      a.channels, begin, end, a.grad_mid + r.offset);
+  }
 };
 
 // grad pw[b, o, c] = sum over (n, pixel) of grad_total[b, n, o] * (what pw[o, c] multiplied).
 template <typename T>
-struct GradPwTerm {
+struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
   struct Context {
     bool active;
     int64_t output;
@@ -525,7 +626,7 @@ struct GradPwTerm {
 // grad dw[b, c, kh, kw] = sum over (n, output pixel) of grad_mid * ReLU(input at the tap);
 // zero outside the branch's k x k corner and for branches without a depthwise conv.
 template <typename T>
-struct GradDwTerm {
+struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
   struct Context {
     bool active;
     int64_t output;
@@ -679,19 +780,22 @@ struct SourceGrad {
     }
     a.grad_source[r.offset + x] = sum;
   }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) run(a, r, x);
+  }
 };
 
 // Round 2, first pass: gradient of each branch's normalised input, into grad_source (scaled to
 // pre1's gradient by ScaleNormGrad once the prologue's parameter gradients have read it).
 template <typename T>
-struct NormInputGrad : PreBody<T> {
+struct NormInputGrad : PreBody<T, NormInputGrad<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     a.grad_source[r.offset + j] = branch_input_grad(a, r.br, r.b, r.n, r.c, r.i, j);
   }
 };
 
 template <typename T>
-struct ScaleNormGrad : PreBody<T> {
+struct ScaleNormGrad : PreBody<T, ScaleNormGrad<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (!r.br.normalize) return;
     const int64_t bc = r.b * a.channels + r.c;
@@ -702,7 +806,7 @@ struct ScaleNormGrad : PreBody<T> {
 // Prologue z = (x - mean) * invstd * gamma + beta, gz = dL/dz in grad_source:
 // S1 = sum gz gives grad beta = S1 and grad mean = -S1 * invstd * gamma.
 template <typename T>
-struct NormShiftTerm {
+struct NormShiftTerm : TermBase<T, NormShiftTerm<T>> {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
     Context ctx = channel_context(a, output);
@@ -723,7 +827,7 @@ struct NormShiftTerm {
 
 // S2 = sum gz * (x - mean) gives grad gamma = S2 * invstd and grad invstd = S2 * gamma.
 template <typename T>
-struct NormScaleTerm {
+struct NormScaleTerm : TermBase<T, NormScaleTerm<T>> {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
     return NormShiftTerm<T>::prepare(a, output);

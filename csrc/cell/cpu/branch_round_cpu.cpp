@@ -16,15 +16,27 @@ namespace {
 // loop, so a few rows already amortise a task.
 constexpr int64_t kRowGrain = 16;
 
+template <template <typename> class Body, typename T>
+__attribute__((noinline)) void rows_range(const RoundArgs<T>& a, int64_t begin, int64_t end, int64_t columns) {
+  for (int64_t index = begin; index < end; ++index) {
+    const typename Body<T>::Row row = Body<T>::row(a, index);
+    Body<T>::run_columns(a, row, 0, columns);
+  }
+}
+template <template <typename> class Term, typename T>
+__attribute__((noinline)) double reduce_one(const RoundArgs<T>& a, const typename Term<T>::Context& ctx) {
+  double sum = 0.0;
+  for (int64_t n = 0; n < a.batch; ++n)
+    for (int64_t i = 0; i < a.height; ++i) sum += static_cast<double>(Term<T>::row_sum(a, ctx, n, i));
+  return sum;
+}
+
 struct CpuLauncher {
-  // Each row is decoded once (Body::row), then its columns run in order.
+  // Each row is decoded once (Body::row), then its columns run (Body::run_columns).
   template <template <typename> class Body, typename T>
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t index = begin; index < end; ++index) {
-        const typename Body<T>::Row row = Body<T>::row(a, index);
-        for (int64_t column = 0; column < columns; ++column) Body<T>::run(a, row, column);
-      }
+      rows_range<Body, T>(a, begin, end, columns);
     });
   }
 
@@ -35,12 +47,7 @@ struct CpuLauncher {
     at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t output = begin; output < end; ++output) {
         const auto ctx = Term<T>::prepare(a, output);
-        double sum = 0.0;
-        if (ctx.active) {
-          for (int64_t n = 0; n < a.batch; ++n)
-            for (int64_t i = 0; i < a.height; ++i)
-              for (int64_t j = 0; j < a.width; ++j) sum += static_cast<double>(Term<T>::term(a, ctx, n, i, j));
-        }
+        double sum = ctx.active ? reduce_one<Term, T>(a, ctx) : 0.0;
         Term<T>::finish(a, ctx, sum);
       }
     });
