@@ -155,6 +155,28 @@ def test_matches_reference(device, op_set, reduction, height):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", [False, True])
+def test_wide_rows_match_reference(device, reduction):
+    # Rows wider than the CPU kernel's 64-column chunks, with interior and border pixels for every
+    # kernel size: the vectorised column paths against the reference.
+    _require_kernel(device)
+    gen = torch.Generator().manual_seed(21 + reduction)
+    table = op_table("middle")
+    for cell in covering_cells("middle", seed=17):
+        codes = cell_code(cell, reduction, table)
+        for node in (0, 2):
+            dw, pw = make_weights(2, torch.float64, device, gen)
+            sources = make_sources(node, 1, 2, 9, 135, reduction, torch.float64, device, gen)
+            what = f"wide reduction={reduction} node {node} code {codes[node].tolist()}"
+            check_case(sources, codes[node], 1, dw, pw, None, reduction, device, what + " round 1")
+            pre1 = torch.randn(2, 1, 2, *sources[-1].shape[-2:] if node else
+                               (((9 + 1) // 2, (135 + 1) // 2) if reduction else (9, 135)),
+                               generator=gen, dtype=torch.float64).to(device)
+            norm = make_norm(2, torch.float64, device, gen)
+            check_case([pre1], codes[node], 2, dw, pw, norm, False, device, what + " round 2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float32_matches_reference(device):
     _require_kernel(device)
     gen = torch.Generator().manual_seed(3)
