@@ -48,4 +48,23 @@ TORCH_LIBRARY(bnao, m) {
   m.def(
       "update_slot_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor bn_rows, Tensor mean, "
       "Tensor invstd, float momentum, float eps, int count) -> ()");
+
+  // --- fused cell: branch rounds (csrc/cell) -------------------------------
+  // One round of the two branches of a node (csrc/cell/DESIGN.md, "branch_round"):
+  // returns pre [2, N, C, Ho, Wo] and the batch statistics [2, C] of the round's
+  // BN (mean, 1/sqrt(biased var + eps); 0 and 1 for branches without it). The
+  // branch code is read on the device. `reduction` fixes the output resolution
+  // without reading the code: ceil(H/2) of the cell inputs (sources 0 and 1).
+  m.def(
+      "branch_round(Tensor[] sources, Tensor code, int round, Tensor dw, Tensor pw, Tensor? in_mean, "
+      "Tensor? in_invstd, Tensor? in_gamma, Tensor? in_beta, float eps, bool reduction=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients of every float input of branch_round given those of its outputs:
+  // (sources (each dense, zeros where no branch read it), dw, pw, in_mean,
+  // in_invstd, in_gamma, in_beta); the last four are empty [0] in round 1.
+  m.def(
+      "branch_round_backward(Tensor grad_pre, Tensor grad_mean, Tensor grad_invstd, Tensor[] sources, "
+      "Tensor code, int round, Tensor dw, Tensor pw, Tensor? in_mean, Tensor? in_invstd, Tensor? in_gamma, "
+      "Tensor? in_beta, Tensor pre, Tensor mean, Tensor invstd, bool reduction=False) "
+      "-> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

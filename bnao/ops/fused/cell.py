@@ -16,7 +16,7 @@ device (:func:`gather_indices`).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from ...space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
 from ..cell import CellBuffers, batch_norm, factorized_reduce
 from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code
 from .nodes import gather_rows, node_output, update_slot_stats
-from .reference import branch_round_reference
+from .round import branch_round
 
 Tensor = torch.Tensor
 
@@ -39,18 +39,6 @@ ROLE_SOURCES = {
 }
 
 
-def _reference_round(sources, code, round_index, dw, pw, in_norm, eps):
-    return branch_round_reference(sources, code, round_index, dw, pw, in_norm, eps)
-
-
-try:  # the compiled branch rounds (bnao/ops/fused/round.py) once merged; same signature as the reference
-    from .round import branch_round as _compiled_round  # type: ignore[attr-defined]
-except ImportError:
-    _compiled_round = None
-
-#: The branch-round function :func:`fused_cell` calls:
-#: ``(sources, code, round_index, dw, pw, in_norm, eps) -> (pre, mean, invstd)``.
-BRANCH_ROUND: Callable = _compiled_round if _compiled_round is not None else _reference_round
 
 
 class NodeWeights(NamedTuple):
@@ -200,9 +188,11 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
     means, invstds = [], []
     for node in range(code.shape[0]):
         node_code = code[node]
-        pre1, mean1, invstd1 = BRANCH_ROUND(list(states), node_code, 1, nodes.dw1[node], nodes.pw1[node], None, eps)
+        pre1, mean1, invstd1 = branch_round(list(states), node_code, 1, nodes.dw1[node], nodes.pw1[node], None, eps,
+                                            reduction=reduction)
         norm1 = (mean1, invstd1, nodes.g1[node], nodes.b1[node])
-        pre2, mean2, invstd2 = BRANCH_ROUND([pre1], node_code, 2, nodes.dw2[node], nodes.pw2[node], norm1, eps)
+        pre2, mean2, invstd2 = branch_round([pre1], node_code, 2, nodes.dw2[node], nodes.pw2[node], norm1, eps,
+                                            reduction=reduction)
         mask = drop_mask[:, 2 * node : 2 * node + 2] if drop_mask is not None else None
         states.append(node_output(pre2, node_code, mean2, invstd2, nodes.g2[node], nodes.b2[node], mask))
         means.append(torch.stack([mean1, mean2]))

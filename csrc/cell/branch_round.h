@@ -1,0 +1,911 @@
+// Kernel bodies of bnao::branch_round and bnao::branch_round_backward, shared
+// by the CPU kernel (cpu/branch_round_cpu.cpp, at::parallel_for) and the CUDA
+// kernel (cuda/branch_round_cuda.cu, a grid). Semantics: csrc/cell/DESIGN.md,
+// "branch_round", defined by bnao/ops/fused/reference.py::branch_round_reference.
+//
+// Two kinds of bodies, both functions of (arguments, work-item index):
+//   * elementwise bodies: one work item per element (row, column) of a [2, N, C, Ho, Wo] (or
+//     source-shaped) tensor, writing only that element, so they need no atomics.
+//     `Body::row(args, row)` decodes a row (all but the last dimension) into a `Body::Row`, and
+//     `Body::run(args, row, column)` computes one element. The CPU launcher decodes each row
+//     once and walks its columns; the CUDA launcher gives one element to each thread.
+//   * reduction terms: output `o` (a (branch, channel) statistic or a weight gradient) is the
+//     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
+//     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
+//     adds the terms of an output in order on one thread (in double); the CUDA launcher runs one
+//     block per output with a fixed-shape tree. Both are deterministic.
+// The phase sequences (run_forward / run_backward) are written once here, against a launcher
+// that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
+//
+// The branch code is device data: it is read inside the bodies. Every read of an activation is
+// bounds-checked against the source's real shape, so a corrupt code cannot read out of bounds
+// (it can only give wrong numbers); the CPU op validates the code before running.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cell/cell_code.h"
+
+namespace bnao {
+namespace cell {
+
+constexpr int kMaxSources = 16;  // a node reads at most B + 1 states; B + 2 <= 16 covers every space
+constexpr int kNumBranches = 2;
+constexpr int kSlab = kMaxKernel * kMaxKernel;  // floats per channel of a gathered depthwise weight
+
+// What a branch computes in a round (the kind, resolved with its stride and the round).
+enum RoundOp : int {
+  kOpZero = 0,     // zeros
+  kOpCopy = 1,     // identity (stride 1), and every round-2 pass-through
+  kOpSepConv = 2,  // ReLU, depthwise k x k (stride, dilation), pointwise C x C
+  kOpReduce = 3,   // factorized reduce: pointwise rows :C/2 on even pixels, rows C/2: on odd ones
+  kOpAvgPool = 4,  // 3x3, pad 1, stride, padding excluded from the count
+  kOpMaxPool = 5,  // 3x3, pad 1 (-inf), stride
+};
+
+// Everything a body may read or write. Passed by value to CUDA kernels (< 1 KB).
+template <typename T>
+struct RoundArgs {
+  // Sources: round 1 the states the node may read ([N, C, H_s, W_s] each); round 2 one tensor,
+  // pre1 [2, N, C, Ho, Wo] (source_height/width then hold Ho, Wo).
+  const T* sources[kMaxSources];
+  int64_t source_height[kMaxSources];
+  int64_t source_width[kMaxSources];
+  int num_sources;
+  const int32_t* code;  // [2, kNumFields]
+  int round;            // 1 or 2
+  int64_t batch, channels, height, width;  // N, C, Ho, Wo of pre
+  const T* dw;  // [2, C, 7, 7]
+  const T* pw;  // [2, C, C]
+  // Round 2's prologue: round 1's (mean, invstd, gamma, beta), [2, C] each; null in round 1.
+  const T* in_mean;
+  const T* in_invstd;
+  const T* in_gamma;
+  const T* in_beta;
+  double eps;
+  // Forward results (read again by the backward).
+  T* pre;     // [2, N, C, Ho, Wo]
+  T* mid;     // [2, N, C, Ho, Wo] scratch: depthwise results of sep-conv branches
+  T* mean;    // [2, C]
+  T* invstd;  // [2, C]
+  // Backward.
+  const T* grad_pre;     // [2, N, C, Ho, Wo]
+  const T* grad_mean;    // [2, C]
+  const T* grad_invstd;  // [2, C]
+  T* grad_total;         // [2, N, C, Ho, Wo] scratch: gradient of pre including the statistics'
+  T* grad_mid;           // [2, N, C, Ho, Wo] scratch: gradient of mid
+  T* grad_dw;            // [2, C, 7, 7]
+  T* grad_pw;            // [2, C, C]
+  T* grad_in_mean;       // [2, C] (round 2)
+  T* grad_in_invstd;
+  T* grad_in_gamma;
+  T* grad_in_beta;
+  T* grad_source;    // the source gradient being written (one launch per source)
+  int source_index;  // which source grad_source belongs to
+};
+
+// A branch's decision for the round, decoded from its code row.
+template <typename T>
+struct Branch {
+  int op;
+  int kernel, dilation, stride;
+  bool has_bn;     // the round's BN statistics are computed for it
+  bool normalize;  // round 2: BN1's normalisation is applied to its input first
+  int source;      // source it reads (-1: none)
+  const T* input;  // [N, C, in_height, in_width]
+  int64_t in_height, in_width;
+};
+
+BNAO_CELL_HD int clamp_int(int value, int low, int high) {
+  return value < low ? low : (value > high ? high : value);
+}
+
+BNAO_CELL_HD int round1_op(int kind, int stride) {
+  switch (kind) {
+    case kKindSepConv:
+    case kKindDilSepConv:
+      return kOpSepConv;
+    case kKindIdentity:
+      return stride == 2 ? kOpReduce : kOpCopy;
+    case kKindAvgPool:
+      return kOpAvgPool;
+    case kKindMaxPool:
+      return kOpMaxPool;
+    default:  // kKindZero, and unknown kinds of a corrupt code
+      return kOpZero;
+  }
+}
+
+template <typename T>
+BNAO_CELL_HD Branch<T> read_branch(const RoundArgs<T>& a, int b) {
+  const int32_t* row = a.code + b * kNumFields;
+  const int kind = row[kKind], flags = row[kFlags];
+  Branch<T> br;
+  // Clamped so that a corrupt code cannot index past a 7x7 weight slab.
+  br.kernel = clamp_int(row[kKernel], 1, kMaxKernel);
+  if (a.round == 1) {
+    br.dilation = clamp_int(row[kDilation], 1, 2);
+    br.stride = clamp_int(row[kStride], 1, 2);
+    br.has_bn = (flags & kFlagBn1) != 0;
+    br.normalize = false;
+    const int source = row[kInput];
+    const bool valid = source >= 0 && source < a.num_sources;
+    br.source = valid ? source : -1;
+    br.op = valid ? round1_op(kind, br.stride) : kOpZero;
+    br.input = valid ? a.sources[source] : nullptr;
+    br.in_height = valid ? a.source_height[source] : 0;
+    br.in_width = valid ? a.source_width[source] : 0;
+  } else {
+    // Round 2: only sep convs compute (stride 1, dilation 1); every other branch passes pre1 through.
+    br.dilation = 1;
+    br.stride = 1;
+    br.has_bn = (flags & kFlagBn2) != 0;
+    br.normalize = (flags & kFlagBn1) != 0;
+    br.source = 0;
+    br.op = kind == kKindSepConv ? kOpSepConv : kOpCopy;
+    br.in_height = a.height;
+    br.in_width = a.width;
+    br.input = a.sources[0] + static_cast<int64_t>(b) * a.batch * a.channels * a.height * a.width;
+  }
+  return br;
+}
+
+template <typename T>
+BNAO_CELL_HD int64_t pre_offset(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t i, int64_t j) {
+  return (((static_cast<int64_t>(b) * a.batch + n) * a.channels + c) * a.height + i) * a.width + j;
+}
+
+template <typename T>
+BNAO_CELL_HD bool inside(const Branch<T>& br, int64_t y, int64_t x) {
+  return y >= 0 && y < br.in_height && x >= 0 && x < br.in_width;
+}
+
+// The branch's input at an in-bounds pixel, after round 2's prologue normalisation.
+template <typename T>
+BNAO_CELL_HD T load_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
+                          int64_t x) {
+  T value = br.input[((n * a.channels + c) * br.in_height + y) * br.in_width + x];
+  if (br.normalize) {
+    const int64_t bc = b * a.channels + c;
+    // Same association as the reference: (x - mean) * (invstd * gamma) + beta.
+    value = (value - a.in_mean[bc]) * (a.in_invstd[bc] * a.in_gamma[bc]) + a.in_beta[bc];
+  }
+  return value;
+}
+
+// One channel plane of a branch's input with round 2's prologue constants read once, for the
+// loops that visit many pixels of one (n, c).
+template <typename T>
+struct ChannelInput {
+  const T* plane;
+  int64_t height, width;
+  bool normalize;
+  T mean, factor, beta;
+
+  BNAO_CELL_HD T at(int64_t y, int64_t x) const {
+    const T value = plane[y * width + x];
+    return normalize ? (value - mean) * factor + beta : value;
+  }
+  BNAO_CELL_HD bool inside(int64_t y, int64_t x) const { return y >= 0 && y < height && x >= 0 && x < width; }
+};
+
+template <typename T>
+BNAO_CELL_HD ChannelInput<T> channel_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c) {
+  ChannelInput<T> in;
+  in.plane = br.input + (n * a.channels + c) * br.in_height * br.in_width;
+  in.height = br.in_height;
+  in.width = br.in_width;
+  in.normalize = br.normalize;
+  in.mean = in.factor = in.beta = T(0);
+  if (br.normalize) {
+    const int64_t bc = b * a.channels + c;
+    in.mean = a.in_mean[bc];
+    in.factor = a.in_invstd[bc] * a.in_gamma[bc];
+    in.beta = a.in_beta[bc];
+  }
+  return in;
+}
+
+// ReLU that keeps NaN (like torch.relu).
+template <typename T>
+BNAO_CELL_HD T relu(T value) {
+  return value < T(0) ? T(0) : value;
+}
+
+// Input pixel of a factorized-reduce output row: rows :C/2 read even pixels, the others odd ones.
+BNAO_CELL_HD int64_t reduce_offset(int64_t out_channel, int64_t channels) { return out_channel < channels / 2 ? 0 : 1; }
+
+// ------------------------------------------------------------------ forward values
+template <typename T>
+BNAO_CELL_HD T depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
+                               int64_t j) {
+  const int k = br.kernel, d = br.dilation, s = br.stride;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2);
+  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const ChannelInput<T> in = channel_input(a, br, b, n, c);
+  const int64_t top = i * s - pad, left = j * s - pad, span = static_cast<int64_t>(k - 1) * d;
+  T sum = T(0);
+  if (top >= 0 && left >= 0 && top + span < in.height && left + span < in.width) {
+    // Interior pixel (most of them): no bounds checks in the tap loop.
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * relu(in.at(top + kh * d, left + kw * d));
+    return sum;
+  }
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t y = top + kh * d;
+    for (int kw = 0; kw < k; ++kw) {
+      const int64_t x = left + kw * d;
+      if (in.inside(y, x)) sum += weight[kh * kMaxKernel + kw] * relu(in.at(y, x));
+    }
+  }
+  return sum;
+}
+
+template <typename T>
+BNAO_CELL_HD T pointwise_value(const RoundArgs<T>& a, int b, int64_t n, int64_t o, int64_t i, int64_t j) {
+  const T* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
+  const int64_t plane = a.height * a.width;
+  const T* column = a.mid + pre_offset(a, b, n, 0, i, j);
+  T sum = T(0);
+  for (int64_t c = 0; c < a.channels; ++c) sum += row[c] * column[c * plane];
+  return sum;
+}
+
+template <typename T>
+BNAO_CELL_HD T reduce_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t o, int64_t i,
+                            int64_t j) {
+  const int64_t offset = reduce_offset(o, a.channels);
+  const int64_t y = 2 * i + offset, x = 2 * j + offset;
+  if (!inside(br, y, x)) return T(0);  // odd pixels past the edge read zero padding
+  const T* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
+  T sum = T(0);
+  for (int64_t c = 0; c < a.channels; ++c) sum += row[c] * load_input(a, br, b, n, c, y, x);
+  return sum;
+}
+
+// Rows [begin, end) of a 3x3 pad-1 window of output i at `stride`, clipped to [0, size).
+struct Window {
+  int64_t begin, end;
+};
+
+BNAO_CELL_HD Window pool_window(int64_t i, int stride, int64_t size) {
+  Window w;
+  w.begin = i * stride - 1 < 0 ? 0 : i * stride - 1;
+  w.end = i * stride + 2 > size ? size : i * stride + 2;
+  return w;
+}
+
+template <typename T>
+BNAO_CELL_HD T avg_pool_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
+                              int64_t j) {
+  const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
+  T sum = T(0);
+  for (int64_t y = rows.begin; y < rows.end; ++y)
+    for (int64_t x = cols.begin; x < cols.end; ++x) sum += load_input(a, br, b, n, c, y, x);
+  const int64_t count = (rows.end - rows.begin) * (cols.end - cols.begin);  // count_include_pad=False
+  return count > 0 ? sum / static_cast<T>(count) : T(0);
+}
+
+// Max of a 3x3 window and where it is: the first maximum in row-major order (as PyTorch), a NaN
+// winning like in PyTorch's CPU kernel.
+template <typename T>
+struct MaxAt {
+  T value;
+  int64_t y, x;
+};
+
+template <typename T>
+BNAO_CELL_HD MaxAt<T> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
+                                  int64_t j) {
+  const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
+  MaxAt<T> best;
+  best.value = -std::numeric_limits<T>::infinity();
+  best.y = rows.begin;
+  best.x = cols.begin;
+  for (int64_t y = rows.begin; y < rows.end; ++y)
+    for (int64_t x = cols.begin; x < cols.end; ++x) {
+      const T value = load_input(a, br, b, n, c, y, x);
+      if (value > best.value || value != value) {
+        best.value = value;
+        best.y = y;
+        best.x = x;
+      }
+    }
+  return best;
+}
+
+// pre[b, n, c, i, j] of a branch whose depthwise results (sep convs) are in a.mid.
+template <typename T>
+BNAO_CELL_HD T branch_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
+                            int64_t j) {
+  switch (br.op) {
+    case kOpSepConv:
+      return pointwise_value(a, b, n, c, i, j);
+    case kOpReduce:
+      return reduce_value(a, br, b, n, c, i, j);
+    case kOpAvgPool:
+      return avg_pool_value(a, br, b, n, c, i, j);
+    case kOpMaxPool:
+      return max_pool_at(a, br, b, n, c, i, j).value;
+    case kOpCopy:
+      return inside(br, i, j) ? load_input(a, br, b, n, c, i, j) : T(0);
+    default:
+      return T(0);
+  }
+}
+
+// ------------------------------------------------------------------ forward bodies
+// A row (b, n, c, i) of a [2, N, C, Ho, Wo] tensor, with its branch and the offset of column 0.
+template <typename T>
+struct PreRow {
+  int b;
+  int64_t n, c, i, offset;
+  Branch<T> br;
+};
+
+template <typename T>
+BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
+  PreRow<T> r;
+  r.offset = row * a.width;
+  r.i = row % a.height;
+  row /= a.height;
+  r.c = row % a.channels;
+  row /= a.channels;
+  r.n = row % a.batch;
+  r.b = static_cast<int>(row / a.batch);
+  r.br = read_branch(a, r.b);
+  return r;
+}
+
+// Elementwise bodies over pre's shape share the row decoding. `run_columns` (used by the CPU
+// launcher on whole rows) defaults to `run` per column; a body overrides it where another loop
+// order computes the same sums faster (the pointwise products, channel-outer).
+template <typename T, typename Derived>
+struct PreBody {
+  using Row = PreRow<T>;
+  static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) { return pre_row(a, index); }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) Derived::run(a, r, j);
+  }
+};
+
+// out[j] = sum over c (in order) of weight[c * weight_stride] * input[c * plane + j], j in [begin, end):
+// the per-element sums of pointwise_value and GradMid, with the channel loop outside so that the
+// inner loop runs over contiguous columns (channel planes are far apart: walking them per
+// element defeats the caches).
+template <typename T>
+BNAO_CELL_HD void pointwise_columns(const T* weight, int64_t weight_stride, const T* input, int64_t plane,
+                                    int64_t channels, int64_t begin, int64_t end, T* out) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = begin; start < end; start += kChunk) {
+    const int64_t count = end - start < kChunk ? end - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      const T w = weight[c * weight_stride];
+      const T* column = input + c * plane + start;
+      for (int64_t q = 0; q < count; ++q) sum[q] += w * column[q];
+    }
+    for (int64_t q = 0; q < count; ++q) out[start + q] = sum[q];
+  }
+}
+
+// Depthwise results of columns [begin, end) of a sep-conv row into out: the columns whose taps are
+// all inside run tap-outer, column-inner (the same per-element sums as depthwise_value, in the
+// same tap order, but independent columns side by side instead of one long add chain).
+template <typename T>
+BNAO_CELL_HD void depthwise_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end, T* out) {
+  const Branch<T>& br = r.br;
+  const int k = br.kernel, d = br.dilation, s = br.stride;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2), span = static_cast<int64_t>(k - 1) * d;
+  const int64_t top = r.i * s - pad;
+  // Interior columns: left = j * s - pad >= 0 and left + span < width.
+  int64_t first = (pad + s - 1) / s, last = (br.in_width - 1 - span + pad) / s;  // last inclusive
+  if (br.in_width - 1 - span + pad < 0 || top < 0 || top + span >= br.in_height) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t j = begin; j < first; ++j) out[j] = depthwise_value(a, br, r.b, r.n, r.c, r.i, j);
+  const T* weight = a.dw + (static_cast<int64_t>(r.b) * a.channels + r.c) * kSlab;
+  const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) {
+        const T w = weight[kh * kMaxKernel + kw];
+        const int64_t y = top + kh * d, x0 = start * s - pad + kw * d;
+        for (int64_t q = 0; q < count; ++q) sum[q] += w * relu(in.at(y, x0 + q * s));
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] = sum[q];
+  }
+  for (int64_t j = (last + 1 > first ? last + 1 : first); j < end; ++j)
+    out[j] = depthwise_value(a, br, r.b, r.n, r.c, r.i, j);
+}
+
+template <typename T>
+struct DepthwiseForward : PreBody<T, DepthwiseForward<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op == kOpSepConv) a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpSepConv) depthwise_columns(a, r, begin, end, a.mid + r.offset);
+  }
+};
+
+// Where the maximum of a max-pool window is, as (row - top) * 3 + (column - left) of the unclipped
+// window: small integers, exact in any float type.
+template <typename T>
+BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int64_t y, int64_t x) {
+  return static_cast<T>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
+}
+
+// The backward's forward work, recomputed rather than saved: depthwise results of sep convs, and
+// the argmax of each max-pool window (so that the input gradient tests 9 codes, not 9 windows).
+template <typename T>
+struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op == kOpSepConv) {
+      a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
+    } else if (r.br.op == kOpMaxPool) {
+      const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+      a.mid[r.offset + j] = max_position_code(r.br, r.i, j, best.y, best.x);
+    }
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpSepConv) {
+      depthwise_columns(a, r, begin, end, a.mid + r.offset);
+    } else if (r.br.op == kOpMaxPool) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+    }
+  }
+};
+
+template <typename T>
+struct BranchForward : PreBody<T, BranchForward<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    a.pre[r.offset + j] = branch_value(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      return;
+    }
+    const T* weight = a.pw + (static_cast<int64_t>(r.b) * a.channels + r.c) * a.channels;  // row c of pw[b]
+    pointwise_columns(weight, 1, a.mid + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width, a.channels, begin,
+                      end, a.pre + r.offset);
+  }
+};
+
+// Reduction context of an output indexed (b, channel): the terms run over (n, pixel).
+template <typename T>
+struct ChannelContext {
+  bool active;
+  int64_t output;
+  int b;
+  int64_t c;
+  Branch<T> br;
+};
+
+template <typename T>
+BNAO_CELL_HD ChannelContext<T> channel_context(const RoundArgs<T>& a, int64_t output) {
+  ChannelContext<T> ctx;
+  ctx.output = output;
+  ctx.b = static_cast<int>(output / a.channels);
+  ctx.c = output % a.channels;
+  ctx.br = read_branch(a, ctx.b);
+  ctx.active = false;
+  return ctx;
+}
+
+
+// Reduction terms share `row_sum`, the sum of the terms of one row (n, i) in T, used by the CPU
+// launcher: four interleaved partial sums break the add latency chain of one running sum, and
+// the row sums are then added in double in (n, i) order (deterministic, like every sum here).
+template <typename T, typename Derived>
+struct TermBase {
+  template <typename Context>
+  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    T partial[4] = {T(0), T(0), T(0), T(0)};
+    int64_t j = 0;
+    for (; j + 4 <= a.width; j += 4)
+      for (int q = 0; q < 4; ++q) partial[q] += Derived::term(a, ctx, n, i, j + q);
+    for (; j < a.width; ++j) partial[0] += Derived::term(a, ctx, n, i, j);
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+};
+
+// Batch mean of pre per (branch, channel); 0 for branches without the round's BN.
+template <typename T>
+struct MeanTerm : TermBase<T, MeanTerm<T>> {
+  using Context = ChannelContext<T>;
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    Context ctx = channel_context(a, output);
+    ctx.active = ctx.br.has_bn;
+    return ctx;
+  }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    a.mean[ctx.output] = ctx.active ? static_cast<T>(sum / static_cast<Acc>(a.batch * a.height * a.width)) : T(0);
+  }
+};
+
+// 1 / sqrt(biased variance + eps) per (branch, channel), two-pass (after MeanTerm); 1 without BN.
+template <typename T>
+struct InvstdTerm : TermBase<T, InvstdTerm<T>> {
+  using Context = ChannelContext<T>;
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) { return MeanTerm<T>::prepare(a, output); }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const T centred = a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)] - a.mean[ctx.output];
+    return centred * centred;
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    const double variance = static_cast<double>(sum) / static_cast<double>(a.batch * a.height * a.width);
+    a.invstd[ctx.output] = ctx.active ? static_cast<T>(1.0 / sqrt(variance + a.eps)) : T(1);
+  }
+};
+
+// ------------------------------------------------------------------ backward bodies
+// Gradient of pre including the statistics' (d mean / d pre = 1/M; d invstd / d pre =
+// -invstd^3 (pre - mean) / M, the mean's own dependence cancelling in the biased variance).
+template <typename T>
+struct GradTotal : PreBody<T, GradTotal<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    const int64_t index = r.offset + j;
+    T grad = a.grad_pre[index];
+    if (r.br.has_bn) {
+      const int64_t bc = r.b * a.channels + r.c;
+      const T count = static_cast<T>(a.batch * a.height * a.width);
+      const T invstd = a.invstd[bc];
+      grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * (a.pre[index] - a.mean[bc]) / count;
+    }
+    a.grad_total[index] = grad;
+  }
+};
+
+// Gradient of the depthwise result of sep-conv branches: pw^T . grad_total.
+template <typename T>
+struct GradMid : PreBody<T, GradMid<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (r.br.op != kOpSepConv) return;
+    const T* column = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;
+    const T* grad = a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, j);
+    const int64_t plane = a.height * a.width;
+    T sum = T(0);
+    for (int64_t o = 0; o < a.channels; ++o) sum += column[o * a.channels] * grad[o * plane];
+    a.grad_mid[r.offset + j] = sum;
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) return;
+    const T* weight = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;  // column c of pw[b]
+    pointwise_columns(weight, a.channels, a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width,
+                      a.channels, begin, end, a.grad_mid + r.offset);
+  }
+};
+
+// grad pw[b, o, c] = sum over (n, pixel) of grad_total[b, n, o] * (what pw[o, c] multiplied).
+template <typename T>
+struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
+  struct Context {
+    bool active;
+    int64_t output;
+    int b;
+    int64_t o, c;
+    Branch<T> br;
+  };
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    Context ctx;
+    ctx.output = output;
+    ctx.c = output % a.channels;
+    ctx.o = (output / a.channels) % a.channels;
+    ctx.b = static_cast<int>(output / (a.channels * a.channels));
+    ctx.br = read_branch(a, ctx.b);
+    ctx.active = ctx.br.op == kOpSepConv || ctx.br.op == kOpReduce;
+    return ctx;
+  }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const T grad = a.grad_total[pre_offset(a, ctx.b, n, ctx.o, i, j)];
+    if (ctx.br.op == kOpSepConv) return grad * a.mid[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+    const int64_t offset = reduce_offset(ctx.o, a.channels);
+    const int64_t y = 2 * i + offset, x = 2 * j + offset;
+    return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : T(0);
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    a.grad_pw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
+  }
+};
+
+// grad dw[b, c, kh, kw] = sum over (n, output pixel) of grad_mid * ReLU(input at the tap);
+// zero outside the branch's k x k corner and for branches without a depthwise conv.
+template <typename T>
+struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
+  struct Context {
+    bool active;
+    int64_t output;
+    int b;
+    int64_t c;
+    int kh, kw;
+    Branch<T> br;
+  };
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    Context ctx;
+    ctx.output = output;
+    const int tap = static_cast<int>(output % kSlab);
+    ctx.kh = tap / kMaxKernel;
+    ctx.kw = tap % kMaxKernel;
+    ctx.c = (output / kSlab) % a.channels;
+    ctx.b = static_cast<int>(output / (kSlab * a.channels));
+    ctx.br = read_branch(a, ctx.b);
+    ctx.active = ctx.br.op == kOpSepConv && ctx.kh < ctx.br.kernel && ctx.kw < ctx.br.kernel;
+    return ctx;
+  }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const int d = ctx.br.dilation, s = ctx.br.stride;
+    const int64_t pad = static_cast<int64_t>(d) * (ctx.br.kernel / 2);
+    const int64_t y = i * s - pad + ctx.kh * d, x = j * s - pad + ctx.kw * d;
+    if (!inside(ctx.br, y, x)) return T(0);
+    return a.grad_mid[pre_offset(a, ctx.b, n, ctx.c, i, j)] * relu(load_input(a, ctx.br, ctx.b, n, ctx.c, y, x));
+  }
+  // The row's taps that land inside, without a bounds check per column (vectorisable).
+  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    const int d = ctx.br.dilation, s = ctx.br.stride;
+    const int64_t pad = static_cast<int64_t>(d) * (ctx.br.kernel / 2);
+    const int64_t y = i * s - pad + ctx.kh * d, shift = ctx.kw * d - pad;  // x = j * s + shift
+    if (y < 0 || y >= ctx.br.in_height) return T(0);
+    const int64_t first = shift >= 0 ? 0 : (-shift + s - 1) / s;
+    const int64_t limit = (ctx.br.in_width - 1 - shift) / s;  // last j with x < in_width
+    const int64_t last = ctx.br.in_width - 1 - shift < 0 ? -1 : (limit < a.width - 1 ? limit : a.width - 1);
+    const ChannelInput<T> in = channel_input(a, ctx.br, ctx.b, n, ctx.c);
+    const T* grad = a.grad_mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
+    T partial[4] = {T(0), T(0), T(0), T(0)};
+    int64_t j = first;
+    if (s == 1 && !in.normalize) {
+      // The common case spelled out plainly: contiguous, no prologue, so the compiler vectorises it.
+      const T* row = in.plane + y * in.width + shift;
+      for (; j + 4 <= last + 1; j += 4)
+        for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+    }
+    for (; j + 4 <= last + 1; j += 4)
+      for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(in.at(y, (j + q) * s + shift));
+    for (; j <= last; ++j) partial[0] += grad[j] * relu(in.at(y, j * s + shift));
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    a.grad_dw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
+  }
+};
+
+// Output index i of a tap of a strided window reaching input row y through tap offset `reach`
+// (i * stride + reach == y), or -1 when none.
+// Strides are 1 or 2 (read_branch clamps them), so no division is needed.
+BNAO_CELL_HD int64_t strided_source(int64_t y, int64_t reach, int stride, int64_t size) {
+  const int64_t scaled = y - reach;
+  if (scaled < 0 || (stride == 2 && (scaled & 1))) return -1;
+  const int64_t i = stride == 2 ? scaled >> 1 : scaled;
+  return i < size ? i : -1;
+}
+
+template <typename T>
+BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                    int64_t y, int64_t x) {
+  if (!(load_input(a, br, b, n, c, y, x) > T(0))) return T(0);  // ReLU passes no gradient at <= 0
+  const int k = br.kernel, d = br.dilation, s = br.stride;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2);
+  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
+  T sum = T(0);
+  if (s == 1) {
+    const int64_t bottom = y + pad, right = x + pad, span = static_cast<int64_t>(k - 1) * d;
+    if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
+      // Interior pixel at stride 1: every tap reaches an output, no checks needed.
+      for (int kh = 0; kh < k; ++kh)
+        for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
+      return sum;
+    }
+  }
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t i = strided_source(y, kh * d - pad, s, a.height);
+    if (i < 0) continue;
+    for (int kw = 0; kw < k; ++kw) {
+      const int64_t j = strided_source(x, kw * d - pad, s, a.width);
+      if (j >= 0) sum += weight[kh * kMaxKernel + kw] * grad[i * a.width + j];
+    }
+  }
+  return sum;
+}
+
+template <typename T>
+BNAO_CELL_HD T reduce_input_grad(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t y, int64_t x) {
+  // Even pixels feed rows :C/2, odd pixels rows C/2:; mixed pixels are never read.
+  if ((y & 1) != (x & 1)) return T(0);
+  const int64_t offset = y & 1, i = y >> 1, j = x >> 1;
+  if (i >= a.height || j >= a.width) return T(0);
+  const int64_t begin = offset ? a.channels / 2 : 0, end = offset ? a.channels : a.channels / 2;
+  const T* column = a.pw + static_cast<int64_t>(b) * a.channels * a.channels + c;
+  const T* grad = a.grad_total + pre_offset(a, b, n, 0, i, j);
+  const int64_t plane = a.height * a.width;
+  T sum = T(0);
+  for (int64_t o = begin; o < end; ++o) sum += column[o * a.channels] * grad[o * plane];
+  return sum;
+}
+
+template <typename T>
+BNAO_CELL_HD T pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
+                               int64_t x) {
+  T sum = T(0);
+  for (int dy = 0; dy < 3; ++dy) {
+    const int64_t i = strided_source(y, dy - 1, br.stride, a.height);
+    if (i < 0) continue;
+    for (int dx = 0; dx < 3; ++dx) {
+      const int64_t j = strided_source(x, dx - 1, br.stride, a.width);
+      if (j < 0) continue;
+      const T grad = a.grad_total[pre_offset(a, b, n, c, i, j)];
+      if (br.op == kOpAvgPool) {
+        const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
+        sum += grad / static_cast<T>((rows.end - rows.begin) * (cols.end - cols.begin));
+      } else if (a.mid[pre_offset(a, b, n, c, i, j)] == max_position_code(br, i, j, y, x)) {
+        sum += grad;  // only the window's first maximum gets it (RecomputeForward found it)
+      }
+    }
+  }
+  return sum;
+}
+
+// Gradient of the branch's (normalised) input at an in-bounds pixel (y, x).
+template <typename T>
+BNAO_CELL_HD T branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
+                                 int64_t x) {
+  switch (br.op) {
+    case kOpSepConv:
+      return depthwise_input_grad(a, br, b, n, c, y, x);
+    case kOpReduce:
+      return reduce_input_grad(a, b, n, c, y, x);
+    case kOpAvgPool:
+    case kOpMaxPool:
+      return pool_input_grad(a, br, b, n, c, y, x);
+    case kOpCopy:
+      return y < a.height && x < a.width ? a.grad_total[pre_offset(a, b, n, c, y, x)] : T(0);
+    default:
+      return T(0);
+  }
+}
+
+// Round 1: gradient of source a.source_index, summed over the branches that read it (zero when none).
+template <typename T>
+struct SourceGrad {
+  // A row (n, c, y) of source a.source_index.
+  struct Row {
+    int64_t n, c, y, offset;
+    Branch<T> br[kNumBranches];
+  };
+  static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) {
+    Row r;
+    r.offset = index * a.source_width[a.source_index];
+    r.y = index % a.source_height[a.source_index];
+    index /= a.source_height[a.source_index];
+    r.c = index % a.channels;
+    r.n = index / a.channels;
+    for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
+    return r;
+  }
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
+    T sum = T(0);
+    for (int b = 0; b < kNumBranches; ++b) {
+      if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
+    }
+    a.grad_source[r.offset + x] = sum;
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) run(a, r, x);
+  }
+};
+
+// Round 2, first pass: gradient of each branch's normalised input, into grad_source (scaled to
+// pre1's gradient by ScaleNormGrad once the prologue's parameter gradients have read it).
+template <typename T>
+struct NormInputGrad : PreBody<T, NormInputGrad<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    a.grad_source[r.offset + j] = branch_input_grad(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+};
+
+template <typename T>
+struct ScaleNormGrad : PreBody<T, ScaleNormGrad<T>> {
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    if (!r.br.normalize) return;
+    const int64_t bc = r.b * a.channels + r.c;
+    a.grad_source[r.offset + j] *= a.in_invstd[bc] * a.in_gamma[bc];
+  }
+};
+
+// Prologue z = (x - mean) * invstd * gamma + beta, gz = dL/dz in grad_source:
+// S1 = sum gz gives grad beta = S1 and grad mean = -S1 * invstd * gamma.
+template <typename T>
+struct NormShiftTerm : TermBase<T, NormShiftTerm<T>> {
+  using Context = ChannelContext<T>;
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    Context ctx = channel_context(a, output);
+    ctx.active = ctx.br.normalize;
+    return ctx;
+  }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return a.grad_source[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    const int64_t o = ctx.output;
+    const T shift = ctx.active ? static_cast<T>(sum) : T(0);
+    a.grad_in_beta[o] = shift;
+    a.grad_in_mean[o] = -shift * a.in_invstd[o] * a.in_gamma[o];
+  }
+};
+
+// S2 = sum gz * (x - mean) gives grad gamma = S2 * invstd and grad invstd = S2 * gamma.
+template <typename T>
+struct NormScaleTerm : TermBase<T, NormScaleTerm<T>> {
+  using Context = ChannelContext<T>;
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    return NormShiftTerm<T>::prepare(a, output);
+  }
+  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const int64_t offset = pre_offset(a, ctx.b, n, ctx.c, i, j);
+    return a.grad_source[offset] * (a.sources[0][offset] - a.in_mean[ctx.output]);
+  }
+  template <typename Acc>
+  static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
+    const int64_t o = ctx.output;
+    const T scale = ctx.active ? static_cast<T>(sum) : T(0);
+    a.grad_in_gamma[o] = scale * a.in_invstd[o];
+    a.grad_in_invstd[o] = scale * a.in_gamma[o];
+  }
+};
+
+// ------------------------------------------------------------------ phase sequences (host)
+// `launcher.for_each<Body>(rows, columns, args)` runs Body<T> on every element of a
+// [rows, columns] tensor; `launcher.reduce<Term>(outputs, args)` runs Term<T> for every output
+// (its terms over every (n, i, j) of pre's shape).
+template <typename Launcher, typename T>
+void run_forward(const Launcher& launcher, const RoundArgs<T>& a) {
+  const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
+  launcher.template for_each<DepthwiseForward>(rows, a.width, a);
+  launcher.template for_each<BranchForward>(rows, a.width, a);
+  launcher.template reduce<MeanTerm>(kNumBranches * a.channels, a);
+  launcher.template reduce<InvstdTerm>(kNumBranches * a.channels, a);
+}
+
+// `grad_sources[s]` is where source s's gradient goes (round 2: one tensor shaped like pre1).
+template <typename Launcher, typename T>
+void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sources) {
+  const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
+  launcher.template for_each<GradTotal>(rows, a.width, a);
+  launcher.template for_each<RecomputeForward>(rows, a.width, a);
+  launcher.template for_each<GradMid>(rows, a.width, a);
+  launcher.template reduce<GradPwTerm>(kNumBranches * a.channels * a.channels, a);
+  launcher.template reduce<GradDwTerm>(kNumBranches * a.channels * kSlab, a);
+  if (a.round == 1) {
+    for (int s = 0; s < a.num_sources; ++s) {
+      a.source_index = s;
+      a.grad_source = grad_sources[s];
+      launcher.template for_each<SourceGrad>(a.batch * a.channels * a.source_height[s], a.source_width[s], a);
+    }
+    return;
+  }
+  a.source_index = 0;
+  a.grad_source = grad_sources[0];
+  launcher.template for_each<NormInputGrad>(rows, a.width, a);
+  launcher.template reduce<NormShiftTerm>(kNumBranches * a.channels, a);
+  launcher.template reduce<NormScaleTerm>(kNumBranches * a.channels, a);
+  launcher.template for_each<ScaleNormGrad>(rows, a.width, a);
+}
+
+}  // namespace cell
+}  // namespace bnao

@@ -1,0 +1,252 @@
+// Host side of bnao::branch_round and bnao::branch_round_backward, shared by
+// the CPU and CUDA kernels: one argument check (same inputs refused with the
+// same messages on every device), allocation, and the phase sequences of
+// cell/branch_round.h run on a backend's launcher.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cell/branch_round.h"
+
+namespace bnao {
+namespace cell {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// N, C, Ho, Wo of the round's result.
+struct RoundShape {
+  int64_t batch, channels, height, width;
+};
+
+inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                               at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of the sources (",
+              like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
+              like.device(), "; move every argument to one device");
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+}
+
+inline void check_code_values(const char* op, const at::Tensor& code, int64_t round, int64_t num_sources,
+                              bool reduction) {
+  const int32_t* rows = code.data_ptr<int32_t>();
+  for (int b = 0; b < kNumBranches; ++b) {
+    const int32_t* row = rows + b * kNumFields;
+    const int kind = row[kKind];
+    TORCH_CHECK(kind >= kKindZero && kind <= kKindMaxPool, op, ": code[", b, "] has unknown op kind ", kind);
+    if (kind == kKindSepConv || kind == kKindDilSepConv) {
+      TORCH_CHECK(row[kKernel] >= 1 && row[kKernel] <= kMaxKernel && row[kKernel] % 2 == 1, op, ": code[", b,
+                  "] has kernel ", row[kKernel], "; sep convs need an odd kernel <= ", kMaxKernel);
+    }
+    if (round == 2) continue;  // round 2 reads pre1[b] at stride 1 whatever the code says
+    const int input = row[kInput];
+    TORCH_CHECK(input >= 0 && input < num_sources, op, ": code[", b, "] reads state ", input, " but only ",
+                num_sources, " sources were given");
+    const int expected_stride = reduction && input < 2 ? 2 : 1;
+    TORCH_CHECK(row[kStride] == expected_stride, op, ": code[", b, "] has stride ", row[kStride], " but reading state ",
+                input, (reduction ? " of a reduction cell" : " of a normal cell"), " needs ", expected_stride);
+    TORCH_CHECK(row[kDilation] == 1 || row[kDilation] == 2, op, ": code[", b, "] has dilation ", row[kDilation],
+                "; 1 or 2 expected");
+  }
+}
+
+// Round 1: every source [N, C, *, *], the cell inputs (0, 1) H x W and the nodes (2..) the round's
+// resolution (ceil(H/2) in a reduction cell). Round 2: one source, pre1 [2, N, C, Ho, Wo].
+inline RoundShape check_sources(const char* op, at::TensorList sources, int64_t round, bool reduction) {
+  TORCH_CHECK(round == 1 || round == 2, op, ": round must be 1 or 2, got ", round);
+  TORCH_CHECK(!sources.empty() && sources.size() <= static_cast<size_t>(kMaxSources), op,
+              ": between 1 and ", kMaxSources, " sources expected, got ", sources.size());
+  const at::Tensor& first = sources[0];
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble, op,
+              ": sources must be float32 or float64, got ", first.scalar_type());
+  RoundShape shape{};
+  if (round == 2) {
+    TORCH_CHECK(sources.size() == 1, op, ": round 2 takes one source (pre1), got ", sources.size());
+    TORCH_CHECK(first.dim() == 5 && first.size(0) == kNumBranches, op,
+                ": round 2's source must be pre1 [2, N, C, Ho, Wo], got shape ", first.sizes());
+    shape = {first.size(1), first.size(2), first.size(3), first.size(4)};
+  } else {
+    TORCH_CHECK(first.dim() == 4, op, ": round-1 sources must be [N, C, H, W], got shape ", first.sizes());
+    const int64_t height = first.size(2), width = first.size(3);
+    shape = {first.size(0), first.size(1), reduction ? (height + 1) / 2 : height, reduction ? (width + 1) / 2 : width};
+    for (size_t s = 0; s < sources.size(); ++s) {
+      const bool cell_input = s < 2;
+      const std::vector<int64_t> expected = {shape.batch, shape.channels, cell_input ? height : shape.height,
+                                             cell_input ? width : shape.width};
+      const std::string name = "sources[" + std::to_string(s) + "]" + (cell_input ? " (a cell input)" : " (a node)");
+      check_float_tensor(op, name.c_str(), sources[s], first, expected);
+    }
+  }
+  TORCH_CHECK(shape.batch > 0 && shape.channels > 0 && shape.height > 0 && shape.width > 0, op,
+              ": sources must not be empty, got shape ", first.sizes());
+  TORCH_CHECK(first.is_contiguous(), op, ": sources[0] must be contiguous; call .contiguous() first");
+  return shape;
+}
+
+// Every argument of the forward (the backward checks these and then its own).
+inline RoundShape check_branch_round_args(const char* op, at::TensorList sources, const at::Tensor& code,
+                                          int64_t round, const at::Tensor& dw, const at::Tensor& pw,
+                                          const OptionalTensor& in_mean, const OptionalTensor& in_invstd,
+                                          const OptionalTensor& in_gamma, const OptionalTensor& in_beta,
+                                          bool reduction) {
+  const RoundShape shape = check_sources(op, sources, round, reduction);
+  const at::Tensor& first = sources[0];
+  TORCH_CHECK(code.scalar_type() == at::kInt && code.dim() == 2 && code.size(0) == kNumBranches &&
+                  code.size(1) == kNumFields,
+              op, ": code must be the node's int32 [2, ", static_cast<int>(kNumFields), "] branch code, got ",
+              code.scalar_type(), " of shape ", code.sizes());
+  TORCH_CHECK(code.device() == first.device(), op, ": code is on ", code.device(), " but the sources are on ",
+              first.device(), "; keep the code on the activations' device");
+  TORCH_CHECK(code.is_contiguous(), op, ": code must be contiguous");
+  const int64_t channels = shape.channels;
+  check_float_tensor(op, "dw", dw, first, {kNumBranches, channels, kMaxKernel, kMaxKernel});
+  check_float_tensor(op, "pw", pw, first, {kNumBranches, channels, channels});
+  const OptionalTensor* norm[] = {&in_mean, &in_invstd, &in_gamma, &in_beta};
+  const char* names[] = {"in_mean", "in_invstd", "in_gamma", "in_beta"};
+  for (int t = 0; t < 4; ++t) {
+    const bool given = norm[t]->has_value() && (*norm[t])->defined();
+    if (round == 1) {
+      TORCH_CHECK(!given, op, ": ", names[t], " is for round 2 (BN1's normalisation); pass None in round 1");
+    } else {
+      TORCH_CHECK(given, op, ": round 2 needs ", names[t], " (round 1's BN statistics and affine parameters)");
+      check_float_tensor(op, names[t], **norm[t], first, {kNumBranches, channels});
+    }
+  }
+  // The code is device data; it can be validated only where reading it costs no device sync.
+  if (code.device().is_cpu()) check_code_values(op, code, round, static_cast<int64_t>(sources.size()), reduction);
+  return shape;
+}
+
+template <typename T>
+RoundArgs<T> make_round_args(at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw,
+                             const at::Tensor& pw, const OptionalTensor& in_mean, const OptionalTensor& in_invstd,
+                             const OptionalTensor& in_gamma, const OptionalTensor& in_beta, double eps,
+                             const RoundShape& shape) {
+  RoundArgs<T> a{};
+  a.num_sources = static_cast<int>(sources.size());
+  for (int s = 0; s < a.num_sources; ++s) {
+    a.sources[s] = sources[s].data_ptr<T>();
+    a.source_height[s] = round == 1 ? sources[s].size(2) : shape.height;
+    a.source_width[s] = round == 1 ? sources[s].size(3) : shape.width;
+  }
+  a.code = code.data_ptr<int32_t>();
+  a.round = static_cast<int>(round);
+  a.batch = shape.batch;
+  a.channels = shape.channels;
+  a.height = shape.height;
+  a.width = shape.width;
+  a.dw = dw.data_ptr<T>();
+  a.pw = pw.data_ptr<T>();
+  if (round == 2) {
+    a.in_mean = in_mean->data_ptr<T>();
+    a.in_invstd = in_invstd->data_ptr<T>();
+    a.in_gamma = in_gamma->data_ptr<T>();
+    a.in_beta = in_beta->data_ptr<T>();
+  }
+  a.eps = eps;
+  return a;
+}
+
+template <typename Launcher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_forward(
+    const Launcher& launcher, at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw,
+    const at::Tensor& pw, const OptionalTensor& in_mean, const OptionalTensor& in_invstd,
+    const OptionalTensor& in_gamma, const OptionalTensor& in_beta, double eps, bool reduction) {
+  const char* op = "bnao::branch_round";
+  const RoundShape shape =
+      check_branch_round_args(op, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, reduction);
+  TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
+  const auto options = sources[0].options();
+  const std::vector<int64_t> pre_shape = {kNumBranches, shape.batch, shape.channels, shape.height, shape.width};
+  at::Tensor pre = at::empty(pre_shape, options);
+  at::Tensor mid = at::empty(pre_shape, options);
+  at::Tensor mean = at::empty({kNumBranches, shape.channels}, options);
+  at::Tensor invstd = at::empty({kNumBranches, shape.channels}, options);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "bnao::branch_round", [&] {
+    RoundArgs<scalar_t> a =
+        make_round_args<scalar_t>(sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, eps, shape);
+    a.pre = pre.data_ptr<scalar_t>();
+    a.mid = mid.data_ptr<scalar_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.invstd = invstd.data_ptr<scalar_t>();
+    run_forward(launcher, a);
+  });
+  return {pre, mean, invstd};
+}
+
+using BackwardResult =
+    std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Launcher>
+BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Tensor& grad_pre_in,
+                                          const at::Tensor& grad_mean_in, const at::Tensor& grad_invstd_in,
+                                          at::TensorList sources, const at::Tensor& code, int64_t round,
+                                          const at::Tensor& dw, const at::Tensor& pw, const OptionalTensor& in_mean,
+                                          const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+                                          const OptionalTensor& in_beta, const at::Tensor& pre,
+                                          const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+  const char* op = "bnao::branch_round_backward";
+  const RoundShape shape =
+      check_branch_round_args(op, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, reduction);
+  const at::Tensor& first = sources[0];
+  const std::vector<int64_t> pre_shape = {kNumBranches, shape.batch, shape.channels, shape.height, shape.width};
+  check_float_tensor(op, "pre", pre, first, pre_shape);
+  check_float_tensor(op, "mean", mean, first, {kNumBranches, shape.channels});
+  check_float_tensor(op, "invstd", invstd, first, {kNumBranches, shape.channels});
+  // Incoming gradients come from autograd (possibly expanded zeros): made contiguous here.
+  const at::Tensor grad_pre = grad_pre_in.contiguous(), grad_mean = grad_mean_in.contiguous(),
+                   grad_invstd = grad_invstd_in.contiguous();
+  check_float_tensor(op, "grad_pre", grad_pre, first, pre_shape);
+  check_float_tensor(op, "grad_mean", grad_mean, first, {kNumBranches, shape.channels});
+  check_float_tensor(op, "grad_invstd", grad_invstd, first, {kNumBranches, shape.channels});
+
+  const auto options = first.options();
+  std::vector<at::Tensor> grad_sources;
+  for (const at::Tensor& source : sources) grad_sources.push_back(at::empty(source.sizes(), options));
+  at::Tensor grad_dw = at::empty(dw.sizes(), options), grad_pw = at::empty(pw.sizes(), options);
+  const std::vector<int64_t> norm_shape =
+      round == 2 ? std::vector<int64_t>{kNumBranches, shape.channels} : std::vector<int64_t>{0};
+  at::Tensor grad_in_mean = at::zeros(norm_shape, options), grad_in_invstd = at::zeros(norm_shape, options),
+             grad_in_gamma = at::zeros(norm_shape, options), grad_in_beta = at::zeros(norm_shape, options);
+  at::Tensor grad_total = at::empty(pre_shape, options), mid = at::empty(pre_shape, options),
+             grad_mid = at::empty(pre_shape, options);
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "bnao::branch_round_backward", [&] {
+    RoundArgs<scalar_t> a =
+        make_round_args<scalar_t>(sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, 0.0, shape);
+    a.pre = pre.data_ptr<scalar_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.invstd = invstd.data_ptr<scalar_t>();
+    a.mid = mid.data_ptr<scalar_t>();
+    a.grad_pre = grad_pre.data_ptr<scalar_t>();
+    a.grad_mean = grad_mean.data_ptr<scalar_t>();
+    a.grad_invstd = grad_invstd.data_ptr<scalar_t>();
+    a.grad_total = grad_total.data_ptr<scalar_t>();
+    a.grad_mid = grad_mid.data_ptr<scalar_t>();
+    a.grad_dw = grad_dw.data_ptr<scalar_t>();
+    a.grad_pw = grad_pw.data_ptr<scalar_t>();
+    if (round == 2) {
+      a.grad_in_mean = grad_in_mean.data_ptr<scalar_t>();
+      a.grad_in_invstd = grad_in_invstd.data_ptr<scalar_t>();
+      a.grad_in_gamma = grad_in_gamma.data_ptr<scalar_t>();
+      a.grad_in_beta = grad_in_beta.data_ptr<scalar_t>();
+    }
+    scalar_t* targets[kMaxSources] = {};
+    for (size_t s = 0; s < grad_sources.size(); ++s) targets[s] = grad_sources[s].data_ptr<scalar_t>();
+    run_backward(launcher, a, targets);
+  });
+  return {grad_sources, grad_dw, grad_pw, grad_in_mean, grad_in_invstd, grad_in_gamma, grad_in_beta};
+}
+
+}  // namespace cell
+}  // namespace bnao

@@ -1,0 +1,130 @@
+// CUDA kernels of bnao::branch_round and bnao::branch_round_backward: the
+// bodies of cell/branch_round.h run on a grid. This file is only the launch
+// layer: a grid-stride loop for the elementwise bodies and one block per
+// output for the reductions (a fixed tree, so results are deterministic and
+// need no atomics). The branch code stays on the device; nothing here reads it
+// on the host, so the launches are the same for every arch (graph-capturable).
+#include <ATen/AccumulateType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cell/branch_round.h"
+#include "cell/branch_round_ops.h"
+
+namespace bnao {
+namespace cell {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid-stride loops cover any size; enough blocks to fill an H100 several times.
+constexpr int64_t kMaxBlocks = 65535;
+
+// One element per thread: thread `index` runs column index % columns of row index / columns.
+template <typename Body, typename T>
+__global__ void __launch_bounds__(kThreads)
+    for_each_kernel(int64_t rows, int64_t columns, const RoundArgs<T> args) {
+  const int64_t count = rows * columns;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
+    const int64_t row = index / columns;
+    Body::run(args, Body::row(args, row), index - row * columns);
+  }
+}
+
+// Sum of one value per thread of the block, valid in thread 0. Shared-memory tree of fixed
+// shape: the same inputs give the same bits on every run.
+template <typename Acc>
+__device__ Acc block_sum(Acc value) {
+  __shared__ Acc partial[kThreads];
+  partial[threadIdx.x] = value;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+// One block per output; thread t adds the terms k = t, t + kThreads, ... of the flattened
+// (n, i, j) range, then the block adds the partial sums.
+template <typename Term, typename T>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(const RoundArgs<T> args) {
+  using Acc = at::acc_type<T, /*is_cuda=*/true>;
+  const auto ctx = Term::prepare(args, static_cast<int64_t>(blockIdx.x));
+  const int64_t plane = args.height * args.width, length = args.batch * plane;
+  Acc sum = Acc(0);
+  // ctx.active is uniform over the block, so every thread reaches the barriers of block_sum.
+  if (ctx.active) {
+    for (int64_t k = threadIdx.x; k < length; k += kThreads) {
+      const int64_t n = k / plane, pixel = k - n * plane, i = pixel / args.width;
+      sum += static_cast<Acc>(Term::term(args, ctx, n, i, pixel - i * args.width));
+    }
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) Term::finish(args, ctx, sum);
+}
+
+struct CudaLauncher {
+  cudaStream_t stream;
+
+  template <template <typename> class Body, typename T>
+  void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
+    const int64_t count = rows * columns;
+    if (count == 0) return;
+    const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, kMaxBlocks);
+    for_each_kernel<Body<T>, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(rows, columns, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <template <typename> class Term, typename T>
+  void reduce(int64_t outputs, const RoundArgs<T>& a) const {
+    if (outputs == 0) return;
+    // outputs <= 2 * C * max(C, 49): far below the grid's x limit (2^31 - 1).
+    reduce_kernel<Term<T>, T><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+CudaLauncher launcher_for(const at::Tensor& like) {
+  return CudaLauncher{c10::cuda::getCurrentCUDAStream(like.device().index()).stream()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_cuda(
+    at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw, const at::Tensor& pw,
+    const OptionalTensor& in_mean, const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+    const OptionalTensor& in_beta, double eps, bool reduction) {
+  TORCH_CHECK(!sources.empty(), "bnao::branch_round: at least one source expected");
+  const c10::cuda::CUDAGuard guard(sources[0].device());
+  return branch_round_forward(launcher_for(sources[0]), sources, code, round, dw, pw, in_mean, in_invstd, in_gamma,
+                              in_beta, eps, reduction);
+}
+
+BackwardResult branch_round_backward_cuda(const at::Tensor& grad_pre, const at::Tensor& grad_mean,
+                                          const at::Tensor& grad_invstd, at::TensorList sources,
+                                          const at::Tensor& code, int64_t round, const at::Tensor& dw,
+                                          const at::Tensor& pw, const OptionalTensor& in_mean,
+                                          const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+                                          const OptionalTensor& in_beta, const at::Tensor& pre,
+                                          const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+  TORCH_CHECK(!sources.empty(), "bnao::branch_round_backward: at least one source expected");
+  const c10::cuda::CUDAGuard guard(sources[0].device());
+  return branch_round_backward_impl(launcher_for(sources[0]), grad_pre, grad_mean, grad_invstd, sources, code, round,
+                                    dw, pw, in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnao, CUDA, m) {
+  m.impl("branch_round", &branch_round_cuda);
+  m.impl("branch_round_backward", &branch_round_backward_cuda);
+}
+
+}  // namespace cell
+}  // namespace bnao
