@@ -34,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from bnao import distributed
+    from bnao import data_parallel, distributed
     from bnao.data import create_dataset, create_loader
     from bnao.sampling import create_sampler
     from bnao.space import NAOSpace
@@ -53,9 +53,9 @@ def worker(args: argparse.Namespace) -> None:
     model = Supernet(space, layers=args.layers, channels=args.channels, num_classes=10).to(device)
     sync = None
     if context.enabled:
-        loader = distributed.ShardedLoader(loader, context)
+        loader = data_parallel.ShardedLoader(loader, context)
         model.batch_shard = (context.rank, context.world_size)
-        sync = distributed.GradientSync(context)
+        sync = data_parallel.GradientSync(context)
     sampler = create_sampler("proportional", np.arange(1.0, 1001.0), seed=0, device=device)
     trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=args.warmup + args.steps, seed=0,
                               device=device, data_parallel=sync)

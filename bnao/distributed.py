@@ -9,14 +9,14 @@ every helper is the identity, so a single-process run is unchanged.
 
 How work is split (see the README section "Multi-GPU and multi-machine search"):
 
-* Data-parallel steps (supernet, stand-alone training): every rank takes the
-  *same* global batch from an identically seeded loader and keeps its own
-  contiguous slice (:class:`ShardedLoader`); the gradients of every parameter
-  are averaged in one flat ``all_reduce`` (:class:`GradientSync`), so each
-  rank applies the same update and the weights stay identical without ever
-  being sent. Parameters whose gradient is None get zeros in the bucket, so a
-  slot that the step's arch did not use can neither hang nor shift the
-  reduction; afterwards they get None back, which keeps
+* Data-parallel steps (supernet, stand-alone training; :mod:`bnao.data_parallel`):
+  every rank takes the *same* global batch from an identically seeded loader
+  and keeps its own contiguous slice (``ShardedLoader``); the gradients are
+  averaged in one flat ``all_reduce`` (``GradientSync``), so each rank applies
+  the same update and the weights stay identical without ever being sent.
+  Parameters whose gradient is None get zeros in the bucket, so a slot that
+  the step's arch did not use can neither hang nor shift the reduction;
+  afterwards they get None back, which keeps
   :class:`~bnao.supernet.optim.MaskedSGD`'s masked update exact.
 * BatchNorm normalises with the statistics of each rank's own slice (as DDP
   without SyncBatchNorm); running statistics are averaged over the ranks
@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import os
 import socket
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -165,7 +165,7 @@ def shutdown() -> None:
     _CURRENT = Context()
 
 
-def _comm_device(context: Context) -> torch.device:
+def comm_device(context: Context) -> torch.device:
     """Where collective buffers live: the rank's GPU for NCCL, the host for gloo."""
     if context.backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -181,7 +181,7 @@ def lost_rank_error(err: BaseException, what: str, context: Optional[Context] = 
         f"({first}). The last checkpoint stays valid; once the cause is fixed, restart with torchrun and --resume")
 
 
-def _collective(what: str, call, *args, **kwargs):
+def run_collective(what: str, call, *args, **kwargs):
     """Runs one collective, turning a backend failure into a :class:`DistributedError` that says what to do."""
     try:
         return call(*args, **kwargs)
@@ -196,8 +196,8 @@ def barrier(what: str = "a barrier") -> None:
     context = current()
     if context.enabled:
         # A tensor all_reduce rather than dist.barrier(): NCCL's barrier guesses the device.
-        flag = torch.zeros(1, device=_comm_device(context))
-        _collective(what, dist.all_reduce, flag)
+        flag = torch.zeros(1, device=comm_device(context))
+        run_collective(what, dist.all_reduce, flag)
 
 
 def broadcast_object(obj: Any, what: str, src: int = 0) -> Any:
@@ -206,7 +206,7 @@ def broadcast_object(obj: Any, what: str, src: int = 0) -> Any:
     if not context.enabled:
         return obj
     box = [obj if context.rank == src else None]
-    _collective(what, dist.broadcast_object_list, box, src=src, device=_comm_device(context))
+    run_collective(what, dist.broadcast_object_list, box, src=src, device=comm_device(context))
     return box[0]
 
 
@@ -216,7 +216,7 @@ def gather_objects(obj: Any, what: str) -> List[Any]:
     if not context.enabled:
         return [obj]
     out: List[Any] = [None] * context.world_size
-    _collective(what, dist.all_gather_object, out, obj)
+    run_collective(what, dist.all_gather_object, out, obj)
     return out
 
 
@@ -225,8 +225,8 @@ def any_rank(flag: bool, what: str) -> bool:
     context = current()
     if not context.enabled:
         return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=_comm_device(context))
-    _collective(what, dist.all_reduce, value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1.0 if flag else 0.0], device=comm_device(context))
+    run_collective(what, dist.all_reduce, value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
 
@@ -235,8 +235,8 @@ def sum_across_ranks(values: Sequence[float], what: str) -> List[float]:
     context = current()
     if not context.enabled:
         return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(context))
-    _collective(what, dist.all_reduce, tensor)
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device(context))
+    run_collective(what, dist.all_reduce, tensor)
     return tensor.cpu().tolist()
 
 
@@ -253,125 +253,13 @@ def average_buffers(module: torch.nn.Module, what: str = "averaging BatchNorm ru
     buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
-    flat = torch.cat([b.detach().reshape(-1).to(_comm_device(context), torch.float64) for b in buffers])
-    _collective(what, dist.all_reduce, flat)
+    flat = torch.cat([b.detach().reshape(-1).to(comm_device(context), torch.float64) for b in buffers])
+    run_collective(what, dist.all_reduce, flat)
     flat /= context.world_size
     offset = 0
     for b in buffers:
         b.copy_(flat[offset: offset + b.numel()].view_as(b).to(b.device, b.dtype))
         offset += b.numel()
-
-
-class GradientSync:
-    """Averages gradients over the ranks after every backward, in one flat ``all_reduce``.
-
-    The bucket also carries two flags: whether the rank's loss was non-finite and whether it was asked to
-    stop. Every rank therefore skips the same steps and stops at the same step boundary, so no rank is left
-    waiting in a collective the others never join.
-
-    Args:
-        context: The run's context (must be enabled).
-        check_arch: Debug: compare the step's arch index across ranks (one extra small ``all_reduce``) and
-            raise :class:`DistributedError` when they differ.
-    """
-
-    def __init__(self, context: Context, check_arch: bool = False):
-        if not context.enabled:
-            raise ValueError("GradientSync needs a context with several processes")
-        self.context = context
-        self.check_arch = bool(check_arch)
-        self.stop_agreed = False
-
-    def reduce(self, params: Sequence[torch.nn.Parameter], loss: torch.Tensor, stop: bool) -> bool:
-        """Averages the ``.grad`` of ``params`` over the ranks; returns whether every rank's loss was finite.
-
-        Parameters without a gradient on this rank enter the sum as zeros and leave with None again (every
-        rank trains the same arch, so they are the same parameters on every rank); :attr:`stop_agreed` is
-        set when any rank asked to stop.
-        """
-        device = loss.device
-        missing = [p.grad is None for p in params]
-        parts = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device)
-                 for p in params]
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(1.0 if stop else 0.0, device=device)])
-        bucket = torch.cat(parts + [flags]).to(_comm_device(self.context))
-        _collective("the gradient all-reduce", dist.all_reduce, bucket)
-        bad, stopping = bucket[-2:].tolist()
-        self.stop_agreed = stopping > 0
-        bucket = bucket[:-2].div_(self.context.world_size).to(device)
-        offset = 0
-        for p, was_missing in zip(params, missing):
-            n = p.numel()
-            if was_missing:
-                p.grad = None
-            else:
-                p.grad.copy_(bucket[offset: offset + n].view_as(p.grad))
-            offset += n
-        return bad == 0
-
-    def verify_arch(self, index: int, step: int) -> None:
-        """Raises :class:`DistributedError` unless every rank drew arch ``index`` at ``step``."""
-        if not self.check_arch:
-            return
-        value = torch.tensor([index, -index], dtype=torch.int64, device=_comm_device(self.context))
-        _collective("the arch check", dist.all_reduce, value, op=dist.ReduceOp.MAX)
-        high, low = int(value[0]), -int(value[1])
-        if high != low:
-            raise DistributedError(
-                f"step {step}: the ranks trained different archs (pool indices {low}..{high}); weight sharing "
-                "would silently break. Every rank must run the same config and seed (same sampler stream)")
-
-
-class ShardedLoader:
-    """This rank's contiguous slice of every batch of a loader that every rank builds identically.
-
-    Every rank reads the same global batch (same order and augmentation: the loaders are seeded alike) and
-    keeps rows ``[rank * b, (rank + 1) * b)`` with ``b = batch_size / world_size``. The loader's state is
-    the global one, so a checkpoint resumes at any world size that divides the batch.
-
-    Args:
-        loader: A ``bnao.data`` loader over the whole dataset with the global batch size.
-        context: The run's context.
-        what: The config key of the batch size (named in errors).
-
-    Raises:
-        DistributedError: The batch size is not a multiple of the world size.
-    """
-
-    def __init__(self, loader: Any, context: Context, what: str = "the batch size"):
-        if loader.batch_size % context.world_size:
-            raise DistributedError(
-                f"{what} {loader.batch_size} does not split evenly over {context.world_size} processes; choose a "
-                f"multiple of {context.world_size} (it is the global batch, each process takes "
-                f"{what}/{context.world_size} images)")
-        self.loader = loader
-        self.context = context
-        self.local_batch = loader.batch_size // context.world_size
-
-    @property
-    def batch_size(self) -> int:
-        """The global batch size (the loader state's unit)."""
-        return self.loader.batch_size
-
-    def _slice(self, batch):
-        start = self.context.rank * self.local_batch
-        return tuple(t[start: start + self.local_batch] for t in batch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        for batch in self.loader:
-            yield self._slice(batch)
-
-    def stream(self) -> Iterator:
-        while True:
-            yield from self
-
-    def __getattr__(self, name: str) -> Any:
-        # position, epoch, set_epoch, state_dict, load_state_dict, ...: the global loader's.
-        return getattr(self.loader, name)
 
 
 def split_evenly(count: int, context: Optional[Context] = None) -> Tuple[int, int]:
@@ -389,7 +277,7 @@ def launch_record(context: Optional[Context] = None) -> Dict[str, Any]:
 
 
 __all__ = [
-    "Context", "DistributedError", "GradientSync", "ShardedLoader", "any_rank", "average_buffers", "barrier",
+    "Context", "DistributedError", "any_rank", "comm_device", "run_collective", "average_buffers", "barrier",
     "broadcast_object", "current", "gather_objects", "init_from_env", "launch_record", "launched_by_torchrun",
     "lost_rank_error", "rank_device", "shutdown", "split_evenly", "sum_across_ranks",
 ]

@@ -4,7 +4,8 @@
 on every rank, a few data-parallel supernet steps (both unused-slot rules), the split pool evaluation, a
 data-parallel stand-alone epoch, the arch check against a rank whose sampler was seeded differently and
 ``bnao train`` under torchrun; each rank saves what it saw to ``OUT/rank<r>.pt``. The test compares those
-files with each other and with single-process runs built by :func:`build` (shared so that both sides start from the same set-up).
+files with each other and with single-process runs built by :func:`build` (shared so that both sides start
+from the same set-up).
 """
 
 from __future__ import annotations
@@ -15,31 +16,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnao import distributed
+from bnao import data_parallel, distributed
 from bnao.data import create_dataset, create_loader
 from bnao.sampling import create_sampler
 from bnao.space import NAOSpace
 from bnao.supernet import RandomBatches, Supernet, SupernetTrainer
+from bnao.supernet import model as supernet_model
 
 STEPS = 4
+FUSED_BUILT = supernet_model.fused_built
 GLOBAL_BATCH = 16
 
 
-def build(unused_slot_update: str = "decay", sampler_seed: int = 0, data_parallel=None):
-    """The supernet trainer both sides use: its loader yields the global batch (sliced by the caller)."""
-    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 1), num_classes=3, seed=0)
+def build(unused_slot_update: str = "decay", sampler_seed: int = 0, sync=None, kernels: str = "eager"):
+    """The supernet trainer both sides use: its loader yields the global batch (sliced by the caller).
+
+    ``kernels="fused"`` runs the fused cells; where their compiled ops are not built (a CPU build) the op
+    wrappers run their pure-PyTorch references, with the fused path's dense slot gradients all the same.
+    """
+    # Three channels: a one-channel batch has channels-last strides too, which the fused cells refuse on the CPU.
+    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 3), num_classes=3, seed=0)
     loader = create_loader("tensor", data, GLOBAL_BATCH, device="cpu", augment=True, shuffle=True,
                            drop_last=True, seed=0)
     space = NAOSpace(num_nodes=5, op_set="small")
     pool = space.sample_array(6, rng=np.random.default_rng(0))
     torch.manual_seed(0)
-    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=1, drop_path_keep_prob=None)
+    if kernels == "fused":
+        supernet_model.fused_built = lambda device_type: True  # the references stand in for missing kernels
+    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=3, drop_path_keep_prob=None,
+                     kernels=kernels)
     sampler = create_sampler("proportional", np.arange(1.0, 7.0), seed=sampler_seed)
-    if data_parallel is not None:
-        loader = distributed.ShardedLoader(loader, data_parallel.context)
-        model.batch_shard = (data_parallel.context.rank, data_parallel.context.world_size)
+    if sync is not None:
+        loader = data_parallel.ShardedLoader(loader, sync.context)
+        model.batch_shard = (sync.context.rank, sync.context.world_size)
     trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=10, seed=0, lr_max=0.1,
-                              unused_slot_update=unused_slot_update, data_parallel=data_parallel)
+                              unused_slot_update=unused_slot_update, data_parallel=sync)
     draws = []
     real_draw = sampler.draw
 
@@ -58,7 +69,8 @@ def eval_setup():
     loader = create_loader("tensor", data, 20, device="cpu", augment=False, shuffle=True, drop_last=True, seed=5)
     space = NAOSpace(num_nodes=5, op_set="small")
     torch.manual_seed(1)
-    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=1, drop_path_keep_prob=None)
+    model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=1, drop_path_keep_prob=None,
+                     kernels="eager")
     return model, space.sample_array(7, rng=np.random.default_rng(1)), RandomBatches(loader, 1)
 
 
@@ -78,7 +90,7 @@ def stop_on_rank_1(context) -> int:
     """Supernet steps every rank ran when only rank 1 was asked to stop before the first (all must stop at 1)."""
     from bnao import signals
 
-    trainer, _ = build(data_parallel=distributed.GradientSync(context))
+    trainer, _ = build(sync=data_parallel.GradientSync(context))
     done = [0]
 
     def on_step(steps):
@@ -126,10 +138,11 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     context = distributed.init_from_env("cpu", timeout_s=60)
     record = {"world_size": context.world_size}
-    for rule in ("decay", "freeze"):
-        trainer, draws = build(rule, data_parallel=distributed.GradientSync(context, check_arch=True))
+    for rule, kernels in (("decay", "eager"), ("freeze", "eager"), ("decay", "fused")):
+        trainer, draws = build(rule, sync=data_parallel.GradientSync(context, check_arch=True), kernels=kernels)
         stats = trainer.train_steps(STEPS)
-        record[rule] = {"draws": draws, "stats": stats, "model": trainer.model.state_dict(),
+        supernet_model.fused_built = FUSED_BUILT
+        record[rule if kernels == "eager" else kernels] = {"draws": draws, "stats": stats, "model": trainer.model.state_dict(),
                         "momentum": [trainer.optimizer.state[p].get("momentum_buffer") for p in trainer.params]}
     model, archs, batches = eval_setup()
     acc, loss = evaluate_split(SimpleNamespace(pool=SimpleNamespace(archs=archs), dev_batches=batches, model=model),
@@ -141,7 +154,7 @@ def main(out: Path) -> None:
     record["stop_steps"] = stop_on_rank_1(context)
     record["standalone_stop"] = standalone_stop_on_rank_1(context, out)
     # A rank whose sampler was seeded differently: the arch check must stop both ranks.
-    trainer, _ = build(sampler_seed=context.rank, data_parallel=distributed.GradientSync(context, check_arch=True))
+    trainer, _ = build(sampler_seed=context.rank, sync=data_parallel.GradientSync(context, check_arch=True))
     try:
         trainer.train_steps(STEPS)
         record["mismatch"] = None

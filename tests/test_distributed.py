@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from bnao import distributed
+from bnao import data_parallel, distributed
 from bnao.cli import main
 from bnao.safe_io import safe_load
 from bnao.supernet import Supernet, evaluate_pool
+from bnao.supernet import model as supernet_model
 
 import distributed_workers as workers_module
 
@@ -40,6 +41,9 @@ TINY = [
     "supernet.checkpoint_every=1", "supernet.eval_batch_size=40", "search.pool_size=6", "search.iterations=1",
     "search.top_k=3", "search.new_per_iteration=2", "search.max_params=null", "controller.epochs=2",
     "final.rerank_top=2", "final.epochs=1", "final.full_epochs=0", "final.batch_size=32", "device=cpu", "threads=1",
+    # The fused cells refuse these one-channel images on the CPU (channels-last strides); the workers test the
+    # fused path on three channels.
+    "supernet.kernels=eager",
 ]
 
 
@@ -105,7 +109,11 @@ def one_thread():
 
 
 # ------------------------------------------------------------------------------ supernet steps
-@pytest.mark.parametrize("rule", ["decay", "freeze"])
+#: Runs of the workers: both unused-slot rules on the eager cells, and the fused cells (dense slot gradients).
+RUNS = {"decay": ("decay", "eager"), "freeze": ("freeze", "eager"), "fused": ("decay", "fused")}
+
+
+@pytest.mark.parametrize("rule", list(RUNS))
 def test_both_ranks_train_the_same_archs_and_end_with_identical_weights(workers, rule):
     first, second = workers[0][rule], workers[1][rule]
     assert workers[0]["world_size"] == 2
@@ -117,9 +125,11 @@ def test_both_ranks_train_the_same_archs_and_end_with_identical_weights(workers,
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("rule", ["decay", "freeze"])
-def test_two_processes_equal_one_process_whose_batch_norm_sees_each_half(workers, rule):
-    trainer, draws = workers_module.build(rule)
+@pytest.mark.parametrize("rule", list(RUNS))
+def test_two_processes_equal_one_process_whose_batch_norm_sees_each_half(workers, rule, monkeypatch):
+    monkeypatch.setattr(supernet_model, "fused_built", supernet_model.fused_built)  # restored after the test
+    trainer, draws = workers_module.build(RUNS[rule][0], kernels=RUNS[rule][1])
+    assert trainer.model.kernels == RUNS[rule][1]
     start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     _halves(trainer.model)
     stats = trainer.train_steps(workers_module.STEPS)
@@ -171,7 +181,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
         batch_size = 30
 
     with pytest.raises(distributed.DistributedError, match="choose a multiple of 4"):
-        distributed.ShardedLoader(Loader(), distributed.Context(rank=0, world_size=4), "supernet.batch_size")
+        data_parallel.ShardedLoader(Loader(), distributed.Context(rank=0, world_size=4), "supernet.batch_size")
 
 
 # ------------------------------------------------------------------------ evaluation, stand-alone

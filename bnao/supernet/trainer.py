@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from ..distributed import GradientSync, average_buffers, sum_across_ranks
+from ..data_parallel import GradientSync
+from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
 from ..train.checkpoint import CheckpointError, load_file, save_atomic
 from .model import Supernet
@@ -277,7 +278,8 @@ class SupernetTrainer:
             with record_function("bnao::backward"):
                 loss.backward()
             if self.data_parallel is not None:
-                finite = self.data_parallel.reduce(self.params, loss, stop_requested())
+                finite = self.data_parallel.reduce(self.params, loss, stop_requested(),
+                                                   masks=self.model.touched_masks(arch))
             elif finite is None:
                 self._pending_event.synchronize()
                 finite = bool(self._flag_host[0])

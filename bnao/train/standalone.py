@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..device import resolve_device
-from ..distributed import Context, GradientSync, ShardedLoader, any_rank, average_buffers, sum_across_ranks
+from ..data_parallel import GradientSync, ShardedLoader
+from ..distributed import Context, any_rank, average_buffers, sum_across_ranks
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
