@@ -50,7 +50,8 @@ def worker(args: argparse.Namespace) -> None:
     space = NAOSpace(num_nodes=5, op_set="small")
     pool = space.sample_array(1000, rng=np.random.default_rng(0))
     torch.manual_seed(0)
-    model = Supernet(space, layers=args.layers, channels=args.channels, num_classes=10).to(device)
+    model = Supernet(space, layers=args.layers, channels=args.channels, num_classes=10,
+                     kernels=args.kernels).to(device)
     sync = None
     if context.enabled:
         loader = data_parallel.ShardedLoader(loader, context)
@@ -81,7 +82,7 @@ def launch(args: argparse.Namespace, processes: int) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--standalone",
                __file__, "--worker", "--device", args.device, "--layers", str(args.layers), "--channels",
                str(args.channels), "--batch-per-process", str(args.batch_per_process), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--kernels", args.kernels]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -99,6 +100,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--kernels", default="eager", choices=("auto", "fused", "eager"),
+                   help="supernet cells (default eager; the same all-reduce serves both paths)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
