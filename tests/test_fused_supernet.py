@@ -79,39 +79,58 @@ def test_fused_candidate_evaluation_equals_eager(device):
             torch.testing.assert_close(fused(images, arch, bn_train=True), eager(images, arch, bn_train=True))
 
 
+class _Float64Batches:
+    """A loader's batches with float64 images (the trainer takes any iterable of batches)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ((images.double(), labels) for images, labels in self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
 def _trainer(kernels, device, steps):
     space = NAOSpace(op_set="small")
     torch.manual_seed(0)
     model = Supernet(space, layers=1, channels=4, num_classes=4, drop_path_keep_prob=0.8, total_steps=steps,
-                     kernels=kernels).to(device)
+                     kernels=kernels).to(device=device, dtype=torch.float64)
     pool = space.sample_array(6, 3)
     sampler = create_sampler("proportional", np.arange(1, 7, dtype=np.float64), seed=5)
     data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 3), num_classes=4)
     loader = create_loader("tensor", data, 8, device=device, augment=True, shuffle=True, drop_last=True, seed=1)
-    return SupernetTrainer(model, sampler, pool, loader, steps_total=steps, lr_max=0.05, device=device)
+    return SupernetTrainer(model, sampler, pool, _Float64Batches(loader), steps_total=steps, lr_max=0.05,
+                           device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_300_fused_steps_follow_the_eager_ones(device):
-    """300 float32 steps: the two paths differ only in the order of float32 sums (1e-7 relative per op), so
-    their losses may drift apart slowly, never by more than 1e-3 here; a semantic difference (a wrong
-    weight row, BN statistic or drop-path mask) shows at once. Slots that no arch used stay bit-identical."""
+    """300 float64 steps of a tiny supernet (drop-path on, masked SGD).
+
+    The paths differ only in the order of floating-point sums. Measured on this net, the largest weight
+    difference grows from 2e-16 after one step to 2e-13 after 20, 3e-8 after 100 and 6e-6 after 200: the
+    training is chaotic (BatchNorm over 32 values, ReLU and max-pool switches) and amplifies rounding about
+    tenfold every 15 steps, so the losses of the last steps differ by up to 1.5e-4. Hence two bounds: the
+    first 20 losses within 1e-6 (the trainer reports float32 losses; a semantic difference, such as a
+    wrong weight row, statistic, mask or update, moves the loss by far more) and all 300 within 1e-3.
+    Slots that no arch used stay bit-identical."""
     _require_fused(device)
     steps = 300
     runs = {}
     for kernels in ("eager", "fused"):
         trainer = _trainer(kernels, device, steps)
         initial = {name: p.detach().clone() for name, p in trainer.model.slot_params.items()}
-        losses = []
-        for _ in range(steps // 10):
-            losses.append(trainer.train_steps(10)["loss"])
+        losses = [trainer.train_steps(1)["loss"] for _ in range(steps)]
         runs[kernels] = (trainer, initial, np.array(losses))
     (eager, initial, eager_losses), (fused, initial_f, fused_losses) = runs["eager"], runs["fused"]
+    np.testing.assert_allclose(fused_losses[:20], eager_losses[:20], rtol=0, atol=1e-6)
     np.testing.assert_allclose(fused_losses, eager_losses, rtol=0, atol=1e-3)
     np.testing.assert_array_equal(fused.counts, eager.counts)  # the same archs were drawn
     for name, p in fused.model.slot_params.items():
-        never = eager.model.slot_params[name].detach() == initial[name]
-        rows_never_used = never.flatten(1).all(1)
+        rows_never_used = (eager.model.slot_params[name].detach() == initial[name]).flatten(1).all(1)
+        assert rows_never_used.any(), name  # the check below is not vacuous
         assert torch.equal(p.detach()[rows_never_used], initial_f[name][rows_never_used]), name
 
 

@@ -614,7 +614,7 @@ class Supernet(nn.Module):
             raise FusedKernelsUnavailable(
                 f"Supernet(kernels='fused'): the fused-cell ops are not built for {device.type} in this bnao "
                 "build (see `bnao info`); rebuild with scripts/setup.sh (CUDA: BNAO_CUDA=1) or use kernels='auto'")
-        autocast = torch.is_autocast_enabled(device.type) if device.type != "cpu" else torch.is_autocast_cpu_enabled()
+        autocast = torch.is_autocast_enabled(device.type)
         return built and batch_stats and not autocast and dtype in (torch.float32, torch.float64)
 
     def fused_state(self, device: torch.device) -> FusedState:
