@@ -2,7 +2,8 @@
 
 What two processes must give, each compared with something computed without them:
 
-* the same arch sequence on both ranks and bit-identical weights after k steps (both unused-slot rules);
+* the same arch sequence on both ranks and bit-identical weights after k steps (both unused-slot rules on
+  the eager cells, and the fused cells);
 * the weights of one process on the full batch, when that process normalises each half of the batch with its
   own BatchNorm statistics as the two ranks do (tolerance 1e-5: only the summation order differs);
 * pool scores and the stand-alone trainer equal to one process;
