@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .distributed import Context, DistributedError, run_collective, comm_device
+from .distributed import Context, DistributedError, comm_device, run_collective
 
 
 class GradientSync:
@@ -164,6 +164,8 @@ class ShardedLoader:
 
     def __getattr__(self, name: str) -> Any:
         # position, epoch, set_epoch, state_dict, load_state_dict, ...: the global loader's.
+        if name == "loader":  # not set yet (copy, unpickling): no endless lookup
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 

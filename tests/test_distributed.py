@@ -177,6 +177,21 @@ def test_drop_path_masks_of_a_rank_are_its_slice_of_the_global_masks():
         assert torch.equal(part, whole[:, 4 * rank: 4 * rank + 4])
 
 
+def test_the_ranks_slices_make_up_the_global_batch_and_the_state_stays_global():
+    from bnao.data import create_dataset, create_loader
+
+    data = create_dataset("synthetic", num_samples=40, image_shape=(8, 8, 3), num_classes=3, seed=4)
+    make = lambda: create_loader("tensor", data, 8, device="cpu", augment=True, shuffle=True, seed=9)  # noqa: E731
+    whole = list(make())
+    shards = [data_parallel.ShardedLoader(make(), distributed.Context(rank=r, world_size=2)) for r in range(2)]
+    parts = [list(shard) for shard in shards]
+    assert len(whole) == len(parts[0]) == 5
+    for b, (images, labels) in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][b][0], parts[1][b][0]]), images)
+        assert torch.equal(torch.cat([parts[0][b][1], parts[1][b][1]]), labels)
+    assert shards[0].state_dict() == make().state_dict() | {"epoch": 1} and shards[0].batch_size == 8
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
     class Loader:
         batch_size = 30
