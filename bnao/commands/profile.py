@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch", type=int, default=500, help="dev batch of the evaluation (default 500)")
     parser.add_argument("--loader", default="auto", help="data loader (default auto)")
     parser.add_argument("--no-count-ops", action="store_true", help="skip counting the ops launched per step")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "fused", "eager"],
+                        help="supernet cells: fused kernels, eager PyTorch, or auto (default)")
     parser.add_argument("--sequence-archs", type=int, default=5,
                         help="compare the launch sequence of a training step over this many archs (default 5; 0: skip)")
     parser.add_argument("--trace", metavar="DIR", default=None, help="write a torch.profiler trace to DIR")
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the measurement and prints it; 2 on a usage or data error."""
     from ..data import DatasetNotFoundError
+    from ..supernet.fused_forward import FusedKernelsUnavailable
     from ..supernet.profiling import format_result, profile_supernet
 
     for name in ("layers", "channels", "classes", "batch_size", "steps", "pool_size"):
@@ -54,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, device=args.device, bf16=args.bf16, channels_last=args.channels_last,
             pool_size=args.pool_size, sampler=args.sampler, eval_archs=args.eval_archs,
             eval_batch=args.eval_batch, trace_dir=args.trace, count_ops=not args.no_count_ops,
-            loader=args.loader, sequence_archs=args.sequence_archs,
+            loader=args.loader, sequence_archs=args.sequence_archs, kernels=args.kernels,
         )
-    except (DatasetNotFoundError, ValueError, KeyError) as err:
+    except (DatasetNotFoundError, FusedKernelsUnavailable, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"bnao profile: {msg}", file=sys.stderr)
         if args.dataset != "synthetic" and isinstance(err, DatasetNotFoundError):

@@ -89,7 +89,7 @@ def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, mask
         c0, c1 = fixed.calibrate(s0, s1, True, update)
         red_weights, red_stats = fixed.reduce_weights()
         buffers = CellBuffers(None, red_stats, (fixed.comb_bn.running_mean, fixed.comb_bn.running_var))
-        nodes = NodeWeights(*(role[info.local] for role in weights[info.stage]))
+        nodes = weights[info.stage][info.local]
         out, mean, invstd = fused_cell(
             c0, c1, codes[info.index], nodes, red_weights, (fixed.comb_w, fixed.comb_bn.weight, fixed.comb_bn.bias),
             buffers, loose_mask(codes[info.index], c1.dtype), reduction=info.reduction, batch_stats=True,
@@ -104,15 +104,24 @@ def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, mask
     return s1, aux_logits
 
 
-def _gather_stages(net, codes: torch.Tensor, state: FusedState, like: torch.Tensor) -> List[NodeWeights]:
-    # One gather per role and stage: the rows of all the stage's cells at once (cells of a stage are contiguous).
+def _gather_stages(net, codes: torch.Tensor, state: FusedState, like: torch.Tensor) -> List[List[NodeWeights]]:
+    """Per stage, per cell of the stage, its :class:`NodeWeights` as per-node sequences of tensors.
+
+    One gather per role and stage fetches the rows of all the stage's cells at once (cells of a stage are
+    contiguous); one ``unbind`` per role splits them into the nodes' slices, so that the backward joins the
+    nodes' gradients with one ``stack`` instead of one zero-filled copy and one add per node.
+    """
     out = []
     for g in range(net.num_stages):
         cells = net.stage_cells[g]
         stage_codes = codes[cells[0].index : cells[-1].index + 1]
         select, rows = gather_indices(stage_codes, state.stack_index[g])
-        out.append(gather_node_weights(supernet_role_stacks(net, g), select, rows, net.stage_channels[g],
-                                       (len(cells), net.num_nodes, 2), like))
+        gathered = gather_node_weights(supernet_role_stacks(net, g), select, rows, net.stage_channels[g],
+                                       (len(cells) * net.num_nodes, 2), like)
+        per_node = [role.unbind(0) for role in gathered]
+        num_nodes = net.num_nodes
+        out.append([NodeWeights(*(role[c * num_nodes : (c + 1) * num_nodes] for role in per_node))
+                    for c in range(len(cells))])
     return out
 
 

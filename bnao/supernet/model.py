@@ -179,8 +179,8 @@ class Supernet(nn.Module):
         drop_path_identity: Drop-path on identity branches too (the reference's); False exempts them.
         kernels: ``"eager"`` (the level-scheduled PyTorch cells of :func:`~bnao.ops.cell.mixed_cell`),
             ``"fused"`` (the compiled fused-cell ops, arch as device data: csrc/cell/DESIGN.md; an error where
-            they are not built) or ``"auto"`` (fused where built for the device, else eager). Evaluation
-            with running statistics and bf16 autocast always run eager.
+            they are not built) or ``"auto"`` (fused on a GPU where built, else eager: on a CPU the eager
+            cells are faster). Evaluation with running statistics and bf16 autocast always run eager.
     """
 
     def __init__(self, space: Union[NAOSpace, str] = "small", *, skeleton: str = "cifar", layers: int = 3,
@@ -607,15 +607,32 @@ class Supernet(nn.Module):
 
     def _fused_path(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> bool:
         """Whether this forward runs the fused cells (see the ``kernels`` argument)."""
+        return self._cells_choice(device, batch_stats, dtype)[0]
+
+    def cells_path(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> str:
+        """Which path a training forward on ``device`` takes, and why: ``"fused"`` or ``"eager (...)"``."""
+        fused, reason = self._cells_choice(torch.device(device), True, dtype)
+        return "fused" if fused else f"eager ({reason})"
+
+    def _cells_choice(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> Tuple[bool, str]:
         if self.kernels == "eager":
-            return False
+            return False, "kernels='eager'"
         built = fused_built(device.type)
         if self.kernels == "fused" and not built:
             raise FusedKernelsUnavailable(
                 f"Supernet(kernels='fused'): the fused-cell ops are not built for {device.type} in this bnao "
                 "build (see `bnao info`); rebuild with scripts/setup.sh (CUDA: BNAO_CUDA=1) or use kernels='auto'")
-        autocast = torch.is_autocast_enabled(device.type)
-        return built and batch_stats and not autocast and dtype in (torch.float32, torch.float64)
+        if not built:
+            return False, f"the fused-cell ops are not built for {device.type}"
+        if self.kernels == "auto" and device.type == "cpu":
+            # The CPU kernels exist to prove the fused arithmetic in CI; oneDNN's convolutions of the eager
+            # path are several times faster on a CPU (benchmarks/RESULTS.md, "Fused cells").
+            return False, "kernels='auto' runs the fused cells on GPUs; on a CPU the eager cells are faster"
+        if not batch_stats:
+            return False, "evaluation with running statistics"
+        if torch.is_autocast_enabled(device.type) or dtype not in (torch.float32, torch.float64):
+            return False, "bf16 (the fused cells take float32 and float64)"
+        return True, ""
 
     def fused_state(self, device: torch.device) -> FusedState:
         """Per-device constants of the fused path."""

@@ -34,6 +34,15 @@ _NO_KERNEL = {
 }
 
 
+#: The trainer's profiler ranges (not ops).
+_RANGES = {"bnao::forward", "bnao::backward", "bnao::optimizer"}
+
+
+def _is_op(name: str) -> bool:
+    """An ATen op or one of bnao's compiled ops (``torch.ops.bnao.*``), not a profiler range."""
+    return name.startswith("aten::") or (name.startswith("bnao::") and name not in _RANGES)
+
+
 def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, classes: int, samples: int):
     from ..data import create_dataset
 
@@ -47,7 +56,8 @@ def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, 
 def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, float]:
     """Ops launched per training step, counted with torch.profiler.
 
-    Counts the outermost ``aten::`` calls that compute (views and allocations excluded), split by phase
+    Counts the outermost ``aten::`` and ``bnao::`` op calls that compute (views and allocations excluded; a
+    compiled bnao op counts once), split by phase
     (forward / backward / optimizer ranges recorded by the trainer); on a GPU each launches at least one
     kernel. On CPU, ``torch._foreach_*`` and ``clip_grad_norm_`` run one op per tensor, whereas on CUDA they
     launch a few multi-tensor kernels, so the optimizer count is a CPU figure. On CUDA the device kernels
@@ -75,10 +85,10 @@ def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, fl
             kernels += 1
             continue
         parent = ev.cpu_parent
-        if ev.name.startswith("aten::") and ev.name not in _NO_KERNEL:
-            # Outermost aten calls (from Python or the autograd engine): each is at least one kernel launch on
-            # a GPU; their CPU-internal helpers (e.g. oneDNN layout copies) are not counted.
-            if parent is None or not parent.name.startswith("aten::"):
+        if _is_op(ev.name) and ev.name not in _NO_KERNEL:
+            # Outermost aten and bnao op calls (from Python or the autograd engine): each is at least one kernel
+            # launch on a GPU; their CPU-internal helpers (e.g. oneDNN layout copies) are not counted.
+            if parent is None or not _is_op(parent.name):
                 ops += 1
                 t = ev.time_range.start
                 phase = next((n for n, a, b in ranges if a <= t <= b), "other")
@@ -95,7 +105,8 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
                      warmup: int = 5, device: str = "auto", bf16: bool = False, channels_last: bool = False,
                      pool_size: int = 1000, sampler: str = "proportional", eval_archs: int = 0,
                      eval_batch: int = 500, trace_dir: Optional[str] = None, count_ops: bool = True,
-                     loader: str = "auto", seed: int = 0, sequence_archs: int = 5) -> Dict[str, Any]:
+                     loader: str = "auto", seed: int = 0, sequence_archs: int = 5,
+                     kernels: str = "auto") -> Dict[str, Any]:
     """Measures supernet training (and optionally pool evaluation) throughput.
 
     Args:
@@ -119,6 +130,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         count_ops: Count ops launched per step (two extra profiled steps).
         loader: Loader name (``"auto"`` picks the GPU-resident one when it fits).
         seed: Seed of pool, sampler, data and model.
+        kernels: The supernet's cells: ``"auto"``, ``"fused"`` or ``"eager"`` (``Supernet(kernels=...)``).
         sequence_archs: Records the launch sequence of a training step for this many archs of the pool and
             reports whether it is the same for all (0: skip).
 
@@ -147,7 +159,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         weights = np.ones(pool_size)
     smp = create_sampler(sampler, weights, seed=seed, device=dev)
     model = Supernet(sp, layers=layers, channels=channels, num_classes=num_classes, in_channels=in_channels,
-                     total_steps=warmup + steps).to(dev)
+                     total_steps=warmup + steps, kernels=kernels).to(dev)
     trainer = SupernetTrainer(model, smp, pool, train_loader, bf16=bf16, channels_last=channels_last,
                               steps_total=warmup + steps, device=dev, seed=seed, sync_timing=True)
     if dev.type == "cuda":
@@ -158,7 +170,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dataset": dataset, "space": space, "layers": layers, "channels": channels, "classes": num_classes,
         "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last, "pool_size": pool_size,
-        "sampler": sampler, "params": model.num_parameters(), "param_tensors": len(list(model.parameters())),
+        "sampler": sampler, "kernels": model.cells_path(dev), "params": model.num_parameters(), "param_tensors": len(list(model.parameters())),
     }
     # Split timing (synchronised phases) and plain throughput (no extra synchronisation) are separate runs.
     split = trainer.train_steps(steps)
@@ -212,7 +224,8 @@ def format_result(r: Dict[str, Any]) -> str:
     lines = [
         f"device {r['device']}  dataset {r['dataset']}  space {r['space']}  N={r['layers']} C={r['channels']} "
         f"classes={r['classes']}  batch {r['batch_size']}  {'bf16' if r['bf16'] else 'fp32'}"
-        f"{'  channels_last' if r['channels_last'] else ''}  sampler {r['sampler']} over {r['pool_size']} archs",
+        f"{'  channels_last' if r['channels_last'] else ''}  sampler {r['sampler']} over {r['pool_size']} archs"
+        f"  cells {r['kernels']}",
         f"supernet: {r['params']:,} weights in {r['param_tensors']} tensors",
         f"training: {r['img_per_s']:,.1f} img/s, {r['ms_per_step']:.2f} ms/step ({r['steps']} steps)",
         "split (synchronised): " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["split_ms"].items())
