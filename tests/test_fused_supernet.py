@@ -92,14 +92,14 @@ class _Float64Batches:
         return len(self.loader)
 
 
-def _trainer(kernels, device, steps):
+def _trainer(kernels, device, steps, image_channels=3):
     space = NAOSpace(op_set="small")
     torch.manual_seed(0)
     model = Supernet(space, layers=1, channels=4, num_classes=4, drop_path_keep_prob=0.8, total_steps=steps,
-                     kernels=kernels).to(device=device, dtype=torch.float64)
+                     kernels=kernels, in_channels=image_channels).to(device=device, dtype=torch.float64)
     pool = space.sample_array(6, 3)
     sampler = create_sampler("proportional", np.arange(1, 7, dtype=np.float64), seed=5)
-    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 3), num_classes=4)
+    data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, image_channels), num_classes=4)
     loader = create_loader("tensor", data, 8, device=device, augment=True, shuffle=True, drop_last=True, seed=1)
     return SupernetTrainer(model, sampler, pool, _Float64Batches(loader), steps_total=steps, lr_max=0.05,
                            device=device)
@@ -132,6 +132,18 @@ def test_300_fused_steps_follow_the_eager_ones(device):
         rows_never_used = (eager.model.slot_params[name].detach() == initial[name]).flatten(1).all(1)
         assert rows_never_used.any(), name  # the check below is not vacuous
         assert torch.equal(p.detach()[rows_never_used], initial_f[name][rows_never_used]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_steps_on_one_channel_images(device):
+    # A one-channel NCHW batch also has channels-last strides, so the stem's output may come out
+    # channels-last; the fused cells must still take it (Fashion-MNIST is one-channel).
+    _require_fused(device)
+    losses = {}
+    for kernels in ("eager", "fused"):
+        trainer = _trainer(kernels, device, 20, image_channels=1)
+        losses[kernels] = [trainer.train_steps(1)["loss"] for _ in range(5)]
+    np.testing.assert_allclose(losses["fused"], losses["eager"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

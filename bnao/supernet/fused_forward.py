@@ -87,6 +87,9 @@ def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, mask
     mom, eps = net.bn_momentum, net.bn_eps
     for info, fixed in zip(net.cell_info, net.fixed):
         c0, c1 = fixed.calibrate(s0, s1, True, update)
+        # The kernels take NCHW-contiguous states; a convolution may return channels-last ones (e.g. the stem
+        # on one-channel images, whose NCHW batch has channels-last strides too). A no-op when contiguous.
+        c0, c1 = c0.contiguous(), c1.contiguous()
         red_weights, red_stats = fixed.reduce_weights()
         buffers = CellBuffers(None, red_stats, (fixed.comb_bn.running_mean, fixed.comb_bn.running_var))
         nodes = weights[info.stage][info.local]

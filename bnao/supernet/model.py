@@ -28,50 +28,25 @@ exempts identity branches).
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nets.network import check_skeleton_args
 from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
-from ..ops.cell import (
-    NUM_BN,
-    ROLES,
-    CellBuffers,
-    CellWeights,
-    batch_norm,
-    cell_schedule,
-    factorized_reduce,
-    mixed_cell,
-)
+from ..nets.network import check_skeleton_args
+from ..ops.cell import NUM_BN, ROLES, cell_schedule
 from ..space.nao import Arch, NAOSpace
-from . import fused_forward
-from .fused_forward import FusedKernelsUnavailable, FusedState, check_kernels, fused_built
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
+from . import eager_forward, fused_forward
+from .fixed import CellFixed, CellInfo, ConvBN, kaiming
+from .fused_forward import FusedKernelsUnavailable, FusedState, check_kernels, fused_built
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class _CellInfo:
-    index: int
-    stage: int
-    local: int  # index among the stage's cells
-    red_local: int  # index among the stage's reduction cells (-1 for normal cells)
-    reduction: bool
-    channels: int
-
-
-def _kaiming(shape: Sequence[int], fan_in: int) -> torch.Tensor:
-    # NAO initialises every conv / linear weight with Kaiming normal (fan_in, gain sqrt(2)).
-    return torch.randn(*shape) * math.sqrt(2.0 / fan_in)
 
 
 def _device_present(device: torch.device) -> bool:
@@ -81,74 +56,6 @@ def _device_present(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     return False
-
-
-class _ConvBN(nn.Module):
-    """Conv (no bias) + BN with functional BN modes (stem convs)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
-        super().__init__()
-        self.stride, self.padding = stride, kernel // 2
-        self.weight = nn.Parameter(_kaiming((c_out, c_in, kernel, kernel), c_in * kernel * kernel))
-        self.bn = nn.BatchNorm2d(c_out)
-
-    def forward(self, x: torch.Tensor, batch_stats: bool, update: bool) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
-        return batch_norm(x, self.bn.weight, self.bn.bias, (self.bn.running_mean, self.bn.running_var),
-                          batch_stats, update, self.bn.momentum, self.bn.eps)
-
-
-class _CellFixed(nn.Module):
-    """Per-cell weights that do not depend on the input id: calibration, loose-end reduction, final combine."""
-
-    def __init__(self, c0: int, c1: int, reduce0: bool, channels: int, num_states: int, reduction: bool):
-        super().__init__()
-        c = channels
-        # NAO's MaybeCalibrateSize: factorized reduce after a reduction cell, else ReLU-conv1x1-BN if needed.
-        self.pre0 = "fr" if reduce0 else ("rcb" if c0 != c else None)
-        self.pre1 = "rcb" if c1 != c else None
-        if self.pre0:
-            self.pre0_w = nn.Parameter(_kaiming((c, c0), c0))
-            self.pre0_bn = nn.BatchNorm2d(c)
-        if self.pre1:
-            self.pre1_w = nn.Parameter(_kaiming((c, c1), c1))
-            self.pre1_bn = nn.BatchNorm2d(c)
-        self.reduction = reduction
-        if reduction:  # loose inputs of a reduction cell are factorized-reduced (one module per input, as NAO)
-            self.red0_w = nn.Parameter(_kaiming((c, c), c))
-            self.red0_bn = nn.BatchNorm2d(c)
-            self.red1_w = nn.Parameter(_kaiming((c, c), c))
-            self.red1_bn = nn.BatchNorm2d(c)
-        # Final combine: weight per state id [C_out, B+2, C_in]; the used columns are the loose ends.
-        self.comb_w = nn.Parameter(_kaiming((c, num_states, c), c))
-        self.comb_bn = nn.BatchNorm2d(c)
-
-    @staticmethod
-    def _stats(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-        return bn.running_mean, bn.running_var
-
-    def calibrate(self, s0: torch.Tensor, s1: torch.Tensor, batch_stats: bool, update: bool):
-        if self.pre0 == "fr":
-            # The reference's MaybeCalibrateSize applies a ReLU before this factorized reduce.
-            s0 = factorized_reduce([s0], self.pre0_w, self.pre0_bn.weight, self.pre0_bn.bias,
-                                   self._stats(self.pre0_bn), batch_stats, update, self.pre0_bn.momentum,
-                                   self.pre0_bn.eps, relu=True)
-        elif self.pre0 == "rcb":
-            s0 = F.conv2d(F.relu(s0), self.pre0_w[:, :, None, None])
-            s0 = batch_norm(s0, self.pre0_bn.weight, self.pre0_bn.bias, self._stats(self.pre0_bn), batch_stats,
-                            update, self.pre0_bn.momentum, self.pre0_bn.eps)
-        if self.pre1 == "rcb":
-            s1 = F.conv2d(F.relu(s1), self.pre1_w[:, :, None, None])
-            s1 = batch_norm(s1, self.pre1_bn.weight, self.pre1_bn.bias, self._stats(self.pre1_bn), batch_stats,
-                            update, self.pre1_bn.momentum, self.pre1_bn.eps)
-        return s0, s1
-
-    def reduce_weights(self):
-        if not self.reduction:
-            return (), ()
-        return ((self.red0_w, self.red0_bn.weight, self.red0_bn.bias),
-                (self.red1_w, self.red1_bn.weight, self.red1_bn.bias)), \
-            (self._stats(self.red0_bn), self._stats(self.red1_bn))
 
 
 class _Plan:
@@ -225,16 +132,16 @@ class Supernet(nn.Module):
 
         # ---- stem
         if skeleton == "cifar":
-            self.stem = _ConvBN(in_channels, 3 * channels, 3, 1)
+            self.stem = ConvBN(in_channels, 3 * channels, 3, 1)
             prev = [(0, 3 * channels), (0, 3 * channels)]  # (level, channels)
         else:
-            self.stem0a = _ConvBN(in_channels, max(channels // 2, 1), 3, 2)
-            self.stem0b = _ConvBN(max(channels // 2, 1), channels, 3, 2)
-            self.stem1 = _ConvBN(channels, channels, 3, 2)
+            self.stem0a = ConvBN(in_channels, max(channels // 2, 1), 3, 2)
+            self.stem0b = ConvBN(max(channels // 2, 1), channels, 3, 2)
+            self.stem1 = ConvBN(channels, channels, 3, 2)
             prev = [(2, channels), (3, channels)]
 
         # ---- cells and stages
-        self.cell_info: List[_CellInfo] = []
+        self.cell_info: List[CellInfo] = []
         self.fixed = nn.ModuleList()
         stage, c = 0, channels
         local, red_local = 0, 0
@@ -242,8 +149,8 @@ class Supernet(nn.Module):
             reduction = i in self.reduction_indices
             if reduction:
                 stage, c, local, red_local = stage + 1, c * 2, 0, 0
-            self.cell_info.append(_CellInfo(i, stage, local, red_local if reduction else -1, reduction, c))
-            self.fixed.append(_CellFixed(prev[0][1], prev[1][1], prev[0][0] != prev[1][0], c, B + 2, reduction))
+            self.cell_info.append(CellInfo(i, stage, local, red_local if reduction else -1, reduction, c))
+            self.fixed.append(CellFixed(prev[0][1], prev[1][1], prev[0][0] != prev[1][0], c, B + 2, reduction))
             local += 1
             red_local += int(reduction)
             level = prev[1][0] + int(reduction)
@@ -287,9 +194,9 @@ class Supernet(nn.Module):
                 for role in ROLES[kind]:
                     r = role.rstrip("12")
                     if r == "dw":
-                        t = _kaiming(shapes["dw"], k * k)
+                        t = kaiming(shapes["dw"], k * k)
                     elif r in ("pw", "w"):
-                        t = _kaiming(shapes[r], cg)
+                        t = kaiming(shapes[r], cg)
                     elif r == "g":
                         t = torch.ones(s, cg)
                     else:
@@ -541,7 +448,7 @@ class Supernet(nn.Module):
         if fused:
             s1, aux_logits = fused_forward.run_cells(self, self._codes(plan, device), s0, s1, masks, update)
         else:
-            s1, aux_logits = self._eager_cells(plan, s0, s1, masks, batch_stats, update)
+            s1, aux_logits = eager_forward.run_cells(self, plan, s0, s1, masks, batch_stats, update)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
         if training and self.dropout > 0:
             u = self._shard_rows(torch.rand((out.shape[0] * self.batch_shard[1], *out.shape[1:]),
@@ -551,59 +458,6 @@ class Supernet(nn.Module):
         if self.auxiliary_head is not None and training:
             return logits, aux_logits
         return logits
-
-    def _eager_cells(self, plan: _Plan, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor],
-                     batch_stats: bool, update: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Every cell on the eager path (:func:`~bnao.ops.cell.mixed_cell`); ``(last output, aux logits)``."""
-        training = self.training
-        mom, eps = self.bn_momentum, self.bn_eps
-        # One gather per stacked tensor, split into the per-group chunks of every cell of the stage.
-        chunks: Dict[Tuple[int, int], List[Tuple[torch.Tensor, ...]]] = {}
-        for (g, o), idx in plan.gather.items():
-            sizes = plan.chunk_sizes[(g, o)]
-            roles = [self.slot_tensor(g, o, r).index_select(0, idx).split(sizes) for r in ROLES[self.table[o][0]]]
-            chunks[(g, o)] = list(zip(*roles))
-
-        stats: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.num_stages)]
-        stage_hw = [1] * self.num_stages
-        aux_logits = None
-        n_ops = len(self.table)
-        for ci, fx in zip(self.cell_info, self.fixed):
-            c0, c1 = fx.calibrate(s0, s1, batch_stats, update)
-            cell_arch = plan.reduce if ci.reduction else plan.normal
-            ops = [()] * n_ops
-            sched = cell_schedule(cell_arch, ci.reduction, self.table)
-            for o, sizes in sched.op_chunks.items():
-                start = plan.chunk_start[(ci.index, o)]
-                ops[o] = tuple(chunks[(ci.stage, o)][start : start + len(sizes)])
-            red_w, red_stats = fx.reduce_weights()
-            weights = CellWeights(tuple(ops), red_w, (fx.comb_w, fx.comb_bn.weight, fx.comb_bn.bias),
-                                  plan.loose[ci.reduction])
-            slot_stats = None
-            if not batch_stats and sched.num_bn:
-                rows = plan.bn_rows[ci.stage]
-                # rows of this cell: cells of a stage are laid out in order, each with its own num_bn rows
-                start = sum(cell_schedule(plan.reduce if c.reduction else plan.normal, c.reduction,
-                                          self.table).num_bn for c in self.stage_cells[ci.stage][: ci.local])
-                r = rows.narrow(0, start, sched.num_bn)
-                slot_stats = (getattr(self, f"s{ci.stage}_running_mean").index_select(0, r),
-                              getattr(self, f"s{ci.stage}_running_var").index_select(0, r))
-            buffers = CellBuffers(slot_stats, red_stats, (fx.comb_bn.running_mean, fx.comb_bn.running_var))
-            out, mean, invstd = mixed_cell(
-                c0, c1, cell_arch, weights, buffers, table=self.table, reduction=ci.reduction,
-                batch_stats=batch_stats, update_stats=update,
-                drop_mask=masks[ci.index] if masks is not None else None, momentum=mom, eps=eps,
-                drop_identity=self.drop_path_identity)
-            if update and mean is not None:
-                stats[ci.stage].append((mean, invstd))
-            stage_hw[ci.stage] = out.shape[-2] * out.shape[-1]
-            s0, s1 = s1, out
-            if self.auxiliary_head is not None and training and ci.index == self.aux_index:
-                aux_logits = self.auxiliary_head(s1)
-
-        if update:
-            self._update_slot_stats(plan, stats, stage_hw, s1.shape[0])
-        return s1, aux_logits
 
     def _fused_path(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> bool:
         """Whether this forward runs the fused cells (see the ``kernels`` argument)."""
