@@ -227,14 +227,6 @@ def load_datasets(settings: Dict[str, Any]):
     return train, test
 
 
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}min"
-    return f"{s / 3600:.2f}h"
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -261,6 +253,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..safe_io import FileWriteError
     from ..signals import GracefulStop, Stopped
     from ..train import CheckpointError, NonFiniteLossError, StandaloneTrainer, make_config, save_model
+    from ..search.report import fmt_seconds
 
     if args.threads is not None:
         if args.threads < 1:
@@ -333,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
             test = f" | test acc {100 * rec['eval_acc']:.2f}% loss {rec['eval_loss']:.4f}"
         skipped = f" ({rec['skipped_steps']} non-finite steps skipped)" if rec.get("skipped_steps") else ""
         say(f"epoch {rec['epoch']}/{config.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
-              f"acc {100 * rec['train_acc']:.2f}%{test} | {_fmt_seconds(rec['seconds'])}{skipped}", flush=True)
+              f"acc {100 * rec['train_acc']:.2f}%{test} | {fmt_seconds(rec['seconds'])}{skipped}", flush=True)
 
     try:
         trainer = StandaloneTrainer(arch, space, train_data, test_data, config, device=device,
@@ -387,6 +380,6 @@ def _run(args: argparse.Namespace) -> int:
     _write_json(out / "metrics.json", metrics)
     print(f"test error {100 * result['eval_error']:.2f}% (accuracy {100 * result['eval_acc']:.2f}%), "
           f"loss {result['eval_loss']:.4f}, params {result['params'] / 1e6:.3f}M, {result['epochs']} epochs in "
-          f"{_fmt_seconds(result['seconds'])}\nwrote {out / 'model.pt'}, {out / 'metrics.json'}", flush=True)
+          f"{fmt_seconds(result['seconds'])}\nwrote {out / 'model.pt'}, {out / 'metrics.json'}", flush=True)
     shutdown()
     return 0

@@ -137,3 +137,10 @@ def write_plots(folder: Path, pool: Pool, draws_per_iteration: List[Dict[str, np
     save_figure(fig, folder / "draws_vs_size.png", dpi=120)
     plt.close(fig)
     return None
+
+
+def fmt_seconds(s: float) -> str:
+    """Seconds as ``1h02m03s`` or ``2m03s``."""
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -86,18 +86,25 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
     figures = []
     for r in results:
         bs = int(r["batch_size"])
+        cells = r.get("kernels", "")
+        path = f", {cells.split(' ')[0]} cells" if cells else ""
         split = ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items())
         note = f"{r['ms_per_step']:.2f} ms/step; synchronised split ms: {split}"
         if "kernels_per_step" in r:
             note += f"; {r['kernels_per_step']:.0f} CUDA kernels/step"
+        if "launch_sequence" in r:
+            note += "; launch sequence " + ("identical for every arch" if r["launch_sequence"]["identical"]
+                                            else "depends on the arch")
+        if cells.startswith("eager ("):
+            note += f"; {cells}"
         target = TARGETS.get(f"train_b{bs}")
-        figures.append(Figure(f"supernet training, batch {bs}", r["img_per_s"], "img/s", target, note=note))
+        figures.append(Figure(f"supernet training, batch {bs}{path}", r["img_per_s"], "img/s", target, note=note))
         if "peak_memory_mib" in r:
-            figures.append(Figure(f"peak GPU memory, batch {bs}", r["peak_memory_mib"], "MiB",
+            figures.append(Figure(f"peak GPU memory, batch {bs}{path}", r["peak_memory_mib"], "MiB",
                                   note="torch.cuda.max_memory_allocated over warm-up, timing and evaluation"))
         if "eval_archs_per_s" in r:
-            figures.append(Figure(f"pool evaluation, batch {r['eval_batch']}", r["eval_archs_per_s"], "archs/s",
-                                  TARGETS["eval"], note=f"{r['eval_archs']} archs"))
+            figures.append(Figure(f"pool evaluation, batch {r['eval_batch']}{path}", r["eval_archs_per_s"],
+                                  "archs/s", TARGETS["eval"], note=f"{r['eval_archs']} archs"))
     return figures
 
 

@@ -35,12 +35,16 @@ def run_one_step(device: str) -> int:
     images, labels = next(iter(loader))
     print(f"loader: batch {tuple(images.shape)} on {images.device}", flush=True)
 
-    torch.manual_seed(0)
-    model = Supernet(space, layers=1, channels=8, num_classes=10, total_steps=2).to(dev)
-    trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0)
-    stats = trainer.train_steps(1)
-    assert np.isfinite(stats["loss"]), stats
-    print(f"train: 1 step, loss {stats['loss']:.4f}", flush=True)
+    from bnao.supernet.fused_forward import fused_built
+
+    # Both cell paths: the eager PyTorch cells and, where built, the fused kernels.
+    for kernels in ("eager", "fused") if fused_built(dev.type) else ("eager",):
+        torch.manual_seed(0)
+        model = Supernet(space, layers=1, channels=8, num_classes=10, total_steps=2, kernels=kernels).to(dev)
+        trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0)
+        stats = trainer.train_steps(1)
+        assert np.isfinite(stats["loss"]), stats
+        print(f"train ({kernels} cells): 1 step, loss {stats['loss']:.4f}", flush=True)
 
     acc, loss = evaluate_pool(model, pool[:2], (images, labels))
     assert np.isfinite(loss).all()
