@@ -737,6 +737,40 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
   return sum;
 }
 
+// Adds the depthwise input gradients of columns [begin, end) of input row y (stride 1) to out:
+// interior columns tap-outer, column-inner (the sums of depthwise_input_grad, in its tap order),
+// the others through depthwise_input_grad.
+template <typename T>
+BNAO_CELL_HD void add_depthwise_input_grad_columns(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n,
+                                                   int64_t c, int64_t y, int64_t begin, int64_t end, T* out) {
+  const int k = br.kernel, d = br.dilation;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2), span = static_cast<int64_t>(k - 1) * d;
+  const int64_t bottom = y + pad;
+  int64_t first = span - pad, last = a.width - 1 - pad;  // interior: x + pad - span >= 0, x + pad < Wo
+  if (br.stride != 1 || bottom - span < 0 || bottom >= a.height || last < first) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t x = begin; x < first; ++x) out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
+  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
+  const ChannelInput<T> in = channel_input(a, br, b, n, c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) {
+        const T w = weight[kh * kMaxKernel + kw];
+        const T* row = grad + (bottom - kh * d) * a.width + start + pad - kw * d;
+        for (int64_t q = 0; q < count; ++q) sum[q] += w * row[q];
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] += in.at(y, start + q) > T(0) ? sum[q] : T(0);
+  }
+  for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
+    out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
+}
+
 template <typename T>
 BNAO_CELL_HD T reduce_input_grad(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t y, int64_t x) {
   // Even pixels feed rows :C/2, odd pixels rows C/2:; mixed pixels are never read.
@@ -818,8 +852,19 @@ struct SourceGrad {
     }
     a.grad_source[r.offset + x] = sum;
   }
+  // Same sums as `run`, branch by branch over the whole row (0 + branch 0 + branch 1, as in run).
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) run(a, r, x);
+    T* out = a.grad_source + r.offset;
+    for (int64_t x = begin; x < end; ++x) out[x] = T(0);
+    for (int b = 0; b < kNumBranches; ++b) {
+      const Branch<T>& br = r.br[b];
+      if (br.source != a.source_index) continue;
+      if (br.op == kOpSepConv) {
+        add_depthwise_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
+      } else {
+        for (int64_t x = begin; x < end; ++x) out[x] += branch_input_grad(a, br, b, r.n, r.c, r.y, x);
+      }
+    }
   }
 };
 
