@@ -321,11 +321,11 @@ BNAO_CELL_HD MaxAt<T> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, in
   for (int64_t y = rows.begin; y < rows.end; ++y)
     for (int64_t x = cols.begin; x < cols.end; ++x) {
       const T value = load_input(a, br, b, n, c, y, x);
-      if (value > best.value || value != value) {
-        best.value = value;
-        best.y = y;
-        best.x = x;
-      }
+      // Selects rather than a branch: which pixel wins is data-dependent and unpredictable.
+      const bool take = value > best.value || value != value;
+      best.value = take ? value : best.value;
+      best.y = take ? y : best.y;
+      best.x = take ? x : best.x;
     }
   return best;
 }
