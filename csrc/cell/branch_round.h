@@ -681,11 +681,16 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
     const T* grad = a.grad_mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
     T partial[4] = {T(0), T(0), T(0), T(0)};
     int64_t j = first;
-    if (s == 1 && !in.normalize) {
-      // The common case spelled out plainly: contiguous, no prologue, so the compiler vectorises it.
+    if (s == 1) {
+      // Stride 1 spelled out plainly (contiguous; the prologue hoisted), so the compiler vectorises it.
       const T* row = in.plane + y * in.width + shift;
-      for (; j + 4 <= last + 1; j += 4)
-        for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+      if (in.normalize) {
+        for (; j + 4 <= last + 1; j += 4)
+          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu((row[j + q] - in.mean) * in.factor + in.beta);
+      } else {
+        for (; j + 4 <= last + 1; j += 4)
+          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+      }
     }
     for (; j + 4 <= last + 1; j += 4)
       for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(in.at(y, (j + q) * s + shift));
@@ -874,6 +879,15 @@ template <typename T>
 struct NormInputGrad : PreBody<T, NormInputGrad<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     a.grad_source[r.offset + j] = branch_input_grad(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      return;
+    }
+    T* out = a.grad_source + r.offset;  // 0 + the gradient: run's value (up to the sign of a zero)
+    for (int64_t j = begin; j < end; ++j) out[j] = T(0);
+    add_depthwise_input_grad_columns(a, r.br, r.b, r.n, r.c, r.i, begin, end, out);
   }
 };
 
