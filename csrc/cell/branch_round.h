@@ -631,6 +631,18 @@ struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
     const int64_t y = 2 * i + offset, x = 2 * j + offset;
     return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : T(0);
   }
+  // Sep convs: a plain dot product of two contiguous rows (vectorised); the reduce: the terms.
+  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    if (ctx.br.op != kOpSepConv) return TermBase<T, GradPwTerm<T>>::row_sum(a, ctx, n, i);
+    const T* grad = a.grad_total + pre_offset(a, ctx.b, n, ctx.o, i, 0);
+    const T* mid = a.mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
+    T partial[4] = {T(0), T(0), T(0), T(0)};
+    int64_t j = 0;
+    for (; j + 4 <= a.width; j += 4)
+      for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * mid[j + q];
+    for (; j < a.width; ++j) partial[0] += grad[j] * mid[j];
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
     a.grad_pw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
