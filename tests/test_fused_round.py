@@ -250,6 +250,32 @@ def test_opcheck(device):
     torch.library.opcheck(op, ([pre1.requires_grad_()], code2, 2, *leaves((dw, pw)), *norm, EPS, False))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    # Reductions have a fixed order (no atomics): repeated calls, and on the CPU any thread count,
+    # give the same bits.
+    _require_kernel(device)
+    gen = torch.Generator().manual_seed(8)
+    code = cell_code(covering_cells("middle", seed=3)[2], True, op_table("middle"))[0].to(device)
+    dw, pw = make_weights(6, torch.float32, device, gen)
+    sources = make_sources(0, 4, 6, 17, 16, True, torch.float32, device, gen)
+    args = (sources, code, 1, dw, pw, None, None, None, None, EPS, True)
+    first = torch.ops.bnao.branch_round(*args)
+    grads = [torch.randn(t.shape, generator=gen).to(device) for t in first]
+    first_backward = torch.ops.bnao.branch_round_backward(*grads, *args[:9], *first, True)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in ({1, 2} if device == "cpu" else {threads}):
+            torch.set_num_threads(num_threads)
+            again = torch.ops.bnao.branch_round(*args)
+            again_backward = torch.ops.bnao.branch_round_backward(*grads, *args[:9], *again, True)
+            assert all(torch.equal(x, y) for x, y in zip(first, again))
+            flat = lambda result: list(result[0]) + list(result[1:])  # noqa: E731
+            assert all(torch.equal(x, y) for x, y in zip(flat(first_backward), flat(again_backward)))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_arguments_are_checked():
     _require_kernel("cpu")
     gen = torch.Generator().manual_seed(0)
