@@ -93,7 +93,8 @@ def run_both(sources, code, round_index, dw, pw, norm, reduction, device):
         src, (w_dw, w_pw) = leaves(sources), leaves((dw, pw))
         nrm = tuple(leaves(norm)) if norm is not None else None
         if compiled:
-            outs = fused_round.branch_round(src, code.to(device), round_index, w_dw, w_pw, nrm, EPS, reduction=reduction)
+            outs = fused_round.branch_round(src, code.to(device), round_index, w_dw, w_pw, nrm, EPS,
+                                            reduction=reduction)
         else:
             outs = branch_round_reference([s.cpu() for s in src], code.cpu(), round_index, w_dw.cpu(), w_pw.cpu(),
                                           tuple(t.cpu() for t in nrm) if nrm else None, EPS)

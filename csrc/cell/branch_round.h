@@ -8,12 +8,13 @@
 //     source-shaped) tensor, writing only that element, so they need no atomics.
 //     `Body::row(args, row)` decodes a row (all but the last dimension) into a `Body::Row`, and
 //     `Body::run(args, row, column)` computes one element. The CPU launcher decodes each row
-//     once and walks its columns; the CUDA launcher gives one element to each thread.
+//     once and calls `Body::run_columns(args, row, begin, end)` (the same per-element sums,
+//     with loops a CPU vectorises); the CUDA launcher gives one element to each thread.
 //   * reduction terms: output `o` (a (branch, channel) statistic or a weight gradient) is the
 //     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
 //     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
-//     adds the terms of an output in order on one thread (in double); the CUDA launcher runs one
-//     block per output with a fixed-shape tree. Both are deterministic.
+//     adds each row's `Term::row_sum` in (n, i) order in double on one thread; the CUDA launcher
+//     runs one block per output with a fixed-shape tree. Both are deterministic.
 // The phase sequences (run_forward / run_backward) are written once here, against a launcher
 // that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
 //
@@ -578,7 +579,8 @@ struct GradTotal : PreBody<T, GradTotal<T>> {
       const int64_t bc = r.b * a.channels + r.c;
       const T count = static_cast<T>(a.batch * a.height * a.width);
       const T invstd = a.invstd[bc];
-      grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * (a.pre[index] - a.mean[bc]) / count;
+      const T centred = a.pre[index] - a.mean[bc];
+      grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * centred / count;
     }
     a.grad_total[index] = grad;
   }
@@ -739,7 +741,8 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
     if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
       // Interior pixel at stride 1: every tap reaches an output, no checks needed.
       for (int kh = 0; kh < k; ++kh)
-        for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
+        for (int kw = 0; kw < k; ++kw)
+          sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
       return sum;
     }
   }
