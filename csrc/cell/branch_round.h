@@ -458,6 +458,59 @@ BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int6
   return static_cast<T>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
 }
 
+// One max-pool column through max_pool_at: its maximum into values[j], its position code into
+// codes[j] (either may be null).
+template <typename T>
+BNAO_CELL_HD void max_pool_column(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j, T* values, T* codes) {
+  const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+  if (values != nullptr) values[j] = best.value;
+  if (codes != nullptr) codes[j] = max_position_code(r.br, r.i, j, best.y, best.x);
+}
+
+// Max-pool results of columns [begin, end) of a row (see max_pool_column). Windows entirely
+// inside run column-inner with selects: max_pool_at's scan, in its order and with its tie and NaN
+// rule, for independent columns side by side.
+template <typename T>
+BNAO_CELL_HD void max_pool_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end, T* values,
+                                   T* codes) {
+  const Branch<T>& br = r.br;
+  const int s = br.stride;
+  const int64_t top = r.i * s - 1;
+  // Interior columns: j * s - 1 >= 0 and j * s + 1 < in_width.
+  int64_t first = 1, last = br.in_width >= 2 ? (br.in_width - 2) / s : -1;
+  if (top < 0 || top + 2 >= br.in_height) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t j = begin; j < first; ++j) max_pool_column(a, r, j, values, codes);
+  const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T best[kChunk], where[kChunk];
+    for (int64_t q = 0; q < count; ++q) {
+      best[q] = -std::numeric_limits<T>::infinity();
+      where[q] = T(0);  // the window's first pixel, as max_pool_at starts
+    }
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) {
+        const T* row = in.plane + (top + dy) * in.width + start * s - 1 + dx;
+        const T code = static_cast<T>(dy * 3 + dx);
+        for (int64_t q = 0; q < count; ++q) {
+          const T raw = row[q * s];
+          const T value = in.normalize ? (raw - in.mean) * in.factor + in.beta : raw;
+          const bool take = value > best[q] || value != value;
+          best[q] = take ? value : best[q];
+          where[q] = take ? code : where[q];
+        }
+      }
+    if (values != nullptr)
+      for (int64_t q = 0; q < count; ++q) values[start + q] = best[q];
+    if (codes != nullptr)
+      for (int64_t q = 0; q < count; ++q) codes[start + q] = where[q];
+  }
+  for (int64_t j = (last + 1 > first ? last + 1 : first); j < end; ++j) max_pool_column(a, r, j, values, codes);
+}
+
 // The backward's forward work, recomputed rather than saved: depthwise results of sep convs, and
 // the argmax of each max-pool window (so that the input gradient tests 9 codes, not 9 windows).
 template <typename T>
@@ -474,7 +527,7 @@ struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
     if (r.br.op == kOpSepConv) {
       depthwise_columns(a, r, begin, end, a.mid + r.offset);
     } else if (r.br.op == kOpMaxPool) {
-      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      max_pool_columns(a, r, begin, end, static_cast<T*>(nullptr), a.mid + r.offset);
     }
   }
 };
@@ -485,6 +538,10 @@ struct BranchForward : PreBody<T, BranchForward<T>> {
     a.pre[r.offset + j] = branch_value(a, r.br, r.b, r.n, r.c, r.i, j);
   }
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpMaxPool) {
+      max_pool_columns(a, r, begin, end, a.pre + r.offset, static_cast<T*>(nullptr));
+      return;
+    }
     if (r.br.op != kOpSepConv) {
       for (int64_t j = begin; j < end; ++j) run(a, r, j);
       return;
