@@ -885,6 +885,36 @@ BNAO_CELL_HD T pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b
   return sum;
 }
 
+// Adds the max-pool input gradients of columns [begin, end) of input row y to out. At stride 1
+// the pixels whose nine candidate windows all exist run column-inner (pool_input_grad's sums,
+// in its order); the others, and stride 2, through pool_input_grad.
+template <typename T>
+BNAO_CELL_HD void add_max_pool_input_grad_columns(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n,
+                                                  int64_t c, int64_t y, int64_t begin, int64_t end, T* out) {
+  int64_t first = 1, last = a.width - 2;  // interior: x - 1 >= 0 and x + 1 < Wo
+  if (br.stride != 1 || y < 1 || y + 1 >= a.height || last < first) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t x = begin; x < first; ++x) out[x] += pool_input_grad(a, br, b, n, c, y, x);
+  const T* grad = a.grad_total + pre_offset(a, b, n, c, 0, 0);
+  const T* codes = a.mid + pre_offset(a, b, n, c, 0, 0);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t offset = (y + 1 - dy) * a.width + start + 1 - dx;  // output (i, j) of window tap (dy, dx)
+        const T code = static_cast<T>(dy * 3 + dx);
+        for (int64_t q = 0; q < count; ++q) sum[q] += codes[offset + q] == code ? grad[offset + q] : T(0);
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] += sum[q];
+  }
+  for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
+    out[x] += pool_input_grad(a, br, b, n, c, y, x);
+}
+
 // Gradient of the branch's (normalised) input at an in-bounds pixel (y, x).
 template <typename T>
 BNAO_CELL_HD T branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
@@ -938,6 +968,8 @@ struct SourceGrad {
       if (br.source != a.source_index) continue;
       if (br.op == kOpSepConv) {
         add_depthwise_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
+      } else if (br.op == kOpMaxPool) {
+        add_max_pool_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
       } else {
         for (int64_t x = begin; x < end; ++x) out[x] += branch_input_grad(a, br, b, r.n, r.c, r.y, x);
       }
