@@ -36,6 +36,16 @@ NUM_NODES = 3
 EPS = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: the reference's oneDNN convolutions spend their time waking threads
+    # (seconds per test on a busy machine). test_deterministic sets its own thread counts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _require_kernel(device: str) -> None:
     # With the core loaded, a missing kernel is a build bug, not a reason to skip.
     assert fused_round.has_compiled_branch_round(device), f"bnao._C has no branch_round kernel for {device}"
