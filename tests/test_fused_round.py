@@ -16,7 +16,7 @@ import torch
 
 from bnao import extension
 from bnao.ops.fused import round as fused_round
-from bnao.ops.fused.code import FLAG_BN1, INPUT, KIND, STRIDE, cell_code
+from bnao.ops.fused.code import FLAG_BN1, FLAGS, INPUT, KIND, STRIDE, cell_code
 from bnao.ops.fused.reference import branch_round_reference
 from bnao.space import NAOSpace
 from bnao.space.ops import (
@@ -320,6 +320,6 @@ def test_arguments_are_checked():
 def test_round2_prologue_applies_only_with_bn1():
     # Sanity of the test set-up itself: the covering cells give round-2 cases with and without BN1.
     table = op_table("middle")
-    flags = {bool(int(cell_code(c, False, table)[n][b, 7]) & FLAG_BN1)
+    flags = {bool(int(cell_code(c, False, table)[n][b, FLAGS]) & FLAG_BN1)
              for c, n, b in itertools.product(covering_cells("middle", 1), range(NUM_NODES), range(2))}
     assert flags == {True, False}
