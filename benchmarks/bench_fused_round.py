@@ -4,7 +4,7 @@ One node of a normal cell reads the two cell inputs (N=64, C=20, 32x32, float32)
 round 2 normalised with round 1's statistics, then the backward of a random linear loss of both
 rounds' outputs. Prints one line per arch; records nothing.
 
-Usage: python benchmarks/bench_fused_round.py [--batch 64] [--channels 20] [--size 32] [--repeats 5]
+Usage: python benchmarks/bench_fused_round.py [--batch 64] [--channels 20] [--size 32] [--repeats 5] [--threads 0]
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=20)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not has_compiled_branch_round("cpu"):
         raise SystemExit("bnao._C has no CPU branch_round kernel: build it first (setup.py build_ext --inplace)")
     gen = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 
 from bnao import extension
 from bnao.ops.fused import round as fused_round
-from bnao.ops.fused.code import FLAG_BN1, INPUT, KIND, STRIDE, cell_code
+from bnao.ops.fused.code import FLAG_BN1, FLAGS, INPUT, KIND, STRIDE, cell_code
 from bnao.ops.fused.reference import branch_round_reference
 from bnao.space import NAOSpace
 from bnao.space.ops import (
@@ -34,6 +34,16 @@ pytestmark = pytest.mark.skipif(not extension.has_ops(), reason=f"bnao._C not lo
 
 NUM_NODES = 3
 EPS = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: the reference's oneDNN convolutions spend their time waking threads
+    # (seconds per test on a busy machine). test_deterministic sets its own thread counts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _require_kernel(device: str) -> None:
@@ -93,7 +103,8 @@ def run_both(sources, code, round_index, dw, pw, norm, reduction, device):
         src, (w_dw, w_pw) = leaves(sources), leaves((dw, pw))
         nrm = tuple(leaves(norm)) if norm is not None else None
         if compiled:
-            outs = fused_round.branch_round(src, code.to(device), round_index, w_dw, w_pw, nrm, EPS, reduction=reduction)
+            outs = fused_round.branch_round(src, code.to(device), round_index, w_dw, w_pw, nrm, EPS,
+                                            reduction=reduction)
         else:
             outs = branch_round_reference([s.cpu() for s in src], code.cpu(), round_index, w_dw.cpu(), w_pw.cpu(),
                                           tuple(t.cpu() for t in nrm) if nrm else None, EPS)
@@ -250,6 +261,32 @@ def test_opcheck(device):
     torch.library.opcheck(op, ([pre1.requires_grad_()], code2, 2, *leaves((dw, pw)), *norm, EPS, False))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    # Reductions have a fixed order (no atomics): repeated calls, and on the CPU any thread count,
+    # give the same bits.
+    _require_kernel(device)
+    gen = torch.Generator().manual_seed(8)
+    code = cell_code(covering_cells("middle", seed=3)[2], True, op_table("middle"))[0].to(device)
+    dw, pw = make_weights(6, torch.float32, device, gen)
+    sources = make_sources(0, 4, 6, 17, 16, True, torch.float32, device, gen)
+    args = (sources, code, 1, dw, pw, None, None, None, None, EPS, True)
+    first = torch.ops.bnao.branch_round(*args)
+    grads = [torch.randn(t.shape, generator=gen).to(device) for t in first]
+    first_backward = torch.ops.bnao.branch_round_backward(*grads, *args[:9], *first, True)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in ({1, 2} if device == "cpu" else {threads}):
+            torch.set_num_threads(num_threads)
+            again = torch.ops.bnao.branch_round(*args)
+            again_backward = torch.ops.bnao.branch_round_backward(*grads, *args[:9], *again, True)
+            assert all(torch.equal(x, y) for x, y in zip(first, again))
+            flat = lambda result: list(result[0]) + list(result[1:])  # noqa: E731
+            assert all(torch.equal(x, y) for x, y in zip(flat(first_backward), flat(again_backward)))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_arguments_are_checked():
     _require_kernel("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -283,6 +320,6 @@ def test_arguments_are_checked():
 def test_round2_prologue_applies_only_with_bn1():
     # Sanity of the test set-up itself: the covering cells give round-2 cases with and without BN1.
     table = op_table("middle")
-    flags = {bool(int(cell_code(c, False, table)[n][b, 7]) & FLAG_BN1)
+    flags = {bool(int(cell_code(c, False, table)[n][b, FLAGS]) & FLAG_BN1)
              for c, n, b in itertools.product(covering_cells("middle", 1), range(NUM_NODES), range(2))}
     assert flags == {True, False}

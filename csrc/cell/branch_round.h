@@ -8,12 +8,13 @@
 //     source-shaped) tensor, writing only that element, so they need no atomics.
 //     `Body::row(args, row)` decodes a row (all but the last dimension) into a `Body::Row`, and
 //     `Body::run(args, row, column)` computes one element. The CPU launcher decodes each row
-//     once and walks its columns; the CUDA launcher gives one element to each thread.
+//     once and calls `Body::run_columns(args, row, begin, end)` (the same per-element sums,
+//     with loops a CPU vectorises); the CUDA launcher gives one element to each thread.
 //   * reduction terms: output `o` (a (branch, channel) statistic or a weight gradient) is the
 //     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
 //     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
-//     adds the terms of an output in order on one thread (in double); the CUDA launcher runs one
-//     block per output with a fixed-shape tree. Both are deterministic.
+//     adds each row's `Term::row_sum` in (n, i) order in double on one thread; the CUDA launcher
+//     runs one block per output with a fixed-shape tree. Both are deterministic.
 // The phase sequences (run_forward / run_backward) are written once here, against a launcher
 // that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
 //
@@ -24,7 +25,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cell/cell_code.h"
 
@@ -208,10 +211,22 @@ BNAO_CELL_HD ChannelInput<T> channel_input(const RoundArgs<T>& a, const Branch<T
   return in;
 }
 
-// ReLU that keeps NaN (like torch.relu).
+// ReLU that keeps NaN (like torch.relu). On the host it clears the bits of negative values with a
+// mask instead of branching: on activations the sign is a coin flip, so a branch mispredicts
+// half the time, and the mask form vectorises. GPUs predicate the select anyway.
 template <typename T>
 BNAO_CELL_HD T relu(T value) {
+#ifdef __CUDA_ARCH__
   return value < T(0) ? T(0) : value;
+#else
+  using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  static_assert(sizeof(Bits) == sizeof(T), "relu: float32 or float64 only");
+  Bits bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits &= Bits(0) - static_cast<Bits>(!(value < T(0)));  // all ones unless negative
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+#endif
 }
 
 // Input pixel of a factorized-reduce output row: rows :C/2 read even pixels, the others odd ones.
@@ -307,11 +322,11 @@ BNAO_CELL_HD MaxAt<T> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, in
   for (int64_t y = rows.begin; y < rows.end; ++y)
     for (int64_t x = cols.begin; x < cols.end; ++x) {
       const T value = load_input(a, br, b, n, c, y, x);
-      if (value > best.value || value != value) {
-        best.value = value;
-        best.y = y;
-        best.x = x;
-      }
+      // Selects rather than a branch: which pixel wins is data-dependent and unpredictable.
+      const bool take = value > best.value || value != value;
+      best.value = take ? value : best.value;
+      best.y = take ? y : best.y;
+      best.x = take ? x : best.x;
     }
   return best;
 }
@@ -443,6 +458,59 @@ BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int6
   return static_cast<T>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
 }
 
+// One max-pool column through max_pool_at: its maximum into values[j], its position code into
+// codes[j] (either may be null).
+template <typename T>
+BNAO_CELL_HD void max_pool_column(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j, T* values, T* codes) {
+  const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+  if (values != nullptr) values[j] = best.value;
+  if (codes != nullptr) codes[j] = max_position_code(r.br, r.i, j, best.y, best.x);
+}
+
+// Max-pool results of columns [begin, end) of a row (see max_pool_column). Windows entirely
+// inside run column-inner with selects: max_pool_at's scan, in its order and with its tie and NaN
+// rule, for independent columns side by side.
+template <typename T>
+BNAO_CELL_HD void max_pool_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end, T* values,
+                                   T* codes) {
+  const Branch<T>& br = r.br;
+  const int s = br.stride;
+  const int64_t top = r.i * s - 1;
+  // Interior columns: j * s - 1 >= 0 and j * s + 1 < in_width.
+  int64_t first = 1, last = br.in_width >= 2 ? (br.in_width - 2) / s : -1;
+  if (top < 0 || top + 2 >= br.in_height) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t j = begin; j < first; ++j) max_pool_column(a, r, j, values, codes);
+  const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T best[kChunk], where[kChunk];
+    for (int64_t q = 0; q < count; ++q) {
+      best[q] = -std::numeric_limits<T>::infinity();
+      where[q] = T(0);  // the window's first pixel, as max_pool_at starts
+    }
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) {
+        const T* row = in.plane + (top + dy) * in.width + start * s - 1 + dx;
+        const T code = static_cast<T>(dy * 3 + dx);
+        for (int64_t q = 0; q < count; ++q) {
+          const T raw = row[q * s];
+          const T value = in.normalize ? (raw - in.mean) * in.factor + in.beta : raw;
+          const bool take = value > best[q] || value != value;
+          best[q] = take ? value : best[q];
+          where[q] = take ? code : where[q];
+        }
+      }
+    if (values != nullptr)
+      for (int64_t q = 0; q < count; ++q) values[start + q] = best[q];
+    if (codes != nullptr)
+      for (int64_t q = 0; q < count; ++q) codes[start + q] = where[q];
+  }
+  for (int64_t j = (last + 1 > first ? last + 1 : first); j < end; ++j) max_pool_column(a, r, j, values, codes);
+}
+
 // The backward's forward work, recomputed rather than saved: depthwise results of sep convs, and
 // the argmax of each max-pool window (so that the input gradient tests 9 codes, not 9 windows).
 template <typename T>
@@ -459,7 +527,7 @@ struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
     if (r.br.op == kOpSepConv) {
       depthwise_columns(a, r, begin, end, a.mid + r.offset);
     } else if (r.br.op == kOpMaxPool) {
-      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      max_pool_columns(a, r, begin, end, static_cast<T*>(nullptr), a.mid + r.offset);
     }
   }
 };
@@ -470,6 +538,10 @@ struct BranchForward : PreBody<T, BranchForward<T>> {
     a.pre[r.offset + j] = branch_value(a, r.br, r.b, r.n, r.c, r.i, j);
   }
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op == kOpMaxPool) {
+      max_pool_columns(a, r, begin, end, a.pre + r.offset, static_cast<T*>(nullptr));
+      return;
+    }
     if (r.br.op != kOpSepConv) {
       for (int64_t j = begin; j < end; ++j) run(a, r, j);
       return;
@@ -564,7 +636,8 @@ struct GradTotal : PreBody<T, GradTotal<T>> {
       const int64_t bc = r.b * a.channels + r.c;
       const T count = static_cast<T>(a.batch * a.height * a.width);
       const T invstd = a.invstd[bc];
-      grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * (a.pre[index] - a.mean[bc]) / count;
+      const T centred = a.pre[index] - a.mean[bc];
+      grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * centred / count;
     }
     a.grad_total[index] = grad;
   }
@@ -617,6 +690,18 @@ struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
     const int64_t y = 2 * i + offset, x = 2 * j + offset;
     return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : T(0);
   }
+  // Sep convs: a plain dot product of two contiguous rows (vectorised); the reduce: the terms.
+  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    if (ctx.br.op != kOpSepConv) return TermBase<T, GradPwTerm<T>>::row_sum(a, ctx, n, i);
+    const T* grad = a.grad_total + pre_offset(a, ctx.b, n, ctx.o, i, 0);
+    const T* mid = a.mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
+    T partial[4] = {T(0), T(0), T(0), T(0)};
+    int64_t j = 0;
+    for (; j + 4 <= a.width; j += 4)
+      for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * mid[j + q];
+    for (; j < a.width; ++j) partial[0] += grad[j] * mid[j];
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
     a.grad_pw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
@@ -667,11 +752,16 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
     const T* grad = a.grad_mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
     T partial[4] = {T(0), T(0), T(0), T(0)};
     int64_t j = first;
-    if (s == 1 && !in.normalize) {
-      // The common case spelled out plainly: contiguous, no prologue, so the compiler vectorises it.
+    if (s == 1) {
+      // Stride 1 spelled out plainly (contiguous; the prologue hoisted), so the compiler vectorises it.
       const T* row = in.plane + y * in.width + shift;
-      for (; j + 4 <= last + 1; j += 4)
-        for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+      if (in.normalize) {
+        for (; j + 4 <= last + 1; j += 4)
+          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu((row[j + q] - in.mean) * in.factor + in.beta);
+      } else {
+        for (; j + 4 <= last + 1; j += 4)
+          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+      }
     }
     for (; j + 4 <= last + 1; j += 4)
       for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(in.at(y, (j + q) * s + shift));
@@ -708,7 +798,8 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
     if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
       // Interior pixel at stride 1: every tap reaches an output, no checks needed.
       for (int kh = 0; kh < k; ++kh)
-        for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
+        for (int kw = 0; kw < k; ++kw)
+          sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
       return sum;
     }
   }
@@ -721,6 +812,40 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
     }
   }
   return sum;
+}
+
+// Adds the depthwise input gradients of columns [begin, end) of input row y (stride 1) to out:
+// interior columns tap-outer, column-inner (the sums of depthwise_input_grad, in its tap order),
+// the others through depthwise_input_grad.
+template <typename T>
+BNAO_CELL_HD void add_depthwise_input_grad_columns(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n,
+                                                   int64_t c, int64_t y, int64_t begin, int64_t end, T* out) {
+  const int k = br.kernel, d = br.dilation;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2), span = static_cast<int64_t>(k - 1) * d;
+  const int64_t bottom = y + pad;
+  int64_t first = span - pad, last = a.width - 1 - pad;  // interior: x + pad - span >= 0, x + pad < Wo
+  if (br.stride != 1 || bottom - span < 0 || bottom >= a.height || last < first) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t x = begin; x < first; ++x) out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
+  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
+  const ChannelInput<T> in = channel_input(a, br, b, n, c);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int kh = 0; kh < k; ++kh)
+      for (int kw = 0; kw < k; ++kw) {
+        const T w = weight[kh * kMaxKernel + kw];
+        const T* row = grad + (bottom - kh * d) * a.width + start + pad - kw * d;
+        for (int64_t q = 0; q < count; ++q) sum[q] += w * row[q];
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] += in.at(y, start + q) > T(0) ? sum[q] : T(0);
+  }
+  for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
+    out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
 }
 
 template <typename T>
@@ -758,6 +883,36 @@ BNAO_CELL_HD T pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b
     }
   }
   return sum;
+}
+
+// Adds the max-pool input gradients of columns [begin, end) of input row y to out. At stride 1
+// the pixels whose nine candidate windows all exist run column-inner (pool_input_grad's sums,
+// in its order); the others, and stride 2, through pool_input_grad.
+template <typename T>
+BNAO_CELL_HD void add_max_pool_input_grad_columns(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n,
+                                                  int64_t c, int64_t y, int64_t begin, int64_t end, T* out) {
+  int64_t first = 1, last = a.width - 2;  // interior: x - 1 >= 0 and x + 1 < Wo
+  if (br.stride != 1 || y < 1 || y + 1 >= a.height || last < first) first = end, last = end - 1;
+  first = first < begin ? begin : (first > end ? end : first);
+  last = last >= end ? end - 1 : last;
+  for (int64_t x = begin; x < first; ++x) out[x] += pool_input_grad(a, br, b, n, c, y, x);
+  const T* grad = a.grad_total + pre_offset(a, b, n, c, 0, 0);
+  const T* codes = a.mid + pre_offset(a, b, n, c, 0, 0);
+  constexpr int64_t kChunk = 64;
+  for (int64_t start = first; start <= last; start += kChunk) {
+    const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
+    T sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t offset = (y + 1 - dy) * a.width + start + 1 - dx;  // output (i, j) of window tap (dy, dx)
+        const T code = static_cast<T>(dy * 3 + dx);
+        for (int64_t q = 0; q < count; ++q) sum[q] += codes[offset + q] == code ? grad[offset + q] : T(0);
+      }
+    for (int64_t q = 0; q < count; ++q) out[start + q] += sum[q];
+  }
+  for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
+    out[x] += pool_input_grad(a, br, b, n, c, y, x);
 }
 
 // Gradient of the branch's (normalised) input at an in-bounds pixel (y, x).
@@ -804,8 +959,21 @@ struct SourceGrad {
     }
     a.grad_source[r.offset + x] = sum;
   }
+  // Same sums as `run`, branch by branch over the whole row (0 + branch 0 + branch 1, as in run).
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) run(a, r, x);
+    T* out = a.grad_source + r.offset;
+    for (int64_t x = begin; x < end; ++x) out[x] = T(0);
+    for (int b = 0; b < kNumBranches; ++b) {
+      const Branch<T>& br = r.br[b];
+      if (br.source != a.source_index) continue;
+      if (br.op == kOpSepConv) {
+        add_depthwise_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
+      } else if (br.op == kOpMaxPool) {
+        add_max_pool_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
+      } else {
+        for (int64_t x = begin; x < end; ++x) out[x] += branch_input_grad(a, br, b, r.n, r.c, r.y, x);
+      }
+    }
   }
 };
 
@@ -815,6 +983,15 @@ template <typename T>
 struct NormInputGrad : PreBody<T, NormInputGrad<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     a.grad_source[r.offset + j] = branch_input_grad(a, r.br, r.b, r.n, r.c, r.i, j);
+  }
+  static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
+    if (r.br.op != kOpSepConv) {
+      for (int64_t j = begin; j < end; ++j) run(a, r, j);
+      return;
+    }
+    T* out = a.grad_source + r.offset;  // 0 + the gradient: run's value (up to the sign of a zero)
+    for (int64_t j = begin; j < end; ++j) out[j] = T(0);
+    add_depthwise_input_grad_columns(a, r.br, r.b, r.n, r.c, r.i, begin, end, out);
   }
 };
 
