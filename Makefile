@@ -2,14 +2,10 @@ PY ?= .venv/bin/python
 
 .PHONY: demo test bench gpu-check
 
-# One command: set up and run a real Balanced NAO search on Fashion-MNIST (CPU is fine). On a CPU it
-# runs data-parallel in 2 processes of one thread each (torchrun, gloo): on small nets that keeps both
-# cores busier than 2 threads in one process, and it does not stall when other work shares the machine.
-DEMO_PROCS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 1)
+# One command: set up and run a real Balanced NAO search on Fashion-MNIST (CPU is fine).
 demo:
 	scripts/setup.sh
-	$(dir $(PY))torchrun --standalone --nproc_per_node=$(DEMO_PROCS) -m bnao search --config configs/demo.yaml \
-		--out runs/demo --overwrite threads=1
+	$(PY) -m bnao search --config configs/demo.yaml --out runs/demo --overwrite
 
 # One command: set up (CUDA kernels compiled when nvcc exists) and run the C++ and Python tests.
 test:
