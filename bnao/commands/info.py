@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2, default=str))
         return 0
-    width = 22
+    # One column wider than the longest key or op name (e.g. branch_round_backward).
+    width = 2 + max([len(k) for k in report] + [2 + len(op) for op in report.get("kernels") or {}])
     for key, value in report.items():
         if key == "kernels":
             print(f"{'kernels':<{width}}" + ("(none: pure-PyTorch references in use)" if not value else ""))
