@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts."""
 
 import platform
+import statistics
+import time
 
 
 def cpu_model() -> str:
@@ -13,3 +15,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

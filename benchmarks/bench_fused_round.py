@@ -10,12 +10,10 @@ Usage: python benchmarks/bench_fused_round.py [--batch 64] [--channels 20] [--si
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
+from _common import cpu_model, timed  # noqa: E402  (benchmarks/ is the script folder)
 from bnao.ops.fused.code import cell_code
 from bnao.ops.fused.reference import branch_round_reference
 from bnao.ops.fused.round import branch_round, has_compiled_branch_round
@@ -36,17 +34,6 @@ def node_step(round_fn, sources, code, params) -> None:
     pre2, mean2, invstd2 = round_fn([pre1], code, 2, dw2, pw2, (mean1, invstd1, gamma, beta))
     loss = (pre2 * upstream).sum() + mean2.sum() + invstd2.sum()
     loss.backward()
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -15,24 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import numpy as np
 import torch
 
-from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import cpu_model, timed  # noqa: E402  (benchmarks/ is the script folder)
 
 
 def main() -> None:

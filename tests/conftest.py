@@ -44,3 +44,13 @@ def per_slot_sgd():
     masked = MaskedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=0.01)
     reference = torch.optim.SGD(rows, lr=0.1, momentum=0.9, weight_decay=0.01)
     return stacked, rows, masked, reference
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny nets: OpenMP fork/join dominates such ops, and on a shared
+    2-core machine spinning worker threads made files many times slower (test_train: 150 s vs 8 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,17 +10,10 @@ from bnao.controller import NAOController
 from bnao.metrics import pairwise_accuracy
 from bnao.space import InvalidArchError, NAOSpace
 
+# Tiny nets: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPACE = NAOSpace(5, "small")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The controller's kernels are tiny (batch 100, width 64): a second OpenMP thread gains
-    little, and on a shared 2-core machine spinning threads slow the tests down many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sep_conv_count(archs):

@@ -31,6 +31,9 @@ from bnao.supernet import model as supernet_model
 
 import distributed_workers as workers_module
 
+# Tiny nets: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 # Weights of 2 processes vs one: the same arithmetic except the order of the gradient sum (all-reduce).
 TOLERANCE = dict(atol=1e-5, rtol=1e-4)
@@ -99,14 +102,6 @@ def workers(tmp_path_factory):
     for record in records:
         record["out"], record["stdout"] = out, done.stdout
     return records
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ supernet steps

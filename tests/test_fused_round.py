@@ -30,20 +30,13 @@ from bnao.space.ops import (
 )
 from conftest import DEVICES
 
-pytestmark = pytest.mark.skipif(not extension.has_ops(), reason=f"bnao._C not loaded: {extension.load_error()}")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not extension.has_ops(), reason=f"bnao._C not loaded: {extension.load_error()}"),
+]
 
 NUM_NODES = 3
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: the reference's oneDNN convolutions spend their time waking threads
-    # (seconds per test on a busy machine). test_deterministic sets its own thread counts.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _require_kernel(device: str) -> None:

@@ -16,6 +16,9 @@ from bnao.search.rundir import RunDir
 from bnao.supernet import SupernetTrainer
 from bnao.train import load_file
 
+# Tiny nets: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Every phase real, as small as a search gets: 6 supernet steps per iteration (a checkpoint every 2),
 # one controller round, a re-rank of one arch.
 TINY = [
@@ -46,15 +49,6 @@ def _results(run):
     pool = [strip(json.loads(line)) for line in (run / "pool.jsonl").read_text().splitlines()]
     ranking = [strip(json.loads(line)) for line in (run / "ranking.jsonl").read_text().splitlines()]
     return pool, ranking, strip(json.loads((run / "best.json").read_text()))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these nets are tiny, and OpenMP workers on a shared machine only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ from bnao.train import (
     train_standalone,
 )
 
+# Tiny nets: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPACE = NAOSpace()
 # Fixed archs: small ops mixed with pools/identity so reduction cells exercise factorized reduce.
 ARCH = SPACE.sample(3)
@@ -39,16 +42,6 @@ def brightness_task(n, seed, size=8):
     base = np.where(labels[:, None, None, None] == 1, 170, 60)
     images = np.clip(base + rng.integers(-50, 50, (n, size, size, 1)), 0, 255).astype(np.uint8)
     return ArrayDataset(images, labels, 2, (0.45,), (0.25,), name=f"bright-{seed}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these nets are so small that OpenMP fork/join dominates, and on a shared
-    2-core machine spinning worker threads made the file 20x slower (150 s vs 8 s measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
