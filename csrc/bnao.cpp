@@ -67,4 +67,11 @@ TORCH_LIBRARY(bnao, m) {
       "Tensor code, int round, Tensor dw, Tensor pw, Tensor? in_mean, Tensor? in_invstd, Tensor? in_gamma, "
       "Tensor? in_beta, Tensor pre, Tensor mean, Tensor invstd, bool reduction=False) "
       "-> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Round 1's backward that adds each source's gradient to grad_sources[i] in
+  // place (the fused cell sums every reader of a state into one buffer, with no
+  // separate add per reader); returns the gradients of dw and pw.
+  m.def(
+      "branch_round_backward_accumulate(Tensor(a!)[] grad_sources, Tensor grad_pre, Tensor grad_mean, "
+      "Tensor grad_invstd, Tensor[] sources, Tensor code, Tensor dw, Tensor pw, Tensor pre, Tensor mean, "
+      "Tensor invstd, bool reduction=False) -> (Tensor, Tensor)");
 }

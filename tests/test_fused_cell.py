@@ -17,7 +17,7 @@ from conftest import DEVICES
 from bnao import extension
 from bnao.ops.cell import ROLES, CellBuffers, CellWeights, cell_schedule, mixed_cell
 from bnao.ops.fused import cell as fused
-from bnao.ops.fused import nodes
+from bnao.ops.fused import cell_nodes, nodes
 from bnao.ops.fused.code import FLAG_BN1, FLAG_BN2, FLAGS, cell_code
 from bnao.ops.fused.reference import (
     gather_rows_reference,
@@ -425,6 +425,34 @@ def test_fused_cell_on_references(monkeypatch):
     """Without compiled kernels the wrappers fall back to the references, with the same results."""
     monkeypatch.setattr(extension, "has_kernel", lambda *args, **kwargs: False)
     _check_fused_equals_eager("middle", 1, True, seed=7, reduce_arch=_HANDMADE_REDUCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", [False, True])
+def test_fused_nodes_gradcheck(device, reduction):
+    """The cell-level autograd node (one backward for all nodes, source gradients summed in place) against
+    finite differences in float64, drop-path on, every op of the middle set over the three nodes' branches."""
+    if not cell_nodes.has_fused_nodes(device):
+        pytest.skip(f"bnao._C has no fused-node kernels for {device}")
+    from bnao.ops.fused.cell_nodes import fused_nodes
+
+    gen = torch.Generator().manual_seed(3 + int(reduction))
+    table = op_table("middle")
+    cell = (0, 2, 1, 3, 2, 5, 0, 9, 3, 8, 1, 1)  # sep3, sep5, dil3, max, avg, identity over 3 nodes
+    code = cell_code(cell, reduction, table, slot_row=lambda n, b, i, o: 0).to(device)
+    s0, s1 = (torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+              for _ in range(2))
+    weights = [[(torch.randn(2, *fused.role_shape(role, 3), generator=gen, dtype=torch.float64) * 0.5 + (
+        1.0 if role[0] == "g" else 0.0)).to(device).requires_grad_() for _node in range(3)]
+        for role in fused.FUSED_ROLES]
+    mask = (torch.rand(2, 6, generator=gen, dtype=torch.float64) < 0.8).double().div(0.8).to(device)
+
+    def nodes_only(a, b, *flat):
+        per_role = [flat[r * 3 : (r + 1) * 3] for r in range(len(fused.FUSED_ROLES))]
+        return tuple(fused_nodes(a, b, code, per_role, mask, reduction, 1e-5)[0])
+
+    flat = [w for role in weights for w in role]
+    assert torch.autograd.gradcheck(nodes_only, (s0, s1, *flat), fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
 def test_fused_cell_refuses_running_statistics():

@@ -316,3 +316,54 @@ def test_round2_prologue_applies_only_with_bn1():
     flags = {bool(int(cell_code(c, False, table)[n][b, FLAGS]) & FLAG_BN1)
              for c, n, b in itertools.product(covering_cells("middle", 1), range(NUM_NODES), range(2))}
     assert flags == {True, False}
+
+
+# ------------------------------------------------------------------ backward that accumulates
+def _accumulate_case(device, dtype, seed):
+    """A round-1 node of a reduction cell (every op kind covered over seeds) with its forward results."""
+    gen = torch.Generator().manual_seed(seed)
+    table = op_table("middle")
+    cell = covering_cells("middle", seed=seed)[seed % len(table)]
+    code = cell_code(cell, True, table)[2].to(device)  # node 2 reads 4 states
+    sources = make_sources(2, 2, 4, 6, 5, True, dtype, device, gen)
+    dw, pw = make_weights(4, dtype, device, gen)
+    pre, mean, invstd = torch.ops.bnao.branch_round(sources, code, 1, dw, pw, None, None, None, None, EPS, True)
+    grads = [torch.randn(t.shape, generator=gen, dtype=dtype).to(device) for t in (pre, mean, invstd)]
+    return gen, code, sources, dw, pw, (pre, mean, invstd), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_backward_accumulate_adds_the_reference_gradients(device, seed):
+    # Buffers + the reference's source gradients (autograd through branch_round_reference), and the
+    # reference's weight gradients: independent of the compiled kernels.
+    _require_kernel(device)
+    gen, code, sources, dw, pw, outs, grads = _accumulate_case(device, torch.float64, seed)
+    buffers = [torch.randn(s.shape, generator=gen, dtype=torch.float64).to(device) for s in sources]
+    before = [b.clone() for b in buffers]
+    grad_dw, grad_pw = torch.ops.bnao.branch_round_backward_accumulate(buffers, *grads, sources, code, dw, pw, *outs,
+                                                                       True)
+    src, weights = leaves([s.cpu() for s in sources]), leaves((dw.cpu(), pw.cpu()))
+    ref = branch_round_reference(src, code.cpu(), 1, *weights, None, EPS)
+    loss = sum((o * g.cpu()).sum() for o, g in zip(ref, grads))
+    ref_grads = torch.autograd.grad(loss, src + weights, allow_unused=True)
+    ref_grads = [torch.zeros_like(i) if g is None else g for i, g in zip(src + weights, ref_grads)]
+    for s, (buffer, start) in enumerate(zip(buffers, before)):
+        torch.testing.assert_close(buffer.cpu(), start.cpu() + ref_grads[s], msg=lambda m: f"source {s}: {m}")
+    torch.testing.assert_close(grad_dw.cpu(), ref_grads[-2])
+    torch.testing.assert_close(grad_pw.cpu(), ref_grads[-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_accumulate_opcheck_and_errors(device):
+    _require_kernel(device)
+    gen, code, sources, dw, pw, outs, grads = _accumulate_case(device, torch.float64, 5)
+    buffers = [torch.zeros_like(s) for s in sources]
+    op = torch.ops.bnao.branch_round_backward_accumulate
+    torch.library.opcheck(op.default, (buffers, *grads, sources, code, dw, pw, *outs, True))
+    with pytest.raises(RuntimeError, match="one tensor per source"):
+        op(buffers[:-1], *grads, sources, code, dw, pw, *outs, True)
+    with pytest.raises(RuntimeError, match="shares memory with a source"):
+        op([sources[0]] + buffers[1:], *grads, sources, code, dw, pw, *outs, True)
+    with pytest.raises(RuntimeError, match="grad_sources"):
+        op([b.float() for b in buffers], *grads, sources, code, dw, pw, *outs, True)

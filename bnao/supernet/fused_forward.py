@@ -17,16 +17,19 @@ import torch
 from .. import extension
 from ..ops.cell import CellBuffers
 from ..ops.fused.cell import (
+    FUSED_ROLES,
     NodeWeights,
     fused_cell,
-    gather_indices,
+    gather_index_lists,
     gather_node_weights,
-    loose_mask,
-    stack_index_table,
-    supernet_cell_code,
+    loose_list,
+    reduce_rows,
+    slot_bn_row_list,
+    stack_index_lists,
+    supernet_cell_rows,
     supernet_role_stacks,
-    update_stage_slot_stats,
 )
+from ..ops.fused.nodes import update_slot_stats
 
 #: Compiled ops the fused path needs on a device type.
 FUSED_OPS = ("branch_round", "node_output", "gather_rows", "update_slot_stats")
@@ -49,29 +52,79 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
-def arch_codes(net, arch: Tuple[int, ...]) -> torch.Tensor:
-    """The branch codes of every cell of ``net`` for ``arch`` (host int32 ``[cells, B, 2, F]``)."""
+class FusedArchData:
+    """What the fused path reads of one arch, on the device: built on the host once per arch (cached in its plan).
+
+    All of it follows from the branch codes. Building it from host lists and uploading it in two copies keeps
+    a new arch from costing dozens of small device ops (index fills, comparisons) in its first step.
+
+    Attributes:
+        codes: int32 ``[cells, B, 2, NUM_FIELDS]``.
+        select: Per stage, int64 ``[len(FUSED_ROLES), M]``: the stack of each of the stage's branches per role
+            (``gather_rows``).
+        rows: Per stage, like ``select``: the rows.
+        bn_rows: Per stage, int64 ``[cells of the stage * B * 2 * 2]``: the running-statistics row of each slot
+            BN in ``(cell, node, round, branch)`` order, -1 where none (``update_slot_stats``).
+        reduce_rows: int64 ``[cells, 2]``: :func:`~bnao.ops.fused.cell.reduce_rows` of each cell.
+    """
+
+    def __init__(self, net, arch: Tuple[int, ...], device: torch.device):
+        codes = _code_rows(net, arch)
+        ints: List[int] = []
+        spans = []
+        for g in range(net.num_stages):
+            branches = [branch for info in net.stage_cells[g] for node in codes[info.index] for branch in node]
+            select, rows = gather_index_lists(branches, stack_index_lists(net.table, net.slot_ops[g]))
+            per_branch = slot_bn_row_list(branches)
+            # (node, branch) rows of [round] -> (node, round, branch): the order of fused_cell's statistics.
+            bn_rows = [per_branch[2 * node + branch][round_index] for node in range(len(branches) // 2)
+                       for round_index in range(2) for branch in range(2)]
+            stage_spans = []
+            for values in ([v for role in select for v in role], [v for role in rows for v in role], bn_rows):
+                stage_spans.append((len(ints), len(values)))
+                ints += values
+            spans.append(stage_spans)
+        loose_host = [loose_list(code) for code in codes]
+        reduce_start = len(ints)
+        for loose in loose_host:
+            ints += reduce_rows(loose)
+        pinned = device.type == "cuda"
+        packed = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
+        roles = len(FUSED_ROLES)
+        self.select = [packed.narrow(0, *span[0]).view(roles, -1) for span in spans]
+        self.rows = [packed.narrow(0, *span[1]).view(roles, -1) for span in spans]
+        self.bn_rows = [packed.narrow(0, *span[2]) for span in spans]
+        self.codes = torch.tensor(codes, dtype=torch.int32, pin_memory=pinned).to(device, non_blocking=pinned)
+        self.reduce_rows = packed.narrow(0, reduce_start, 2 * len(codes)).view(len(codes), 2)
+        self._loose_host = loose_host
+        self._loose: Dict[torch.dtype, torch.Tensor] = {}
+
+    def loose(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[cells, B + 2]`` loose-end masks (:func:`~bnao.ops.fused.cell.loose_list`) in ``dtype``."""
+        mask = self._loose.get(dtype)
+        if mask is None:
+            mask = self._loose[dtype] = torch.tensor(self._loose_host, dtype=dtype).to(self.codes.device)
+        return mask
+
+
+def _code_rows(net, arch: Tuple[int, ...]) -> List[List[List[List[int]]]]:
     length = net.space.cell_length
     normal, reduce = arch[:length], arch[length:]
-    return torch.stack([supernet_cell_code(net, info.index, reduce if info.reduction else normal)
-                        for info in net.cell_info])
+    return [supernet_cell_rows(net, info.index, reduce if info.reduction else normal) for info in net.cell_info]
 
 
-class FusedState:
-    """Per-device constants of the fused path (the op -> stack table of each stage)."""
-
-    def __init__(self, net, device: torch.device):
-        self.device = device
-        self.stack_index = [stack_index_table(net.table, net.slot_ops[g], device) for g in range(net.num_stages)]
+def arch_codes(net, arch: Tuple[int, ...]) -> torch.Tensor:
+    """The branch codes of every cell of ``net`` for ``arch`` (host int32 ``[cells, B, 2, F]``)."""
+    return torch.tensor(_code_rows(net, arch), dtype=torch.int32)
 
 
-def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor],
+def run_cells(net, data: FusedArchData, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor],
               update: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Runs every cell of ``net`` on the fused path (batch-statistics BN).
 
     Args:
         net: The :class:`~bnao.supernet.Supernet`.
-        codes: Device int32 ``[cells, B, 2, F]`` (:func:`arch_codes`).
+        data: The arch's :class:`FusedArchData`.
         s0: Stem output 0.
         s1: Stem output 1.
         masks: ``[cells, N, 2B]`` drop-path multipliers or None.
@@ -80,9 +133,9 @@ def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, mask
     Returns:
         ``(last cell's output, auxiliary logits or None)``.
     """
-    state = net.fused_state(codes.device)
-    weights = _gather_stages(net, codes, state, s1)
-    stats: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {g: [] for g in range(net.num_stages)}
+    weights = _gather_stages(net, data, s1)
+    loose = data.loose(s1.dtype)
+    stats: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {g: ([], []) for g in range(net.num_stages)}
     aux_logits = None
     mom, eps = net.bn_momentum, net.bn_eps
     for info, fixed in zip(net.cell_info, net.fixed):
@@ -92,22 +145,24 @@ def run_cells(net, codes: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, mask
         c0, c1 = c0.contiguous(), c1.contiguous()
         red_weights, red_stats = fixed.reduce_weights()
         buffers = CellBuffers(None, red_stats, (fixed.comb_bn.running_mean, fixed.comb_bn.running_var))
-        nodes = weights[info.stage][info.local]
-        out, mean, invstd = fused_cell(
-            c0, c1, codes[info.index], nodes, red_weights, (fixed.comb_w, fixed.comb_bn.weight, fixed.comb_bn.bias),
-            buffers, loose_mask(codes[info.index], c1.dtype), reduction=info.reduction, batch_stats=True,
-            update_stats=update, drop_mask=masks[info.index] if masks is not None else None, momentum=mom, eps=eps)
+        out, means, invstds = fused_cell(
+            c0, c1, data.codes[info.index], weights[info.stage][info.local], red_weights,
+            (fixed.comb_w, fixed.comb_bn.weight, fixed.comb_bn.bias), buffers, loose[info.index],
+            reduction=info.reduction, batch_stats=True, update_stats=update,
+            drop_mask=masks[info.index] if masks is not None else None, momentum=mom, eps=eps, stack_stats=False,
+            reduce_input_rows=data.reduce_rows[info.index])
         if update:
-            stats[info.stage].append((mean, invstd))
+            stats[info.stage][0].extend(means)
+            stats[info.stage][1].extend(invstds)
         s0, s1 = s1, out
         if net.auxiliary_head is not None and net.training and info.index == net.aux_index:
             aux_logits = net.auxiliary_head(s1)
         if update and info.index == net.stage_cells[info.stage][-1].index:
-            _fold_stage_stats(net, info.stage, codes, stats[info.stage], out)
+            _fold_stage_stats(net, info.stage, data, stats[info.stage], out)
     return s1, aux_logits
 
 
-def _gather_stages(net, codes: torch.Tensor, state: FusedState, like: torch.Tensor) -> List[List[NodeWeights]]:
+def _gather_stages(net, data: FusedArchData, like: torch.Tensor) -> List[List[NodeWeights]]:
     """Per stage, per cell of the stage, its :class:`NodeWeights` as per-node sequences of tensors.
 
     One gather per role and stage fetches the rows of all the stage's cells at once (cells of a stage are
@@ -115,26 +170,25 @@ def _gather_stages(net, codes: torch.Tensor, state: FusedState, like: torch.Tens
     nodes' gradients with one ``stack`` instead of one zero-filled copy and one add per node.
     """
     out = []
+    num_nodes = net.num_nodes
     for g in range(net.num_stages):
         cells = net.stage_cells[g]
-        stage_codes = codes[cells[0].index : cells[-1].index + 1]
-        select, rows = gather_indices(stage_codes, state.stack_index[g])
-        gathered = gather_node_weights(supernet_role_stacks(net, g), select, rows, net.stage_channels[g],
-                                       (len(cells) * net.num_nodes, 2), like)
+        gathered = gather_node_weights(supernet_role_stacks(net, g), data.select[g], data.rows[g],
+                                       net.stage_channels[g], (len(cells) * num_nodes, 2), like)
         per_node = [role.unbind(0) for role in gathered]
-        num_nodes = net.num_nodes
         out.append([NodeWeights(*(role[c * num_nodes : (c + 1) * num_nodes] for role in per_node))
                     for c in range(len(cells))])
     return out
 
 
 @torch.no_grad()
-def _fold_stage_stats(net, stage: int, codes: torch.Tensor, entries, last_out: torch.Tensor) -> None:
-    cells = net.stage_cells[stage]
-    stage_codes = codes[cells[0].index : cells[-1].index + 1]
+def _fold_stage_stats(net, stage: int, data: FusedArchData, stats: Tuple[List[torch.Tensor], List[torch.Tensor]],
+                      last_out: torch.Tensor) -> None:
+    """One ``update_slot_stats`` for the slot BNs of every cell of ``stage``."""
     running_mean, running_var = getattr(net, f"s{stage}_running_mean"), getattr(net, f"s{stage}_running_var")
-    mean = torch.stack([m for m, _ in entries]).to(running_mean.dtype)
-    invstd = torch.stack([v for _, v in entries]).to(running_mean.dtype)
+    # Per (cell, node, round) a [2 (branch), C] entry: flattened, the (cell, node, round, branch) rows of bn_rows.
+    mean = torch.stack(stats[0]).flatten(0, 1).to(running_mean.dtype)
+    invstd = torch.stack(stats[1]).flatten(0, 1).to(running_mean.dtype)
     count = last_out.shape[0] * last_out.shape[-2] * last_out.shape[-1]
-    update_stage_slot_stats(running_mean, running_var,
-                            stage_codes, mean, invstd, net.bn_momentum, net.bn_eps, count)
+    update_slot_stats(running_mean, running_var, data.bn_rows[stage], mean, invstd, net.bn_momentum, net.bn_eps,
+                      count)

@@ -43,7 +43,7 @@ from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 from . import eager_forward, fused_forward
 from .fixed import CellFixed, CellInfo, ConvBN, kaiming
-from .fused_forward import FusedKernelsUnavailable, FusedState, check_kernels, fused_built
+from .fused_forward import FusedKernelsUnavailable, check_kernels, fused_built
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Plan:
     """Everything a forward needs for one arch on one device (cached per arch)."""
 
     __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
-                 "masks", "codes")
+                 "masks", "fused", "host_gather", "host_loose")
 
 
 class Supernet(nn.Module):
@@ -97,7 +97,6 @@ class Supernet(nn.Module):
                  plan_cache_size: int = 4096, drop_path_identity: bool = True, kernels: str = "auto"):
         super().__init__()
         self.kernels = check_kernels(kernels)
-        self._fused_states: Dict[str, "FusedState"] = {}
         if isinstance(space, str):
             space = NAOSpace(op_set=space)
         check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
@@ -252,7 +251,6 @@ class Supernet(nn.Module):
     # ---------------------------------------------------------------- devices
     def _apply(self, fn, recurse=True):
         self._plans.clear()  # cached index tensors live on the old device
-        self._fused_states.clear()
         return super()._apply(fn, recurse)
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -365,8 +363,10 @@ class Supernet(nn.Module):
         plan.gather = {(k[1], k[2]): v for k, v in view.items() if k[0] == "g"}
         plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}
         plan.loose = {False: view[("loose", False)], True: view[("loose", True)]}
+        plan.host_gather = {(k[1], k[2]): ints[a : a + n] for k, (a, n) in segs.items() if k[0] == "g"}
+        plan.host_loose = {False: sched[False].loose, True: sched[True].loose}
         plan.masks = None
-        plan.codes = None  # the fused path's branch codes, built on first use
+        plan.fused = None  # the fused path's FusedArchData, built on first use
         return plan
 
     def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, Tuple[torch.Tensor, torch.Tensor]]]:
@@ -383,31 +383,38 @@ class Supernet(nn.Module):
         plan = self._plan(key, device)
         if plan.masks is not None:
             return plan.masks
+        # Built on the host and uploaded in one copy: a new arch costs no per-tensor fill launches.
+        dtype = next(self.parameters()).dtype
+        values: List[float] = []
+        entries: List[Tuple[List[nn.Parameter], int, int, bool]] = []  # (params, start, length, columns)
         masks: Dict[nn.Parameter, object] = {}
         for g in range(self.num_stages):
             for o in self.slot_ops[g]:
-                kind = self.table[o][0]
-                params = [self.slot_tensor(g, o, r) for r in ROLES[kind]]
-                idx = plan.gather.get((g, o))
-                if idx is None:
-                    for p in params:
-                        masks[p] = False
+                params = [self.slot_tensor(g, o, r) for r in ROLES[self.table[o][0]]]
+                rows = plan.host_gather.get((g, o))
+                if rows is None:
+                    masks.update((p, False) for p in params)
                     continue
-                row = torch.zeros(params[0].shape[0], device=device, dtype=params[0].dtype)
-                row.index_fill_(0, idx, 1.0)
-                for p in params:
-                    masks[p] = row.view(-1, *([1] * (p.dim() - 1)))
+                row_mask = [0.0] * params[0].shape[0]
+                for r in rows:
+                    row_mask[r] = 1.0
+                entries.append((params, len(values), len(row_mask), False))
+                values += row_mask
         for ci, fx in zip(self.cell_info, self.fixed):
-            loose = plan.loose[ci.reduction]
-            col = torch.zeros(self.num_nodes + 2, device=device, dtype=fx.comb_w.dtype).index_fill_(0, loose, 1.0)
-            masks[fx.comb_w] = col.view(1, -1, 1)
+            loose = plan.host_loose[ci.reduction]
+            entries.append(([fx.comb_w], len(values), self.num_nodes + 2, True))  # comb_w [C, B+2, C]
+            values += [1.0 if state in loose else 0.0 for state in range(self.num_nodes + 2)]
             if ci.reduction:
-                used = set(cell_schedule(plan.reduce, True, self.table).loose)
                 for i, params in ((0, (fx.red0_w, fx.red0_bn.weight, fx.red0_bn.bias)),
                                   (1, (fx.red1_w, fx.red1_bn.weight, fx.red1_bn.bias))):
-                    if i not in used:
-                        for p in params:
-                            masks[p] = False
+                    if i not in loose:
+                        masks.update((p, False) for p in params)
+        pinned = device.type == "cuda"
+        flat = torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+        for params, start, length, columns in entries:
+            mask = flat.narrow(0, start, length)
+            for p in params:
+                masks[p] = mask.view(1, -1, 1) if columns else mask.view(-1, *([1] * (p.dim() - 1)))
         plan.masks = masks
         return masks
 
@@ -446,7 +453,7 @@ class Supernet(nn.Module):
         masks = self.drop_path_masks(images.shape[0], device, s1.dtype) if training else None
 
         if fused:
-            s1, aux_logits = fused_forward.run_cells(self, self._codes(plan, device), s0, s1, masks, update)
+            s1, aux_logits = fused_forward.run_cells(self, self._fused_data(plan, device), s0, s1, masks, update)
         else:
             s1, aux_logits = eager_forward.run_cells(self, plan, s0, s1, masks, batch_stats, update)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
@@ -488,17 +495,10 @@ class Supernet(nn.Module):
             return False, "bf16 (the fused cells take float32 and float64)"
         return True, ""
 
-    def fused_state(self, device: torch.device) -> FusedState:
-        """Per-device constants of the fused path."""
-        state = self._fused_states.get(str(device))
-        if state is None:
-            state = self._fused_states[str(device)] = FusedState(self, device)
-        return state
-
-    def _codes(self, plan: _Plan, device: torch.device) -> torch.Tensor:
-        if plan.codes is None:
-            plan.codes = fused_forward.arch_codes(self, plan.arch).to(device)
-        return plan.codes
+    def _fused_data(self, plan: _Plan, device: torch.device) -> "fused_forward.FusedArchData":
+        if plan.fused is None:
+            plan.fused = fused_forward.FusedArchData(self, plan.arch, device)
+        return plan.fused
 
     def keep_probs(self) -> List[float]:
         """Drop-path keep probability of every cell at the current :attr:`step` (NAO's schedule)."""

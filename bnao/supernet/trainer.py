@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -353,12 +353,17 @@ class SupernetTrainer:
         if self.unused_slot_update == "freeze":
             return touched
         masks: Dict[torch.nn.Parameter, Any] = {}
+        grow: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # (ever, used) pairs: one foreach max
         for i, param in enumerate(self.params):
             used, ever = touched.get(param, True), self.ever_used[i]
             if used is True or ever is True:
                 ever = True
             elif used is not False:
-                ever = used.clone() if ever is None else torch.maximum(ever, used)
+                if ever is None:
+                    ever = used.clone()
+                else:
+                    grow[0].append(ever)
+                    grow[1].append(used)
             self.ever_used[i] = ever
             if ever is None:
                 masks[param] = False
@@ -368,6 +373,8 @@ class SupernetTrainer:
             if param.grad is None:
                 # Unused by this step's arch but used before: the reference's kept zero gradient.
                 param.grad = torch.zeros_like(param)
+        if grow[0]:
+            torch._foreach_maximum_(grow[0], grow[1])  # in place: the masks above alias these tensors
         return masks
 
     # ----------------------------------------------------------------- state

@@ -87,6 +87,7 @@ struct RoundArgs {
   T* grad_in_beta;
   T* grad_source;    // the source gradient being written (one launch per source)
   int source_index;  // which source grad_source belongs to
+  bool accumulate;   // round 1: add the source gradients to grad_source instead of overwriting it
 };
 
 // A branch's decision for the round, decoded from its code row.
@@ -953,16 +954,19 @@ struct SourceGrad {
     return r;
   }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
-    T sum = T(0);
+    T sum = a.accumulate ? a.grad_source[r.offset + x] : T(0);
     for (int b = 0; b < kNumBranches; ++b) {
       if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
     }
     a.grad_source[r.offset + x] = sum;
   }
-  // Same sums as `run`, branch by branch over the whole row (0 + branch 0 + branch 1, as in run).
+  // Same sums as `run`, branch by branch over the whole row (start + branch 0 + branch 1, as in run;
+  // start is 0, or the value already there when accumulating).
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
     T* out = a.grad_source + r.offset;
-    for (int64_t x = begin; x < end; ++x) out[x] = T(0);
+    if (!a.accumulate) {
+      for (int64_t x = begin; x < end; ++x) out[x] = T(0);
+    }
     for (int b = 0; b < kNumBranches; ++b) {
       const Branch<T>& br = r.br[b];
       if (br.source != a.source_index) continue;

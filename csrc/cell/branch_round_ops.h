@@ -195,8 +195,12 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
                                           const at::Tensor& dw, const at::Tensor& pw, const OptionalTensor& in_mean,
                                           const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
                                           const OptionalTensor& in_beta, const at::Tensor& pre,
-                                          const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
-  const char* op = "bnao::branch_round_backward";
+                                          const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
+                                          at::TensorList accumulate_into = {}) {
+  // accumulate_into (round 1 only): the sources' gradients are added to these tensors in place, and the
+  // returned list is empty (the fused cell's backward sums every reader of a state into one buffer).
+  const bool accumulate = !accumulate_into.empty();
+  const char* op = accumulate ? "bnao::branch_round_backward_accumulate" : "bnao::branch_round_backward";
   const RoundShape shape =
       check_branch_round_args(op, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, reduction);
   const at::Tensor& first = sources[0];
@@ -213,7 +217,20 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
 
   const auto options = first.options();
   std::vector<at::Tensor> grad_sources;
-  for (const at::Tensor& source : sources) grad_sources.push_back(at::empty(source.sizes(), options));
+  if (accumulate) {
+    TORCH_CHECK(round == 1, op, ": accumulates source gradients of round 1 only, got round ", round);
+    TORCH_CHECK(accumulate_into.size() == sources.size(), op, ": grad_sources must have one tensor per source (",
+                sources.size(), "), got ", accumulate_into.size());
+    for (size_t s = 0; s < sources.size(); ++s) {
+      check_float_tensor(op, "grad_sources[i]", accumulate_into[s], first, sources[s].sizes().vec());
+      for (const at::Tensor& source : sources) {
+        TORCH_CHECK(accumulate_into[s].data_ptr() != source.data_ptr(), op, ": grad_sources[", s,
+                    "] shares memory with a source; pass separate gradient buffers");
+      }
+    }
+  } else {
+    for (const at::Tensor& source : sources) grad_sources.push_back(at::empty(source.sizes(), options));
+  }
   at::Tensor grad_dw = at::empty(dw.sizes(), options), grad_pw = at::empty(pw.sizes(), options);
   const std::vector<int64_t> norm_shape =
       round == 2 ? std::vector<int64_t>{kNumBranches, shape.channels} : std::vector<int64_t>{0};
@@ -241,8 +258,11 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
       a.grad_in_gamma = grad_in_gamma.data_ptr<scalar_t>();
       a.grad_in_beta = grad_in_beta.data_ptr<scalar_t>();
     }
+    a.accumulate = accumulate;
     scalar_t* targets[kMaxSources] = {};
-    for (size_t s = 0; s < grad_sources.size(); ++s) targets[s] = grad_sources[s].data_ptr<scalar_t>();
+    for (size_t s = 0; s < sources.size(); ++s) {
+      targets[s] = (accumulate ? accumulate_into[s] : grad_sources[s]).data_ptr<scalar_t>();
+    }
     run_backward(launcher, a, targets);
   });
   return {grad_sources, grad_dw, grad_pw, grad_in_mean, grad_in_invstd, grad_in_gamma, grad_in_beta};

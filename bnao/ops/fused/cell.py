@@ -16,14 +16,15 @@ device (:func:`gather_indices`).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ...space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
 from ..cell import CellBuffers, batch_norm, factorized_reduce
-from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code
+from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code_rows
+from .cell_nodes import fused_nodes, has_fused_nodes
 from .nodes import gather_rows, node_output, update_slot_stats
 from .round import branch_round
 
@@ -72,31 +73,44 @@ def role_sources(table: Sequence[Tuple[int, int]], ops: Sequence[int]) -> Dict[s
     return sources
 
 
-def stack_index_table(table: Sequence[Tuple[int, int]], ops: Sequence[int], device=None) -> Tensor:
-    """int64 ``[len(FUSED_ROLES), num_ops]``: the stack index of each op in each role (-1: the op has none)."""
-    index = torch.full((len(FUSED_ROLES), len(table)), -1, dtype=torch.int64)
+def stack_index_lists(table: Sequence[Tuple[int, int]], ops: Sequence[int]) -> List[List[int]]:
+    """``[len(FUSED_ROLES)][num_ops]``: the stack index of each op in each role (-1: the op has none)."""
+    sources = role_sources(table, ops)
+    index = [[-1] * len(table) for _ in FUSED_ROLES]
     for r, role in enumerate(FUSED_ROLES):
-        for s, (op, _own) in enumerate(role_sources(table, ops)[role]):
-            index[r, op] = s
-    return index.to(device)
+        for s, (op, _own) in enumerate(sources[role]):
+            index[r][op] = s
+    return index
+
+
+def stack_index_table(table: Sequence[Tuple[int, int]], ops: Sequence[int], device=None) -> Tensor:
+    """:func:`stack_index_lists` as an int64 tensor ``[len(FUSED_ROLES), num_ops]``."""
+    return torch.tensor(stack_index_lists(table, ops), dtype=torch.int64, device=device)
+
+
+def gather_index_lists(branches: Sequence[Sequence[int]], stack_index: Sequence[Sequence[int]]
+                       ) -> Tuple[List[List[int]], List[List[int]]]:
+    """``(select, rows)`` of every role for branch code rows, on the host.
+
+    Args:
+        branches: Branch code rows (``NUM_FIELDS`` ints each), in the order the gather returns them.
+        stack_index: :func:`stack_index_lists`.
+
+    Returns:
+        ``select, rows``, each ``[len(FUSED_ROLES)][M]`` with ``M`` the number of branches: the stack per role
+        (-1 for branches without weights, i.e. ``ROW < 0``, or ops without that role) and the row (0 where none).
+    """
+    select = [[per_op[b[OP]] if b[ROW] >= 0 else -1 for b in branches] for per_op in stack_index]
+    rows = [[b[ROW] if s >= 0 else 0 for b, s in zip(branches, role)] for role in select]
+    return select, rows
 
 
 def gather_indices(codes: Tensor, stack_index: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(select, rows)`` of every role for the branches of ``codes``, computed on the codes' device.
-
-    Args:
-        codes: int32 ``[..., 2, NUM_FIELDS]`` branch codes (e.g. ``[cells, B, 2, NUM_FIELDS]`` of a stage).
-        stack_index: :func:`stack_index_table` on the codes' device.
-
-    Returns:
-        int64 ``select, rows``, each ``[len(FUSED_ROLES), M]`` with ``M`` the number of branches: the stack
-        per role (-1 for branches without weights, i.e. ``ROW < 0``, or ops without that role) and the row.
-    """
-    flat = codes.reshape(-1, codes.shape[-1]).long()
-    op, row = flat[:, OP], flat[:, ROW]
-    select = torch.where(row >= 0, stack_index.index_select(1, op), torch.full_like(row, -1))
-    rows = torch.where(select >= 0, row, torch.zeros_like(row))
-    return select, rows
+    """:func:`gather_index_lists` of int32 codes ``[..., 2, NUM_FIELDS]`` as int64 tensors on the codes' device."""
+    branches = codes.reshape(-1, codes.shape[-1]).tolist()
+    select, rows = gather_index_lists(branches, stack_index.tolist())
+    return (torch.tensor(select, dtype=torch.int64, device=codes.device),
+            torch.tensor(rows, dtype=torch.int64, device=codes.device))
 
 
 def role_shape(role: str, channels: int) -> Tuple[int, ...]:
@@ -132,32 +146,42 @@ def gather_node_weights(stacks: Dict[str, Sequence[Tensor]], select: Tensor, row
     return NodeWeights(*out)
 
 
+def loose_list(code: Sequence[Sequence[Sequence[int]]]) -> List[int]:
+    """``[B + 2]``: 1 for the states no branch of the cell code ``[B][2][NUM_FIELDS]`` reads (the loose ends)."""
+    used = {branch[INPUT] for node in code for branch in node}
+    return [0 if state in used else 1 for state in range(len(code) + 2)]
+
+
 def loose_mask(code: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[B + 2]`` float: 1 for the states no branch reads (the loose ends), computed on the code's device."""
-    num_states = code.shape[0] + 2
-    used = torch.zeros(num_states, dtype=dtype, device=code.device)
-    used.index_fill_(0, code[..., INPUT].reshape(-1).long(), 1.0)
-    return 1.0 - used
+    """:func:`loose_list` of an int32 cell code ``[B, 2, NUM_FIELDS]`` as a float tensor on its device."""
+    return torch.tensor(loose_list(code.tolist()), dtype=dtype, device=code.device)
+
+
+def slot_bn_row_list(branches: Sequence[Sequence[int]]) -> List[int]:
+    """Per branch code row, the running-statistics rows of its round-1 and round-2 slot BNs (-1 where none).
+
+    Matches the statistics :func:`fused_cell` returns: round 1's BN is ``BN_ROW`` (when FLAG_BN1), round 2's
+    ``BN_ROW + 1`` (when FLAG_BN2). Rows of ``branches`` in ``(node, branch)`` order give ``[node][round][branch]``
+    entries once regrouped by node (:func:`slot_bn_rows`).
+    """
+    return [[b[BN_ROW] if b[FLAGS] & FLAG_BN1 else -1, b[BN_ROW] + 1 if b[FLAGS] & FLAG_BN2 else -1]
+            for b in branches]
 
 
 def slot_bn_rows(code: Tensor) -> Tensor:
-    """int64 ``[..., B, 2, 2]`` (node, round, branch): running-statistics row of each slot BN, -1 where none.
-
-    Matches the statistics :func:`fused_cell` returns: round 1's BN is ``BN_ROW`` (when FLAG_BN1),
-    round 2's ``BN_ROW + 1`` (when FLAG_BN2).
-    """
-    bn_row, flags = code[..., BN_ROW].long(), code[..., FLAGS].long()
-    none = torch.full_like(bn_row, -1)
-    first = torch.where(flags & FLAG_BN1 != 0, bn_row, none)
-    second = torch.where(flags & FLAG_BN2 != 0, bn_row + 1, none)
-    return torch.stack([first, second], dim=-2)
+    """int64 ``[..., B, 2, 2]`` (node, round, branch): running-statistics row of each slot BN, -1 where none."""
+    lead = code.shape[:-2]
+    per_branch = slot_bn_row_list(code.reshape(-1, code.shape[-1]).tolist())  # [(node, branch)][round]
+    rows = torch.tensor(per_branch, dtype=torch.int64, device=code.device).view(*lead, 2, 2)
+    return rows.transpose(-1, -2)  # [.., node, branch, round] -> [..., node, round, branch]
 
 
 def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
                reduce_loose: Sequence[Tuple[Tensor, Tensor, Tensor]], combine: Tuple[Tensor, Tensor, Tensor],
                buffers: CellBuffers, loose: Tensor, *, reduction: bool, batch_stats: bool = True,
                update_stats: bool = True, drop_mask: Optional[Tensor] = None, momentum: float = 0.1,
-               eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+               eps: float = 1e-5, stack_stats: bool = True,
+               reduce_input_rows: Optional[Tensor] = None) -> Tuple[Tensor, Any, Any]:
     """One cell for the arch in ``code``, equal to ``mixed_cell`` with batch statistics.
 
     Args:
@@ -175,6 +199,10 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
         drop_mask: ``[N, 2B]`` drop-path multipliers per branch position; None: off.
         momentum: BN momentum.
         eps: BN epsilon.
+        stack_stats: Return the statistics stacked per cell; False: as lists of ``2B`` tensors ``[2, C]``
+            (node, round), for a caller that stacks a whole stage's at once (one launch instead of one per cell).
+        reduce_input_rows: Reduction cells: int64 ``[2]`` :func:`reduce_rows` on the device (None: built from
+            ``loose`` on the host, which synchronises with the device).
 
     Returns:
         ``(out, mean, invstd)``: the cell output and the slot BNs' batch statistics, ``[B, 2, 2, C]``
@@ -184,6 +212,33 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
     if not batch_stats:
         raise ValueError("fused_cell computes batch-statistics BN only; evaluate with running statistics on "
                          "the eager path (bnao.ops.cell.mixed_cell)")
+    if has_fused_nodes(s1.device.type):
+        node_states, means, invstds = fused_nodes(s0, s1, code, nodes, drop_mask, reduction, eps)
+        states = [s0, s1, *node_states]
+    else:
+        states, means, invstds = _nodes_by_op(s0, s1, code, nodes, drop_mask, reduction, eps)
+    if reduction:
+        if reduce_input_rows is None:
+            reduce_input_rows = torch.tensor(reduce_rows(loose.tolist()), device=loose.device)
+        states[0], states[1] = (_reduce_input(states[i], reduce_loose[i], buffers.reduce_loose[i],
+                                              reduce_input_rows[i : i + 1], update_stats, momentum, eps)
+                                for i in (0, 1))
+    out = _combine(states, loose, combine, buffers.combine, update_stats, momentum, eps)
+    means, invstds = [m.detach() for m in means], [v.detach() for v in invstds]
+    if not stack_stats:
+        return out, means, invstds
+    shape = (code.shape[0], 2, 2, s1.shape[1])
+    return out, torch.stack(means).view(shape), torch.stack(invstds).view(shape)
+
+
+def _nodes_by_op(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights, drop_mask: Optional[Tensor],
+                 reduction: bool, eps: float) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    """The nodes one op at a time under autograd (where :func:`fused_nodes` lacks a compiled op: the references).
+
+    Returns:
+        ``(states, means, invstds)``: the cell inputs and the node states; per node round 1's and round 2's
+        batch statistics.
+    """
     states = [s0, s1]
     means, invstds = [], []
     for node in range(code.shape[0]):
@@ -195,43 +250,49 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
                                             reduction=reduction)
         mask = drop_mask[:, 2 * node : 2 * node + 2] if drop_mask is not None else None
         states.append(node_output(pre2, node_code, mean2, invstd2, nodes.g2[node], nodes.b2[node], mask))
-        means += [mean1.detach(), mean2.detach()]
-        invstds += [invstd1.detach(), invstd2.detach()]
-    if reduction:
-        states[0], states[1] = (_reduce_input(states[i], reduce_loose[i], buffers.reduce_loose[i], loose[i],
-                                              update_stats, momentum, eps) for i in (0, 1))
-    out = _combine(states, loose, combine, buffers.combine, update_stats, momentum, eps)
-    # One stack per cell (not one per node): every op counts in a launch-bound step.
-    shape = (code.shape[0], 2, 2, s1.shape[1])
-    return out, torch.stack(means).view(shape), torch.stack(invstds).view(shape)
+        means += [mean1, mean2]
+        invstds += [invstd1, invstd2]
+    return states, means, invstds
 
 
 def _reduce_input(x: Tensor, weights: Tuple[Tensor, Tensor, Tensor], running: Tuple[Tensor, Tensor],
-                  is_loose: Tensor, update: bool, momentum: float, eps: float) -> Tensor:
+                  row: Tensor, update: bool, momentum: float, eps: float) -> Tensor:
     """Factorized reduce (no ReLU) + batch-statistics BN of a reduction cell's input, always computed.
 
-    The running statistics change only when the input is loose, decided by device data: the update runs on
-    copies and ``torch.where`` keeps the old values otherwise (no host synchronisation, same launches).
+    The running statistics change only when the input is loose, decided by device data: ``row`` (int64
+    ``[1]``) is 0 then and -1 otherwise, and ``update_slot_stats`` skips rows < 0 (no host synchronisation,
+    the same launches for every arch).
     """
     w, g, b = weights
     if not update:
         return factorized_reduce([x], w, g, b, None, True, False, momentum, eps)
-    mean, var = running
-    scratch = (mean.clone(), var.clone())
-    y = factorized_reduce([x], w, g, b, scratch, True, True, momentum, eps)
+    stats: List[Tuple[Tensor, Tensor]] = []
+    y = factorized_reduce([x], w, g, b, None, True, False, momentum, eps, stats=stats)
+    (mean, invstd), = stats
+    running_mean, running_var = running
     with torch.no_grad():
-        keep = is_loose > 0
-        mean.copy_(torch.where(keep, scratch[0], mean))
-        var.copy_(torch.where(keep, scratch[1], var))
+        update_slot_stats(running_mean.view(1, -1), running_var.view(1, -1), row, mean.view(1, -1).to(running_mean.dtype),
+                          invstd.view(1, -1).to(running_mean.dtype), momentum, eps, y.shape[0] * y.shape[2] * y.shape[3])
     return y
+
+
+def reduce_rows(loose: Sequence[int]) -> List[int]:
+    """``[2]``: per cell input of a reduction cell, 0 when it is a loose end (its reduction's running statistics
+    are updated) and -1 otherwise, from :func:`loose_list`."""
+    return [0 if loose[i] else -1 for i in (0, 1)]
 
 
 def _combine(states: List[Tensor], loose: Tensor, combine: Tuple[Tensor, Tensor, Tensor],
              running: Tuple[Tensor, Tensor], update: bool, momentum: float, eps: float) -> Tensor:
-    """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv."""
+    """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv.
+
+    All ``B + 2`` states go in, stacked along the channels, with the columns of states that are not loose
+    zeroed in the weight: the shapes do not depend on the arch. A 1x1 convolution (rather than an einsum)
+    returns the weight's gradient in its own layout, which the optimizer then takes without a copy.
+    """
     w, g, b = combine
-    weight = w * loose.to(w.dtype).view(1, -1, 1)
-    out = torch.einsum("osc,snchw->nohw", weight, F.relu(torch.stack(states)))
+    weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
+    out = F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
     return batch_norm(out, g, b, running, True, update, momentum, eps)
 
 
@@ -242,9 +303,14 @@ def supernet_cell_code(net, cell: int, cell_arch: Sequence[int]) -> Tensor:
     ``ROW`` is the supernet's slot row (``slot_index``), ``BN_ROW`` its slot-BN row in the stage's running
     statistics (the eager path's ``(local * 2B + pos) * bn_per_branch + bn_offset[op]``).
     """
+    return torch.tensor(supernet_cell_rows(net, cell, cell_arch), dtype=torch.int32)
+
+
+def supernet_cell_rows(net, cell: int, cell_arch: Sequence[int]) -> List[List[List[int]]]:
+    """:func:`supernet_cell_code` as nested lists ``[B][2][NUM_FIELDS]``."""
     info = net.cell_info[cell]
     per_cell = 2 * net.num_nodes
-    return cell_code(
+    return cell_code_rows(
         cell_arch, info.reduction, net.table,
         slot_row=lambda node, branch, inp, op: net.slot_index(cell, node, branch, inp, op),
         bn_row=lambda node, branch, op: ((info.local * per_cell + 2 * node + branch) * net._bn_per_branch

@@ -7,7 +7,7 @@ memory of a step do not depend on the arch.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -50,18 +50,28 @@ def cell_code(cell_arch: Sequence[int], reduction: bool, table: Sequence[Tuple[i
             (called only for branches with a BN; the round-2 BN of a sep conv is the next row).
         drop_identity: Drop-path on identity branches too (the reference's).
     """
-    num_nodes = len(cell_arch) // 4
-    code = torch.zeros(num_nodes, 2, NUM_FIELDS, dtype=torch.int32)
-    for node in range(num_nodes):
+    rows = cell_code_rows(cell_arch, reduction, table, slot_row=slot_row, bn_row=bn_row, drop_identity=drop_identity)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def cell_code_rows(cell_arch: Sequence[int], reduction: bool, table: Sequence[Tuple[int, int]], *,
+                   slot_row: Callable[[int, int, int, int], int] = lambda node, branch, inp, op: -1,
+                   bn_row: Callable[[int, int, int], int] = lambda node, branch, op: -1,
+                   drop_identity: bool = True) -> List[List[List[int]]]:
+    """:func:`cell_code` as nested Python lists ``[B][2][NUM_FIELDS]`` (host work only: no tensor op per branch)."""
+    code = []
+    for node in range(len(cell_arch) // 4):
+        branches = []
         for branch in range(2):
             inp, op = cell_arch[4 * node + 2 * branch], cell_arch[4 * node + 2 * branch + 1]
             kind, kernel = table[op]
             stride = 2 if reduction and inp < 2 else 1
             flags = branch_flags(kind, stride, drop_identity)
             has_weights = kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV) or (kind == KIND_IDENTITY and stride == 2)
-            code[node, branch] = torch.tensor([
+            branches.append([
                 inp, kind, kernel, 2 if kind == KIND_DIL_SEP_CONV else 1, stride, op,
                 slot_row(node, branch, inp, op) if has_weights else -1, flags,
                 bn_row(node, branch, op) if flags & FLAG_BN1 else -1,
-            ], dtype=torch.int32)
+            ])
+        code.append(branches)
     return code

@@ -104,6 +104,15 @@ def _register_fakes() -> None:
         grads_norm = tuple(dw.new_empty(norm_shape) for _ in range(4))
         return ([torch.empty_like(s) for s in sources], torch.empty_like(dw), torch.empty_like(pw)) + grads_norm
 
+    @torch.library.register_fake("bnao::branch_round_backward_accumulate")
+    def _branch_round_backward_accumulate_fake(grad_sources, grad_pre, grad_mean, grad_invstd, sources, code, dw, pw,
+                                               pre, mean, invstd, reduction=False):
+        _, channels, _, _ = _round_shape(sources, 1, reduction)
+        _check_fake_args(sources, code, dw, pw, channels)
+        torch._check(len(grad_sources) == len(sources),
+                     lambda: "bnao::branch_round_backward_accumulate: one gradient buffer per source expected")
+        return torch.empty_like(dw), torch.empty_like(pw)
+
 
 # --------------------------------------------------------------------------- autograd
 _NORM_SLOTS = 4

@@ -81,11 +81,23 @@ BackwardResult branch_round_backward_cpu(const at::Tensor& grad_pre, const at::T
                                     in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
 }
 
+std::tuple<at::Tensor, at::Tensor> branch_round_backward_accumulate_cpu(
+    at::TensorList grad_sources, const at::Tensor& grad_pre, const at::Tensor& grad_mean,
+    const at::Tensor& grad_invstd, at::TensorList sources, const at::Tensor& code, const at::Tensor& dw,
+    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+  TORCH_CHECK(!grad_sources.empty(), "bnao::branch_round_backward_accumulate: grad_sources is empty");
+  const BackwardResult grads =
+      branch_round_backward_impl(CpuLauncher{}, grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {},
+                                 {}, {}, pre, mean, invstd, reduction, grad_sources);
+  return {std::get<1>(grads), std::get<2>(grads)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnao, CPU, m) {
   m.impl("branch_round", &branch_round_cpu);
   m.impl("branch_round_backward", &branch_round_backward_cpu);
+  m.impl("branch_round_backward_accumulate", &branch_round_backward_accumulate_cpu);
 }
 
 }  // namespace cell
