@@ -6,7 +6,7 @@ and 256; pool evaluation at batch 500. Targets on an H100 (issue 3): >= 3,000
 img/s at batch 64, >= 10,000 img/s at batch 256, >= 100 archs/s evaluation.
 
     python benchmarks/bench_supernet.py --device cuda
-    python benchmarks/bench_supernet.py --device cuda --kernels eager,fused   # the two cell paths side by side
+    python benchmarks/bench_supernet.py --device cuda --kernels eager,fused,fused+graph   # side by side
     python benchmarks/bench_supernet.py --device cpu --steps 3 --warmup 1 --eval-archs 3
 """
 
@@ -35,18 +35,23 @@ def main() -> int:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--kernels", default="auto",
-                   help="comma-separated supernet cells to compare side by side: auto, fused, eager (default auto)")
+                   help="comma-separated variants to compare side by side: eager, fused (eager steps on the fused "
+                        "cells), fused+graph (steps replayed as CUDA graphs), auto (default)")
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     args = p.parse_args()
     results = []
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    for kernels in [k for k in args.kernels.split(",") if k]:
+    for variant in [k for k in args.kernels.split(",") if k]:
+        kernels, _, graph = variant.partition("+")
+        if graph not in ("", "graph"):
+            p.error(f"unknown variant {variant!r}: use eager, fused, fused+graph or auto")
+        graph = "on" if graph else ("auto" if kernels == "auto" else "off")
         for i, bs in enumerate(sizes):
             r = profile_supernet(dataset="synthetic", space="small", layers=args.layers, channels=args.channels,
                                  classes=10, batch_size=bs, steps=args.steps, warmup=args.warmup, device=args.device,
                                  bf16=args.bf16, channels_last=args.channels_last, pool_size=1000,
                                  sampler="proportional", eval_archs=args.eval_archs if i == len(sizes) - 1 else 0,
-                                 eval_batch=args.eval_batch, kernels=kernels)
+                                 eval_batch=args.eval_batch, kernels=kernels, graph=graph)
             print(format_result(r), flush=True)
             print(flush=True)
             results.append(r)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-count-ops", action="store_true", help="skip counting the ops launched per step")
     parser.add_argument("--kernels", default="auto", choices=["auto", "fused", "eager"],
                         help="supernet cells: fused kernels, eager PyTorch, or auto (default)")
+    parser.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
+                        help="training steps as replayed CUDA graphs on the fused path (auto: where possible)")
     parser.add_argument("--sequence-archs", type=int, default=5,
                         help="compare the launch sequence of a training step over this many archs (default 5; 0: skip)")
     parser.add_argument("--trace", metavar="DIR", default=None, help="write a torch.profiler trace to DIR")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, device=args.device, bf16=args.bf16, channels_last=args.channels_last,
             pool_size=args.pool_size, sampler=args.sampler, eval_archs=args.eval_archs,
             eval_batch=args.eval_batch, trace_dir=args.trace, count_ops=not args.no_count_ops,
-            loader=args.loader, sequence_archs=args.sequence_archs, kernels=args.kernels,
+            loader=args.loader, sequence_archs=args.sequence_archs, kernels=args.kernels, graph=args.graph,
         )
     except (DatasetNotFoundError, FusedKernelsUnavailable, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

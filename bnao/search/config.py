@@ -47,9 +47,11 @@ _OPTIONAL_TYPES: Dict[str, Tuple[type, ...]] = {
 # Keys that take one of a few words.
 _CHOICES: Dict[str, Tuple[str, ...]] = {
     "supernet.lr_schedule": ("epoch", "step"),
+    "final.lr_schedule": ("epoch", "step"),
     "supernet.eval_data": ("random", "fixed"),
     "supernet.unused_slot_update": ("decay", "freeze"),
     "supernet.kernels": ("auto", "fused", "eager"),
+    "supernet.graph": ("auto", "on", "off"),
     "sampler.size_measure": ("params", "madds"),
 }
 
@@ -97,6 +99,9 @@ DEFAULTS: Dict[str, Any] = {
         # Cells on the "fused" kernels (the arch as device data, csrc/cell/DESIGN.md), the "eager"
         # PyTorch ones, or "auto": fused where they are built for the device.
         "kernels": "auto",
+        # Each training step on the fused path as two replayed CUDA graphs ("auto": where the step allows it,
+        # else the eager step; "on": an error where it does not; "off"): bnao/supernet/graph_step.py.
+        "graph": "auto",
         "eval_batch_size": 500,
         "eval_batches": 1,
         # Data each arch is scored on: "random" (the reference: a fresh random dev batch per arch)
@@ -174,12 +179,16 @@ DEFAULTS: Dict[str, Any] = {
         "batch_size": 64,
         "lr_max": 0.025,
         "lr_min": 0.001,
+        # Not the reference's when changed: "step" sets the cosine before every step instead of once an epoch.
+        "lr_schedule": "epoch",
         "weight_decay": 3e-4,
         "auxiliary": True,
         "auxiliary_weight": 0.4,
         "drop_path_keep_prob": 0.8,
         "dropout": 0.4,
         "cutout": 0,
+        # Random crop (padding 4) and flip of the training images; false: neither (cutout stays).
+        "augment": True,
         # Not in the reference's search script (it leaves this to train_cifar.py): train the re-rank's
         # winner on the whole training split for this many epochs and test it (0: skip).
         "full_epochs": 0,

@@ -160,7 +160,7 @@ class BalancedNAO(ResultPhases):
             grad_clip=sn["grad_clip"], label_smoothing=sn["label_smoothing"], bf16=sn["bf16"],
             channels_last=sn["channels_last"], steps_total=self.steps_per_iteration, device=self.device, seed=seed,
             lr_steps_per_epoch=self.steps_per_epoch if sn["lr_schedule"] == "epoch" else None,
-            unused_slot_update=sn["unused_slot_update"],
+            unused_slot_update=sn["unused_slot_update"], graph=sn["graph"],
             data_parallel=GradientSync(self.parallel, check_arch=bool(c.get("distributed", {}).get("check_arch")))
             if self.parallel.enabled else None,
         )
@@ -369,7 +369,7 @@ class BalancedNAO(ResultPhases):
             acc, loss = evaluate_split(self, bf16=self.config["supernet"]["bf16"])
         else:
             acc, loss = evaluate_pool(self.model, self.pool.archs.astype(np.int64), self.dev_batches,
-                                      bf16=self.config["supernet"]["bf16"])
+                                      bf16=self.config["supernet"]["bf16"], graph=self.config["supernet"]["graph"])
         self.pool.set_scores(it, acc)
         self.state["phase_seconds"]["eval"] = time.perf_counter() - t0
         self.scalars.add("eval/best_one_shot", float(np.max(acc)), it)

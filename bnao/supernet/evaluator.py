@@ -77,7 +77,7 @@ def _as_batches(batches: Union[Batch, Iterable[Batch]]) -> Sequence[Batch]:
 @torch.no_grad()
 def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
                   batches: Union[Batch, Iterable[Batch], Callable[[], List[Batch]]], *,
-                  bf16: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                  bf16: bool = False, graph: str = "auto") -> Tuple[np.ndarray, np.ndarray]:
     """Accuracy and loss of every arch of a pool with the supernet's shared weights.
 
     Args:
@@ -87,6 +87,9 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
             (e.g. :class:`RandomBatches`) called once per arch for that arch's batches (the reference draws a
             fresh random batch of 500 dev images per arch).
         bf16: bfloat16 autocast.
+        graph: ``"auto"``: on the fused path with one batch per arch, score each arch by replaying one CUDA
+            graph (:func:`~bnao.supernet.graph_step.evaluate_pool_on_device`; the same arithmetic uncaptured on
+            a CPU); ``"off"``: the arch-by-arch forward. :data:`last_evaluation` says which ran.
 
     Returns:
         ``(accuracy, loss)``, both ``float64 [n]``; with several batches, image-weighted means.
@@ -98,6 +101,11 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
     model.space.validate_array(archs)
     device = next(model.parameters()).device
     fixed = None if draw else _on_device(_as_batches(batches), device)
+    if graph != "off":
+        result = _evaluate_on_device(model, archs, fixed, draw, device, bf16)
+        if result is not None:
+            return result
+    last_evaluation.update(mode="eager", reason="graph='off'" if graph == "off" else last_evaluation["reason"])
     n = len(archs)
     seen = torch.zeros(n, device=device, dtype=torch.float32)
     acc = torch.zeros(n, device=device, dtype=torch.float32)
@@ -117,6 +125,40 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
     finally:
         model.train(was_training)
     return (acc / seen).double().cpu().numpy(), (loss / seen).double().cpu().numpy()
+
+
+#: How the last :func:`evaluate_pool` scored: ``{"mode": "graph" | "uncaptured" | "eager", "reason": ...}``.
+last_evaluation: Dict[str, str] = {"mode": "eager", "reason": "no evaluation yet"}
+
+
+def _evaluate_on_device(model: Supernet, archs: np.ndarray, fixed, draw, device: torch.device, bf16: bool):
+    """:func:`evaluate_pool` by :func:`~bnao.supernet.graph_step.evaluate_pool_on_device`, or None where it
+    does not apply (the reason goes to :data:`last_evaluation`)."""
+    from .graph_step import evaluate_pool_on_device, evaluation_unsupported
+
+    why = evaluation_unsupported(model, len(fixed) if fixed is not None else getattr(draw, "count", None), bf16)
+    if why is not None:
+        last_evaluation.update(mode="eager", reason=why)
+        return None
+    first = fixed if fixed is not None else _on_device(_as_batches(draw()), device)
+    batches = {0: first[0]}
+
+    def next_batch(i: int) -> Batch:
+        if fixed is not None:
+            return fixed[0]
+        if i not in batches:
+            batches.clear()
+            batches[i] = _on_device(_as_batches(draw()), device)[0]
+        return batches[i]
+
+    was_training = model.training
+    model.eval()
+    try:
+        loss, correct, seen, status = evaluate_pool_on_device(model, archs, next_batch)
+    finally:
+        model.train(was_training)
+    last_evaluation.update(status)
+    return (correct / seen).double().cpu().numpy(), (loss / seen).double().cpu().numpy()
 
 
 def _on_device(batches: Sequence[Batch], device: torch.device) -> List[Batch]:

@@ -10,7 +10,7 @@ arch: the step can be captured once as a CUDA graph.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -52,11 +52,46 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
-class FusedArchData:
-    """What the fused path reads of one arch, on the device: built on the host once per arch (cached in its plan).
+class ArchLists(NamedTuple):
+    """One arch's :class:`FusedArchData` as host lists (the same layout for every arch of a net)."""
 
-    All of it follows from the branch codes. Building it from host lists and uploading it in two copies keeps
-    a new arch from costing dozens of small device ops (index fills, comparisons) in its first step.
+    ints: List[int]  # per stage: select, rows, bn_rows; then reduce_rows of every cell
+    spans: List[List[Tuple[int, int]]]  # per stage: (start, length) of select, rows, bn_rows in ints
+    reduce_span: Tuple[int, int]
+    codes: List  # [cells][B][2][NUM_FIELDS]
+    loose: List[List[int]]  # [cells][B + 2]
+
+
+def arch_lists(net, arch: Tuple[int, ...]) -> ArchLists:
+    """Everything the fused path reads of ``arch``, derived from its branch codes on the host."""
+    codes = _code_rows(net, arch)
+    ints: List[int] = []
+    spans = []
+    for g in range(net.num_stages):
+        branches = [branch for info in net.stage_cells[g] for node in codes[info.index] for branch in node]
+        select, rows = gather_index_lists(branches, stack_index_lists(net.table, net.slot_ops[g]))
+        per_branch = slot_bn_row_list(branches)
+        # (node, branch) rows of [round] -> (node, round, branch): the order of fused_cell's statistics.
+        bn_rows = [per_branch[2 * node + branch][round_index] for node in range(len(branches) // 2)
+                   for round_index in range(2) for branch in range(2)]
+        stage_spans = []
+        for values in ([v for role in select for v in role], [v for role in rows for v in role], bn_rows):
+            stage_spans.append((len(ints), len(values)))
+            ints += values
+        spans.append(stage_spans)
+    loose = [loose_list(code) for code in codes]
+    reduce_span = (len(ints), 2 * len(codes))
+    for cell_loose in loose:
+        ints += reduce_rows(cell_loose)
+    return ArchLists(ints, spans, reduce_span, codes, loose)
+
+
+class FusedArchData:
+    """What the fused path reads of one arch, on the device (cached in the arch's plan).
+
+    All of it follows from the branch codes. Building it from host lists (:func:`arch_lists`) and uploading it
+    in two copies keeps a new arch from costing dozens of small device ops (index fills, comparisons) in its
+    first step. :class:`~bnao.supernet.graph_step.PoolTables` builds the same views from one row of a table.
 
     Attributes:
         codes: int32 ``[cells, B, 2, NUM_FIELDS]``.
@@ -68,36 +103,24 @@ class FusedArchData:
         reduce_rows: int64 ``[cells, 2]``: :func:`~bnao.ops.fused.cell.reduce_rows` of each cell.
     """
 
-    def __init__(self, net, arch: Tuple[int, ...], device: torch.device):
-        codes = _code_rows(net, arch)
-        ints: List[int] = []
-        spans = []
-        for g in range(net.num_stages):
-            branches = [branch for info in net.stage_cells[g] for node in codes[info.index] for branch in node]
-            select, rows = gather_index_lists(branches, stack_index_lists(net.table, net.slot_ops[g]))
-            per_branch = slot_bn_row_list(branches)
-            # (node, branch) rows of [round] -> (node, round, branch): the order of fused_cell's statistics.
-            bn_rows = [per_branch[2 * node + branch][round_index] for node in range(len(branches) // 2)
-                       for round_index in range(2) for branch in range(2)]
-            stage_spans = []
-            for values in ([v for role in select for v in role], [v for role in rows for v in role], bn_rows):
-                stage_spans.append((len(ints), len(values)))
-                ints += values
-            spans.append(stage_spans)
-        loose_host = [loose_list(code) for code in codes]
-        reduce_start = len(ints)
-        for loose in loose_host:
-            ints += reduce_rows(loose)
-        pinned = device.type == "cuda"
-        packed = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
+    def __init__(self, packed: torch.Tensor, codes: torch.Tensor, lists: ArchLists, loose=None):
         roles = len(FUSED_ROLES)
-        self.select = [packed.narrow(0, *span[0]).view(roles, -1) for span in spans]
-        self.rows = [packed.narrow(0, *span[1]).view(roles, -1) for span in spans]
-        self.bn_rows = [packed.narrow(0, *span[2]) for span in spans]
-        self.codes = torch.tensor(codes, dtype=torch.int32, pin_memory=pinned).to(device, non_blocking=pinned)
-        self.reduce_rows = packed.narrow(0, reduce_start, 2 * len(codes)).view(len(codes), 2)
-        self._loose_host = loose_host
-        self._loose: Dict[torch.dtype, torch.Tensor] = {}
+        self.select = [packed.narrow(0, *span[0]).view(roles, -1) for span in lists.spans]
+        self.rows = [packed.narrow(0, *span[1]).view(roles, -1) for span in lists.spans]
+        self.bn_rows = [packed.narrow(0, *span[2]) for span in lists.spans]
+        self.reduce_rows = packed.narrow(0, *lists.reduce_span).view(-1, 2)
+        self.codes = codes
+        self._loose_host = lists.loose
+        self._loose: Dict[torch.dtype, torch.Tensor] = dict(loose or {})
+
+    @classmethod
+    def build(cls, net, arch: Tuple[int, ...], device: torch.device) -> "FusedArchData":
+        """Builds and uploads the data of ``arch`` (one copy of ints, one of codes)."""
+        lists = arch_lists(net, arch)
+        pinned = device.type == "cuda"
+        packed = torch.tensor(lists.ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
+        codes = torch.tensor(lists.codes, dtype=torch.int32, pin_memory=pinned).to(device, non_blocking=pinned)
+        return cls(packed, codes, lists)
 
     def loose(self, dtype: torch.dtype) -> torch.Tensor:
         """``[cells, B + 2]`` loose-end masks (:func:`~bnao.ops.fused.cell.loose_list`) in ``dtype``."""

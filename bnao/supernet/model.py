@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -63,6 +63,29 @@ class _Plan:
 
     __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
                  "masks", "fused", "host_gather", "host_loose")
+
+
+class TouchedEntry(NamedTuple):
+    """Parameters sharing one 0/1 mask in :meth:`Supernet.touched_values` (``values[start : start + length]``).
+
+    ``kind``: ``"rows"`` (stacked slot tensors of op ``op`` in stage ``stage``: one value per row),
+    ``"columns"`` (the combine weight ``[C, B+2, C]`` of cell ``stage``: one per state) or ``"scalar"`` (the
+    factorized reduce of input ``op`` of reduction cell ``stage``: used or not).
+    """
+
+    kind: str
+    params: List[nn.Parameter]
+    start: int
+    length: int
+    stage: int
+    op: int
+
+    def view(self, flat: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        """This entry's mask in ``flat`` (a row of values), shaped to broadcast against ``param``."""
+        mask = flat.narrow(-1, self.start, self.length)
+        if self.kind == "columns":
+            return mask.view(1, -1, 1)
+        return mask.view(-1, *([1] * (param.dim() - 1)))
 
 
 class Supernet(nn.Module):
@@ -122,6 +145,7 @@ class Supernet(nn.Module):
         self.batch_shard: Tuple[int, int] = (0, 1)
         self.plan_cache_size = plan_cache_size
         self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
+        self._touched_layout: Optional[List[TouchedEntry]] = None
         self._generators: Dict[str, torch.Generator] = {}
         # Generator states of devices this machine lacks (from a checkpoint written elsewhere), kept to be saved again.
         self._absent_rng: Dict[str, torch.Tensor] = {}
@@ -251,6 +275,7 @@ class Supernet(nn.Module):
     # ---------------------------------------------------------------- devices
     def _apply(self, fn, recurse=True):
         self._plans.clear()  # cached index tensors live on the old device
+        self._touched_layout = None
         return super()._apply(fn, recurse)
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -384,39 +409,60 @@ class Supernet(nn.Module):
         if plan.masks is not None:
             return plan.masks
         # Built on the host and uploaded in one copy: a new arch costs no per-tensor fill launches.
-        dtype = next(self.parameters()).dtype
-        values: List[float] = []
-        entries: List[Tuple[List[nn.Parameter], int, int, bool]] = []  # (params, start, length, columns)
-        masks: Dict[nn.Parameter, object] = {}
-        for g in range(self.num_stages):
-            for o in self.slot_ops[g]:
-                params = [self.slot_tensor(g, o, r) for r in ROLES[self.table[o][0]]]
-                rows = plan.host_gather.get((g, o))
-                if rows is None:
-                    masks.update((p, False) for p in params)
-                    continue
-                row_mask = [0.0] * params[0].shape[0]
-                for r in rows:
-                    row_mask[r] = 1.0
-                entries.append((params, len(values), len(row_mask), False))
-                values += row_mask
-        for ci, fx in zip(self.cell_info, self.fixed):
-            loose = plan.host_loose[ci.reduction]
-            entries.append(([fx.comb_w], len(values), self.num_nodes + 2, True))  # comb_w [C, B+2, C]
-            values += [1.0 if state in loose else 0.0 for state in range(self.num_nodes + 2)]
-            if ci.reduction:
-                for i, params in ((0, (fx.red0_w, fx.red0_bn.weight, fx.red0_bn.bias)),
-                                  (1, (fx.red1_w, fx.red1_bn.weight, fx.red1_bn.bias))):
-                    if i not in loose:
-                        masks.update((p, False) for p in params)
+        values = self.touched_values(plan.arch)
         pinned = device.type == "cuda"
-        flat = torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
-        for params, start, length, columns in entries:
-            mask = flat.narrow(0, start, length)
-            for p in params:
-                masks[p] = mask.view(1, -1, 1) if columns else mask.view(-1, *([1] * (p.dim() - 1)))
+        flat = torch.tensor(values, dtype=next(self.parameters()).dtype, pin_memory=pinned).to(device,
+                                                                                              non_blocking=pinned)
+        masks: Dict[nn.Parameter, object] = {}
+        for entry in self.touched_layout():
+            if entry.kind == "scalar":  # an input reduction: unused, or used entirely (no mask)
+                masks.update((p, False) for p in entry.params if values[entry.start] == 0.0)
+                continue
+            unused = entry.kind == "rows" and (entry.stage, entry.op) not in plan.host_gather
+            for p in entry.params:
+                masks[p] = False if unused else entry.view(flat, p)
         plan.masks = masks
         return masks
+
+    def touched_layout(self) -> List["TouchedEntry"]:
+        """The fixed layout of :meth:`touched_values`: one entry per group of parameters sharing a mask."""
+        if self._touched_layout is None:
+            entries, start = [], 0
+            for g in range(self.num_stages):
+                for o in self.slot_ops[g]:
+                    params = [self.slot_tensor(g, o, r) for r in ROLES[self.table[o][0]]]
+                    entries.append(TouchedEntry("rows", params, start, params[0].shape[0], g, o))
+                    start += params[0].shape[0]
+            for ci, fx in zip(self.cell_info, self.fixed):
+                entries.append(TouchedEntry("columns", [fx.comb_w], start, self.num_nodes + 2, ci.index, -1))
+                start += self.num_nodes + 2
+                if ci.reduction:
+                    for i, params in ((0, (fx.red0_w, fx.red0_bn.weight, fx.red0_bn.bias)),
+                                      (1, (fx.red1_w, fx.red1_bn.weight, fx.red1_bn.bias))):
+                        entries.append(TouchedEntry("scalar", list(params), start, 1, ci.index, i))
+                        start += 1
+            self._touched_layout = entries
+        return self._touched_layout
+
+    def touched_values(self, arch) -> List[float]:
+        """0/1 per row of :meth:`touched_layout`: the slot rows, combine columns and input reductions ``arch`` uses.
+
+        The same length for every arch (unused groups are all zeros), so a pool's values stack into one table.
+        """
+        plan = self._plan(self.arch_key(arch), next(self.parameters()).device)
+        values: List[float] = []
+        for entry in self.touched_layout():
+            if entry.kind == "rows":
+                row_mask = [0.0] * entry.length
+                for r in plan.host_gather.get((entry.stage, entry.op), ()):
+                    row_mask[r] = 1.0
+                values += row_mask
+            elif entry.kind == "columns":
+                loose = plan.host_loose[self.cell_info[entry.stage].reduction]
+                values += [1.0 if state in loose else 0.0 for state in range(entry.length)]
+            else:
+                values.append(1.0 if entry.op in plan.host_loose[True] else 0.0)
+        return values
 
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, arch, *, bn_train: bool = False):
@@ -443,19 +489,46 @@ class Supernet(nn.Module):
             # (The fused kernels take NCHW.)
             images = images.contiguous(memory_format=torch.channels_last)
         plan = self._plan(key, device)
+        if fused:
+            data = self._fused_data(plan, device)
+            return self._forward_cells(images, lambda s0, s1, masks: fused_forward.run_cells(
+                self, data, s0, s1, masks, update), batch_stats, update)
+        return self._forward_cells(images, lambda s0, s1, masks: eager_forward.run_cells(
+            self, plan, s0, s1, masks, batch_stats, update), batch_stats, update)
 
+    def forward_data(self, images: torch.Tensor, data: "fused_forward.FusedArchData",
+                     progress: Optional[torch.Tensor] = None, *, bn_train: bool = False):
+        """:meth:`forward` on the fused path, the arch given as device data only (what a CUDA graph replays).
+
+        Args:
+            images: ``[N, in_channels, H, W]`` (NCHW-contiguous).
+            data: The arch's :class:`~bnao.supernet.fused_forward.FusedArchData` (e.g. a row of
+                :class:`~bnao.supernet.graph_step.PoolTables`).
+            progress: 0-dim device tensor: the drop-path progress factor of :meth:`keep_probs` (training;
+                None: from :attr:`step` on the host, as :meth:`forward`).
+            bn_train: As :meth:`forward`.
+        """
+        batch_stats = self.training or bn_train
+        if not batch_stats:
+            raise ValueError("forward_data runs the fused cells, which take batch statistics: use forward() to "
+                             "evaluate with running statistics")
+        update = self.training
+        return self._forward_cells(images, lambda s0, s1, masks: fused_forward.run_cells(
+            self, data, s0, s1, masks, update), batch_stats, update, progress)
+
+    def _forward_cells(self, images: torch.Tensor, run_cells, batch_stats: bool, update: bool,
+                       progress: Optional[torch.Tensor] = None):
+        """Stem, ``run_cells(s0, s1, drop masks) -> (last state, aux logits)``, pooling and the classifier."""
+        training = self.training
+        device = images.device
         if self.skeleton == "cifar":
             s0 = s1 = self.stem(images, batch_stats, update)
         else:
             s0 = self.stem0b(F.relu(self.stem0a(images, batch_stats, update)), batch_stats, update)
             s1 = self.stem1(F.relu(s0), batch_stats, update)
 
-        masks = self.drop_path_masks(images.shape[0], device, s1.dtype) if training else None
-
-        if fused:
-            s1, aux_logits = fused_forward.run_cells(self, self._fused_data(plan, device), s0, s1, masks, update)
-        else:
-            s1, aux_logits = eager_forward.run_cells(self, plan, s0, s1, masks, batch_stats, update)
+        masks = self.drop_path_masks(images.shape[0], device, s1.dtype, progress) if training else None
+        s1, aux_logits = run_cells(s0, s1, masks)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
         if training and self.dropout > 0:
             u = self._shard_rows(torch.rand((out.shape[0] * self.batch_shard[1], *out.shape[1:]),
@@ -497,27 +570,34 @@ class Supernet(nn.Module):
 
     def _fused_data(self, plan: _Plan, device: torch.device) -> "fused_forward.FusedArchData":
         if plan.fused is None:
-            plan.fused = fused_forward.FusedArchData(self, plan.arch, device)
+            plan.fused = fused_forward.FusedArchData.build(self, plan.arch, device)
         return plan.fused
+
+    def progress(self, step: Optional[int] = None) -> float:
+        """The drop-path progress factor ``min((step + 1) / total_steps, 1)`` at ``step`` (default :attr:`step`);
+        1 without a step or total (NAO's schedule)."""
+        step = self.step if step is None else step
+        if step is None or not self.total_steps:
+            return 1.0
+        return min(float(step + 1) / self.total_steps, 1.0)
 
     def keep_probs(self) -> List[float]:
         """Drop-path keep probability of every cell at the current :attr:`step` (NAO's schedule)."""
         keep = self.drop_path_keep_prob
         if keep is None:
             return [1.0] * self.num_cells
-        ratio = 1.0
-        if self.step is not None and self.total_steps:
-            ratio = min(float(self.step + 1) / self.total_steps, 1.0)
+        ratio = self.progress()
         return [1.0 - ratio * (i + 1) / self.num_cells * (1.0 - keep) for i in range(self.num_cells)]
 
-    def drop_path_masks(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32
-                        ) -> Optional[torch.Tensor]:
+    def drop_path_masks(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                        progress: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Drop-path multipliers for one training forward.
 
         Args:
             batch: Images in the batch.
             device: Where to draw them (with :meth:`generator`).
             dtype: Activation dtype.
+            progress: 0-dim device tensor holding :meth:`progress`; None: computed on the host from :attr:`step`.
 
         Returns:
             ``[num_cells, batch, 2B]``: per cell, sample and branch position, ``0`` (dropped) or
@@ -526,9 +606,7 @@ class Supernet(nn.Module):
         keep = self.drop_path_keep_prob
         if keep is None or keep >= 1.0:
             return None
-        ratio = 1.0
-        if self.step is not None and self.total_steps:
-            ratio = min(float(self.step + 1) / self.total_steps, 1.0)
+        ratio = self.progress() if progress is None else progress
         # keep per cell computed on the device from a constant: no host-to-device copy per step.
         keep_t = (1.0 - self._drop_depth.to(device) * ratio).view(-1, 1, 1)
         u = torch.rand(self.num_cells, batch * self.batch_shard[1], 2 * self.num_nodes,

@@ -19,7 +19,7 @@ calls over the few stacked tensors, with no host synchronisation.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -78,25 +78,47 @@ class MaskedSGD(torch.optim.Optimizer):
                     part[2].append(buf)
                     part[3].append(m)
             if full[0]:
-                ps, gs, bs = full
-                if wd:
-                    torch._foreach_add_(gs, ps, alpha=wd)
-                if mom:
-                    torch._foreach_mul_(bs, mom)
-                    torch._foreach_add_(bs, gs)
-                    torch._foreach_add_(ps, bs, alpha=-lr)
-                else:
-                    torch._foreach_add_(ps, gs, alpha=-lr)
+                masked_sgd_update(*full, None, lr, mom, wd)
             if part[0]:
-                ps, gs, bs, ms = part
-                if wd:
-                    torch._foreach_add_(gs, ps, alpha=wd)
-                torch._foreach_mul_(gs, ms)  # d on used rows, 0 elsewhere
-                if mom:
-                    # buf += (mom - 1) * mask * buf, i.e. momentum decay on used rows only; then += d.
-                    torch._foreach_addcmul_(bs, bs, ms, value=mom - 1.0)
-                    torch._foreach_add_(bs, gs)
-                    torch._foreach_addcmul_(ps, bs, ms, value=-lr)
-                else:
-                    torch._foreach_add_(ps, gs, alpha=-lr)
+                masked_sgd_update(*part, lr, mom, wd)
         return None
+
+
+def masked_sgd_update(params: List[torch.Tensor], grads: List[torch.Tensor], buffers: List[torch.Tensor],
+                      masks: Optional[List[torch.Tensor]], lr: Union[float, torch.Tensor], momentum: float,
+                      weight_decay: float) -> None:
+    """SGD with momentum on the rows where ``masks`` is 1; rows where it is 0 do not change (buffers included).
+
+    The one formula of :class:`MaskedSGD` and of the captured step (``bnao.supernet.graph_step``), with the
+    same ops for a float and a 0-dim tensor ``lr`` (so both give the same bits). Where a mask is 1 the
+    momentum factor ``1 + (momentum - 1) * mask`` is ``momentum`` (exactly, for momenta in [0.5, 1]: the
+    subtraction is exact), so a fully used parameter moves as it would unmasked.
+
+    Args:
+        params: Parameters, updated in place.
+        grads: Their gradients (finite), overwritten with ``d`` (times the mask).
+        buffers: Momentum buffers, updated in place.
+        masks: 0/1 tensors broadcastable to each parameter; None: every row.
+        lr: Learning rate, a float or a 0-dim tensor on the parameters' device (what a CUDA graph replays).
+        momentum: Momentum factor.
+        weight_decay: L2 penalty added to the gradient.
+    """
+    if weight_decay:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
+    if masks is not None:
+        torch._foreach_mul_(grads, masks)  # d on used rows, 0 elsewhere
+    if momentum:
+        if masks is None:
+            torch._foreach_mul_(buffers, momentum)
+        else:
+            factors = torch._foreach_mul(masks, momentum - 1.0)
+            torch._foreach_add_(factors, 1.0)
+            torch._foreach_mul_(buffers, factors)
+        torch._foreach_add_(buffers, grads)
+        steps = buffers
+    else:
+        steps = grads
+    if masks is None:
+        torch._foreach_add_(params, torch._foreach_mul(steps, -lr))
+    else:
+        torch._foreach_addcmul_(params, steps, torch._foreach_mul(masks, -lr))

@@ -18,7 +18,7 @@ import torch
 
 from ..device import resolve_device
 from ..space.nao import NAOSpace
-from .evaluator import evaluate_pool
+from .evaluator import evaluate_pool, last_evaluation
 from .model import Supernet
 from .trainer import SupernetTrainer
 
@@ -106,7 +106,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
                      pool_size: int = 1000, sampler: str = "proportional", eval_archs: int = 0,
                      eval_batch: int = 500, trace_dir: Optional[str] = None, count_ops: bool = True,
                      loader: str = "auto", seed: int = 0, sequence_archs: int = 5,
-                     kernels: str = "auto") -> Dict[str, Any]:
+                     kernels: str = "auto", graph: str = "auto") -> Dict[str, Any]:
     """Measures supernet training (and optionally pool evaluation) throughput.
 
     Args:
@@ -131,6 +131,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         loader: Loader name (``"auto"`` picks the GPU-resident one when it fits).
         seed: Seed of pool, sampler, data and model.
         kernels: The supernet's cells: ``"auto"``, ``"fused"`` or ``"eager"`` (``Supernet(kernels=...)``).
+        graph: Training steps as replayed CUDA graphs: ``"auto"``, ``"on"`` or ``"off"`` (``SupernetTrainer``).
         sequence_archs: Records the launch sequence of a training step for this many archs of the pool and
             reports whether it is the same for all (0: skip).
 
@@ -161,7 +162,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
     model = Supernet(sp, layers=layers, channels=channels, num_classes=num_classes, in_channels=in_channels,
                      total_steps=warmup + steps, kernels=kernels).to(dev)
     trainer = SupernetTrainer(model, smp, pool, train_loader, bf16=bf16, channels_last=channels_last,
-                              steps_total=warmup + steps, device=dev, seed=seed, sync_timing=True)
+                              steps_total=warmup + steps, device=dev, seed=seed, sync_timing=True, graph=graph)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if warmup:
@@ -183,6 +184,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         "split_ms": {k: split[f"{k}_ms"] for k in ("draw", "forward", "backward", "optimizer")},
         "split_ms_per_step": split["ms_per_step"],
         "loss": plain["loss"],
+        "step_path": dict(trainer.graph_status),
     })
     if dev.type == "cuda":
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -206,14 +208,15 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
                                    drop_last=False, seed=seed, channels_last=channels_last)
         batch = next(iter(dev_loader))
         archs = pool[: min(eval_archs, len(pool))]
-        evaluate_pool(model, archs[:2], batch, bf16=bf16)  # warm-up
+        # Warm-up on the same archs: a search builds a pool's device tables once (they are cached on the model).
+        evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        evaluate_pool(model, archs, batch, bf16=bf16)
+        evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
         elapsed = time.perf_counter() - t0
         result.update({"eval_archs": len(archs), "eval_batch": int(batch[1].shape[0]),
-                       "eval_archs_per_s": len(archs) / elapsed})
+                       "eval_archs_per_s": len(archs) / elapsed, "eval_path": dict(last_evaluation)})
         if dev.type == "cuda":
             result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
@@ -226,6 +229,7 @@ def format_result(r: Dict[str, Any]) -> str:
         f"classes={r['classes']}  batch {r['batch_size']}  {'bf16' if r['bf16'] else 'fp32'}"
         f"{'  channels_last' if r['channels_last'] else ''}  sampler {r['sampler']} over {r['pool_size']} archs"
         f"  cells {r['kernels']}",
+        f"  step {r['step_path']['mode']} ({r['step_path']['reason']})" if "step_path" in r else "  step -",
         f"supernet: {r['params']:,} weights in {r['param_tensors']} tensors",
         f"training: {r['img_per_s']:,.1f} img/s, {r['ms_per_step']:.2f} ms/step ({r['steps']} steps)",
         "split (synchronised): " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["split_ms"].items())
@@ -246,8 +250,9 @@ def format_result(r: Dict[str, Any]) -> str:
     if "peak_memory_mib" in r:
         lines.append(f"peak GPU memory: {r['peak_memory_mib']:,.0f} MiB")
     if "eval_archs_per_s" in r:
+        path = r.get("eval_path", {})
         lines.append(f"pool evaluation: {r['eval_archs_per_s']:.2f} archs/s ({r['eval_archs']} archs, batch "
-                     f"{r['eval_batch']})")
+                     f"{r['eval_batch']}; {path.get('mode', '?')}: {path.get('reason', '?')})")
     if "trace_dir" in r:
         lines.append(f"trace written to {r['trace_dir']}")
     return "\n".join(lines)

@@ -51,6 +51,7 @@ from ..data_parallel import GradientSync
 from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
 from ..train.checkpoint import CheckpointError, load_file, save_atomic
+from .graph_step import GraphStep, graph_unsupported
 from .model import Supernet
 from .optim import MaskedSGD
 
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "bnao-supernet-checkpoint"
 
 
+#: Values of ``graph`` (see :class:`SupernetTrainer`).
+GRAPH_MODES = ("auto", "on", "off")
 #: Values of ``unused_slot_update`` (see the module docstring).
 UNUSED_SLOT_UPDATES = ("decay", "freeze")
 
@@ -108,6 +111,10 @@ class SupernetTrainer:
         data_parallel: Several processes (:mod:`bnao.distributed`): the loader yields this rank's slice of
             each batch, and this averages the gradients over the ranks after every backward (None: one
             process). Every rank draws the same arch from its identically seeded sampler.
+        graph: ``"auto"``: on the fused path (CUDA), run each step on device data as two replayed CUDA graphs
+            (:mod:`bnao.supernet.graph_step`; uncaptured where capture fails), else the eager step; ``"on"``:
+            the same, an error where the step does not allow it; ``"off"``: always the eager step.
+            :attr:`graph_status` says which ran and why.
     """
 
     def __init__(self, model: Supernet, sampler: Any, pool: np.ndarray, train_loader: Any, *,
@@ -116,13 +123,19 @@ class SupernetTrainer:
                  channels_last: bool = False, steps_total: int = 1000, max_bad_steps: int = 5,
                  aux_weight: float = 0.4, device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
                  sync_timing: bool = False, lr_steps_per_epoch: Optional[int] = None,
-                 unused_slot_update: str = "decay", data_parallel: Optional[GradientSync] = None):
+                 unused_slot_update: str = "decay", data_parallel: Optional[GradientSync] = None,
+                 graph: str = "auto"):
         if unused_slot_update not in UNUSED_SLOT_UPDATES:
             raise ValueError(f"unused_slot_update must be one of {UNUSED_SLOT_UPDATES}, got {unused_slot_update!r}")
         if steps_total <= 0:
             raise ValueError(f"steps_total must be positive, got {steps_total}")
         if lr_steps_per_epoch is not None and lr_steps_per_epoch <= 0:
             raise ValueError(f"lr_steps_per_epoch must be positive, got {lr_steps_per_epoch}")
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
+        self.graph = graph
+        self._graph_step: Optional[GraphStep] = None
+        self.graph_status: Dict[str, str] = {"mode": "eager", "reason": "no step yet"}
         self.lr_steps_per_epoch = lr_steps_per_epoch
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
@@ -169,6 +182,7 @@ class SupernetTrainer:
         # 400 MB for a pool of a million); one row becomes a tuple per step (~2 us).
         self.pool = pool
         self.counts = np.zeros(len(pool), dtype=np.int64)
+        self._graph_step = None  # its tables hold the old pool
 
     def draw_counts(self) -> np.ndarray:
         """How many steps trained each arch of the current pool (``int64 [n]``)."""
@@ -237,11 +251,8 @@ class SupernetTrainer:
         model = self.model
         model.train()
         dev = self.device
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
-        correct_sum = torch.zeros((), device=dev, dtype=torch.float32)
-        seen = 0
-        good = 0
-        bad = 0
+        tally = {"loss": torch.zeros((), device=dev, dtype=torch.float32),
+                 "correct": torch.zeros((), device=dev, dtype=torch.float32), "seen": 0, "good": 0, "bad": 0}
         t_draw = t_fwd = t_bwd = t_opt = 0.0
         images_total = 0
         lr = self.current_lr()
@@ -263,6 +274,20 @@ class SupernetTrainer:
             # The drop-path ramp restarts with every search iteration, like the cosine schedule (the
             # reference passes its per-iteration step counter to the model).
             model.set_step(self.schedule_step)
+            graph_step = self._graph_step_for_run()
+            if graph_step is not None:
+                finite = graph_step.run(images, labels, idx, model.progress(), lr)
+                loss, logits = graph_step.loss, graph_step.logits
+                t2 = t3 = time.perf_counter()
+                self.global_step += 1
+                self.schedule_step += 1
+                self._account(tally, finite, lr, loss, logits, labels, update=None)
+                t4 = time.perf_counter()
+                t_draw, t_fwd, t_opt = t_draw + t1 - t0, t_fwd + t2 - t1, t_opt + t4 - t3
+                images_total += labels.shape[0]
+                if progress is not None:
+                    progress(1)
+                continue
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
                 out = model(images, arch)
                 logits, aux = out if isinstance(out, tuple) else (out, None)
@@ -287,30 +312,8 @@ class SupernetTrainer:
             t3 = time.perf_counter()
             self.global_step += 1
             self.schedule_step += 1
-            if not finite:
-                bad += 1
-                self.bad_steps_total += 1
-                self.bad_in_row += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                log.warning("supernet step %d: non-finite loss (%s); step skipped (%d in a row)",
-                            self.global_step, "nan/inf", self.bad_in_row)
-                if self.bad_in_row >= self.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{self.bad_in_row} consecutive supernet steps had a NaN or infinite loss (last at step "
-                        f"{self.global_step}, lr {lr:.4g}); training stopped. Resume from the last good checkpoint, "
-                        "e.g. with a lower lr_max, grad_clip, or without bf16.")
-            else:
-                self.bad_in_row = 0
-                with record_function("bnao::optimizer"):
-                    if self.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-                    self.optimizer.param_groups[0]["lr"] = lr
-                    self.optimizer.step(self._update_masks(arch))
-                good += 1
-                with torch.no_grad():
-                    loss_sum += loss.detach().float()
-                    correct_sum += (logits.detach().argmax(1) == labels).sum().float()
-                seen += labels.shape[0]
+            with record_function("bnao::optimizer"):
+                self._account(tally, finite, lr, loss, logits, labels, update=lambda: self._optimizer_step(arch, lr))
             self._sync()
             t4 = time.perf_counter()
             t_draw += t1 - t0
@@ -323,6 +326,7 @@ class SupernetTrainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - start
+        loss_sum, correct_sum, seen, good, bad = (tally[k] for k in ("loss", "correct", "seen", "good", "bad"))
         steps = max(n, 1)
         if self.data_parallel is not None:
             loss_sum, correct_sum, seen, images_total = self._reduce_stats(loss_sum, correct_sum, seen, images_total)
@@ -340,6 +344,57 @@ class SupernetTrainer:
             "backward_ms": 1000.0 * t_bwd / steps,
             "optimizer_ms": 1000.0 * t_opt / steps,
         }
+
+    def _account(self, tally: Dict[str, Any], finite: bool, lr: float, loss: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor, update: Optional[Callable[[], None]]) -> None:
+        """Counts a step: a finite one runs ``update`` (the optimizer; None when already applied) and adds to the
+        loss and accuracy sums; a non-finite one is skipped, and ``max_bad_steps`` of them in a row stop training.
+
+        Raises:
+            NonFiniteLossError: ``max_bad_steps`` consecutive non-finite losses.
+        """
+        if not finite:
+            tally["bad"] += 1
+            self.bad_steps_total += 1
+            self.bad_in_row += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("supernet step %d: non-finite loss (%s); step skipped (%d in a row)",
+                        self.global_step, "nan/inf", self.bad_in_row)
+            if self.bad_in_row >= self.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_in_row} consecutive supernet steps had a NaN or infinite loss (last at step "
+                    f"{self.global_step}, lr {lr:.4g}); training stopped. Resume from the last good checkpoint, "
+                    "e.g. with a lower lr_max, grad_clip, or without bf16.")
+            return
+        self.bad_in_row = 0
+        if update is not None:
+            update()
+        tally["good"] += 1
+        with torch.no_grad():
+            tally["loss"] += loss.detach().float()
+            tally["correct"] += (logits.detach().argmax(1) == labels).sum().float()
+        tally["seen"] += labels.shape[0]
+
+    def _optimizer_step(self, arch, lr: float) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.step(self._update_masks(arch))
+
+    def _graph_step_for_run(self):
+        """The :class:`~bnao.supernet.graph_step.GraphStep` when ``graph`` is on and the step allows it, else None."""
+        if self.graph == "off":
+            return None
+        if self._graph_step is None:
+            why = graph_unsupported(self)
+            if why is not None:
+                if self.graph == "on":
+                    raise ValueError(f"graph='on': {why}")
+                self.graph_status = {"mode": "eager", "reason": why}
+                return None
+            self._graph_step = GraphStep(self, capture=True)
+        self.graph_status = self._graph_step.describe()
+        return self._graph_step
 
     def _reduce_stats(self, loss_sum: torch.Tensor, correct_sum: torch.Tensor, seen: int, images: int):
         """Sums of a chunk's statistics over the ranks (every rank then reports the global figures)."""
@@ -404,6 +459,7 @@ class SupernetTrainer:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict`."""
+        self._graph_step = None  # its static tensors hold the state being replaced
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule_steps = int(state["schedule"]["steps"])

@@ -87,7 +87,12 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
     for r in results:
         bs = int(r["batch_size"])
         cells = r.get("kernels", "")
+        step = r.get("step_path", {})
         path = f", {cells.split(' ')[0]} cells" if cells else ""
+        if step.get("mode") == "graph":
+            path += " + CUDA graphs"
+        elif step.get("mode") == "uncaptured":
+            path += " + device-data steps (uncaptured)"
         split = ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items())
         note = f"{r['ms_per_step']:.2f} ms/step; synchronised split ms: {split}"
         if "kernels_per_step" in r:
@@ -97,14 +102,19 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
                                             else "depends on the arch")
         if cells.startswith("eager ("):
             note += f"; {cells}"
+        if step:
+            note += f"; step: {step.get('mode')} ({step.get('reason')})"
         target = TARGETS.get(f"train_b{bs}")
         figures.append(Figure(f"supernet training, batch {bs}{path}", r["img_per_s"], "img/s", target, note=note))
         if "peak_memory_mib" in r:
             figures.append(Figure(f"peak GPU memory, batch {bs}{path}", r["peak_memory_mib"], "MiB",
                                   note="torch.cuda.max_memory_allocated over warm-up, timing and evaluation"))
         if "eval_archs_per_s" in r:
+            evaluation = r.get("eval_path", {})
             figures.append(Figure(f"pool evaluation, batch {r['eval_batch']}{path}", r["eval_archs_per_s"],
-                                  "archs/s", TARGETS["eval"], note=f"{r['eval_archs']} archs"))
+                                  "archs/s", TARGETS["eval"],
+                                  note=f"{r['eval_archs']} archs; {evaluation.get('mode', '?')}: "
+                                       f"{evaluation.get('reason', '?')}"))
     return figures
 
 

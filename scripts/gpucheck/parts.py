@@ -140,12 +140,12 @@ def sanitizer(ctx: Context) -> PartResult:
 
 def bench_supernet(ctx: Context) -> PartResult:
     """Supernet img/s at batch 64 and 256 (split per phase, peak memory) and evaluation archs/s at batch 500,
-    on the eager and the fused cells side by side."""
+    on the eager cells, the fused cells and the fused cells with replayed CUDA graphs side by side."""
     if not ctx.gpu and not ctx.smoke:
         return PartResult("bench-supernet", SKIP, "no GPU")
     out = ctx.logs / "bench-supernet.json"
     sizes = (["--batch-sizes", "64,256", "--steps", "50", "--warmup", "10", "--eval-archs", "200",
-              "--kernels", "eager,fused"] if not ctx.smoke
+              "--kernels", "eager,fused,fused+graph"] if not ctx.smoke
              else ["--batch-sizes", "8", "--steps", "2", "--warmup", "1", "--eval-archs", "2", "--layers", "1",
                    "--channels", "4", "--eval-batch", "50"])
     run = ctx.command([ctx.python, "benchmarks/bench_supernet.py", "--device", ctx.device, *sizes, "--json", out],

@@ -1,0 +1,369 @@
+"""Supernet training steps on device data only, captured once as CUDA graphs and replayed.
+
+On the fused path the launches of a step do not depend on the arch (``csrc/cell/DESIGN.md``), so a step
+can be captured once and replayed for every arch when everything it reads of the arch is device data:
+
+* :class:`PoolTables` holds, per arch of the pool, what :class:`~bnao.supernet.fused_forward.FusedArchData`
+  holds for one (branch codes, gather indices, slot-BN rows, loose-end masks) and the 0/1 values of the
+  slots it trains (:meth:`~bnao.supernet.Supernet.touched_values`); a step selects its arch's rows by index.
+* :class:`GraphStep` runs a step as two parts. Part A: select the arch's rows, forward, loss and backward.
+  Part B: gradient clipping, the used-slot (and ever-used) masks, and the masked SGD update with the learning
+  rate as a device tensor. Per step the host writes the arch index (drawn from the alias table, whose draws
+  run on the device in blocks), the drop-path progress and the learning rate into one pinned buffer and
+  copies it and the batch into the static inputs, replays A, reads the loss's finiteness (the only
+  synchronisation), and replays B unless the loss was not finite: the trainer's skip of such steps, exact.
+
+On CUDA both parts are captured with :class:`torch.cuda.CUDAGraph`; where capture fails the same parts run
+uncaptured (``mode`` says which and why). On a CPU they always run uncaptured, so CI checks the
+arithmetic: :func:`tests.test_graph_step` compares these steps with the trainer's own, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from .fused_forward import FusedArchData, arch_lists
+from .optim import masked_sgd_update
+
+log = logging.getLogger(__name__)
+
+#: Slots of the pinned per-step scalars: arch index, drop-path progress, learning rate.
+_INDEX, _PROGRESS, _LR = range(3)
+
+
+class PoolTables:
+    """Per-arch device data of a pool, one row per arch (``[P, ...]`` tensors).
+
+    Args:
+        net: The :class:`~bnao.supernet.Supernet`.
+        pool: ``[P, L]`` archs.
+        device: Where the tables live.
+        dtype: Float dtype of the loose-end and slot masks (the parameters').
+    """
+
+    def __init__(self, net, pool: np.ndarray, device: torch.device, dtype: torch.dtype, touched: bool = True):
+        archs = [tuple(row) for row in np.asarray(pool).tolist()]
+        lists = [arch_lists(net, arch) for arch in archs]
+        self.layout = lists[0]  # spans are the same for every arch
+        self.packed = torch.tensor([item.ints for item in lists], dtype=torch.int64).to(device)
+        self.codes = torch.tensor([item.codes for item in lists], dtype=torch.int32).to(device)
+        self.loose = torch.tensor([item.loose for item in lists], dtype=dtype).to(device)
+        # The slots each arch trains: for training steps only (evaluation updates nothing).
+        self.touched = (torch.tensor([net.touched_values(arch) for arch in archs], dtype=dtype).to(device)
+                        if touched else None)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    def select(self, index: torch.Tensor) -> Tuple[FusedArchData, torch.Tensor]:
+        """The arch at ``index`` (int64 ``[1]`` on the device): its data and its touched values (4 gathers)."""
+        packed = self.packed.index_select(0, index)[0]
+        codes = self.codes.index_select(0, index)[0]
+        loose = self.loose.index_select(0, index)[0]
+        touched = self.touched.index_select(0, index)[0] if self.touched is not None else None
+        return FusedArchData(packed, codes, self.layout, {self.dtype: loose}), touched
+
+
+def pool_tables(net, pool: np.ndarray, device: torch.device, dtype: torch.dtype, touched: bool) -> PoolTables:
+    """:class:`PoolTables` of ``pool``, cached on ``net`` for the last two pools (training and evaluation of one
+    search iteration share them; building them costs about a millisecond of host time per arch)."""
+    pool = np.ascontiguousarray(np.asarray(pool, dtype=np.int64))
+    key = (pool.shape, hash(pool.tobytes()), str(device), dtype, touched)
+    cache = net.__dict__.setdefault("_pool_tables", {})
+    # Tables with the slot values serve an evaluation too (the training pool is the one scored next).
+    tables = cache.get(key) or (cache.get(key[:-1] + (True,)) if not touched else None)
+    if tables is None:
+        tables = PoolTables(net, pool, device, dtype, touched)
+        while len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[key] = tables
+    return tables
+
+
+def graph_unsupported(trainer) -> Optional[str]:
+    """Why ``trainer``'s steps cannot run as :class:`GraphStep` (None when they can)."""
+    model = trainer.model
+    if trainer.data_parallel is not None:
+        return "data-parallel training (the gradient all-reduce runs between backward and update)"
+    if trainer.bf16:
+        return "bf16 (the fused cells take float32 and float64)"
+    if trainer.channels_last:
+        return "channels-last (the fused cells take NCHW)"
+    dtype = next(model.parameters()).dtype
+    use, why = model._cells_choice(trainer.device, True, dtype)
+    return None if use else f"the fused cells are not used: {why}"
+
+
+class GraphStep:
+    """A trainer's step as two replayable parts (module docstring).
+
+    Args:
+        trainer: The :class:`~bnao.supernet.trainer.SupernetTrainer` whose model, optimizer, masks and
+            schedule this runs; its ``ever_used`` masks are taken over (and kept current).
+        capture: Capture CUDA graphs (CUDA only; False, or a CPU: run the same parts uncaptured).
+    """
+
+    def __init__(self, trainer, capture: bool = True):
+        why = graph_unsupported(trainer)
+        if why is not None:
+            raise ValueError(f"the step cannot run on device data only: {why}")
+        self.trainer = trainer
+        model = trainer.model
+        self.device = trainer.device
+        self.dtype = next(model.parameters()).dtype
+        self.tables = pool_tables(model, trainer.pool, self.device, self.dtype, touched=True)
+        cuda = self.device.type == "cuda"
+        self.scalars_host = torch.zeros(3, dtype=torch.float64, pin_memory=cuda)
+        self.scalars = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=cuda)
+        self.images: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+        self.loss: Optional[torch.Tensor] = None
+        self.logits: Optional[torch.Tensor] = None
+        self._finite: Optional[torch.Tensor] = None
+        self._touched: Optional[torch.Tensor] = None
+        self._ever = self._ever_tensors()
+        self._graphs: Optional[Tuple[Any, Any]] = None
+        self.mode = "uncaptured"
+        self.reason = "not captured yet" if (capture and cuda) else ("capture off" if cuda else "CPU")
+        self._capture = capture and cuda
+
+    # ------------------------------------------------------------------ state
+    def _ever_tensors(self) -> List[Optional[torch.Tensor]]:
+        """The trainer's ever-used masks as tensors (0/1), for the partial parameters; None for the others."""
+        trainer = self.trainer
+        layout = {id(p): entry for entry in trainer.model.touched_layout() for p in entry.params}
+        out: List[Optional[torch.Tensor]] = []
+        for i, param in enumerate(trainer.params):
+            entry = layout.get(id(param))
+            if entry is None:
+                out.append(None)
+                continue
+            shape = entry.view(torch.zeros(entry.start + entry.length, device=self.device), param).shape
+            ever = trainer.ever_used[i]
+            if ever is None or ever is False:
+                value = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            elif ever is True:
+                value = torch.ones(shape, dtype=self.dtype, device=self.device)
+            else:
+                value = ever.to(self.dtype).reshape(shape).clone()
+            trainer.ever_used[i] = value  # the trainer's checkpoints see the masks this step keeps current
+            out.append(value)
+        return out
+
+    # ------------------------------------------------------------------ parts
+    def _part_a(self) -> None:
+        """Select the arch's rows, forward, loss, backward (gradients into the parameters' ``.grad``)."""
+        trainer, model = self.trainer, self.trainer.model
+        with record_function("bnao::forward"):
+            index = self.scalars[_INDEX : _INDEX + 1].long()
+            progress = self.scalars[_PROGRESS].to(model._drop_depth.dtype)
+            data, touched = self.tables.select(index)
+            out = model.forward_data(self.images, data, progress)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=trainer.label_smoothing)
+            if aux is not None:
+                loss = loss + trainer.aux_weight * F.cross_entropy(aux.float(), self.labels,
+                                                                   label_smoothing=trainer.label_smoothing)
+        with record_function("bnao::backward"):
+            loss.backward()
+        self.loss, self.logits, self._touched = loss.detach(), logits.detach(), touched
+        self._finite = torch.isfinite(self.loss).view(1)
+
+    @torch.no_grad()
+    def _part_b(self) -> None:
+        """Clipping, masks, ever-used masks and the masked SGD update (lr from the device scalars)."""
+        with record_function("bnao::optimizer"):
+            self._update()
+
+    def _update(self) -> None:
+        trainer = self.trainer
+        if trainer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainer.params, trainer.grad_clip, foreach=True)
+        layout = {id(p): entry for entry in trainer.model.touched_layout() for p in entry.params}
+        full: Tuple[list, list, list] = ([], [], [])
+        part: Tuple[list, list, list, list] = ([], [], [], [])
+        grow: Tuple[list, list] = ([], [])
+        optimizer = trainer.optimizer
+        for i, param in enumerate(trainer.params):
+            buffer = optimizer.state[param]["momentum_buffer"]
+            entry = layout.get(id(param))
+            if entry is None:
+                full[0].append(param)
+                full[1].append(param.grad)
+                full[2].append(buffer)
+                continue
+            used = entry.view(self._touched, param)
+            mask = used
+            if trainer.unused_slot_update == "decay":
+                grow[0].append(self._ever[i])
+                grow[1].append(used)
+                mask = self._ever[i]
+            for group, value in zip(part, (param, param.grad, buffer, mask)):
+                group.append(value)
+        if grow[0]:
+            torch._foreach_maximum_(grow[0], grow[1])
+        group = optimizer.param_groups[0]
+        lr = self.scalars[_LR].to(self.dtype)
+        masked_sgd_update(*full, None, lr, group["momentum"], group["weight_decay"])
+        masked_sgd_update(*part, lr, group["momentum"], group["weight_decay"])
+
+    # ------------------------------------------------------------------ running
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Static inputs and momentum buffers; a first uncaptured step's backward allocates every ``.grad``."""
+        self.images = torch.empty_like(images, memory_format=torch.contiguous_format)
+        self.labels = torch.empty_like(labels)
+        optimizer = self.trainer.optimizer
+        for param in self.trainer.params:
+            state = optimizer.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _try_capture(self) -> None:
+        """Captures parts A and B (after the first, uncaptured step); on failure, stays uncaptured."""
+        self._capture = False
+        for param in self.trainer.params:
+            param.grad = None  # the captured backward allocates the gradients in the graph's pool
+        try:
+            graphs = []
+            for part in (self._part_a, self._part_b):
+                graph = torch.cuda.CUDAGraph()
+                generator = self.trainer.model.generator(self.device)
+                if hasattr(graph, "register_generator_state"):
+                    graph.register_generator_state(generator)
+                with torch.cuda.graph(graph):
+                    part()
+                graphs.append(graph)
+            self._graphs = (graphs[0], graphs[1])
+            self.mode, self.reason = "graph", "captured"
+        except Exception as exc:  # capture is an optimisation: any failure falls back to the same parts uncaptured
+            torch.cuda.synchronize(self.device)
+            self._graphs = None
+            self.mode, self.reason = "uncaptured", f"capture failed: {type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture of the supernet step failed (%s); running it uncaptured", self.reason)
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor, index: int, progress: float, lr: float) -> bool:
+        """One step of arch ``index`` of the pool on a batch; returns whether the loss was finite (and applied).
+
+        The loss and logits of the step are left in :attr:`loss` and :attr:`logits` (static tensors, overwritten
+        by the next step).
+        """
+        first = self.images is None
+        if first:
+            self._prepare(images, labels)
+        self.scalars_host[_INDEX], self.scalars_host[_PROGRESS], self.scalars_host[_LR] = index, progress, lr
+        non_blocking = self.device.type == "cuda"
+        self.scalars.copy_(self.scalars_host, non_blocking=non_blocking)
+        self.images.copy_(images, non_blocking=non_blocking)
+        self.labels.copy_(labels, non_blocking=non_blocking)
+        if self._graphs is not None:
+            self._graphs[0].replay()
+        else:
+            # Gradients are overwritten, not accumulated: a captured backward writes into the same .grad tensors.
+            for param in self.trainer.params:
+                param.grad = None
+            self._part_a()
+        self.flag_host.copy_(self._finite)  # the one synchronisation of a step
+        finite = bool(self.flag_host[0])
+        if finite:
+            if self._graphs is not None:
+                self._graphs[1].replay()
+            else:
+                self._part_b()
+        if first and self._capture:
+            self._try_capture()
+        return finite
+
+    def describe(self) -> Dict[str, str]:
+        """``{"mode": "graph" | "uncaptured", "reason": ...}`` for ``bnao profile``."""
+        return {"mode": self.mode, "reason": self.reason}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluation_unsupported(model, batches_per_arch: Optional[int], bf16: bool) -> Optional[str]:
+    """Why :func:`evaluate_pool_on_device` cannot score ``batches_per_arch`` batches an arch (None when it can)."""
+    if bf16:
+        return "bf16 (the fused cells take float32 and float64)"
+    if batches_per_arch != 1:
+        return "several batches per arch" if batches_per_arch else "a batch source of unknown size"
+    parameter = next(model.parameters())
+    use, why = model._cells_choice(parameter.device, True, parameter.dtype)
+    return None if use else f"the fused cells are not used: {why}"
+
+
+@torch.no_grad()
+def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool = True
+                            ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, str]]:
+    """Summed loss and correct count of every arch on its batch, one replay per arch (module docstring).
+
+    Args:
+        model: The supernet (in eval mode; batch statistics, nothing updated).
+        archs: ``int64 [n, L]``.
+        next_batch: ``i -> (images, labels)``: arch ``i``'s batch (the same shape for every arch).
+        capture: Capture a CUDA graph (CUDA only).
+
+    Returns:
+        ``(loss sums [n], correct counts [n], images [n], {"mode", "reason"})``, the sums on the device.
+    """
+    device = next(model.parameters()).device
+    images, labels = next_batch(0)
+    tables = pool_tables(model, archs, device, images.dtype, touched=False)
+    n = len(archs)
+    cuda = device.type == "cuda"
+    scalar_host = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
+    index = torch.zeros(1, dtype=torch.int64, device=device)
+    static_images = torch.empty_like(images, device=device, memory_format=torch.contiguous_format)
+    static_labels = torch.empty_like(labels, device=device)
+    loss_sums = torch.zeros(n, dtype=torch.float32, device=device)
+    correct = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def score() -> None:
+        data, _ = tables.select(index)
+        logits = model.forward_data(static_images, data, bn_train=True).float()
+        loss_sums.index_add_(0, index, F.cross_entropy(logits, static_labels, reduction="sum").view(1))
+        correct.index_add_(0, index, (logits.argmax(1) == static_labels).sum().float().view(1))
+
+    graph, status = None, {"mode": "uncaptured", "reason": "CPU" if not cuda else "capture off"}
+    seen = [int(labels.shape[0])] * n
+    for i in range(n):
+        if i:
+            images, labels = next_batch(i)
+        if images.shape != static_images.shape or labels.shape != static_labels.shape:
+            # A short batch (the end of a dev epoch): this arch alone through the uncaptured forward.
+            logits = model(images, tuple(int(v) for v in archs[i]), bn_train=True).float()
+            loss_sums[i] += F.cross_entropy(logits, labels, reduction="sum")
+            correct[i] += (logits.argmax(1) == labels).sum()
+            seen[i] = int(labels.shape[0])
+            continue
+        scalar_host[0] = i
+        index.copy_(scalar_host, non_blocking=cuda)
+        static_images.copy_(images, non_blocking=cuda)
+        static_labels.copy_(labels, non_blocking=cuda)
+        if graph is not None:
+            graph.replay()
+            continue
+        score()
+        if i == 0 and cuda and capture:
+            graph, status = _capture(score)
+    return loss_sums, correct, torch.tensor(seen, dtype=torch.float32, device=device), status
+
+
+def _capture(body):
+    """Captures ``body`` (already run once, uncaptured: the warm-up) as a CUDA graph, or None where that fails."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+    except Exception as exc:  # capture is an optimisation: fall back to the same body uncaptured
+        torch.cuda.synchronize()
+        log.warning("CUDA graph capture of pool evaluation failed (%s: %s); running it uncaptured",
+                    type(exc).__name__, exc)
+        return None, {"mode": "uncaptured", "reason": f"capture failed: {type(exc).__name__}: {exc}"}
+    return graph, {"mode": "graph", "reason": "captured"}
