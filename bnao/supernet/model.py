@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 from . import eager_forward, fused_forward
 from .fixed import CellFixed, CellInfo, ConvBN, kaiming
+from . import touched
 from .fused_forward import FusedKernelsUnavailable, check_kernels, fused_built
 
 log = logging.getLogger(__name__)
@@ -63,29 +64,6 @@ class _Plan:
 
     __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
                  "masks", "fused", "host_gather", "host_loose")
-
-
-class TouchedEntry(NamedTuple):
-    """Parameters sharing one 0/1 mask in :meth:`Supernet.touched_values` (``values[start : start + length]``).
-
-    ``kind``: ``"rows"`` (stacked slot tensors of op ``op`` in stage ``stage``: one value per row),
-    ``"columns"`` (the combine weight ``[C, B+2, C]`` of cell ``stage``: one per state) or ``"scalar"`` (the
-    factorized reduce of input ``op`` of reduction cell ``stage``: used or not).
-    """
-
-    kind: str
-    params: List[nn.Parameter]
-    start: int
-    length: int
-    stage: int
-    op: int
-
-    def view(self, flat: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        """This entry's mask in ``flat`` (a row of values), shaped to broadcast against ``param``."""
-        mask = flat.narrow(-1, self.start, self.length)
-        if self.kind == "columns":
-            return mask.view(1, -1, 1)
-        return mask.view(-1, *([1] * (param.dim() - 1)))
 
 
 class Supernet(nn.Module):
@@ -145,7 +123,7 @@ class Supernet(nn.Module):
         self.batch_shard: Tuple[int, int] = (0, 1)
         self.plan_cache_size = plan_cache_size
         self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
-        self._touched_layout: Optional[List[TouchedEntry]] = None
+        self._touched_layout: Optional[List[touched.TouchedEntry]] = None
         self._generators: Dict[str, torch.Generator] = {}
         # Generator states of devices this machine lacks (from a checkpoint written elsewhere), kept to be saved again.
         self._absent_rng: Dict[str, torch.Tensor] = {}
@@ -394,75 +372,23 @@ class Supernet(nn.Module):
         plan.fused = None  # the fused path's FusedArchData, built on first use
         return plan
 
-    def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, Tuple[torch.Tensor, torch.Tensor]]]:
-        """Which parameters (and which rows of the stacked ones) a forward of ``arch`` uses.
+    def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, torch.Tensor]]:
+        """Which parameters (and which rows of the stacked ones) a forward of ``arch`` uses
+        (:func:`bnao.supernet.touched.touched_masks`; cached in the arch's plan)."""
+        plan = self._plan(self.arch_key(arch), next(self.parameters()).device)
+        if plan.masks is None:
+            plan.masks = touched.touched_masks(self, plan)
+        return plan.masks
 
-        Returns:
-            ``param -> False`` for parameters the arch does not use at all and ``param -> mask`` (a float
-            tensor of 0/1 broadcastable to the parameter) for stacked parameters it uses in part.
-            Parameters it uses entirely are absent. :class:`~bnao.supernet.optim.MaskedSGD` uses this to leave
-            untouched slots alone, as NAO's one-parameter-per-slot optimizer does.
-        """
-        key = self.arch_key(arch)
-        device = next(self.parameters()).device
-        plan = self._plan(key, device)
-        if plan.masks is not None:
-            return plan.masks
-        # Built on the host and uploaded in one copy: a new arch costs no per-tensor fill launches.
-        values = self.touched_values(plan.arch)
-        pinned = device.type == "cuda"
-        flat = torch.tensor(values, dtype=next(self.parameters()).dtype, pin_memory=pinned).to(device,
-                                                                                              non_blocking=pinned)
-        masks: Dict[nn.Parameter, object] = {}
-        for entry in self.touched_layout():
-            if entry.kind == "scalar":  # an input reduction: unused, or used entirely (no mask)
-                masks.update((p, False) for p in entry.params if values[entry.start] == 0.0)
-                continue
-            unused = entry.kind == "rows" and (entry.stage, entry.op) not in plan.host_gather
-            for p in entry.params:
-                masks[p] = False if unused else entry.view(flat, p)
-        plan.masks = masks
-        return masks
-
-    def touched_layout(self) -> List["TouchedEntry"]:
-        """The fixed layout of :meth:`touched_values`: one entry per group of parameters sharing a mask."""
+    def touched_layout(self) -> List[touched.TouchedEntry]:
+        """The fixed layout of :meth:`touched_values` (:func:`bnao.supernet.touched.touched_layout`)."""
         if self._touched_layout is None:
-            entries, start = [], 0
-            for g in range(self.num_stages):
-                for o in self.slot_ops[g]:
-                    params = [self.slot_tensor(g, o, r) for r in ROLES[self.table[o][0]]]
-                    entries.append(TouchedEntry("rows", params, start, params[0].shape[0], g, o))
-                    start += params[0].shape[0]
-            for ci, fx in zip(self.cell_info, self.fixed):
-                entries.append(TouchedEntry("columns", [fx.comb_w], start, self.num_nodes + 2, ci.index, -1))
-                start += self.num_nodes + 2
-                if ci.reduction:
-                    for i, params in ((0, (fx.red0_w, fx.red0_bn.weight, fx.red0_bn.bias)),
-                                      (1, (fx.red1_w, fx.red1_bn.weight, fx.red1_bn.bias))):
-                        entries.append(TouchedEntry("scalar", list(params), start, 1, ci.index, i))
-                        start += 1
-            self._touched_layout = entries
+            self._touched_layout = touched.touched_layout(self)
         return self._touched_layout
 
     def touched_values(self, arch) -> List[float]:
-        """0/1 per row of :meth:`touched_layout`: the slot rows, combine columns and input reductions ``arch`` uses.
-
-        The same length for every arch (unused groups are all zeros), so a pool's values stack into one table.
-        """
-        plan = self._plan(self.arch_key(arch), next(self.parameters()).device)
-        values: List[float] = []
-        for entry in self.touched_layout():
-            if entry.kind == "rows":
-                row_mask = [0.0] * entry.length
-                for r in plan.host_gather.get((entry.stage, entry.op), ()):
-                    row_mask[r] = 1.0
-                values += row_mask
-            elif entry.kind == "columns":
-                loose = plan.host_loose[self.cell_info[entry.stage].reduction]
-                values += [1.0 if state in loose else 0.0 for state in range(entry.length)]
-            else:
-                values.append(1.0 if entry.op in plan.host_loose[True] else 0.0)
-        return values
+        """0/1 per row of :meth:`touched_layout` for ``arch`` (:func:`bnao.supernet.touched.touched_values`)."""
+        return touched.touched_values(self, self._plan(self.arch_key(arch), next(self.parameters()).device))
 
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, arch, *, bn_train: bool = False):

@@ -953,7 +953,12 @@ struct SourceGrad {
     for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
     return r;
   }
+  // Accumulating into a source no branch reads adds zero: leave its buffer untouched (no memory traffic).
+  static BNAO_CELL_HD bool skip(const RoundArgs<T>& a, const Row& r) {
+    return a.accumulate && r.br[0].source != a.source_index && r.br[1].source != a.source_index;
+  }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
+    if (skip(a, r)) return;
     T sum = a.accumulate ? a.grad_source[r.offset + x] : T(0);
     for (int b = 0; b < kNumBranches; ++b) {
       if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
@@ -963,6 +968,7 @@ struct SourceGrad {
   // Same sums as `run`, branch by branch over the whole row (start + branch 0 + branch 1, as in run;
   // start is 0, or the value already there when accumulating).
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
+    if (skip(a, r)) return;
     T* out = a.grad_source + r.offset;
     if (!a.accumulate) {
       for (int64_t x = begin; x < end; ++x) out[x] = T(0);
