@@ -40,9 +40,11 @@ DEFAULTS: Dict[str, Any] = {
     "batch_size": 128,
     "lr": 0.025,
     "lr_min": 0.0,
+    "lr_schedule": "epoch",
     "weight_decay": 3e-4,
     "grad_clip": 5.0,
     "cutout": 0,
+    "augment": True,
     "auxiliary_weight": 0.4,
     "drop_path_keep_prob": 0.9,
     "dropout": 0.0,
@@ -104,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     g.add_argument("--lr", type=float, default=None, help=f"initial (max) learning rate of the cosine (default {DEFAULTS['lr']})")
     g.add_argument("--lr-min", type=float, default=None, help="final learning rate of the cosine (default 0)")
+    g.add_argument("--lr-schedule", choices=("epoch", "step"), default=None,
+                   help="cosine set once per epoch (the reference's) or before every step (default epoch)")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
+                   help="no random crop and flip of the training images (cutout stays)")
     g.add_argument("--weight-decay", type=float, default=None, help="default 3e-4")
     g.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off (default 5)")
     g.add_argument("--cutout", type=int, default=None, help="cutout square side, 0 = off (default 0)")
@@ -127,8 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # argparse dest -> settings key, for every setting a preset may hold.
 _SETTING_ARGS = ("dataset", "space", "nodes", "layers", "channels", "epochs", "batch_size", "lr", "lr_min",
-                 "weight_decay", "grad_clip", "cutout", "auxiliary_weight", "drop_path_keep_prob", "dropout",
-                 "label_smoothing", "seed")
+                 "lr_schedule", "augment", "weight_decay", "grad_clip", "cutout", "auxiliary_weight",
+                 "drop_path_keep_prob", "dropout", "label_smoothing", "seed")
 
 
 def _explicit(args: argparse.Namespace) -> Dict[str, Any]:
@@ -295,6 +301,7 @@ def _run(args: argparse.Namespace) -> int:
             skeleton="imagenet" if settings["dataset"] == "imagenet" else "cifar",
             layers=int(settings["layers"]), channels=int(settings["channels"]), epochs=int(settings["epochs"]),
             batch_size=int(settings["batch_size"]), lr_max=float(settings["lr"]), lr_min=float(settings["lr_min"]),
+            lr_schedule=str(settings.get("lr_schedule", "epoch")), augment=bool(settings.get("augment", True)),
             weight_decay=float(settings["weight_decay"]), grad_clip=float(settings["grad_clip"]) or None,
             auxiliary=aux_weight > 0, auxiliary_weight=aux_weight,
             drop_path_keep_prob=None if keep is None or float(keep) >= 1.0 else float(keep),

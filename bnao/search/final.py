@@ -34,6 +34,7 @@ def standalone_settings(config: Dict[str, Any], num_classes: int, in_channels: i
         skeleton=supernet["skeleton"], layers=final["layers"] or supernet["layers"],
         channels=final["channels"] or supernet["channels"], num_classes=num_classes, in_channels=in_channels,
         epochs=final["epochs"], batch_size=final["batch_size"], lr_max=final["lr_max"], lr_min=final["lr_min"],
+        lr_schedule=final["lr_schedule"], augment=bool(final["augment"]),
         weight_decay=final["weight_decay"], auxiliary=final["auxiliary"], auxiliary_weight=final["auxiliary_weight"],
         drop_path_keep_prob=final["drop_path_keep_prob"], dropout=final["dropout"], cutout=final["cutout"],
         loader=config["data"]["loader"], seed=int(config["seed"]),

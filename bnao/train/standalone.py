@@ -46,6 +46,9 @@ from .checkpoint import CheckpointError, load_file, save_atomic
 CHECKPOINT_FORMAT = "bnao-standalone-checkpoint"
 CHECKPOINT_VERSION = 1
 
+#: ``StandaloneConfig.lr_schedule`` values: cosine set once per epoch (the reference's) or before every step.
+LR_SCHEDULES = ("epoch", "step")
+
 # Salts that separate the random streams derived from the one user seed.
 _SALT_INIT, _SALT_EPOCH, _SALT_LOADER = 0x1A17, 0xE90C, 0x10AD
 
@@ -73,6 +76,9 @@ class StandaloneConfig:
         eval_batch_size: Evaluation batch size.
         lr_max: Learning rate of the first epoch.
         lr_min: Learning rate the cosine decays towards.
+        lr_schedule: ``"epoch"``: the cosine is set once per epoch, constant within it (the reference's);
+            ``"step"``: it is set before every step, ``lr_min`` reached at the end of the last step (a
+            finer anneal that short trainings gain from).
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         grad_clip: Gradient-norm clip (0 or None: off).
@@ -81,7 +87,7 @@ class StandaloneConfig:
         drop_path_keep_prob: Base drop-path keep probability (None: off).
         dropout: Dropout before the classifier (the reference's ``1 - keep_prob``).
         cutout: Cutout square side (0: off).
-        augment: Random crop (pad 4) and flip for array datasets.
+        augment: Random crop (pad 4) and flip for array datasets (False: neither; cutout stays).
         label_smoothing: Label smoothing of the training loss.
         bf16: Autocast forward passes to bfloat16.
         channels_last: Channels-last memory format for model and batches.
@@ -101,6 +107,7 @@ class StandaloneConfig:
     eval_batch_size: int = 500
     lr_max: float = 0.025
     lr_min: float = 0.0
+    lr_schedule: str = "epoch"
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: Optional[float] = 5.0
@@ -130,6 +137,8 @@ class StandaloneConfig:
             raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {self.drop_path_keep_prob}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.cutout < 0:
             raise ValueError(f"cutout must be >= 0, got {self.cutout}")
         if self.max_nonfinite_steps < 1:
@@ -138,6 +147,17 @@ class StandaloneConfig:
     def lr_at(self, epoch: int) -> float:
         """Cosine learning rate of epoch ``epoch`` (0-based), constant within the epoch as in the reference."""
         return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+    def lr_at_step(self, step: int, total_steps: int) -> float:
+        """Learning rate of global step ``step`` (0-based) of ``total_steps``.
+
+        ``lr_schedule="epoch"``: :meth:`lr_at` of the step's epoch. ``"step"``: the cosine of
+        ``step / (total_steps - 1)``, so the first step runs at ``lr_max`` and the last at ``lr_min``.
+        """
+        if self.lr_schedule == "epoch":
+            return self.lr_at(step * self.epochs // max(total_steps, 1))
+        t = step / max(total_steps - 1, 1)
+        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * t))
 
 
 # Settings that may differ between a checkpoint and the run resuming it: they
@@ -285,7 +305,7 @@ class StandaloneTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # The lr is a function of the epoch (cosine), so the schedule's whole state is the epoch.
-            "schedule": {"kind": "cosine-per-epoch", "epoch": self.epoch, "lr_max": self.config.lr_max,
+            "schedule": {"kind": f"cosine-per-{self.config.lr_schedule}", "epoch": self.epoch, "lr_max": self.config.lr_max,
                          "lr_min": self.config.lr_min, "epochs": self.config.epochs},
             # Global torch RNG is reseeded from (seed, epoch) each epoch; kept for the record.
             "rng": {"seed": self.config.seed, "scheme": "torch.manual_seed(mix_seed(seed, 0xE90C, epoch)) per epoch"},
@@ -319,7 +339,10 @@ class StandaloneTrainer:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
                                   f"(this bnao writes version {CHECKPOINT_VERSION}). {fix}")
-        saved, mine = state["config"], self.config_dict()
+        saved, mine = dict(state["config"]), self.config_dict()
+        for f in dataclasses.fields(StandaloneConfig):  # settings added since the checkpoint was written
+            if f.name not in saved and f.default is not dataclasses.MISSING:
+                saved[f.name] = f.default
         differ = sorted(k for k in set(saved) | set(mine)
                         if k not in _RESUME_FREE and saved.get(k) != mine.get(k))
         if differ:
@@ -367,7 +390,8 @@ class StandaloneTrainer:
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg, model = self.config, self.model
-        lr = cfg.lr_at(epoch)
+        lr = cfg.lr_at(epoch) if cfg.lr_schedule == "epoch" else cfg.lr_at_step(epoch * self.steps_per_epoch,
+                                                                                 self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
@@ -389,8 +413,12 @@ class StandaloneTrainer:
 
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        unit="step", dynamic_ncols=True)
+        per_step = cfg.lr_schedule == "step"
         for images, labels in batches:
             model.set_step(self.global_step)
+            if per_step:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at_step(self.global_step, self.total_steps)
             with self._autocast():
                 out = model(images)
             logits, aux_logits = out if isinstance(out, tuple) else (out, None)
