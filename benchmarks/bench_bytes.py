@@ -8,6 +8,7 @@ sequence; divided by a GPU's memory bandwidth it is the shortest time a step can
 ``batch / floor`` bounds img/s from above. Runs on the CPU: the count does not depend on the device.
 
     python benchmarks/bench_bytes.py --kernels fused --batch-size 64
+    python benchmarks/bench_bytes.py --kernels fused --batch-size 500 --evaluation
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--channels", type=int, default=20)
     p.add_argument("--top", type=int, default=8, help="ops with the most bytes to list")
+    p.add_argument("--evaluation", action="store_true",
+                   help="count one pool-evaluation forward (batch statistics, no gradient) instead of a step")
     args = p.parse_args()
     torch.manual_seed(0)
     space = NAOSpace(op_set="small")
@@ -76,12 +79,23 @@ def main() -> int:
     data = create_dataset("synthetic", num_samples=2 * args.batch_size, image_shape=(32, 32, 3), num_classes=10)
     loader = create_loader("tensor", data, args.batch_size, device="cpu", shuffle=True, drop_last=True, seed=0)
     trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=10, graph="off")
-    trainer.train_steps(1)  # plans and buffers of a first step are not part of the steady state
     counter = _ByteCounter()
-    with counter:
-        trainer.train_steps(1)
+    if not args.evaluation:
+        trainer.train_steps(1)  # plans and buffers of a first step are not part of the steady state
+    if args.evaluation:
+        images, _ = next(iter(loader))
+        arch = tuple(int(v) for v in pool[0])
+        model.eval()
+        with torch.no_grad():
+            model(images, arch, bn_train=True)
+            with counter:
+                model(images, arch, bn_train=True)
+    else:
+        with counter:
+            trainer.train_steps(1)
     total = sum(counter.bytes.values())
-    print(f"{args.kernels} cells, N={args.layers}, C={args.channels}, batch {args.batch_size}: "
+    what = "evaluation forward" if args.evaluation else "training step"
+    print(f"{what}, {args.kernels} cells, N={args.layers}, C={args.channels}, batch {args.batch_size}: "
           f"{counter.ops} dispatched compute ops, "
           f"{total / 2**20:,.1f} MiB per step, {total / args.batch_size / 2**20:,.2f} MiB per image")
     for name, value in counter.bytes.most_common(args.top):
@@ -89,7 +103,7 @@ def main() -> int:
     for gpu, bandwidth in BANDWIDTH.items():
         floor = total / bandwidth
         print(f"  floor on {gpu} ({bandwidth / 1e12:.2f} TB/s): {floor * 1e3:.3f} ms per step, "
-              f"at most {args.batch_size / floor:,.0f} img/s")
+              f"at most {args.batch_size / floor:,.0f} img/s" + (f", {1 / floor:,.0f} archs/s" if args.evaluation else ""))
     return 0
 
 

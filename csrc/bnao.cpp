@@ -69,9 +69,10 @@ TORCH_LIBRARY(bnao, m) {
       "-> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Round 1's backward that adds each source's gradient to grad_sources[i] in
   // place (the fused cell sums every reader of a state into one buffer, with no
-  // separate add per reader); returns the gradients of dw and pw.
+  // separate add per reader); the buffers of sources i < overwrite_below are
+  // written instead (they may hold anything). Returns the gradients of dw, pw.
   m.def(
       "branch_round_backward_accumulate(Tensor(a!)[] grad_sources, Tensor grad_pre, Tensor grad_mean, "
       "Tensor grad_invstd, Tensor[] sources, Tensor code, Tensor dw, Tensor pw, Tensor pre, Tensor mean, "
-      "Tensor invstd, bool reduction=False) -> (Tensor, Tensor)");
+      "Tensor invstd, bool reduction=False, int overwrite_below=0) -> (Tensor, Tensor)");
 }

@@ -355,6 +355,27 @@ def test_backward_accumulate_adds_the_reference_gradients(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_backward_accumulate_overwrites_the_first_buffers(device):
+    # overwrite_below=2: sources 0 and 1 get the gradient itself (their buffers held NaN), the others
+    # buffer + gradient; compared with the op's own accumulation into zeros (checked against the reference
+    # above) and with the plain backward's dense gradients.
+    _require_kernel(device)
+    gen, code, sources, dw, pw, outs, grads = _accumulate_case(device, torch.float64, 1)
+    start = [torch.randn(s.shape, generator=gen, dtype=torch.float64).to(device) for s in sources]
+    buffers = [torch.full_like(s, float("nan")) for s in sources[:2]] + [b.clone() for b in start[2:]]
+    op = torch.ops.bnao.branch_round_backward_accumulate
+    op(buffers, *grads, sources, code, dw, pw, *outs, True, 2)
+    dense = torch.ops.bnao.branch_round_backward(*grads, sources, code, 1, dw, pw, None, None, None, None, *outs,
+                                                 True)[0]
+    for s, buffer in enumerate(buffers[:2]):  # the same sums as the dense backward's: equal bits
+        torch.testing.assert_close(buffer, dense[s], rtol=0, atol=0, msg=lambda m: f"source {s}: {m}")
+    for s, buffer in enumerate(buffers[2:], start=2):  # start + branch 0 + branch 1: rounding of the order only
+        torch.testing.assert_close(buffer, start[s] + dense[s], msg=lambda m: f"source {s}: {m}")
+    with pytest.raises(RuntimeError, match="overwrite_below"):
+        op(buffers, *grads, sources, code, dw, pw, *outs, True, len(sources) + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_accumulate_opcheck_and_errors(device):
     _require_kernel(device)
     gen, code, sources, dw, pw, outs, grads = _accumulate_case(device, torch.float64, 5)

@@ -18,10 +18,13 @@ from .. import extension
 from ..ops.cell import CellBuffers
 from ..ops.fused.cell import (
     FUSED_ROLES,
+    ROLE_GROUPS,
     NodeWeights,
     fused_cell,
+    gather_groups,
     gather_index_lists,
-    gather_node_weights,
+    group_index_lists,
+    role_sources,
     loose_list,
     reduce_rows,
     slot_bn_row_list,
@@ -55,8 +58,8 @@ def check_kernels(kernels: str) -> str:
 class ArchLists(NamedTuple):
     """One arch's :class:`FusedArchData` as host lists (the same layout for every arch of a net)."""
 
-    ints: List[int]  # per stage: select, rows, bn_rows; then reduce_rows of every cell
-    spans: List[List[Tuple[int, int]]]  # per stage: (start, length) of select, rows, bn_rows in ints
+    ints: List[int]  # per stage: select and rows per role group, bn_rows; then reduce_rows of every cell
+    spans: List[List[Tuple[int, int]]]  # per stage: (start, length) in ints of each of those
     reduce_span: Tuple[int, int]
     codes: List  # [cells][B][2][NUM_FIELDS]
     loose: List[List[int]]  # [cells][B + 2]
@@ -70,12 +73,14 @@ def arch_lists(net, arch: Tuple[int, ...]) -> ArchLists:
     for g in range(net.num_stages):
         branches = [branch for info in net.stage_cells[g] for node in codes[info.index] for branch in node]
         select, rows = gather_index_lists(branches, stack_index_lists(net.table, net.slot_ops[g]))
+        counts = {role: len(sources) for role, sources in role_sources(net.table, net.slot_ops[g]).items()}
+        group_select, group_rows = group_index_lists(select, rows, counts)
         per_branch = slot_bn_row_list(branches)
         # (node, branch) rows of [round] -> (node, round, branch): the order of fused_cell's statistics.
         bn_rows = [per_branch[2 * node + branch][round_index] for node in range(len(branches) // 2)
                    for round_index in range(2) for branch in range(2)]
         stage_spans = []
-        for values in ([v for role in select for v in role], [v for role in rows for v in role], bn_rows):
+        for values in (*group_select, *group_rows, bn_rows):
             stage_spans.append((len(ints), len(values)))
             ints += values
         spans.append(stage_spans)
@@ -95,19 +100,19 @@ class FusedArchData:
 
     Attributes:
         codes: int32 ``[cells, B, 2, NUM_FIELDS]``.
-        select: Per stage, int64 ``[len(FUSED_ROLES), M]``: the stack of each of the stage's branches per role
-            (``gather_rows``).
-        rows: Per stage, like ``select``: the rows.
+        select: Per stage, per :data:`~bnao.ops.fused.cell.ROLE_GROUPS` group, int64 ``[len(group) * M]``: the
+            stack of each of the stage's ``M`` branches per role of the group (``gather_rows``).
+        rows: Per stage and group, like ``select``: the rows.
         bn_rows: Per stage, int64 ``[cells of the stage * B * 2 * 2]``: the running-statistics row of each slot
             BN in ``(cell, node, round, branch)`` order, -1 where none (``update_slot_stats``).
         reduce_rows: int64 ``[cells, 2]``: :func:`~bnao.ops.fused.cell.reduce_rows` of each cell.
     """
 
     def __init__(self, packed: torch.Tensor, codes: torch.Tensor, lists: ArchLists, loose=None):
-        roles = len(FUSED_ROLES)
-        self.select = [packed.narrow(0, *span[0]).view(roles, -1) for span in lists.spans]
-        self.rows = [packed.narrow(0, *span[1]).view(roles, -1) for span in lists.spans]
-        self.bn_rows = [packed.narrow(0, *span[2]) for span in lists.spans]
+        groups = len(ROLE_GROUPS)
+        self.select = [[packed.narrow(0, *span[k]) for k in range(groups)] for span in lists.spans]
+        self.rows = [[packed.narrow(0, *span[groups + k]) for k in range(groups)] for span in lists.spans]
+        self.bn_rows = [packed.narrow(0, *span[2 * groups]) for span in lists.spans]
         self.reduce_rows = packed.narrow(0, *lists.reduce_span).view(-1, 2)
         self.codes = codes
         self._loose_host = lists.loose
@@ -188,19 +193,24 @@ def run_cells(net, data: FusedArchData, s0: torch.Tensor, s1: torch.Tensor, mask
 def _gather_stages(net, data: FusedArchData, like: torch.Tensor) -> List[List[NodeWeights]]:
     """Per stage, per cell of the stage, its :class:`NodeWeights` as per-node sequences of tensors.
 
-    One gather per role and stage fetches the rows of all the stage's cells at once (cells of a stage are
-    contiguous); one ``unbind`` per role splits them into the nodes' slices, so that the backward joins the
-    nodes' gradients with one ``stack`` instead of one zero-filled copy and one add per node.
+    One gather per role group and stage fetches the rows of all the stage's cells at once (cells of a stage
+    are contiguous); one ``unbind`` per group splits them into the roles' per-node slices, so that the backward
+    joins the nodes' gradients with one ``stack`` per group instead of one zero-filled copy and one add per node.
     """
     out = []
     num_nodes = net.num_nodes
     for g in range(net.num_stages):
-        cells = net.stage_cells[g]
-        gathered = gather_node_weights(supernet_role_stacks(net, g), data.select[g], data.rows[g],
-                                       net.stage_channels[g], (len(cells) * num_nodes, 2), like)
-        per_node = [role.unbind(0) for role in gathered]
-        out.append([NodeWeights(*(role[c * num_nodes : (c + 1) * num_nodes] for role in per_node))
-                    for c in range(len(cells))])
+        cells = len(net.stage_cells[g])
+        gathered = gather_groups(supernet_role_stacks(net, g), data.select[g], data.rows[g], net.stage_channels[g],
+                                 like)
+        per_node: Dict[str, Tuple[torch.Tensor, ...]] = {}
+        for group, tensor in zip(ROLE_GROUPS, gathered):
+            # [len(group) * cells * B * 2, *row] -> per (role, cell, node) a [2, *row] slice
+            slices = tensor.view(len(group) * cells * num_nodes, 2, *tensor.shape[1:]).unbind(0)
+            for k, role in enumerate(group):
+                per_node[role] = slices[k * cells * num_nodes : (k + 1) * cells * num_nodes]
+        out.append([NodeWeights(*(per_node[role][c * num_nodes : (c + 1) * num_nodes] for role in FUSED_ROLES))
+                    for c in range(cells)])
     return out
 
 

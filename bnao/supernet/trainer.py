@@ -384,6 +384,7 @@ class SupernetTrainer:
     def _graph_step_for_run(self):
         """The :class:`~bnao.supernet.graph_step.GraphStep` when ``graph`` is on and the step allows it, else None."""
         if self.graph == "off":
+            self.graph_status = {"mode": "eager", "reason": "graph='off'"}
             return None
         if self._graph_step is None:
             why = graph_unsupported(self)

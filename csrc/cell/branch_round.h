@@ -88,6 +88,7 @@ struct RoundArgs {
   T* grad_source;    // the source gradient being written (one launch per source)
   int source_index;  // which source grad_source belongs to
   bool accumulate;   // round 1: add the source gradients to grad_source instead of overwriting it
+  int overwrite_below;  // when accumulating: sources below this index are overwritten all the same
 };
 
 // A branch's decision for the round, decoded from its code row.
@@ -953,13 +954,17 @@ struct SourceGrad {
     for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
     return r;
   }
-  // Accumulating into a source no branch reads adds zero: leave its buffer untouched (no memory traffic).
+  // Whether this source's gradient is added to its buffer (else the buffer is overwritten).
+  static BNAO_CELL_HD bool adds(const RoundArgs<T>& a) {
+    return a.accumulate && a.source_index >= a.overwrite_below;
+  }
+  // Adding to a source no branch reads adds zero: leave its buffer untouched (no memory traffic).
   static BNAO_CELL_HD bool skip(const RoundArgs<T>& a, const Row& r) {
-    return a.accumulate && r.br[0].source != a.source_index && r.br[1].source != a.source_index;
+    return adds(a) && r.br[0].source != a.source_index && r.br[1].source != a.source_index;
   }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
     if (skip(a, r)) return;
-    T sum = a.accumulate ? a.grad_source[r.offset + x] : T(0);
+    T sum = adds(a) ? a.grad_source[r.offset + x] : T(0);
     for (int b = 0; b < kNumBranches; ++b) {
       if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
     }
@@ -970,7 +975,7 @@ struct SourceGrad {
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
     if (skip(a, r)) return;
     T* out = a.grad_source + r.offset;
-    if (!a.accumulate) {
+    if (!adds(a)) {
       for (int64_t x = begin; x < end; ++x) out[x] = T(0);
     }
     for (int b = 0; b < kNumBranches; ++b) {

@@ -196,9 +196,10 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
                                           const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
                                           const OptionalTensor& in_beta, const at::Tensor& pre,
                                           const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
-                                          at::TensorList accumulate_into = {}) {
-  // accumulate_into (round 1 only): the sources' gradients are added to these tensors in place, and the
-  // returned list is empty (the fused cell's backward sums every reader of a state into one buffer).
+                                          at::TensorList accumulate_into = {}, int64_t overwrite_below = 0) {
+  // accumulate_into (round 1 only): the sources' gradients are added to these tensors in place (those of
+  // sources below overwrite_below are written instead), and the returned list is empty (the fused cell's
+  // backward sums every reader of a state into one buffer).
   const bool accumulate = !accumulate_into.empty();
   const char* op = accumulate ? "bnao::branch_round_backward_accumulate" : "bnao::branch_round_backward";
   const RoundShape shape =
@@ -219,6 +220,8 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
   std::vector<at::Tensor> grad_sources;
   if (accumulate) {
     TORCH_CHECK(round == 1, op, ": accumulates source gradients of round 1 only, got round ", round);
+    TORCH_CHECK(overwrite_below >= 0 && overwrite_below <= static_cast<int64_t>(sources.size()), op,
+                ": overwrite_below must be in [0, ", sources.size(), "], got ", overwrite_below);
     TORCH_CHECK(accumulate_into.size() == sources.size(), op, ": grad_sources must have one tensor per source (",
                 sources.size(), "), got ", accumulate_into.size());
     for (size_t s = 0; s < sources.size(); ++s) {
@@ -259,6 +262,7 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
       a.grad_in_beta = grad_in_beta.data_ptr<scalar_t>();
     }
     a.accumulate = accumulate;
+    a.overwrite_below = static_cast<int>(overwrite_below);
     scalar_t* targets[kMaxSources] = {};
     for (size_t s = 0; s < sources.size(); ++s) {
       targets[s] = (accumulate ? accumulate_into[s] : grad_sources[s]).data_ptr<scalar_t>();

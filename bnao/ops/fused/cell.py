@@ -122,28 +122,80 @@ def role_shape(role: str, channels: int) -> Tuple[int, ...]:
     return (channels,)
 
 
+#: Roles of one row shape, gathered together: one ``gather_rows`` per group and stage instead of per role. A
+#: group's stacks must number at most 16 (``gather_rows``' limit): the middle op set has 7 sep / dil sep convs
+#: and identity per role of round 1 and 3 sep convs per role of round 2, so BN scales and shifts pair by round.
+ROLE_GROUPS = (("dw1", "dw2"), ("pw1", "pw2"), ("g1", "b1"), ("g2", "b2"))
+
+
+def group_index_lists(select: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
+                      stack_counts: Dict[str, int]) -> Tuple[List[List[int]], List[List[int]]]:
+    """Per :data:`ROLE_GROUPS` group, the roles' ``(select, rows)`` concatenated, each role's stacks numbered after
+    the previous roles' (the stacks of a group are passed to ``gather_rows`` as one list).
+
+    Args:
+        select: Per role (:data:`FUSED_ROLES` order) the stack of each branch (:func:`gather_index_lists`).
+        rows: Like ``select``: the rows.
+        stack_counts: Stacks per role.
+    """
+    group_select, group_rows = [], []
+    for group in ROLE_GROUPS:
+        offset, g_select, g_rows = 0, [], []
+        for role in group:
+            r = FUSED_ROLES.index(role)
+            g_select += [s + offset if s >= 0 else -1 for s in select[r]]
+            g_rows += list(rows[r])
+            offset += stack_counts[role]
+        group_select.append(g_select)
+        group_rows.append(g_rows)
+    return group_select, group_rows
+
+
+def gather_groups(stacks: Dict[str, Sequence[Tensor]], group_select: Sequence[Tensor], group_rows: Sequence[Tensor],
+                  channels: int, like: Tensor) -> List[Tensor]:
+    """One :func:`gather_rows` per :data:`ROLE_GROUPS` group: ``[len(group) * M, *row shape]`` each, role-major.
+
+    Args:
+        stacks: Per fused role, its stacks in :func:`role_sources` order.
+        group_select: Per group, int64 ``[len(group) * M]`` (:func:`group_index_lists`).
+        group_rows: Like ``group_select``.
+        channels: ``C``.
+        like: A tensor of the weights' dtype and device, for groups without any stack (zeros).
+    """
+    out = []
+    for group, select, rows in zip(ROLE_GROUPS, group_select, group_rows):
+        shape = role_shape(group[0], channels)
+        group_stacks = [t for role in group for t in stacks[role]]
+        if group_stacks:
+            out.append(gather_rows(group_stacks, select, rows, shape))
+        else:
+            out.append(like.new_zeros((select.shape[0], *shape)))
+    return out
+
+
 def gather_node_weights(stacks: Dict[str, Sequence[Tensor]], select: Tensor, rows: Tensor, channels: int,
                         lead_shape: Sequence[int], like: Tensor) -> NodeWeights:
-    """Gathers every role (one :func:`gather_rows` each) and shapes it ``[*lead_shape, *row shape]``.
+    """Gathers every role (:func:`gather_groups`) and shapes it ``[*lead_shape, *row shape]``.
 
     Args:
         stacks: Per fused role, its stacks in :func:`role_sources` order, each ``[rows, *row sizes]``
             (depthwise ``[rows, C, k, k]``).
-        select: From :func:`gather_indices`.
+        select: From :func:`gather_indices` (per role; regrouped on the host here).
         rows: From :func:`gather_indices`.
         channels: ``C``.
         lead_shape: Leading dims of the branches, e.g. ``(cells, B, 2)``.
         like: A tensor of the weights' dtype and device, for roles without any stack (zeros).
     """
-    out = []
-    for r, role in enumerate(FUSED_ROLES):
-        shape = role_shape(role, channels)
-        if stacks[role]:
-            gathered = gather_rows(stacks[role], select[r], rows[r], shape)
-        else:
-            gathered = like.new_zeros((select.shape[1], *shape))
-        out.append(gathered.view(*lead_shape, *shape))
-    return NodeWeights(*out)
+    counts = {role: len(stacks[role]) for role in FUSED_ROLES}
+    group_select, group_rows = group_index_lists(select.tolist(), rows.tolist(), counts)
+    device = select.device
+    gathered = gather_groups(stacks, [torch.tensor(g, device=device) for g in group_select],
+                             [torch.tensor(g, device=device) for g in group_rows], channels, like)
+    per_role = {}
+    for group, tensor in zip(ROLE_GROUPS, gathered):
+        for k, role in enumerate(group):
+            per_role[role] = tensor.view(len(group), -1, *tensor.shape[1:])[k].view(*lead_shape, *tensor.shape[1:])
+    return NodeWeights(*(per_role[role] for role in FUSED_ROLES))
 
 
 def loose_list(code: Sequence[Sequence[Sequence[int]]]) -> List[int]:

@@ -6,8 +6,8 @@ sums them (about 20 additions per cell, each a kernel launch). :func:`fused_node
 ops in one :class:`torch.autograd.Function` whose backward keeps one gradient buffer per state and lets
 ``branch_round_backward_accumulate`` add each node's contribution in place. Per node the forward is
 ``branch_round(1)``, ``branch_round(2)``, ``node_output`` and the backward their three backward ops; per
-cell the backward adds one ``stack`` (the incoming gradients of the node states, copied into the buffer)
-and one ``zeros`` (the buffer of the two cell inputs).
+cell the backward adds one ``stack`` (the incoming gradients of the node states, copied into the buffer); the
+cell inputs' buffers are written by the first round-1 backward (``overwrite_below=2``), not zero-filled.
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ class _FusedNodes(torch.autograd.Function):
         saved = rest[ctx.num_weights : ctx.num_weights + _SAVED_PER_NODE * num_nodes]
         nodes_out = rest[ctx.num_weights + _SAVED_PER_NODE * num_nodes :]
         dw1, pw1, g1, b1, dw2, pw2, g2, b2 = _split_roles(weights, num_nodes)
-        # One buffer per state: the incoming gradients of the node states (copied: they are autograd's) and
-        # zeros for the cell inputs; every node's round-1 backward adds into the buffers it may read.
+        # One buffer per state: the incoming gradients of the node states (copied: they are autograd's) and,
+        # for the cell inputs, uninitialised memory that the last node's round-1 backward (every node reads the
+        # inputs' slots) writes rather than adds to; every other round-1 backward adds into the buffers.
         incoming = [g if g is not None else torch.zeros_like(out) for g, out in zip(grads[:num_nodes], nodes_out)]
-        grad_states = [*torch.zeros((2, *s0.shape), dtype=s0.dtype, device=s0.device).unbind(0),
+        grad_states = [*torch.empty((2, *s0.shape), dtype=s0.dtype, device=s0.device).unbind(0),
                        *torch.stack(incoming).unbind(0)]
         states = [s0, s1, *nodes_out]
         grad_weights: List[List[Optional[Tensor]]] = [[None] * num_nodes for _ in range(8)]
@@ -100,7 +101,7 @@ class _FusedNodes(torch.autograd.Function):
                 g1[node], b1[node], pre2, mean2, invstd2, ctx.reduction)
             grad_dw1, grad_pw1 = ops.branch_round_backward_accumulate(
                 grad_states[: node + 2], grad_pre1, grad_mean1, grad_invstd1, states[: node + 2], node_code,
-                dw1[node], pw1[node], pre1, mean1, invstd1, ctx.reduction)
+                dw1[node], pw1[node], pre1, mean1, invstd1, ctx.reduction, 2 if node == num_nodes - 1 else 0)
             for role, grad in enumerate((grad_dw1, grad_pw1, grad_g1, grad_b1, grad_dw2, grad_pw2, grad_g2, grad_b2)):
                 grad_weights[role][node] = grad
         flat = [grad for role in grad_weights for grad in role]

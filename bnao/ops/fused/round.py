@@ -106,7 +106,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("bnao::branch_round_backward_accumulate")
     def _branch_round_backward_accumulate_fake(grad_sources, grad_pre, grad_mean, grad_invstd, sources, code, dw, pw,
-                                               pre, mean, invstd, reduction=False):
+                                               pre, mean, invstd, reduction=False, overwrite_below=0):
         _, channels, _, _ = _round_shape(sources, 1, reduction)
         _check_fake_args(sources, code, dw, pw, channels)
         torch._check(len(grad_sources) == len(sources),

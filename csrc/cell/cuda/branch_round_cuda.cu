@@ -122,13 +122,15 @@ BackwardResult branch_round_backward_cuda(const at::Tensor& grad_pre, const at::
 std::tuple<at::Tensor, at::Tensor> branch_round_backward_accumulate_cuda(
     at::TensorList grad_sources, const at::Tensor& grad_pre, const at::Tensor& grad_mean,
     const at::Tensor& grad_invstd, at::TensorList sources, const at::Tensor& code, const at::Tensor& dw,
-    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
+    int64_t overwrite_below) {
   TORCH_CHECK(!grad_sources.empty(), "bnao::branch_round_backward_accumulate: grad_sources is empty");
   TORCH_CHECK(!sources.empty(), "bnao::branch_round_backward_accumulate: at least one source expected");
   const c10::cuda::CUDAGuard guard(sources[0].device());
   const BackwardResult grads =
       branch_round_backward_impl(launcher_for(sources[0]), grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {},
-                                 {}, {}, pre, mean, invstd, reduction, grad_sources);
+                                 {}, {}, pre, mean, invstd, reduction, grad_sources,
+                                 overwrite_below);
   return {std::get<1>(grads), std::get<2>(grads)};
 }
 
