@@ -97,12 +97,14 @@ def main() -> int:
     what = "evaluation forward" if args.evaluation else "training step"
     print(f"{what}, {args.kernels} cells, N={args.layers}, C={args.channels}, batch {args.batch_size}: "
           f"{counter.ops} dispatched compute ops, "
-          f"{total / 2**20:,.1f} MiB per step, {total / args.batch_size / 2**20:,.2f} MiB per image")
+          f"{total / 2**20:,.1f} MiB per {'forward' if args.evaluation else 'step'}, "
+          f"{total / args.batch_size / 2**20:,.2f} MiB per image")
     for name, value in counter.bytes.most_common(args.top):
         print(f"  {name:<40} {value / 2**20:10,.1f} MiB ({value / total:5.1%})")
     for gpu, bandwidth in BANDWIDTH.items():
         floor = total / bandwidth
-        print(f"  floor on {gpu} ({bandwidth / 1e12:.2f} TB/s): {floor * 1e3:.3f} ms per step, "
+        print(f"  floor on {gpu} ({bandwidth / 1e12:.2f} TB/s): {floor * 1e3:.3f} ms per "
+              f"{'forward' if args.evaluation else 'step'}, "
               f"at most {args.batch_size / floor:,.0f} img/s" + (f", {1 / floor:,.0f} archs/s" if args.evaluation else ""))
     return 0
 
