@@ -118,13 +118,26 @@ def test_graph_replay_equals_eager_for_50_archs():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _require_fused("cuda")
+    # cuDNN's weight-gradient algorithms (stem, 1x1 convolutions) may differ run to run unless deterministic.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     eager = _trainer("off", "cuda", steps=50, pool_size=50)
     graph = _trainer("on", "cuda", steps=50, pool_size=50)
-    for trainer in (eager, graph):
+    losses = {}
+    for name, trainer in (("eager", eager), ("graph", graph)):
         trainer.sampler = create_sampler("uniform", np.ones(50), seed=9)
-        trainer.train_steps(50)
+        losses[name] = [trainer.train_steps(1)["loss"] for _ in range(50)]
     assert graph.graph_status["mode"] == "graph", graph.graph_status
+    assert losses["graph"] == losses["eager"]  # the first (uncaptured) step's included
     _assert_same_state(eager, graph)
+
+
+def test_graph_steps_refuse_a_batch_of_another_shape():
+    trainer = _trainer("on", "cpu")
+    trainer.train_steps(1)
+    step = trainer._graph_step
+    images, labels = step.images[:4], step.labels[:4]
+    with pytest.raises(ValueError, match="drop_last"):
+        step.run(images, labels, 0, 1.0, 0.01)
 
 
 def test_graph_refused_where_the_step_needs_the_host():

@@ -116,7 +116,9 @@ class GraphStep:
             raise ValueError(f"the step cannot run on device data only: {why}")
         self.trainer = trainer
         model = trainer.model
-        self.device = trainer.device
+        # The parameters' device has an index ("cuda:0" where the trainer may say "cuda"): the model keys its
+        # drop-path generators by the activations' device, and the graph must register that generator.
+        self.device = trainer.params[0].device
         self.dtype = next(model.parameters()).dtype
         self.tables = pool_tables(model, trainer.pool, self.device, self.dtype, touched=True)
         cuda = self.device.type == "cuda"
@@ -227,39 +229,40 @@ class GraphStep:
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _try_capture(self) -> None:
-        """Captures parts A and B (after the first, uncaptured step); on failure, stays uncaptured."""
+        """Captures parts A and B (after a first, uncaptured step: the warm-up); on failure, stays uncaptured."""
         self._capture = False
         for param in self.trainer.params:
             param.grad = None  # the captured backward allocates the gradients in the graph's pool
-        try:
-            graphs = []
-            for part in (self._part_a, self._part_b):
-                graph = torch.cuda.CUDAGraph()
-                generator = self.trainer.model.generator(self.device)
-                if hasattr(graph, "register_generator_state"):
-                    graph.register_generator_state(generator)
-                with torch.cuda.graph(graph):
-                    part()
-                graphs.append(graph)
+        generator = self.trainer.model.generator(self.device)
+        graphs, error = _capture_graphs((self._part_a, self._part_b), self.device, generator)
+        if error is None:
             self._graphs = (graphs[0], graphs[1])
             self.mode, self.reason = "graph", "captured"
-        except Exception as exc:  # capture is an optimisation: any failure falls back to the same parts uncaptured
-            torch.cuda.synchronize(self.device)
-            self._graphs = None
-            self.mode, self.reason = "uncaptured", f"capture failed: {type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture of the supernet step failed (%s); running it uncaptured", self.reason)
+            return
+        self._graphs = None
+        self.mode, self.reason = "uncaptured", f"capture failed: {error}"
+        log.warning("CUDA graph capture of the supernet step failed (%s); running it uncaptured", self.reason)
 
     def run(self, images: torch.Tensor, labels: torch.Tensor, index: int, progress: float, lr: float) -> bool:
         """One step of arch ``index`` of the pool on a batch; returns whether the loss was finite (and applied).
 
-        The loss and logits of the step are left in :attr:`loss` and :attr:`logits` (static tensors, overwritten
-        by the next step).
+        The first step runs uncaptured (the warm-up); the second captures both parts, then every step replays
+        them. The loss and logits of the step are left in :attr:`loss` and :attr:`logits` (static tensors,
+        overwritten by the next step).
+
+        Raises:
+            ValueError: A batch of another shape than the first (graph steps need one shape: ``drop_last``).
         """
-        first = self.images is None
-        if first:
+        if self.images is None:
             self._prepare(images, labels)
+        elif images.shape != self.images.shape or labels.shape != self.labels.shape:
+            raise ValueError(f"graph steps take batches of one shape: got {tuple(images.shape)} after "
+                             f"{tuple(self.images.shape)}; use a loader with drop_last=True, or graph='off'")
+        elif self._capture:
+            self._try_capture()  # before this step's inputs: capture records kernels without running them
         self.scalars_host[_INDEX], self.scalars_host[_PROGRESS], self.scalars_host[_LR] = index, progress, lr
         non_blocking = self.device.type == "cuda"
+        # The host rewrites scalars_host only after the next blocking flag copy, so this copy has run by then.
         self.scalars.copy_(self.scalars_host, non_blocking=non_blocking)
         self.images.copy_(images, non_blocking=non_blocking)
         self.labels.copy_(labels, non_blocking=non_blocking)
@@ -277,8 +280,6 @@ class GraphStep:
                 self._graphs[1].replay()
             else:
                 self._part_b()
-        if first and self._capture:
-            self._try_capture()
         return finite
 
     def describe(self) -> Dict[str, str]:
@@ -317,7 +318,9 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
     tables = pool_tables(model, archs, device, images.dtype, touched=False)
     n = len(archs)
     cuda = device.type == "cuda"
-    scalar_host = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
+    # Each arch's index comes from a device range by a device-to-device copy: no host buffer is rewritten
+    # while earlier asynchronous copies from it may still be pending.
+    indices = torch.arange(max(n, 1), device=device)
     index = torch.zeros(1, dtype=torch.int64, device=device)
     static_images = torch.empty_like(images, device=device, memory_format=torch.contiguous_format)
     static_labels = torch.empty_like(labels, device=device)
@@ -342,8 +345,7 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             correct[i] += (logits.argmax(1) == labels).sum()
             seen[i] = int(labels.shape[0])
             continue
-        scalar_host[0] = i
-        index.copy_(scalar_host, non_blocking=cuda)
+        index.copy_(indices[i : i + 1])
         static_images.copy_(images, non_blocking=cuda)
         static_labels.copy_(labels, non_blocking=cuda)
         if graph is not None:
@@ -351,19 +353,39 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             continue
         score()
         if i == 0 and cuda and capture:
-            graph, status = _capture(score)
+            graphs, error = _capture_graphs((score,), device, None)
+            if error is None:
+                graph, status = graphs[0], {"mode": "graph", "reason": "captured"}
+            else:
+                status = {"mode": "uncaptured", "reason": f"capture failed: {error}"}
+                log.warning("CUDA graph capture of pool evaluation failed (%s); running it uncaptured", error)
     return loss_sums, correct, torch.tensor(seen, dtype=torch.float32, device=device), status
 
 
-def _capture(body):
-    """Captures ``body`` (already run once, uncaptured: the warm-up) as a CUDA graph, or None where that fails."""
+def _capture_graphs(bodies, device: torch.device, generator: Optional[torch.Generator]):
+    """Captures each of ``bodies`` (each already run once, uncaptured: the warm-up) as a CUDA graph.
+
+    Returns:
+        ``(graphs, None)``, or ``(None, why)`` where capture failed; then the current stream is restored and
+        ``generator`` (registered with the graphs for its drop-path masks) is replaced by a fresh one with its
+        state, since a failed capture can leave a registered generator in capture mode.
+    """
+    stream = torch.cuda.current_stream(device)
+    state = generator.get_state() if generator is not None else None
+    graphs = []
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-    except Exception as exc:  # capture is an optimisation: fall back to the same body uncaptured
-        torch.cuda.synchronize()
-        log.warning("CUDA graph capture of pool evaluation failed (%s: %s); running it uncaptured",
-                    type(exc).__name__, exc)
-        return None, {"mode": "uncaptured", "reason": f"capture failed: {type(exc).__name__}: {exc}"}
-    return graph, {"mode": "graph", "reason": "captured"}
+        with torch.cuda.device(device):
+            for body in bodies:
+                graph = torch.cuda.CUDAGraph()
+                if generator is not None:
+                    graph.register_generator_state(generator)
+                with torch.cuda.graph(graph):
+                    body()
+                graphs.append(graph)
+    except Exception as exc:  # capture is an optimisation: any failure falls back to the same bodies uncaptured
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize(device)
+        if generator is not None:
+            generator.set_state(state)  # the offsets a failed capture may have reserved are given back
+        return None, f"{type(exc).__name__}: {exc}"
+    return graphs, None

@@ -357,7 +357,8 @@ class SupernetTrainer:
             tally["bad"] += 1
             self.bad_steps_total += 1
             self.bad_in_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            if update is not None:  # graph steps keep their captured .grad tensors (the next replay overwrites them)
+                self.optimizer.zero_grad(set_to_none=True)
             log.warning("supernet step %d: non-finite loss (%s); step skipped (%d in a row)",
                         self.global_step, "nan/inf", self.bad_in_row)
             if self.bad_in_row >= self.max_bad_steps:
