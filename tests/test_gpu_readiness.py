@@ -32,7 +32,7 @@ def test_mask_generator_state_of_an_absent_device_is_kept(caplog):
     following = model.drop_path_masks(8, torch.device("cpu"))
     absent = torch.arange(16, dtype=torch.uint8)  # a state for a GPU this machine does not have
     fresh = Supernet(NAOSpace(op_set="small"), layers=1, channels=4, drop_path_keep_prob=0.8, seed=3)
-    with caplog.at_level(logging.WARNING, logger="bnao.supernet.model"):
+    with caplog.at_level(logging.WARNING, logger="bnao.supernet.drop_path"):
         fresh.set_rng_state({"cpu": cpu_state, "cuda:63": absent})
     assert "cuda:63" in caplog.text and "kept aside" in caplog.text
     assert torch.equal(fresh.drop_path_masks(8, torch.device("cpu")), following)  # the CPU stream continues
