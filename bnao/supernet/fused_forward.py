@@ -141,11 +141,6 @@ def _code_rows(net, arch: Tuple[int, ...]) -> List[List[List[List[int]]]]:
     return [supernet_cell_rows(net, info.index, reduce if info.reduction else normal) for info in net.cell_info]
 
 
-def arch_codes(net, arch: Tuple[int, ...]) -> torch.Tensor:
-    """The branch codes of every cell of ``net`` for ``arch`` (host int32 ``[cells, B, 2, F]``)."""
-    return torch.tensor(_code_rows(net, arch), dtype=torch.int32)
-
-
 def run_cells(net, data: FusedArchData, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor],
               update: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Runs every cell of ``net`` on the fused path (batch-statistics BN).

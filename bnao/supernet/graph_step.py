@@ -89,15 +89,19 @@ def pool_tables(net, pool: np.ndarray, device: torch.device, dtype: torch.dtype,
 
 def graph_unsupported(trainer) -> Optional[str]:
     """Why ``trainer``'s steps cannot run as :class:`GraphStep` (None when they can)."""
-    model = trainer.model
     if trainer.data_parallel is not None:
         return "data-parallel training (the gradient all-reduce runs between backward and update)"
-    if trainer.bf16:
-        return "bf16 (the fused cells take float32 and float64)"
     if trainer.channels_last:
         return "channels-last (the fused cells take NCHW)"
-    dtype = next(model.parameters()).dtype
-    use, why = model._cells_choice(trainer.device, True, dtype)
+    return _fused_unavailable(trainer.model, trainer.bf16)
+
+
+def _fused_unavailable(model, bf16: bool) -> Optional[str]:
+    """Why ``model``'s training forward would not take the fused cells on its parameters' device (None: it would)."""
+    if bf16:
+        return "bf16 (the fused cells take float32 and float64)"
+    parameter = next(model.parameters())
+    use, why = model._cells_choice(parameter.device, True, parameter.dtype)
     return None if use else f"the fused cells are not used: {why}"
 
 
@@ -131,6 +135,9 @@ class GraphStep:
         self.logits: Optional[torch.Tensor] = None
         self._finite: Optional[torch.Tensor] = None
         self._touched: Optional[torch.Tensor] = None
+        # Per parameter (trainer.params order) its group of the slot masks, None for fully trained parameters.
+        layout = {id(p): entry for entry in model.touched_layout() for p in entry.params}
+        self._entries = [layout.get(id(param)) for param in trainer.params]
         self._ever = self._ever_tensors()
         self._graphs: Optional[Tuple[Any, Any]] = None
         self.mode = "uncaptured"
@@ -141,14 +148,12 @@ class GraphStep:
     def _ever_tensors(self) -> List[Optional[torch.Tensor]]:
         """The trainer's ever-used masks as tensors (0/1), for the partial parameters; None for the others."""
         trainer = self.trainer
-        layout = {id(p): entry for entry in trainer.model.touched_layout() for p in entry.params}
         out: List[Optional[torch.Tensor]] = []
-        for i, param in enumerate(trainer.params):
-            entry = layout.get(id(param))
+        for i, (param, entry) in enumerate(zip(trainer.params, self._entries)):
             if entry is None:
                 out.append(None)
                 continue
-            shape = entry.view(torch.zeros(entry.start + entry.length, device=self.device), param).shape
+            shape = entry.mask_shape(param)
             ever = trainer.ever_used[i]
             if ever is None or ever is False:
                 value = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -189,14 +194,12 @@ class GraphStep:
         trainer = self.trainer
         if trainer.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainer.params, trainer.grad_clip, foreach=True)
-        layout = {id(p): entry for entry in trainer.model.touched_layout() for p in entry.params}
         full: Tuple[list, list, list] = ([], [], [])
         part: Tuple[list, list, list, list] = ([], [], [], [])
         grow: Tuple[list, list] = ([], [])
         optimizer = trainer.optimizer
-        for i, param in enumerate(trainer.params):
+        for i, (param, entry) in enumerate(zip(trainer.params, self._entries)):
             buffer = optimizer.state[param]["momentum_buffer"]
-            entry = layout.get(id(param))
             if entry is None:
                 full[0].append(param)
                 full[1].append(param.grad)
@@ -290,13 +293,9 @@ class GraphStep:
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluation_unsupported(model, batches_per_arch: Optional[int], bf16: bool) -> Optional[str]:
     """Why :func:`evaluate_pool_on_device` cannot score ``batches_per_arch`` batches an arch (None when it can)."""
-    if bf16:
-        return "bf16 (the fused cells take float32 and float64)"
     if batches_per_arch != 1:
         return "several batches per arch" if batches_per_arch else "a batch source of unknown size"
-    parameter = next(model.parameters())
-    use, why = model._cells_choice(parameter.device, True, parameter.dtype)
-    return None if use else f"the fused cells are not used: {why}"
+    return _fused_unavailable(model, bf16)
 
 
 @torch.no_grad()

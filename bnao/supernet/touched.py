@@ -11,7 +11,7 @@ costs one host-to-device copy, no per-tensor fill launches.
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Union
+from typing import Dict, List, NamedTuple, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,12 +34,15 @@ class TouchedEntry(NamedTuple):
     stage: int
     op: int
 
+    def mask_shape(self, param: nn.Parameter) -> Tuple[int, ...]:
+        """The shape of this entry's mask for ``param``: it broadcasts against the parameter."""
+        if self.kind == "columns":
+            return (1, self.length, 1)
+        return (self.length, *([1] * (param.dim() - 1)))
+
     def view(self, flat: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         """This entry's mask in ``flat`` (a row of values), shaped to broadcast against ``param``."""
-        mask = flat.narrow(-1, self.start, self.length)
-        if self.kind == "columns":
-            return mask.view(1, -1, 1)
-        return mask.view(-1, *([1] * (param.dim() - 1)))
+        return flat.narrow(-1, self.start, self.length).view(self.mask_shape(param))
 
 
 def touched_layout(net) -> List[TouchedEntry]:

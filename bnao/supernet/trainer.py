@@ -36,6 +36,7 @@ continuation but not bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -275,45 +276,18 @@ class SupernetTrainer:
             # reference passes its per-iteration step counter to the model).
             model.set_step(self.schedule_step)
             graph_step = self._graph_step_for_run()
-            if graph_step is not None:
+            if graph_step is not None:  # forward, backward and (when finite) the update, replayed
                 finite = graph_step.run(images, labels, idx, model.progress(), lr)
-                loss, logits = graph_step.loss, graph_step.logits
+                loss, logits, update = graph_step.loss, graph_step.logits, None
                 t2 = t3 = time.perf_counter()
-                self.global_step += 1
-                self.schedule_step += 1
-                self._account(tally, finite, lr, loss, logits, labels, update=None)
-                t4 = time.perf_counter()
-                t_draw, t_fwd, t_opt = t_draw + t1 - t0, t_fwd + t2 - t1, t_opt + t4 - t3
-                images_total += labels.shape[0]
-                if progress is not None:
-                    progress(1)
-                continue
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
-                out = model(images, arch)
-                logits, aux = out if isinstance(out, tuple) else (out, None)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-                if aux is not None:
-                    loss = loss + self.aux_weight * F.cross_entropy(aux.float(), labels,
-                                                                    label_smoothing=self.label_smoothing)
-            # Data-parallel: every rank's flag travels with the gradients, so all skip the same steps.
-            finite = self._loss_is_finite(loss) if self.data_parallel is None else True
-            self._sync()
-            t2 = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            with record_function("bnao::backward"):
-                loss.backward()
-            if self.data_parallel is not None:
-                finite = self.data_parallel.reduce(self.params, loss, stop_requested(),
-                                                   masks=self.model.touched_masks(arch))
-            elif finite is None:
-                self._pending_event.synchronize()
-                finite = bool(self._flag_host[0])
-            self._sync()
-            t3 = time.perf_counter()
+            else:
+                loss, logits, finite, t2 = self._forward_backward(images, labels, arch)
+                t3 = time.perf_counter()
+                update = functools.partial(self._optimizer_step, arch, lr)
             self.global_step += 1
             self.schedule_step += 1
             with record_function("bnao::optimizer"):
-                self._account(tally, finite, lr, loss, logits, labels, update=lambda: self._optimizer_step(arch, lr))
+                self._account(tally, finite, lr, loss, logits, labels, update=update)
             self._sync()
             t4 = time.perf_counter()
             t_draw += t1 - t0
@@ -344,6 +318,32 @@ class SupernetTrainer:
             "backward_ms": 1000.0 * t_bwd / steps,
             "optimizer_ms": 1000.0 * t_opt / steps,
         }
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, arch):
+        """The eager step's forward and backward: ``(loss, logits, finite, time after the forward)``."""
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
+            out = self.model(images, arch)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            if aux is not None:
+                loss = loss + self.aux_weight * F.cross_entropy(aux.float(), labels,
+                                                                label_smoothing=self.label_smoothing)
+        # Data-parallel: every rank's flag travels with the gradients, so all skip the same steps.
+        finite = self._loss_is_finite(loss) if self.data_parallel is None else True
+        self._sync()
+        forward_done = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("bnao::backward"):
+            loss.backward()
+        if self.data_parallel is not None:
+            finite = self.data_parallel.reduce(self.params, loss, stop_requested(),
+                                               masks=self.model.touched_masks(arch))
+        elif finite is None:
+            self._pending_event.synchronize()
+            finite = bool(self._flag_host[0])
+        self._sync()
+        return loss, logits, finite, forward_done
 
     def _account(self, tally: Dict[str, Any], finite: bool, lr: float, loss: torch.Tensor, logits: torch.Tensor,
                  labels: torch.Tensor, update: Optional[Callable[[], None]]) -> None:
