@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 import socket
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -158,10 +159,22 @@ def init_from_env(device: Union[str, torch.device, None] = "auto", timeout_s: fl
 
 
 def shutdown() -> None:
-    """Leaves the process group (no-op without one)."""
+    """Leaves the process group (no-op without one), once every rank has finished its collectives.
+
+    The closing all-reduce makes sure no rank tears its gloo pairs down while another still waits on the
+    last collective: a rank that left early made its peer abort at exit ("terminate called without an
+    active exception", seen on a resumed run with nothing left to do).
+    """
     global _CURRENT
     if dist.is_available() and dist.is_initialized():
+        context = current()
+        if context.enabled:
+            try:
+                dist.all_reduce(torch.zeros(1, device=comm_device(context)))
+            except RuntimeError:
+                pass  # another rank is gone: nothing left to agree on, leave anyway
         dist.destroy_process_group()
+        gc.collect()  # frees the last works (and their tensors) while the interpreter is still whole
     _CURRENT = Context()
 
 
