@@ -292,8 +292,13 @@ def test_arguments_are_checked():
     with pytest.raises(RuntimeError, match="needs 2"):  # stride 2 needed for a cell input of a reduction cell
         op(sources, cell_code([0, 0, 1, 1, 2, 2, 0, 3, 1, 4, 2, 0], False, op_table("small"))[0], 1, dw, pw,
            None, None, None, None, EPS, True)
-    with pytest.raises(RuntimeError, match="must have the dtype of the sources"):
+    with pytest.raises(RuntimeError, match="dw must be Double for Double sources"):
         op(sources, code, 1, dw.float(), pw, None, None, None, None, EPS, True)
+    # bfloat16 activations take float32 weights (bf16 storage, fp32 arithmetic), not bfloat16 ones.
+    with pytest.raises(RuntimeError, match="pw must be Float for BFloat16 sources"):
+        op([s.bfloat16() for s in sources], code, 1, dw.float(), pw.bfloat16(), None, None, None, None, EPS, True)
+    with pytest.raises(RuntimeError, match="sources must be float32, float64 or bfloat16"):
+        op([s.half() for s in sources], code, 1, dw.float(), pw.float(), None, None, None, None, EPS, True)
     with pytest.raises(RuntimeError, match=r"sources\[1\] \(a cell input\) must have shape"):
         op([sources[0], sources[1][:, :, :4]], code, 1, dw, pw, None, None, None, None, EPS, True)
     with pytest.raises(RuntimeError, match="must be contiguous"):

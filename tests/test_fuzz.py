@@ -13,7 +13,6 @@ import string
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings

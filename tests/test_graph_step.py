@@ -25,14 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Batches:
-    """Float64 batches of a loader; ``poison`` makes the batch of that step all NaN."""
+    """Batches of a loader in ``dtype`` (float64 by default); ``poison`` makes the batch of that step all NaN."""
 
-    def __init__(self, loader, poison=None):
-        self.loader, self.poison = loader, poison
+    def __init__(self, loader, poison=None, dtype=torch.float64):
+        self.loader, self.poison, self.dtype = loader, poison, dtype
 
     def __iter__(self):
         for step, (images, labels) in enumerate(self.loader):
-            images = images.double()
+            images = images.to(self.dtype)
             if step == self.poison:
                 images = torch.full_like(images, float("nan"))
             yield images, labels
@@ -42,17 +42,19 @@ class _Batches:
 
 
 def _trainer(graph, device, *, steps=40, unused="decay", auxiliary=True, poison=None, pool_size=12,
-             op_set="middle"):
+             op_set="middle", bf16=False):
+    """A fused-cell trainer in float64, or with ``bf16`` in float32 under bfloat16 autocast."""
     space = NAOSpace(op_set=op_set)
     torch.manual_seed(0)
+    dtype = torch.float32 if bf16 else torch.float64
     model = Supernet(space, layers=1, channels=4, num_classes=4, drop_path_keep_prob=0.8, total_steps=steps,
-                     kernels="fused", auxiliary=auxiliary, dropout=0.1).to(device=device, dtype=torch.float64)
+                     kernels="fused", auxiliary=auxiliary, dropout=0.1).to(device=device, dtype=dtype)
     pool = space.sample_array(pool_size, 3)
     sampler = create_sampler("proportional", np.arange(1, pool_size + 1, dtype=np.float64), seed=5)
     data = create_dataset("synthetic", num_samples=64, image_shape=(8, 8, 3), num_classes=4)
     loader = create_loader("tensor", data, 8, device=device, augment=True, shuffle=True, drop_last=True, seed=1)
-    return SupernetTrainer(model, sampler, pool, _Batches(loader, poison), steps_total=steps, lr_max=0.05,
-                           grad_clip=0.5, unused_slot_update=unused, device=device, graph=graph)
+    return SupernetTrainer(model, sampler, pool, _Batches(loader, poison, dtype), steps_total=steps, lr_max=0.05,
+                           grad_clip=0.5, unused_slot_update=unused, device=device, graph=graph, bf16=bf16)
 
 
 def _require_fused(device):
@@ -73,10 +75,10 @@ def _assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unused", ["decay", "freeze"])
-def test_device_data_steps_equal_the_eager_steps(device, unused):
+@pytest.mark.parametrize("unused,bf16", [("decay", False), ("freeze", False), ("decay", True)])
+def test_device_data_steps_equal_the_eager_steps(device, unused, bf16):
     _require_fused(device)
-    eager, graph = _trainer("off", device, unused=unused), _trainer("on", device, unused=unused)
+    eager, graph = _trainer("off", device, unused=unused, bf16=bf16), _trainer("on", device, unused=unused, bf16=bf16)
     eager_losses = [eager.train_steps(1)["loss"] for _ in range(30)]
     graph_losses = [graph.train_steps(1)["loss"] for _ in range(30)]
     assert graph.graph_status["mode"] == ("graph" if device == "cuda" else "uncaptured"), graph.graph_status
@@ -142,9 +144,9 @@ def test_graph_steps_refuse_a_batch_of_another_shape():
 
 def test_graph_refused_where_the_step_needs_the_host():
     trainer = _trainer("auto", "cpu")
-    trainer.bf16 = True
-    assert "bf16" in graph_unsupported(trainer)
-    with pytest.raises(ValueError, match="bf16"):
+    trainer.bf16 = True  # float64 weights: the fused cells take float32 ones under bfloat16 autocast
+    assert "float64 weights with torch.bfloat16 activations" in graph_unsupported(trainer)
+    with pytest.raises(ValueError, match="float64 weights"):
         GraphStep(trainer)
     eager_cells = _trainer("auto", "cpu")
     eager_cells.model.kernels = "eager"
@@ -155,16 +157,17 @@ def test_graph_refused_where_the_step_needs_the_host():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("random_data", [False, True])
-def test_pool_evaluation_on_device_equals_the_arch_by_arch_one(device, random_data):
+@pytest.mark.parametrize("random_data,bf16", [(False, False), (True, False), (False, True)])
+def test_pool_evaluation_on_device_equals_the_arch_by_arch_one(device, random_data, bf16):
     from bnao.supernet.evaluator import RandomBatches, evaluate_pool, last_evaluation
 
     _require_fused(device)
-    trainer = _trainer("off", device)
+    trainer = _trainer("off", device, bf16=bf16)
     trainer.train_steps(3)  # weights and running statistics away from their initial values
     model, archs = trainer.model, trainer.pool
     results = {}
-    images = torch.randn(10, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = torch.float32 if bf16 else torch.float64
+    images = torch.randn(10, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     for graph in ("off", "auto"):
         if random_data:  # the same seeded stream for both
             data = create_dataset("synthetic", num_samples=40, image_shape=(8, 8, 3), num_classes=4, seed=3)
@@ -172,7 +175,7 @@ def test_pool_evaluation_on_device_equals_the_arch_by_arch_one(device, random_da
             batches = RandomBatches(_Float64Loader(loader))  # 40 images: every third batch is short (8)
         else:
             batches = (images, torch.arange(10, device=device) % 4)
-        results[graph] = evaluate_pool(model, archs, batches, graph=graph)
+        results[graph] = evaluate_pool(model, archs, batches, graph=graph, bf16=bf16)
         assert last_evaluation["mode"] == ("eager" if graph == "off" else
                                            "graph" if device == "cuda" else "uncaptured"), last_evaluation
     for got, want in zip(results["auto"], results["off"]):

@@ -154,7 +154,7 @@ def _evaluate_on_device(model: Supernet, archs: np.ndarray, fixed, draw, device:
     was_training = model.training
     model.eval()
     try:
-        loss, correct, seen, status = evaluate_pool_on_device(model, archs, next_batch)
+        loss, correct, seen, status = evaluate_pool_on_device(model, archs, next_batch, bf16=bf16)
     finally:
         model.train(was_training)
     last_evaluation.update(status)

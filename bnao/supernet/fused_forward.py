@@ -156,8 +156,11 @@ def run_cells(net, data: FusedArchData, s0: torch.Tensor, s1: torch.Tensor, mask
     Returns:
         ``(last cell's output, auxiliary logits or None)``.
     """
-    weights = _gather_stages(net, data, s1)
-    loose = data.loose(s1.dtype)
+    # Zero groups and the loose-end masks (which scale the combine's weight) take the weights' dtype, not the
+    # states' (float32 and bfloat16 under bfloat16 autocast).
+    parameter = next(net.parameters())
+    weights = _gather_stages(net, data, parameter)
+    loose = data.loose(parameter.dtype)
     stats: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {g: ([], []) for g in range(net.num_stages)}
     aux_logits = None
     mom, eps = net.bn_momentum, net.bn_eps

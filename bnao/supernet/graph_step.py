@@ -98,10 +98,8 @@ def graph_unsupported(trainer) -> Optional[str]:
 
 def _fused_unavailable(model, bf16: bool) -> Optional[str]:
     """Why ``model``'s training forward would not take the fused cells on its parameters' device (None: it would)."""
-    if bf16:
-        return "bf16 (the fused cells take float32 and float64)"
     parameter = next(model.parameters())
-    use, why = model._cells_choice(parameter.device, True, parameter.dtype)
+    use, why = model._cells_choice(parameter.device, True, torch.bfloat16 if bf16 else parameter.dtype)
     return None if use else f"the fused cells are not used: {why}"
 
 
@@ -173,7 +171,8 @@ class GraphStep:
             index = self.scalars[_INDEX : _INDEX + 1].long()
             progress = self.scalars[_PROGRESS].to(model._drop_depth.dtype)
             data, touched = self.tables.select(index)
-            out = model.forward_data(self.images, data, progress)
+            with bf16_autocast(self.device, trainer.bf16):
+                out = model.forward_data(self.images, data, progress)
             logits, aux = out if isinstance(out, tuple) else (out, None)
             loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=trainer.label_smoothing)
             if aux is not None:
@@ -298,8 +297,14 @@ def evaluation_unsupported(model, batches_per_arch: Optional[int], bf16: bool) -
     return _fused_unavailable(model, bf16)
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast for a part that may be captured: without the cast cache, whose casts a graph would not
+    replay (PyTorch's rule for autocast under CUDA graphs)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 @torch.no_grad()
-def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool = True
+def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool = True, bf16: bool = False
                             ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, str]]:
     """Summed loss and correct count of every arch on its batch, one replay per arch (module docstring).
 
@@ -308,6 +313,7 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
         archs: ``int64 [n, L]``.
         next_batch: ``i -> (images, labels)``: arch ``i``'s batch (the same shape for every arch).
         capture: Capture a CUDA graph (CUDA only).
+        bf16: bfloat16 autocast (the fused cells keep bfloat16 activations, float32 weights and arithmetic).
 
     Returns:
         ``(loss sums [n], correct counts [n], images [n], {"mode", "reason"})``, the sums on the device.
@@ -328,7 +334,8 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
 
     def score() -> None:
         data, _ = tables.select(index)
-        logits = model.forward_data(static_images, data, bn_train=True).float()
+        with bf16_autocast(device, bf16):
+            logits = model.forward_data(static_images, data, bn_train=True).float()
         loss_sums.index_add_(0, index, F.cross_entropy(logits, static_labels, reduction="sum").view(1))
         correct.index_add_(0, index, (logits.argmax(1) == static_labels).sum().float().view(1))
 
@@ -339,7 +346,8 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             images, labels = next_batch(i)
         if images.shape != static_images.shape or labels.shape != static_labels.shape:
             # A short batch (the end of a dev epoch): this arch alone through the uncaptured forward.
-            logits = model(images, tuple(int(v) for v in archs[i]), bn_train=True).float()
+            with bf16_autocast(device, bf16):
+                logits = model(images, tuple(int(v) for v in archs[i]), bn_train=True).float()
             loss_sums[i] += F.cross_entropy(logits, labels, reduction="sum")
             correct[i] += (logits.argmax(1) == labels).sum()
             seen[i] = int(labels.shape[0])

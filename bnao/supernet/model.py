@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
 from ..nets.network import check_skeleton_args
 from ..ops.cell import NUM_BN, ROLES, cell_schedule
+from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
 from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 from . import eager_forward, fused_forward, touched
@@ -75,7 +76,8 @@ class Supernet(DropPathMixin, nn.Module):
         kernels: ``"eager"`` (the level-scheduled PyTorch cells of :func:`~bnao.ops.cell.mixed_cell`),
             ``"fused"`` (the compiled fused-cell ops, arch as device data: csrc/cell/DESIGN.md; an error where
             they are not built) or ``"auto"`` (fused on a GPU where built, else eager: on a CPU the eager
-            cells are faster). Evaluation with running statistics and bf16 autocast always run eager.
+            cells are faster). Evaluation with running statistics always runs eager. Under bfloat16 autocast the
+            fused cells keep activations in bfloat16 and weights, BN statistics and arithmetic in float32.
     """
 
     def __init__(self, space: Union[NAOSpace, str] = "small", *, skeleton: str = "cifar", layers: int = 3,
@@ -366,7 +368,7 @@ class Supernet(DropPathMixin, nn.Module):
         if fused:
             data = self._fused_data(plan, device)
             return self._forward_cells(images, lambda s0, s1, masks: fused_forward.run_cells(
-                self, data, s0, s1, masks, update), batch_stats, update)
+                self, data, s0, s1, masks, update), batch_stats, update, fused=True)
         return self._forward_cells(images, lambda s0, s1, masks: eager_forward.run_cells(
             self, plan, s0, s1, masks, batch_stats, update), batch_stats, update)
 
@@ -388,11 +390,15 @@ class Supernet(DropPathMixin, nn.Module):
                              "evaluate with running statistics")
         update = self.training
         return self._forward_cells(images, lambda s0, s1, masks: fused_forward.run_cells(
-            self, data, s0, s1, masks, update), batch_stats, update, progress)
+            self, data, s0, s1, masks, update), batch_stats, update, progress, fused=True)
 
     def _forward_cells(self, images: torch.Tensor, run_cells, batch_stats: bool, update: bool,
-                       progress: Optional[torch.Tensor] = None):
-        """Stem, ``run_cells(s0, s1, drop masks) -> (last state, aux logits)``, pooling and the classifier."""
+                       progress: Optional[torch.Tensor] = None, fused: bool = False):
+        """Stem, ``run_cells(s0, s1, drop masks) -> (last state, aux logits)``, pooling and the classifier.
+
+        The drop-path masks are in the states' dtype on the eager path, in the fused ops' parameter dtype
+        (float32 under bfloat16 autocast) on the fused path.
+        """
         training = self.training
         device = images.device
         if self.skeleton == "cifar":
@@ -401,7 +407,8 @@ class Supernet(DropPathMixin, nn.Module):
             s0 = self.stem0b(F.relu(self.stem0a(images, batch_stats, update)), batch_stats, update)
             s1 = self.stem1(F.relu(s0), batch_stats, update)
 
-        masks = self.drop_path_masks(images.shape[0], device, s1.dtype, progress) if training else None
+        mask_dtype = param_dtype(s1.dtype) if fused else s1.dtype
+        masks = self.drop_path_masks(images.shape[0], device, mask_dtype, progress) if training else None
         s1, aux_logits = run_cells(s0, s1, masks)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
         if training and self.dropout > 0:
@@ -438,8 +445,12 @@ class Supernet(DropPathMixin, nn.Module):
             return False, "kernels='auto' runs the fused cells on GPUs; on a CPU the eager cells are faster"
         if not batch_stats:
             return False, "evaluation with running statistics"
-        if torch.is_autocast_enabled(device.type) or dtype not in (torch.float32, torch.float64):
-            return False, "bf16 (the fused cells take float32 and float64)"
+        activations = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+        if activations not in ACTIVATION_DTYPES:
+            return False, f"{activations} activations (the fused cells take float32, float64 and bfloat16)"
+        weights, needed = next(self.parameters()).dtype, param_dtype(activations)
+        if weights != needed:
+            return False, f"{weights} weights with {activations} activations (the fused cells need {needed} weights)"
         return True, ""
 
     def _fused_data(self, plan: _Plan, device: torch.device) -> "fused_forward.FusedArchData":

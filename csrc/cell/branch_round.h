@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "cell/cell_code.h"
+#include "cell/compute_type.h"
 
 namespace bnao {
 namespace cell {
@@ -49,8 +50,11 @@ enum RoundOp : int {
 };
 
 // Everything a body may read or write. Passed by value to CUDA kernels (< 1 KB).
+// Activations are T; weights, BN statistics and affine parameters (and their gradients) are P =
+// Compute<T> (cell/compute_type.h).
 template <typename T>
 struct RoundArgs {
+  using P = Compute<T>;
   // Sources: round 1 the states the node may read ([N, C, H_s, W_s] each); round 2 one tensor,
   // pre1 [2, N, C, Ho, Wo] (source_height/width then hold Ho, Wo).
   const T* sources[kMaxSources];
@@ -60,31 +64,31 @@ struct RoundArgs {
   const int32_t* code;  // [2, kNumFields]
   int round;            // 1 or 2
   int64_t batch, channels, height, width;  // N, C, Ho, Wo of pre
-  const T* dw;  // [2, C, 7, 7]
-  const T* pw;  // [2, C, C]
+  const P* dw;  // [2, C, 7, 7]
+  const P* pw;  // [2, C, C]
   // Round 2's prologue: round 1's (mean, invstd, gamma, beta), [2, C] each; null in round 1.
-  const T* in_mean;
-  const T* in_invstd;
-  const T* in_gamma;
-  const T* in_beta;
+  const P* in_mean;
+  const P* in_invstd;
+  const P* in_gamma;
+  const P* in_beta;
   double eps;
   // Forward results (read again by the backward).
   T* pre;     // [2, N, C, Ho, Wo]
   T* mid;     // [2, N, C, Ho, Wo] scratch: depthwise results of sep-conv branches
-  T* mean;    // [2, C]
-  T* invstd;  // [2, C]
+  P* mean;    // [2, C]
+  P* invstd;  // [2, C]
   // Backward.
   const T* grad_pre;     // [2, N, C, Ho, Wo]
-  const T* grad_mean;    // [2, C]
-  const T* grad_invstd;  // [2, C]
+  const P* grad_mean;    // [2, C]
+  const P* grad_invstd;  // [2, C]
   T* grad_total;         // [2, N, C, Ho, Wo] scratch: gradient of pre including the statistics'
   T* grad_mid;           // [2, N, C, Ho, Wo] scratch: gradient of mid
-  T* grad_dw;            // [2, C, 7, 7]
-  T* grad_pw;            // [2, C, C]
-  T* grad_in_mean;       // [2, C] (round 2)
-  T* grad_in_invstd;
-  T* grad_in_gamma;
-  T* grad_in_beta;
+  P* grad_dw;            // [2, C, 7, 7]
+  P* grad_pw;            // [2, C, C]
+  P* grad_in_mean;       // [2, C] (round 2)
+  P* grad_in_invstd;
+  P* grad_in_gamma;
+  P* grad_in_beta;
   T* grad_source;    // the source gradient being written (one launch per source)
   int source_index;  // which source grad_source belongs to
   bool accumulate;   // round 1: add the source gradients to grad_source instead of overwriting it
@@ -169,9 +173,9 @@ BNAO_CELL_HD bool inside(const Branch<T>& br, int64_t y, int64_t x) {
 
 // The branch's input at an in-bounds pixel, after round 2's prologue normalisation.
 template <typename T>
-BNAO_CELL_HD T load_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
-                          int64_t x) {
-  T value = br.input[((n * a.channels + c) * br.in_height + y) * br.in_width + x];
+BNAO_CELL_HD Compute<T> load_input(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                   int64_t y, int64_t x) {
+  Compute<T> value = static_cast<Compute<T>>(br.input[((n * a.channels + c) * br.in_height + y) * br.in_width + x]);
   if (br.normalize) {
     const int64_t bc = b * a.channels + c;
     // Same association as the reference: (x - mean) * (invstd * gamma) + beta.
@@ -187,10 +191,10 @@ struct ChannelInput {
   const T* plane;
   int64_t height, width;
   bool normalize;
-  T mean, factor, beta;
+  Compute<T> mean, factor, beta;
 
-  BNAO_CELL_HD T at(int64_t y, int64_t x) const {
-    const T value = plane[y * width + x];
+  BNAO_CELL_HD Compute<T> at(int64_t y, int64_t x) const {
+    const Compute<T> value = static_cast<Compute<T>>(plane[y * width + x]);
     return normalize ? (value - mean) * factor + beta : value;
   }
   BNAO_CELL_HD bool inside(int64_t y, int64_t x) const { return y >= 0 && y < height && x >= 0 && x < width; }
@@ -203,7 +207,7 @@ BNAO_CELL_HD ChannelInput<T> channel_input(const RoundArgs<T>& a, const Branch<T
   in.height = br.in_height;
   in.width = br.in_width;
   in.normalize = br.normalize;
-  in.mean = in.factor = in.beta = T(0);
+  in.mean = in.factor = in.beta = Compute<T>(0);
   if (br.normalize) {
     const int64_t bc = b * a.channels + c;
     in.mean = a.in_mean[bc];
@@ -234,16 +238,24 @@ BNAO_CELL_HD T relu(T value) {
 // Input pixel of a factorized-reduce output row: rows :C/2 read even pixels, the others odd ones.
 BNAO_CELL_HD int64_t reduce_offset(int64_t out_channel, int64_t channels) { return out_channel < channels / 2 ? 0 : 1; }
 
+// out += value, the sum in the arithmetic type and rounded once to the storage type (with bfloat16
+// storage, `out += value` would first round value to bfloat16).
+template <typename T>
+BNAO_CELL_HD void add_to(T& out, Compute<T> value) {
+  out = static_cast<T>(static_cast<Compute<T>>(out) + value);
+}
+
 // ------------------------------------------------------------------ forward values
 template <typename T>
-BNAO_CELL_HD T depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
-                               int64_t j) {
+BNAO_CELL_HD Compute<T> depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                        int64_t i, int64_t j) {
+  using C = Compute<T>;
   const int k = br.kernel, d = br.dilation, s = br.stride;
   const int64_t pad = static_cast<int64_t>(d) * (k / 2);
-  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const C* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
   const ChannelInput<T> in = channel_input(a, br, b, n, c);
   const int64_t top = i * s - pad, left = j * s - pad, span = static_cast<int64_t>(k - 1) * d;
-  T sum = T(0);
+  C sum = C(0);
   if (top >= 0 && left >= 0 && top + span < in.height && left + span < in.width) {
     // Interior pixel (most of them): no bounds checks in the tap loop.
     for (int kh = 0; kh < k; ++kh)
@@ -261,23 +273,25 @@ BNAO_CELL_HD T depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b
 }
 
 template <typename T>
-BNAO_CELL_HD T pointwise_value(const RoundArgs<T>& a, int b, int64_t n, int64_t o, int64_t i, int64_t j) {
-  const T* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
+BNAO_CELL_HD Compute<T> pointwise_value(const RoundArgs<T>& a, int b, int64_t n, int64_t o, int64_t i, int64_t j) {
+  using C = Compute<T>;
+  const C* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
   const int64_t plane = a.height * a.width;
   const T* column = a.mid + pre_offset(a, b, n, 0, i, j);
-  T sum = T(0);
-  for (int64_t c = 0; c < a.channels; ++c) sum += row[c] * column[c * plane];
+  C sum = C(0);
+  for (int64_t c = 0; c < a.channels; ++c) sum += row[c] * static_cast<C>(column[c * plane]);
   return sum;
 }
 
 template <typename T>
-BNAO_CELL_HD T reduce_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t o, int64_t i,
-                            int64_t j) {
+BNAO_CELL_HD Compute<T> reduce_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t o,
+                                     int64_t i, int64_t j) {
+  using C = Compute<T>;
   const int64_t offset = reduce_offset(o, a.channels);
   const int64_t y = 2 * i + offset, x = 2 * j + offset;
-  if (!inside(br, y, x)) return T(0);  // odd pixels past the edge read zero padding
-  const T* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
-  T sum = T(0);
+  if (!inside(br, y, x)) return C(0);  // odd pixels past the edge read zero padding
+  const C* row = a.pw + (static_cast<int64_t>(b) * a.channels + o) * a.channels;
+  C sum = C(0);
   for (int64_t c = 0; c < a.channels; ++c) sum += row[c] * load_input(a, br, b, n, c, y, x);
   return sum;
 }
@@ -295,14 +309,15 @@ BNAO_CELL_HD Window pool_window(int64_t i, int stride, int64_t size) {
 }
 
 template <typename T>
-BNAO_CELL_HD T avg_pool_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
-                              int64_t j) {
+BNAO_CELL_HD Compute<T> avg_pool_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                       int64_t i, int64_t j) {
+  using C = Compute<T>;
   const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
-  T sum = T(0);
+  C sum = C(0);
   for (int64_t y = rows.begin; y < rows.end; ++y)
     for (int64_t x = cols.begin; x < cols.end; ++x) sum += load_input(a, br, b, n, c, y, x);
   const int64_t count = (rows.end - rows.begin) * (cols.end - cols.begin);  // count_include_pad=False
-  return count > 0 ? sum / static_cast<T>(count) : T(0);
+  return count > 0 ? sum / static_cast<C>(count) : C(0);
 }
 
 // Max of a 3x3 window and where it is: the first maximum in row-major order (as PyTorch), a NaN
@@ -314,16 +329,17 @@ struct MaxAt {
 };
 
 template <typename T>
-BNAO_CELL_HD MaxAt<T> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
-                                  int64_t j) {
+BNAO_CELL_HD MaxAt<Compute<T>> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                           int64_t i, int64_t j) {
+  using C = Compute<T>;
   const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
-  MaxAt<T> best;
-  best.value = -std::numeric_limits<T>::infinity();
+  MaxAt<C> best;
+  best.value = -std::numeric_limits<C>::infinity();
   best.y = rows.begin;
   best.x = cols.begin;
   for (int64_t y = rows.begin; y < rows.end; ++y)
     for (int64_t x = cols.begin; x < cols.end; ++x) {
-      const T value = load_input(a, br, b, n, c, y, x);
+      const C value = load_input(a, br, b, n, c, y, x);
       // Selects rather than a branch: which pixel wins is data-dependent and unpredictable.
       const bool take = value > best.value || value != value;
       best.value = take ? value : best.value;
@@ -335,8 +351,8 @@ BNAO_CELL_HD MaxAt<T> max_pool_at(const RoundArgs<T>& a, const Branch<T>& br, in
 
 // pre[b, n, c, i, j] of a branch whose depthwise results (sep convs) are in a.mid.
 template <typename T>
-BNAO_CELL_HD T branch_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t i,
-                            int64_t j) {
+BNAO_CELL_HD Compute<T> branch_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                     int64_t i, int64_t j) {
   switch (br.op) {
     case kOpSepConv:
       return pointwise_value(a, b, n, c, i, j);
@@ -347,9 +363,9 @@ BNAO_CELL_HD T branch_value(const RoundArgs<T>& a, const Branch<T>& br, int b, i
     case kOpMaxPool:
       return max_pool_at(a, br, b, n, c, i, j).value;
     case kOpCopy:
-      return inside(br, i, j) ? load_input(a, br, b, n, c, i, j) : T(0);
+      return inside(br, i, j) ? load_input(a, br, b, n, c, i, j) : Compute<T>(0);
     default:
-      return T(0);
+      return Compute<T>(0);
   }
 }
 
@@ -393,17 +409,18 @@ struct PreBody {
 // inner loop runs over contiguous columns (channel planes are far apart: walking them per
 // element defeats the caches).
 template <typename T>
-BNAO_CELL_HD void pointwise_columns(const T* weight, int64_t weight_stride, const T* input, int64_t plane,
+BNAO_CELL_HD void pointwise_columns(const Compute<T>* weight, int64_t weight_stride, const T* input, int64_t plane,
                                     int64_t channels, int64_t begin, int64_t end, T* out) {
+  using C = Compute<T>;
   constexpr int64_t kChunk = 64;
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t count = end - start < kChunk ? end - start : kChunk;
-    T sum[kChunk];
-    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    C sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = C(0);
     for (int64_t c = 0; c < channels; ++c) {
-      const T w = weight[c * weight_stride];
+      const C w = weight[c * weight_stride];
       const T* column = input + c * plane + start;
-      for (int64_t q = 0; q < count; ++q) sum[q] += w * column[q];
+      for (int64_t q = 0; q < count; ++q) sum[q] += w * static_cast<C>(column[q]);
     }
     for (int64_t q = 0; q < count; ++q) out[start + q] = sum[q];
   }
@@ -423,17 +440,18 @@ BNAO_CELL_HD void depthwise_columns(const RoundArgs<T>& a, const PreRow<T>& r, i
   if (br.in_width - 1 - span + pad < 0 || top < 0 || top + span >= br.in_height) first = end, last = end - 1;
   first = first < begin ? begin : (first > end ? end : first);
   last = last >= end ? end - 1 : last;
+  using C = Compute<T>;
   for (int64_t j = begin; j < first; ++j) out[j] = depthwise_value(a, br, r.b, r.n, r.c, r.i, j);
-  const T* weight = a.dw + (static_cast<int64_t>(r.b) * a.channels + r.c) * kSlab;
+  const C* weight = a.dw + (static_cast<int64_t>(r.b) * a.channels + r.c) * kSlab;
   const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
   constexpr int64_t kChunk = 64;
   for (int64_t start = first; start <= last; start += kChunk) {
     const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
-    T sum[kChunk];
-    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    C sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = C(0);
     for (int kh = 0; kh < k; ++kh)
       for (int kw = 0; kw < k; ++kw) {
-        const T w = weight[kh * kMaxKernel + kw];
+        const C w = weight[kh * kMaxKernel + kw];
         const int64_t y = top + kh * d, x0 = start * s - pad + kw * d;
         for (int64_t q = 0; q < count; ++q) sum[q] += w * relu(in.at(y, x0 + q * s));
       }
@@ -456,15 +474,15 @@ struct DepthwiseForward : PreBody<T, DepthwiseForward<T>> {
 // Where the maximum of a max-pool window is, as (row - top) * 3 + (column - left) of the unclipped
 // window: small integers, exact in any float type.
 template <typename T>
-BNAO_CELL_HD T max_position_code(const Branch<T>& br, int64_t i, int64_t j, int64_t y, int64_t x) {
-  return static_cast<T>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
+BNAO_CELL_HD Compute<T> max_position_code(const Branch<T>& br, int64_t i, int64_t j, int64_t y, int64_t x) {
+  return static_cast<Compute<T>>((y - (i * br.stride - 1)) * 3 + (x - (j * br.stride - 1)));
 }
 
 // One max-pool column through max_pool_at: its maximum into values[j], its position code into
 // codes[j] (either may be null).
 template <typename T>
 BNAO_CELL_HD void max_pool_column(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j, T* values, T* codes) {
-  const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+  const MaxAt<Compute<T>> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
   if (values != nullptr) values[j] = best.value;
   if (codes != nullptr) codes[j] = max_position_code(r.br, r.i, j, best.y, best.x);
 }
@@ -484,22 +502,23 @@ BNAO_CELL_HD void max_pool_columns(const RoundArgs<T>& a, const PreRow<T>& r, in
   first = first < begin ? begin : (first > end ? end : first);
   last = last >= end ? end - 1 : last;
   for (int64_t j = begin; j < first; ++j) max_pool_column(a, r, j, values, codes);
+  using C = Compute<T>;
   const ChannelInput<T> in = channel_input(a, br, r.b, r.n, r.c);
   constexpr int64_t kChunk = 64;
   for (int64_t start = first; start <= last; start += kChunk) {
     const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
-    T best[kChunk], where[kChunk];
+    C best[kChunk], where[kChunk];
     for (int64_t q = 0; q < count; ++q) {
-      best[q] = -std::numeric_limits<T>::infinity();
-      where[q] = T(0);  // the window's first pixel, as max_pool_at starts
+      best[q] = -std::numeric_limits<C>::infinity();
+      where[q] = C(0);  // the window's first pixel, as max_pool_at starts
     }
     for (int dy = 0; dy < 3; ++dy)
       for (int dx = 0; dx < 3; ++dx) {
         const T* row = in.plane + (top + dy) * in.width + start * s - 1 + dx;
-        const T code = static_cast<T>(dy * 3 + dx);
+        const C code = static_cast<C>(dy * 3 + dx);
         for (int64_t q = 0; q < count; ++q) {
-          const T raw = row[q * s];
-          const T value = in.normalize ? (raw - in.mean) * in.factor + in.beta : raw;
+          const C raw = static_cast<C>(row[q * s]);
+          const C value = in.normalize ? (raw - in.mean) * in.factor + in.beta : raw;
           const bool take = value > best[q] || value != value;
           best[q] = take ? value : best[q];
           where[q] = take ? code : where[q];
@@ -521,7 +540,7 @@ struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
     if (r.br.op == kOpSepConv) {
       a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
     } else if (r.br.op == kOpMaxPool) {
-      const MaxAt<T> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
+      const MaxAt<Compute<T>> best = max_pool_at(a, r.br, r.b, r.n, r.c, r.i, j);
       a.mid[r.offset + j] = max_position_code(r.br, r.i, j, best.y, best.x);
     }
   }
@@ -548,7 +567,7 @@ struct BranchForward : PreBody<T, BranchForward<T>> {
       for (int64_t j = begin; j < end; ++j) run(a, r, j);
       return;
     }
-    const T* weight = a.pw + (static_cast<int64_t>(r.b) * a.channels + r.c) * a.channels;  // row c of pw[b]
+    const Compute<T>* weight = a.pw + (static_cast<int64_t>(r.b) * a.channels + r.c) * a.channels;  // row c of pw[b]
     pointwise_columns(weight, 1, a.mid + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width, a.channels, begin,
                       end, a.pre + r.offset);
   }
@@ -576,14 +595,15 @@ BNAO_CELL_HD ChannelContext<T> channel_context(const RoundArgs<T>& a, int64_t ou
 }
 
 
-// Reduction terms share `row_sum`, the sum of the terms of one row (n, i) in T, used by the CPU
+// Reduction terms share `row_sum`, the sum of the terms of one row (n, i) in Compute<T>, used by the CPU
 // launcher: four interleaved partial sums break the add latency chain of one running sum, and
 // the row sums are then added in double in (n, i) order (deterministic, like every sum here).
 template <typename T, typename Derived>
 struct TermBase {
   template <typename Context>
-  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
-    T partial[4] = {T(0), T(0), T(0), T(0)};
+  static BNAO_CELL_HD Compute<T> row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    using C = Compute<T>;
+    C partial[4] = {C(0), C(0), C(0), C(0)};
     int64_t j = 0;
     for (; j + 4 <= a.width; j += 4)
       for (int q = 0; q < 4; ++q) partial[q] += Derived::term(a, ctx, n, i, j + q);
@@ -601,12 +621,13 @@ struct MeanTerm : TermBase<T, MeanTerm<T>> {
     ctx.active = ctx.br.has_bn;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
-    return a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return static_cast<Compute<T>>(a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)]);
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
-    a.mean[ctx.output] = ctx.active ? static_cast<T>(sum / static_cast<Acc>(a.batch * a.height * a.width)) : T(0);
+    using C = Compute<T>;
+    a.mean[ctx.output] = ctx.active ? static_cast<C>(sum / static_cast<Acc>(a.batch * a.height * a.width)) : C(0);
   }
 };
 
@@ -615,14 +636,14 @@ template <typename T>
 struct InvstdTerm : TermBase<T, InvstdTerm<T>> {
   using Context = ChannelContext<T>;
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) { return MeanTerm<T>::prepare(a, output); }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
-    const T centred = a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)] - a.mean[ctx.output];
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    const Compute<T> centred = static_cast<Compute<T>>(a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)]) - a.mean[ctx.output];
     return centred * centred;
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
     const double variance = static_cast<double>(sum) / static_cast<double>(a.batch * a.height * a.width);
-    a.invstd[ctx.output] = ctx.active ? static_cast<T>(1.0 / sqrt(variance + a.eps)) : T(1);
+    a.invstd[ctx.output] = ctx.active ? static_cast<Compute<T>>(1.0 / sqrt(variance + a.eps)) : Compute<T>(1);
   }
 };
 
@@ -632,13 +653,14 @@ struct InvstdTerm : TermBase<T, InvstdTerm<T>> {
 template <typename T>
 struct GradTotal : PreBody<T, GradTotal<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    using C = Compute<T>;
     const int64_t index = r.offset + j;
-    T grad = a.grad_pre[index];
+    C grad = static_cast<C>(a.grad_pre[index]);
     if (r.br.has_bn) {
       const int64_t bc = r.b * a.channels + r.c;
-      const T count = static_cast<T>(a.batch * a.height * a.width);
-      const T invstd = a.invstd[bc];
-      const T centred = a.pre[index] - a.mean[bc];
+      const C count = static_cast<C>(a.batch * a.height * a.width);
+      const C invstd = a.invstd[bc];
+      const C centred = static_cast<C>(a.pre[index]) - a.mean[bc];
       grad += a.grad_mean[bc] / count - a.grad_invstd[bc] * invstd * invstd * invstd * centred / count;
     }
     a.grad_total[index] = grad;
@@ -649,17 +671,18 @@ struct GradTotal : PreBody<T, GradTotal<T>> {
 template <typename T>
 struct GradMid : PreBody<T, GradMid<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
+    using C = Compute<T>;
     if (r.br.op != kOpSepConv) return;
-    const T* column = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;
+    const C* column = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;
     const T* grad = a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, j);
     const int64_t plane = a.height * a.width;
-    T sum = T(0);
-    for (int64_t o = 0; o < a.channels; ++o) sum += column[o * a.channels] * grad[o * plane];
+    C sum = C(0);
+    for (int64_t o = 0; o < a.channels; ++o) sum += column[o * a.channels] * static_cast<C>(grad[o * plane]);
     a.grad_mid[r.offset + j] = sum;
   }
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
     if (r.br.op != kOpSepConv) return;
-    const T* weight = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;  // column c of pw[b]
+    const Compute<T>* weight = a.pw + static_cast<int64_t>(r.b) * a.channels * a.channels + r.c;  // column c of pw[b]
     pointwise_columns(weight, a.channels, a.grad_total + pre_offset(a, r.b, r.n, 0, r.i, 0), a.height * a.width,
                       a.channels, begin, end, a.grad_mid + r.offset);
   }
@@ -685,28 +708,30 @@ struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
     ctx.active = ctx.br.op == kOpSepConv || ctx.br.op == kOpReduce;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
-    const T grad = a.grad_total[pre_offset(a, ctx.b, n, ctx.o, i, j)];
-    if (ctx.br.op == kOpSepConv) return grad * a.mid[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    using C = Compute<T>;
+    const C grad = static_cast<C>(a.grad_total[pre_offset(a, ctx.b, n, ctx.o, i, j)]);
+    if (ctx.br.op == kOpSepConv) return grad * static_cast<C>(a.mid[pre_offset(a, ctx.b, n, ctx.c, i, j)]);
     const int64_t offset = reduce_offset(ctx.o, a.channels);
     const int64_t y = 2 * i + offset, x = 2 * j + offset;
-    return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : T(0);
+    return inside(ctx.br, y, x) ? grad * load_input(a, ctx.br, ctx.b, n, ctx.c, y, x) : C(0);
   }
   // Sep convs: a plain dot product of two contiguous rows (vectorised); the reduce: the terms.
-  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+  static BNAO_CELL_HD Compute<T> row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    using C = Compute<T>;
     if (ctx.br.op != kOpSepConv) return TermBase<T, GradPwTerm<T>>::row_sum(a, ctx, n, i);
     const T* grad = a.grad_total + pre_offset(a, ctx.b, n, ctx.o, i, 0);
     const T* mid = a.mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
-    T partial[4] = {T(0), T(0), T(0), T(0)};
+    C partial[4] = {C(0), C(0), C(0), C(0)};
     int64_t j = 0;
     for (; j + 4 <= a.width; j += 4)
-      for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * mid[j + q];
-    for (; j < a.width; ++j) partial[0] += grad[j] * mid[j];
+      for (int q = 0; q < 4; ++q) partial[q] += static_cast<C>(grad[j + q]) * static_cast<C>(mid[j + q]);
+    for (; j < a.width; ++j) partial[0] += static_cast<C>(grad[j]) * static_cast<C>(mid[j]);
     return (partial[0] + partial[1]) + (partial[2] + partial[3]);
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
-    a.grad_pw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
+    a.grad_pw[ctx.output] = ctx.active ? static_cast<Compute<T>>(sum) : Compute<T>(0);
   }
 };
 
@@ -734,45 +759,50 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
     ctx.active = ctx.br.op == kOpSepConv && ctx.kh < ctx.br.kernel && ctx.kw < ctx.br.kernel;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    using C = Compute<T>;
     const int d = ctx.br.dilation, s = ctx.br.stride;
     const int64_t pad = static_cast<int64_t>(d) * (ctx.br.kernel / 2);
     const int64_t y = i * s - pad + ctx.kh * d, x = j * s - pad + ctx.kw * d;
-    if (!inside(ctx.br, y, x)) return T(0);
-    return a.grad_mid[pre_offset(a, ctx.b, n, ctx.c, i, j)] * relu(load_input(a, ctx.br, ctx.b, n, ctx.c, y, x));
+    if (!inside(ctx.br, y, x)) return C(0);
+    return static_cast<C>(a.grad_mid[pre_offset(a, ctx.b, n, ctx.c, i, j)]) *
+           relu(load_input(a, ctx.br, ctx.b, n, ctx.c, y, x));
   }
   // The row's taps that land inside, without a bounds check per column (vectorisable).
-  static BNAO_CELL_HD T row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+  static BNAO_CELL_HD Compute<T> row_sum(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i) {
+    using C = Compute<T>;
     const int d = ctx.br.dilation, s = ctx.br.stride;
     const int64_t pad = static_cast<int64_t>(d) * (ctx.br.kernel / 2);
     const int64_t y = i * s - pad + ctx.kh * d, shift = ctx.kw * d - pad;  // x = j * s + shift
-    if (y < 0 || y >= ctx.br.in_height) return T(0);
+    if (y < 0 || y >= ctx.br.in_height) return C(0);
     const int64_t first = shift >= 0 ? 0 : (-shift + s - 1) / s;
     const int64_t limit = (ctx.br.in_width - 1 - shift) / s;  // last j with x < in_width
     const int64_t last = ctx.br.in_width - 1 - shift < 0 ? -1 : (limit < a.width - 1 ? limit : a.width - 1);
     const ChannelInput<T> in = channel_input(a, ctx.br, ctx.b, n, ctx.c);
     const T* grad = a.grad_mid + pre_offset(a, ctx.b, n, ctx.c, i, 0);
-    T partial[4] = {T(0), T(0), T(0), T(0)};
+    C partial[4] = {C(0), C(0), C(0), C(0)};
     int64_t j = first;
     if (s == 1) {
       // Stride 1 spelled out plainly (contiguous; the prologue hoisted), so the compiler vectorises it.
       const T* row = in.plane + y * in.width + shift;
       if (in.normalize) {
         for (; j + 4 <= last + 1; j += 4)
-          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu((row[j + q] - in.mean) * in.factor + in.beta);
+          for (int q = 0; q < 4; ++q)
+            partial[q] += static_cast<C>(grad[j + q]) *
+                          relu((static_cast<C>(row[j + q]) - in.mean) * in.factor + in.beta);
       } else {
         for (; j + 4 <= last + 1; j += 4)
-          for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(row[j + q]);
+          for (int q = 0; q < 4; ++q) partial[q] += static_cast<C>(grad[j + q]) * relu(static_cast<C>(row[j + q]));
       }
     }
     for (; j + 4 <= last + 1; j += 4)
-      for (int q = 0; q < 4; ++q) partial[q] += grad[j + q] * relu(in.at(y, (j + q) * s + shift));
-    for (; j <= last; ++j) partial[0] += grad[j] * relu(in.at(y, j * s + shift));
+      for (int q = 0; q < 4; ++q) partial[q] += static_cast<C>(grad[j + q]) * relu(in.at(y, (j + q) * s + shift));
+    for (; j <= last; ++j) partial[0] += static_cast<C>(grad[j]) * relu(in.at(y, j * s + shift));
     return (partial[0] + partial[1]) + (partial[2] + partial[3]);
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
-    a.grad_dw[ctx.output] = ctx.active ? static_cast<T>(sum) : T(0);
+    a.grad_dw[ctx.output] = ctx.active ? static_cast<Compute<T>>(sum) : Compute<T>(0);
   }
 };
 
@@ -787,21 +817,22 @@ BNAO_CELL_HD int64_t strided_source(int64_t y, int64_t reach, int stride, int64_
 }
 
 template <typename T>
-BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
-                                    int64_t y, int64_t x) {
-  if (!(load_input(a, br, b, n, c, y, x) > T(0))) return T(0);  // ReLU passes no gradient at <= 0
+BNAO_CELL_HD Compute<T> depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                             int64_t y, int64_t x) {
+  using C = Compute<T>;
+  if (!(load_input(a, br, b, n, c, y, x) > C(0))) return C(0);  // ReLU passes no gradient at <= 0
   const int k = br.kernel, d = br.dilation, s = br.stride;
   const int64_t pad = static_cast<int64_t>(d) * (k / 2);
-  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  const C* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
   const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
-  T sum = T(0);
+  C sum = C(0);
   if (s == 1) {
     const int64_t bottom = y + pad, right = x + pad, span = static_cast<int64_t>(k - 1) * d;
     if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
       // Interior pixel at stride 1: every tap reaches an output, no checks needed.
       for (int kh = 0; kh < k; ++kh)
         for (int kw = 0; kw < k; ++kw)
-          sum += weight[kh * kMaxKernel + kw] * grad[(bottom - kh * d) * a.width + right - kw * d];
+          sum += weight[kh * kMaxKernel + kw] * static_cast<C>(grad[(bottom - kh * d) * a.width + right - kw * d]);
       return sum;
     }
   }
@@ -810,7 +841,7 @@ BNAO_CELL_HD T depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, 
     if (i < 0) continue;
     for (int kw = 0; kw < k; ++kw) {
       const int64_t j = strided_source(x, kw * d - pad, s, a.width);
-      if (j >= 0) sum += weight[kh * kMaxKernel + kw] * grad[i * a.width + j];
+      if (j >= 0) sum += weight[kh * kMaxKernel + kw] * static_cast<C>(grad[i * a.width + j]);
     }
   }
   return sum;
@@ -829,57 +860,60 @@ BNAO_CELL_HD void add_depthwise_input_grad_columns(const RoundArgs<T>& a, const 
   if (br.stride != 1 || bottom - span < 0 || bottom >= a.height || last < first) first = end, last = end - 1;
   first = first < begin ? begin : (first > end ? end : first);
   last = last >= end ? end - 1 : last;
-  for (int64_t x = begin; x < first; ++x) out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
-  const T* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+  using C = Compute<T>;
+  for (int64_t x = begin; x < first; ++x) add_to(out[x], depthwise_input_grad(a, br, b, n, c, y, x));
+  const C* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
   const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
   const ChannelInput<T> in = channel_input(a, br, b, n, c);
   constexpr int64_t kChunk = 64;
   for (int64_t start = first; start <= last; start += kChunk) {
     const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
-    T sum[kChunk];
-    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    C sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = C(0);
     for (int kh = 0; kh < k; ++kh)
       for (int kw = 0; kw < k; ++kw) {
-        const T w = weight[kh * kMaxKernel + kw];
+        const C w = weight[kh * kMaxKernel + kw];
         const T* row = grad + (bottom - kh * d) * a.width + start + pad - kw * d;
-        for (int64_t q = 0; q < count; ++q) sum[q] += w * row[q];
+        for (int64_t q = 0; q < count; ++q) sum[q] += w * static_cast<C>(row[q]);
       }
-    for (int64_t q = 0; q < count; ++q) out[start + q] += in.at(y, start + q) > T(0) ? sum[q] : T(0);
+    for (int64_t q = 0; q < count; ++q) add_to(out[start + q], in.at(y, start + q) > C(0) ? sum[q] : C(0));
   }
   for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
-    out[x] += depthwise_input_grad(a, br, b, n, c, y, x);
+    add_to(out[x], depthwise_input_grad(a, br, b, n, c, y, x));
 }
 
 template <typename T>
-BNAO_CELL_HD T reduce_input_grad(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t y, int64_t x) {
+BNAO_CELL_HD Compute<T> reduce_input_grad(const RoundArgs<T>& a, int b, int64_t n, int64_t c, int64_t y, int64_t x) {
+  using C = Compute<T>;
   // Even pixels feed rows :C/2, odd pixels rows C/2:; mixed pixels are never read.
-  if ((y & 1) != (x & 1)) return T(0);
+  if ((y & 1) != (x & 1)) return C(0);
   const int64_t offset = y & 1, i = y >> 1, j = x >> 1;
-  if (i >= a.height || j >= a.width) return T(0);
+  if (i >= a.height || j >= a.width) return C(0);
   const int64_t begin = offset ? a.channels / 2 : 0, end = offset ? a.channels : a.channels / 2;
-  const T* column = a.pw + static_cast<int64_t>(b) * a.channels * a.channels + c;
+  const C* column = a.pw + static_cast<int64_t>(b) * a.channels * a.channels + c;
   const T* grad = a.grad_total + pre_offset(a, b, n, 0, i, j);
   const int64_t plane = a.height * a.width;
-  T sum = T(0);
-  for (int64_t o = begin; o < end; ++o) sum += column[o * a.channels] * grad[o * plane];
+  C sum = C(0);
+  for (int64_t o = begin; o < end; ++o) sum += column[o * a.channels] * static_cast<C>(grad[o * plane]);
   return sum;
 }
 
 template <typename T>
-BNAO_CELL_HD T pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
-                               int64_t x) {
-  T sum = T(0);
+BNAO_CELL_HD Compute<T> pool_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                        int64_t y, int64_t x) {
+  using C = Compute<T>;
+  C sum = C(0);
   for (int dy = 0; dy < 3; ++dy) {
     const int64_t i = strided_source(y, dy - 1, br.stride, a.height);
     if (i < 0) continue;
     for (int dx = 0; dx < 3; ++dx) {
       const int64_t j = strided_source(x, dx - 1, br.stride, a.width);
       if (j < 0) continue;
-      const T grad = a.grad_total[pre_offset(a, b, n, c, i, j)];
+      const C grad = static_cast<C>(a.grad_total[pre_offset(a, b, n, c, i, j)]);
       if (br.op == kOpAvgPool) {
         const Window rows = pool_window(i, br.stride, br.in_height), cols = pool_window(j, br.stride, br.in_width);
-        sum += grad / static_cast<T>((rows.end - rows.begin) * (cols.end - cols.begin));
-      } else if (a.mid[pre_offset(a, b, n, c, i, j)] == max_position_code(br, i, j, y, x)) {
+        sum += grad / static_cast<C>((rows.end - rows.begin) * (cols.end - cols.begin));
+      } else if (static_cast<C>(a.mid[pre_offset(a, b, n, c, i, j)]) == max_position_code(br, i, j, y, x)) {
         sum += grad;  // only the window's first maximum gets it (RecomputeForward found it)
       }
     }
@@ -897,30 +931,33 @@ BNAO_CELL_HD void add_max_pool_input_grad_columns(const RoundArgs<T>& a, const B
   if (br.stride != 1 || y < 1 || y + 1 >= a.height || last < first) first = end, last = end - 1;
   first = first < begin ? begin : (first > end ? end : first);
   last = last >= end ? end - 1 : last;
-  for (int64_t x = begin; x < first; ++x) out[x] += pool_input_grad(a, br, b, n, c, y, x);
+  using C = Compute<T>;
+  for (int64_t x = begin; x < first; ++x) add_to(out[x], pool_input_grad(a, br, b, n, c, y, x));
   const T* grad = a.grad_total + pre_offset(a, b, n, c, 0, 0);
   const T* codes = a.mid + pre_offset(a, b, n, c, 0, 0);
   constexpr int64_t kChunk = 64;
   for (int64_t start = first; start <= last; start += kChunk) {
     const int64_t count = last + 1 - start < kChunk ? last + 1 - start : kChunk;
-    T sum[kChunk];
-    for (int64_t q = 0; q < count; ++q) sum[q] = T(0);
+    C sum[kChunk];
+    for (int64_t q = 0; q < count; ++q) sum[q] = C(0);
     for (int dy = 0; dy < 3; ++dy)
       for (int dx = 0; dx < 3; ++dx) {
         const int64_t offset = (y + 1 - dy) * a.width + start + 1 - dx;  // output (i, j) of window tap (dy, dx)
-        const T code = static_cast<T>(dy * 3 + dx);
-        for (int64_t q = 0; q < count; ++q) sum[q] += codes[offset + q] == code ? grad[offset + q] : T(0);
+        const C code = static_cast<C>(dy * 3 + dx);
+        for (int64_t q = 0; q < count; ++q)
+          sum[q] += static_cast<C>(codes[offset + q]) == code ? static_cast<C>(grad[offset + q]) : C(0);
       }
-    for (int64_t q = 0; q < count; ++q) out[start + q] += sum[q];
+    for (int64_t q = 0; q < count; ++q) add_to(out[start + q], sum[q]);
   }
   for (int64_t x = (last + 1 > first ? last + 1 : first); x < end; ++x)
-    out[x] += pool_input_grad(a, br, b, n, c, y, x);
+    add_to(out[x], pool_input_grad(a, br, b, n, c, y, x));
 }
 
 // Gradient of the branch's (normalised) input at an in-bounds pixel (y, x).
 template <typename T>
-BNAO_CELL_HD T branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c, int64_t y,
-                                 int64_t x) {
+BNAO_CELL_HD Compute<T> branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                          int64_t y, int64_t x) {
+  using C = Compute<T>;
   switch (br.op) {
     case kOpSepConv:
       return depthwise_input_grad(a, br, b, n, c, y, x);
@@ -930,9 +967,9 @@ BNAO_CELL_HD T branch_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int
     case kOpMaxPool:
       return pool_input_grad(a, br, b, n, c, y, x);
     case kOpCopy:
-      return y < a.height && x < a.width ? a.grad_total[pre_offset(a, b, n, c, y, x)] : T(0);
+      return y < a.height && x < a.width ? static_cast<C>(a.grad_total[pre_offset(a, b, n, c, y, x)]) : C(0);
     default:
-      return T(0);
+      return C(0);
   }
 }
 
@@ -964,7 +1001,7 @@ struct SourceGrad {
   }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const Row& r, int64_t x) {
     if (skip(a, r)) return;
-    T sum = adds(a) ? a.grad_source[r.offset + x] : T(0);
+    Compute<T> sum = adds(a) ? static_cast<Compute<T>>(a.grad_source[r.offset + x]) : Compute<T>(0);
     for (int b = 0; b < kNumBranches; ++b) {
       if (r.br[b].source == a.source_index) sum += branch_input_grad(a, r.br[b], b, r.n, r.c, r.y, x);
     }
@@ -986,7 +1023,7 @@ struct SourceGrad {
       } else if (br.op == kOpMaxPool) {
         add_max_pool_input_grad_columns(a, br, b, r.n, r.c, r.y, begin, end, out);
       } else {
-        for (int64_t x = begin; x < end; ++x) out[x] += branch_input_grad(a, br, b, r.n, r.c, r.y, x);
+        for (int64_t x = begin; x < end; ++x) add_to(out[x], branch_input_grad(a, br, b, r.n, r.c, r.y, x));
       }
     }
   }
@@ -1015,7 +1052,7 @@ struct ScaleNormGrad : PreBody<T, ScaleNormGrad<T>> {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (!r.br.normalize) return;
     const int64_t bc = r.b * a.channels + r.c;
-    a.grad_source[r.offset + j] *= a.in_invstd[bc] * a.in_gamma[bc];
+    a.grad_source[r.offset + j] = static_cast<Compute<T>>(a.grad_source[r.offset + j]) * (a.in_invstd[bc] * a.in_gamma[bc]);
   }
 };
 
@@ -1029,13 +1066,13 @@ struct NormShiftTerm : TermBase<T, NormShiftTerm<T>> {
     ctx.active = ctx.br.normalize;
     return ctx;
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
-    return a.grad_source[pre_offset(a, ctx.b, n, ctx.c, i, j)];
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    return static_cast<Compute<T>>(a.grad_source[pre_offset(a, ctx.b, n, ctx.c, i, j)]);
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
     const int64_t o = ctx.output;
-    const T shift = ctx.active ? static_cast<T>(sum) : T(0);
+    const Compute<T> shift = ctx.active ? static_cast<Compute<T>>(sum) : Compute<T>(0);
     a.grad_in_beta[o] = shift;
     a.grad_in_mean[o] = -shift * a.in_invstd[o] * a.in_gamma[o];
   }
@@ -1048,14 +1085,15 @@ struct NormScaleTerm : TermBase<T, NormScaleTerm<T>> {
   static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
     return NormShiftTerm<T>::prepare(a, output);
   }
-  static BNAO_CELL_HD T term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+  static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
+    using C = Compute<T>;
     const int64_t offset = pre_offset(a, ctx.b, n, ctx.c, i, j);
-    return a.grad_source[offset] * (a.sources[0][offset] - a.in_mean[ctx.output]);
+    return static_cast<C>(a.grad_source[offset]) * (static_cast<C>(a.sources[0][offset]) - a.in_mean[ctx.output]);
   }
   template <typename Acc>
   static BNAO_CELL_HD void finish(const RoundArgs<T>& a, const Context& ctx, Acc sum) {
     const int64_t o = ctx.output;
-    const T scale = ctx.active ? static_cast<T>(sum) : T(0);
+    const Compute<T> scale = ctx.active ? static_cast<Compute<T>>(sum) : Compute<T>(0);
     a.grad_in_gamma[o] = scale * a.in_invstd[o];
     a.grad_in_invstd[o] = scale * a.in_gamma[o];
   }

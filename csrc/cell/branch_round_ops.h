@@ -27,11 +27,26 @@ struct RoundShape {
   int64_t batch, channels, height, width;
 };
 
+// An activation-shaped argument: the sources' dtype and device (`like` is sources[0]).
 inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
                                at::IntArrayRef shape) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of the sources (",
               like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
+              like.device(), "; move every argument to one device");
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+}
+
+// A weight, statistic or affine parameter: param_dtype of the sources (float32 with bfloat16 sources).
+inline void check_param_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                               at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  const at::ScalarType expected = param_dtype(like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, " for ", like.scalar_type(),
+              " sources (weights and BN statistics stay in float32 under bfloat16 activations), got ",
+              t.scalar_type());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
               like.device(), "; move every argument to one device");
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
@@ -68,8 +83,9 @@ inline RoundShape check_sources(const char* op, at::TensorList sources, int64_t 
   TORCH_CHECK(!sources.empty() && sources.size() <= static_cast<size_t>(kMaxSources), op,
               ": between 1 and ", kMaxSources, " sources expected, got ", sources.size());
   const at::Tensor& first = sources[0];
-  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble, op,
-              ": sources must be float32 or float64, got ", first.scalar_type());
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble ||
+                  first.scalar_type() == at::kBFloat16,
+              op, ": sources must be float32, float64 or bfloat16, got ", first.scalar_type());
   RoundShape shape{};
   if (round == 2) {
     TORCH_CHECK(sources.size() == 1, op, ": round 2 takes one source (pre1), got ", sources.size());
@@ -110,8 +126,8 @@ inline RoundShape check_branch_round_args(const char* op, at::TensorList sources
               first.device(), "; keep the code on the activations' device");
   TORCH_CHECK(code.is_contiguous(), op, ": code must be contiguous");
   const int64_t channels = shape.channels;
-  check_float_tensor(op, "dw", dw, first, {kNumBranches, channels, kMaxKernel, kMaxKernel});
-  check_float_tensor(op, "pw", pw, first, {kNumBranches, channels, channels});
+  check_param_tensor(op, "dw", dw, first, {kNumBranches, channels, kMaxKernel, kMaxKernel});
+  check_param_tensor(op, "pw", pw, first, {kNumBranches, channels, channels});
   const OptionalTensor* norm[] = {&in_mean, &in_invstd, &in_gamma, &in_beta};
   const char* names[] = {"in_mean", "in_invstd", "in_gamma", "in_beta"};
   for (int t = 0; t < 4; ++t) {
@@ -120,7 +136,7 @@ inline RoundShape check_branch_round_args(const char* op, at::TensorList sources
       TORCH_CHECK(!given, op, ": ", names[t], " is for round 2 (BN1's normalisation); pass None in round 1");
     } else {
       TORCH_CHECK(given, op, ": round 2 needs ", names[t], " (round 1's BN statistics and affine parameters)");
-      check_float_tensor(op, names[t], **norm[t], first, {kNumBranches, channels});
+      check_param_tensor(op, names[t], **norm[t], first, {kNumBranches, channels});
     }
   }
   // The code is device data; it can be validated only where reading it costs no device sync.
@@ -133,6 +149,7 @@ RoundArgs<T> make_round_args(at::TensorList sources, const at::Tensor& code, int
                              const at::Tensor& pw, const OptionalTensor& in_mean, const OptionalTensor& in_invstd,
                              const OptionalTensor& in_gamma, const OptionalTensor& in_beta, double eps,
                              const RoundShape& shape) {
+  using P = Compute<T>;
   RoundArgs<T> a{};
   a.num_sources = static_cast<int>(sources.size());
   for (int s = 0; s < a.num_sources; ++s) {
@@ -146,13 +163,13 @@ RoundArgs<T> make_round_args(at::TensorList sources, const at::Tensor& code, int
   a.channels = shape.channels;
   a.height = shape.height;
   a.width = shape.width;
-  a.dw = dw.data_ptr<T>();
-  a.pw = pw.data_ptr<T>();
+  a.dw = dw.data_ptr<P>();
+  a.pw = pw.data_ptr<P>();
   if (round == 2) {
-    a.in_mean = in_mean->data_ptr<T>();
-    a.in_invstd = in_invstd->data_ptr<T>();
-    a.in_gamma = in_gamma->data_ptr<T>();
-    a.in_beta = in_beta->data_ptr<T>();
+    a.in_mean = in_mean->data_ptr<P>();
+    a.in_invstd = in_invstd->data_ptr<P>();
+    a.in_gamma = in_gamma->data_ptr<P>();
+    a.in_beta = in_beta->data_ptr<P>();
   }
   a.eps = eps;
   return a;
@@ -168,18 +185,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_forward(
       check_branch_round_args(op, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, reduction);
   TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
   const auto options = sources[0].options();
+  const auto param_options = options.dtype(param_dtype(sources[0].scalar_type()));
   const std::vector<int64_t> pre_shape = {kNumBranches, shape.batch, shape.channels, shape.height, shape.width};
   at::Tensor pre = at::empty(pre_shape, options);
   at::Tensor mid = at::empty(pre_shape, options);
-  at::Tensor mean = at::empty({kNumBranches, shape.channels}, options);
-  at::Tensor invstd = at::empty({kNumBranches, shape.channels}, options);
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "bnao::branch_round", [&] {
+  at::Tensor mean = at::empty({kNumBranches, shape.channels}, param_options);
+  at::Tensor invstd = at::empty({kNumBranches, shape.channels}, param_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pre.scalar_type(), "bnao::branch_round", [&] {
+    using P = Compute<scalar_t>;
     RoundArgs<scalar_t> a =
         make_round_args<scalar_t>(sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, eps, shape);
     a.pre = pre.data_ptr<scalar_t>();
     a.mid = mid.data_ptr<scalar_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.invstd = invstd.data_ptr<scalar_t>();
+    a.mean = mean.data_ptr<P>();
+    a.invstd = invstd.data_ptr<P>();
     run_forward(launcher, a);
   });
   return {pre, mean, invstd};
@@ -207,16 +226,17 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
   const at::Tensor& first = sources[0];
   const std::vector<int64_t> pre_shape = {kNumBranches, shape.batch, shape.channels, shape.height, shape.width};
   check_float_tensor(op, "pre", pre, first, pre_shape);
-  check_float_tensor(op, "mean", mean, first, {kNumBranches, shape.channels});
-  check_float_tensor(op, "invstd", invstd, first, {kNumBranches, shape.channels});
+  check_param_tensor(op, "mean", mean, first, {kNumBranches, shape.channels});
+  check_param_tensor(op, "invstd", invstd, first, {kNumBranches, shape.channels});
   // Incoming gradients come from autograd (possibly expanded zeros): made contiguous here.
   const at::Tensor grad_pre = grad_pre_in.contiguous(), grad_mean = grad_mean_in.contiguous(),
                    grad_invstd = grad_invstd_in.contiguous();
   check_float_tensor(op, "grad_pre", grad_pre, first, pre_shape);
-  check_float_tensor(op, "grad_mean", grad_mean, first, {kNumBranches, shape.channels});
-  check_float_tensor(op, "grad_invstd", grad_invstd, first, {kNumBranches, shape.channels});
+  check_param_tensor(op, "grad_mean", grad_mean, first, {kNumBranches, shape.channels});
+  check_param_tensor(op, "grad_invstd", grad_invstd, first, {kNumBranches, shape.channels});
 
   const auto options = first.options();
+  const auto param_options = options.dtype(param_dtype(first.scalar_type()));
   std::vector<at::Tensor> grad_sources;
   if (accumulate) {
     TORCH_CHECK(round == 1, op, ": accumulates source gradients of round 1 only, got round ", round);
@@ -234,32 +254,34 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
   } else {
     for (const at::Tensor& source : sources) grad_sources.push_back(at::empty(source.sizes(), options));
   }
-  at::Tensor grad_dw = at::empty(dw.sizes(), options), grad_pw = at::empty(pw.sizes(), options);
+  at::Tensor grad_dw = at::empty(dw.sizes(), param_options), grad_pw = at::empty(pw.sizes(), param_options);
   const std::vector<int64_t> norm_shape =
       round == 2 ? std::vector<int64_t>{kNumBranches, shape.channels} : std::vector<int64_t>{0};
-  at::Tensor grad_in_mean = at::zeros(norm_shape, options), grad_in_invstd = at::zeros(norm_shape, options),
-             grad_in_gamma = at::zeros(norm_shape, options), grad_in_beta = at::zeros(norm_shape, options);
+  at::Tensor grad_in_mean = at::zeros(norm_shape, param_options),
+             grad_in_invstd = at::zeros(norm_shape, param_options),
+             grad_in_gamma = at::zeros(norm_shape, param_options), grad_in_beta = at::zeros(norm_shape, param_options);
   at::Tensor grad_total = at::empty(pre_shape, options), mid = at::empty(pre_shape, options),
              grad_mid = at::empty(pre_shape, options);
-  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "bnao::branch_round_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, first.scalar_type(), "bnao::branch_round_backward", [&] {
+    using P = Compute<scalar_t>;
     RoundArgs<scalar_t> a =
         make_round_args<scalar_t>(sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta, 0.0, shape);
     a.pre = pre.data_ptr<scalar_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.invstd = invstd.data_ptr<scalar_t>();
+    a.mean = mean.data_ptr<P>();
+    a.invstd = invstd.data_ptr<P>();
     a.mid = mid.data_ptr<scalar_t>();
     a.grad_pre = grad_pre.data_ptr<scalar_t>();
-    a.grad_mean = grad_mean.data_ptr<scalar_t>();
-    a.grad_invstd = grad_invstd.data_ptr<scalar_t>();
+    a.grad_mean = grad_mean.data_ptr<P>();
+    a.grad_invstd = grad_invstd.data_ptr<P>();
     a.grad_total = grad_total.data_ptr<scalar_t>();
     a.grad_mid = grad_mid.data_ptr<scalar_t>();
-    a.grad_dw = grad_dw.data_ptr<scalar_t>();
-    a.grad_pw = grad_pw.data_ptr<scalar_t>();
+    a.grad_dw = grad_dw.data_ptr<P>();
+    a.grad_pw = grad_pw.data_ptr<P>();
     if (round == 2) {
-      a.grad_in_mean = grad_in_mean.data_ptr<scalar_t>();
-      a.grad_in_invstd = grad_in_invstd.data_ptr<scalar_t>();
-      a.grad_in_gamma = grad_in_gamma.data_ptr<scalar_t>();
-      a.grad_in_beta = grad_in_beta.data_ptr<scalar_t>();
+      a.grad_in_mean = grad_in_mean.data_ptr<P>();
+      a.grad_in_invstd = grad_in_invstd.data_ptr<P>();
+      a.grad_in_gamma = grad_in_gamma.data_ptr<P>();
+      a.grad_in_beta = grad_in_beta.data_ptr<P>();
     }
     a.accumulate = accumulate;
     a.overwrite_below = static_cast<int>(overwrite_below);

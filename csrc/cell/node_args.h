@@ -128,11 +128,13 @@ inline void check_node_output_args(const char* op, const at::Tensor& pre, const 
   std::vector<std::pair<const char*, const at::Tensor*>> stats = {{"mean", &mean}, {"invstd", &invstd},
                                                                    {"gamma", &gamma}};
   if (beta.has_value()) stats.emplace_back("beta", &beta.value());
+  // Statistics, BN2 parameters and drop-path multipliers: float32 under bfloat16 activations.
+  const at::ScalarType params = param_dtype(pre.scalar_type());
   for (const auto& [name, t] : stats) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == 2 && t->size(1) == channels, "bnao::", op, ": ", name,
                 " must be [2, C] = [2, ", channels, "], got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == pre.scalar_type() && t->device() == pre.device(), "bnao::", op, ": ", name,
-                " must have pre's dtype and device (", pre.scalar_type(), ", ", pre.device(), "), got ",
+    TORCH_CHECK(t->scalar_type() == params && t->device() == pre.device(), "bnao::", op, ": ", name, " must be ",
+                params, " on pre's device ", pre.device(), " (for ", pre.scalar_type(), " pre), got ",
                 t->scalar_type(), " on ", t->device());
   }
   if (drop_mask.has_value()) {
@@ -140,8 +142,8 @@ inline void check_node_output_args(const char* op, const at::Tensor& pre, const 
     TORCH_CHECK(m.dim() == 2 && m.size(0) == pre.size(1) && m.size(1) == 2, "bnao::", op,
                 ": drop_mask must be [N, 2] = [", pre.size(1), ", 2] (one multiplier per sample and branch), got ",
                 m.sizes());
-    TORCH_CHECK(m.scalar_type() == pre.scalar_type() && m.device() == pre.device(), "bnao::", op,
-                ": drop_mask must have pre's dtype and device (", pre.scalar_type(), ", ", pre.device(), "), got ",
+    TORCH_CHECK(m.scalar_type() == params && m.device() == pre.device(), "bnao::", op, ": drop_mask must be ",
+                params, " on pre's device ", pre.device(), " (for ", pre.scalar_type(), " pre), got ",
                 m.scalar_type(), " on ", m.device());
   }
 }
@@ -150,14 +152,15 @@ template <typename scalar_t>
 NodeArgs<scalar_t> make_node_args(const at::Tensor& pre, const at::Tensor& code, const at::Tensor& mean,
                                   const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                                   const at::Tensor& drop_mask) {
+  using P = Compute<scalar_t>;
   NodeArgs<scalar_t> a{};
   a.pre = pre.data_ptr<scalar_t>();
   a.code = code.data_ptr<int32_t>();
-  a.mean = mean.data_ptr<scalar_t>();
-  a.invstd = invstd.data_ptr<scalar_t>();
-  a.gamma = gamma.data_ptr<scalar_t>();
-  a.beta = beta.defined() ? beta.data_ptr<scalar_t>() : nullptr;
-  a.drop_mask = drop_mask.defined() ? drop_mask.data_ptr<scalar_t>() : nullptr;
+  a.mean = mean.data_ptr<P>();
+  a.invstd = invstd.data_ptr<P>();
+  a.gamma = gamma.data_ptr<P>();
+  a.beta = beta.defined() ? beta.data_ptr<P>() : nullptr;
+  a.drop_mask = drop_mask.defined() ? drop_mask.data_ptr<P>() : nullptr;
   a.batch = pre.size(1);
   a.channels = pre.size(2);
   a.plane = pre.size(3) * pre.size(4);

@@ -2,12 +2,13 @@
 // slot-statistics ops (csrc/cell/DESIGN.md, "Ops"). Every function computes
 // one work item from plain pointers, so the CPU kernels (cpu/node_ops_cpu.cpp,
 // under at::parallel_for) and the CUDA kernels (cuda/node_ops_cuda.cu, on a
-// grid) run the same arithmetic. Dependency-free apart from cell_code.h.
+// grid) run the same arithmetic. Dependency-free apart from cell_code.h and compute_type.h.
 #pragma once
 
 #include <cstdint>
 
 #include "cell/cell_code.h"
+#include "cell/compute_type.h"
 
 namespace bnao {
 namespace cell {
@@ -82,17 +83,19 @@ BNAO_CELL_HD void gather_rows_backward_item(int64_t e, const StackTable<scalar_t
 }
 
 // ------------------------------------------------------------------ node_output
-// Pointers and sizes of one node_output call: pre [2, N, C, HW], code [2, kNumFields],
-// per-branch statistics [2, C], drop_mask [N, 2] or null.
+// Pointers and sizes of one node_output call: pre [2, N, C, HW] (activations, scalar_t), code
+// [2, kNumFields], per-branch statistics and BN2 parameters [2, C] and drop_mask [N, 2] or null
+// (Compute<scalar_t>: float32 under bfloat16 activations).
 template <typename scalar_t>
 struct NodeArgs {
+  using P = Compute<scalar_t>;
   const scalar_t* pre;
   const int32_t* code;
-  const scalar_t* mean;
-  const scalar_t* invstd;
-  const scalar_t* gamma;
-  const scalar_t* beta;
-  const scalar_t* drop_mask;
+  const P* mean;
+  const P* invstd;
+  const P* gamma;
+  const P* beta;
+  const P* drop_mask;
   int64_t batch;
   int64_t channels;
   int64_t plane;  // H * W
@@ -107,8 +110,8 @@ BNAO_CELL_HD bool branch_bn2(const int32_t* code, int b) {
 
 // Drop-path multiplier of branch b for sample n (1 without a mask or drop flag).
 template <typename scalar_t>
-BNAO_CELL_HD scalar_t branch_mask(const NodeArgs<scalar_t>& a, int b, int64_t n) {
-  if (a.drop_mask == nullptr || (a.code[b * kNumFields + kFlags] & kFlagDrop) == 0) return scalar_t(1);
+BNAO_CELL_HD Compute<scalar_t> branch_mask(const NodeArgs<scalar_t>& a, int b, int64_t n) {
+  if (a.drop_mask == nullptr || (a.code[b * kNumFields + kFlags] & kFlagDrop) == 0) return Compute<scalar_t>(1);
   return a.drop_mask[n * 2 + b];
 }
 
@@ -119,10 +122,11 @@ BNAO_CELL_HD void node_output_item(int64_t e, const NodeArgs<scalar_t>& a, scala
   const int64_t n = e / per_sample;
   const int64_t c = (e / a.plane) % a.channels;
   const int64_t branch_numel = a.batch * per_sample;
-  scalar_t sum = scalar_t(0);
+  using C = Compute<scalar_t>;
+  C sum = C(0);
   for (int b = 0; b < 2; ++b) {
     if (!branch_active(a.code, b)) continue;
-    scalar_t y = a.pre[b * branch_numel + e];
+    C y = static_cast<C>(a.pre[b * branch_numel + e]);
     if (branch_bn2(a.code, b)) {
       const int64_t bc = b * a.channels + c;
       y = (y - a.mean[bc]) * (a.invstd[bc] * a.gamma[bc]) + a.beta[bc];
@@ -145,7 +149,7 @@ BNAO_CELL_HD void node_output_grad_pre_item(int64_t e, const NodeArgs<scalar_t>&
   }
   const int64_t n = i / (a.channels * a.plane);
   const int64_t c = (i / a.plane) % a.channels;
-  scalar_t g = grad[i] * branch_mask(a, b, n);
+  Compute<scalar_t> g = static_cast<Compute<scalar_t>>(grad[i]) * branch_mask(a, b, n);
   if (branch_bn2(a.code, b)) g *= a.invstd[b * a.channels + c] * a.gamma[b * a.channels + c];
   grad_pre[e] = g;
 }
@@ -177,19 +181,21 @@ BNAO_CELL_HD void node_output_param_partial(int b, int64_t c, int64_t begin, int
 // branches without BN2 (their statistics and affine parameters are unused).
 template <typename scalar_t, typename acc_t>
 BNAO_CELL_HD void node_output_param_finish(int b, int64_t c, acc_t sum_grad, acc_t sum_grad_centered,
-                                           const NodeArgs<scalar_t>& a, scalar_t* grad_mean, scalar_t* grad_invstd,
-                                           scalar_t* grad_gamma, scalar_t* grad_beta) {
+                                           const NodeArgs<scalar_t>& a, Compute<scalar_t>* grad_mean,
+                                           Compute<scalar_t>* grad_invstd, Compute<scalar_t>* grad_gamma,
+                                           Compute<scalar_t>* grad_beta) {
+  using P = Compute<scalar_t>;
   const int64_t bc = b * a.channels + c;
   if (!branch_bn2(a.code, b)) {
-    grad_mean[bc] = grad_invstd[bc] = grad_gamma[bc] = grad_beta[bc] = scalar_t(0);
+    grad_mean[bc] = grad_invstd[bc] = grad_gamma[bc] = grad_beta[bc] = P(0);
     return;
   }
   const acc_t invstd = static_cast<acc_t>(a.invstd[bc]);
   const acc_t gamma = static_cast<acc_t>(a.gamma[bc]);
-  grad_beta[bc] = static_cast<scalar_t>(sum_grad);
-  grad_mean[bc] = static_cast<scalar_t>(-sum_grad * invstd * gamma);
-  grad_gamma[bc] = static_cast<scalar_t>(sum_grad_centered * invstd);
-  grad_invstd[bc] = static_cast<scalar_t>(sum_grad_centered * gamma);
+  grad_beta[bc] = static_cast<P>(sum_grad);
+  grad_mean[bc] = static_cast<P>(-sum_grad * invstd * gamma);
+  grad_gamma[bc] = static_cast<P>(sum_grad_centered * invstd);
+  grad_invstd[bc] = static_cast<P>(sum_grad_centered * gamma);
 }
 
 // ------------------------------------------------------------ update_slot_stats

@@ -47,7 +47,8 @@ def node_output(pre: Tensor, code: Tensor, mean: Tensor, invstd: Tensor, gamma: 
     Args:
         pre: ``[2, N, C, H, W]`` round-2 results of the node's branches.
         code: int32 ``[2, NUM_FIELDS]`` branch codes, on ``pre``'s device.
-        mean: ``[2, C]`` round-2 batch means (used where FLAG_BN2 is set).
+        mean: ``[2, C]`` round-2 batch means (used where FLAG_BN2 is set). This, ``invstd``, ``gamma``, ``beta``
+            and ``drop_mask`` are float32 for bfloat16 ``pre`` (:func:`~bnao.ops.fused.round.param_dtype`).
         invstd: ``[2, C]`` round-2 batch ``1/sqrt(var + eps)``.
         gamma: ``[2, C]`` BN2 scales.
         beta: ``[2, C]`` BN2 shifts.

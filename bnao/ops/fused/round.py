@@ -20,7 +20,17 @@ from .reference import Norm, branch_round_reference
 
 Tensor = torch.Tensor
 
-__all__ = ["branch_round", "has_compiled_branch_round"]
+__all__ = ["branch_round", "has_compiled_branch_round", "param_dtype"]
+
+#: Activation dtypes the compiled fused-cell ops take.
+ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def param_dtype(activations: torch.dtype) -> torch.dtype:
+    """The dtype of the weights, BN statistics and affine parameters (and their gradients) of the fused-cell ops
+    for activations of dtype ``activations``: float32 under bfloat16 (bf16 storage, fp32 arithmetic), else the
+    same (``csrc/cell/compute_type.h``)."""
+    return torch.float32 if activations == torch.bfloat16 else activations
 
 
 def has_compiled_branch_round(device: torch.device | str = "cpu") -> bool:
@@ -38,16 +48,18 @@ def branch_round(sources: Sequence[Tensor], code: Tensor, round_index: int, dw: 
             inputs 0 and 1 are ``H x W`` and the nodes ``ceil(H/2) x ceil(W/2)``). Round 2: ``[pre1]``.
         code: The node's ``[2, NUM_FIELDS]`` int32 branch code, on the activations' device.
         round_index: 1 or 2.
-        dw: ``[2, C, 7, 7]`` depthwise weights (top-left ``k x k`` used).
-        pw: ``[2, C, C]`` pointwise weights (round 1: also the factorized reduce's).
-        in_norm: Round 2 only: round 1's ``(mean, invstd, gamma, beta)`` (``[2, C]`` each).
+        dw: ``[2, C, 7, 7]`` depthwise weights (top-left ``k x k`` used), in :func:`param_dtype` of the sources'
+            dtype (float32 for bfloat16 sources, whose arithmetic runs in float32).
+        pw: ``[2, C, C]`` pointwise weights (round 1: also the factorized reduce's), like ``dw``.
+        in_norm: Round 2 only: round 1's ``(mean, invstd, gamma, beta)`` (``[2, C]`` each, like ``dw``).
         eps: BN epsilon.
         reduction: The node belongs to a reduction cell: round 1's result has half the resolution
             (rounded up) of the cell inputs. The compiled op needs it because it does not read the
             code on the host; the reference ignores it.
 
     Returns:
-        ``(pre [2, N, C, Ho, Wo], mean [2, C], invstd [2, C])``, as ``branch_round_reference``.
+        ``(pre [2, N, C, Ho, Wo], mean [2, C], invstd [2, C])``, as ``branch_round_reference``; ``pre`` in the
+        sources' dtype, the statistics in :func:`param_dtype` of it.
     """
     device = sources[0].device
     if has_compiled_branch_round(device):
@@ -63,8 +75,8 @@ def _round_shape(sources: Sequence[Tensor], round_index: int, reduction: bool):
     torch._check(round_index in (1, 2), lambda: f"round must be 1 or 2, got {round_index}")
     torch._check(len(sources) >= 1, lambda: "at least one source expected")
     first = sources[0]
-    torch._check(first.dtype in (torch.float32, torch.float64),
-                 lambda: f"sources must be float32 or float64, got {first.dtype}")
+    torch._check(first.dtype in ACTIVATION_DTYPES,
+                 lambda: f"sources must be float32, float64 or bfloat16, got {first.dtype}")
     if round_index == 2:
         torch._check(len(sources) == 1 and first.dim() == 5 and first.shape[0] == 2,
                      lambda: "round 2 takes one source, pre1 [2, N, C, Ho, Wo]")
@@ -81,7 +93,8 @@ def _check_fake_args(sources, code, dw, pw, channels) -> None:
     torch._check(code.dtype == torch.int32 and tuple(code.shape) == (2, NUM_FIELDS),
                  lambda: f"code must be int32 [2, {NUM_FIELDS}], got {code.dtype} {tuple(code.shape)}")
     for name, t, shape in (("dw", dw, (2, channels, 7, 7)), ("pw", pw, (2, channels, channels))):
-        torch._check(t.dtype == first.dtype, lambda: f"{name} must have the sources' dtype {first.dtype}")
+        torch._check(t.dtype == param_dtype(first.dtype),
+                     lambda: f"{name} must be {param_dtype(first.dtype)} for {first.dtype} sources")
         torch._check(t.dim() == len(shape), lambda: f"{name} must have shape {shape}")
 
 
@@ -92,8 +105,9 @@ def _register_fakes() -> None:
         batch, channels, height, width = _round_shape(sources, round_index, reduction)
         _check_fake_args(sources, code, dw, pw, channels)
         first = sources[0]
-        return (first.new_empty((2, batch, channels, height, width)), first.new_empty((2, channels)),
-                first.new_empty((2, channels)))
+        stats = param_dtype(first.dtype)
+        return (first.new_empty((2, batch, channels, height, width)), first.new_empty((2, channels), dtype=stats),
+                first.new_empty((2, channels), dtype=stats))
 
     @torch.library.register_fake("bnao::branch_round_backward")
     def _branch_round_backward_fake(grad_pre, grad_mean, grad_invstd, sources, code, round_index, dw, pw, in_mean,

@@ -122,7 +122,7 @@ at::Tensor node_output_cpu(const at::Tensor& pre, const at::Tensor& code, const 
   const at::Tensor m = mean.contiguous(), v = invstd.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
   const at::Tensor mask = drop_mask.has_value() ? drop_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty(p.sizes().slice(1), p.options());
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "bnao::node_output", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, p.scalar_type(), "bnao::node_output", [&] {
     const NodeArgs<scalar_t> args = make_node_args<scalar_t>(p, k, m, v, g, b, mask);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_outp
   at::Tensor grad_pre = at::empty_like(p);
   at::Tensor grad_mean = at::empty_like(m), grad_invstd = at::empty_like(m);
   at::Tensor grad_gamma = at::empty_like(m), grad_beta = at::empty_like(m);
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "bnao::node_output_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, p.scalar_type(), "bnao::node_output_backward", [&] {
+    using P = Compute<scalar_t>;
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const NodeArgs<scalar_t> args = make_node_args<scalar_t>(p, k, m, v, g, at::Tensor(), mask);
     const scalar_t* grad_ptr = g_out.data_ptr<scalar_t>();
@@ -162,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_outp
         acc_t sum_grad, sum_grad_centered;
         node_output_param_partial<scalar_t, acc_t>(b, c, 0, 1, args, grad_ptr, &sum_grad, &sum_grad_centered);
         node_output_param_finish<scalar_t, acc_t>(b, c, sum_grad, sum_grad_centered, args,
-                                                  grad_mean.data_ptr<scalar_t>(), grad_invstd.data_ptr<scalar_t>(),
-                                                  grad_gamma.data_ptr<scalar_t>(), grad_beta.data_ptr<scalar_t>());
+                                                  grad_mean.data_ptr<P>(), grad_invstd.data_ptr<P>(),
+                                                  grad_gamma.data_ptr<P>(), grad_beta.data_ptr<P>());
       }
     });
   });

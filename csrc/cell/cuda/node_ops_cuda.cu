@@ -95,8 +95,9 @@ __global__ void __launch_bounds__(kThreads)
 // shared-memory tree, so the result is deterministic run to run.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    node_output_param_kernel(NodeArgs<scalar_t> args, const scalar_t* __restrict__ grad, scalar_t* grad_mean,
-                             scalar_t* grad_invstd, scalar_t* grad_gamma, scalar_t* grad_beta) {
+    node_output_param_kernel(NodeArgs<scalar_t> args, const scalar_t* __restrict__ grad, Compute<scalar_t>* grad_mean,
+                             Compute<scalar_t>* grad_invstd, Compute<scalar_t>* grad_gamma,
+                             Compute<scalar_t>* grad_beta) {
   __shared__ acc_t partial[2][kThreads];
   const int b = static_cast<int>(blockIdx.x / args.channels);
   const int64_t c = blockIdx.x % args.channels;
@@ -191,7 +192,7 @@ at::Tensor node_output_cuda(const at::Tensor& pre, const at::Tensor& code, const
   const at::Tensor mask = drop_mask.has_value() ? drop_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty(p.sizes().slice(1), p.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "bnao::node_output", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, p.scalar_type(), "bnao::node_output", [&] {
     const NodeArgs<scalar_t> args = make_node_args<scalar_t>(p, k, m, v, g, b, mask);
     node_output_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, current_stream(out)>>>(
         args, out.data_ptr<scalar_t>(), out.numel());
@@ -216,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_outp
   at::Tensor grad_mean = at::empty_like(m), grad_invstd = at::empty_like(m);
   at::Tensor grad_gamma = at::empty_like(m), grad_beta = at::empty_like(m);
   if (m.numel() == 0) return {grad_pre, grad_mean, grad_invstd, grad_gamma, grad_beta};
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "bnao::node_output_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, p.scalar_type(), "bnao::node_output_backward", [&] {
+    using P = Compute<scalar_t>;
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const NodeArgs<scalar_t> args = make_node_args<scalar_t>(p, k, m, v, g, at::Tensor(), mask);
     cudaStream_t stream = current_stream(p);
@@ -226,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_outp
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     node_output_param_kernel<scalar_t, acc_t><<<static_cast<unsigned>(m.numel()), kThreads, 0, stream>>>(
-        args, g_out.data_ptr<scalar_t>(), grad_mean.data_ptr<scalar_t>(), grad_invstd.data_ptr<scalar_t>(),
-        grad_gamma.data_ptr<scalar_t>(), grad_beta.data_ptr<scalar_t>());
+        args, g_out.data_ptr<scalar_t>(), grad_mean.data_ptr<P>(), grad_invstd.data_ptr<P>(),
+        grad_gamma.data_ptr<P>(), grad_beta.data_ptr<P>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_pre, grad_mean, grad_invstd, grad_gamma, grad_beta};
