@@ -93,6 +93,8 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
             path += " + CUDA graphs"
         elif step.get("mode") == "uncaptured":
             path += " + device-data steps (uncaptured)"
+        if r.get("bf16"):
+            path += ", bf16"
         split = ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items())
         note = f"{r['ms_per_step']:.2f} ms/step; synchronised split ms: {split}"
         if "kernels_per_step" in r:
