@@ -147,15 +147,18 @@ def test_fused_steps_on_one_channel_images(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_launch_sequence_is_the_same_for_every_arch(device):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_launch_sequence_is_the_same_for_every_arch(device, bf16):
     _require_fused(device)
     space = NAOSpace(op_set="middle")
     _, fused = _pair(space, device, dtype=torch.float32, drop_path_keep_prob=0.8, total_steps=5)
     images = torch.randn(4, 2, 8, 8, device=device)
     labels = torch.tensor([0, 1, 2, 0], device=device)
     archs = [tuple(a.tolist()) for a in space.sample_array(20, np.random.default_rng(5))]
-    result = compare_launch_sequences(fused, images, labels, archs)
+    result = compare_launch_sequences(fused, images, labels, archs, bf16=bf16)
     assert result["identical"], result
+    if bf16:  # the autocast casts are recorded too: a longer sequence than float32's
+        assert result["ops_min"] > compare_launch_sequences(fused, images, labels, archs[:1])["ops_min"]
 
 
 def test_fused_where_not_built_is_a_clear_error(monkeypatch):

@@ -32,7 +32,8 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, arch: Any) -> List[Launch]:
+def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, arch: Any,
+                    bf16: bool = False) -> List[Launch]:
     """The ops one training forward and backward of ``arch`` dispatches, in order (after a first, unrecorded one).
 
     Args:
@@ -40,6 +41,7 @@ def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.
         images: A batch ``[N, C, H, W]`` on the model's device.
         labels: Its labels ``[N]``.
         arch: The arch to run.
+        bf16: Under bfloat16 autocast (its casts are part of the sequence).
 
     Returns:
         ``(op name, tensor argument shapes)`` per dispatched op.
@@ -50,7 +52,8 @@ def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     # of the steady-state sequence that a captured graph would replay.
     for record in (False, True):
         model.zero_grad(set_to_none=True)
-        with recorder if record else contextlib.nullcontext():
+        with recorder if record else contextlib.nullcontext(), torch.autocast(
+                images.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(images, arch)
             logits = out[0] if isinstance(out, tuple) else out
             F.cross_entropy(logits, labels).backward()
@@ -59,7 +62,7 @@ def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.
 
 
 def compare_launch_sequences(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                             archs: Sequence[Any]) -> Dict[str, Any]:
+                             archs: Sequence[Any], bf16: bool = False) -> Dict[str, Any]:
     """Records :func:`launch_sequence` for each arch and compares them.
 
     The model's running statistics and drop-path generator advance as in training; take a copy of the
@@ -69,7 +72,7 @@ def compare_launch_sequences(model: torch.nn.Module, images: torch.Tensor, label
         ``{"archs": k, "identical": bool, "distinct": number of distinct sequences,
         "ops_min": shortest, "ops_max": longest}``.
     """
-    sequences = [launch_sequence(model, images, labels, arch) for arch in archs]
+    sequences = [launch_sequence(model, images, labels, arch, bf16) for arch in archs]
     lengths = [len(s) for s in sequences]
     distinct = len({tuple(s) for s in sequences})
     return {"archs": len(sequences), "identical": distinct == 1, "distinct": distinct,

@@ -195,7 +195,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
 
         images, labels = next(iter(train_loader))
         archs = [tuple(row.tolist()) for row in pool[:sequence_archs]]
-        result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs)
+        result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs, bf16)
     if trace_dir:
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
