@@ -166,8 +166,9 @@ def test_pool_evaluation_on_device_equals_the_arch_by_arch_one(device, random_da
     trainer.train_steps(3)  # weights and running statistics away from their initial values
     model, archs = trainer.model, trainer.pool
     results = {}
-    dtype = torch.float32 if bf16 else torch.float64
-    images = torch.randn(10, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    # bf16: bf16 images into float32 weights (autocast casts both), so the tables must not take the images' dtype.
+    dtype = torch.bfloat16 if bf16 else torch.float64
+    images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     for graph in ("off", "auto"):
         if random_data:  # the same seeded stream for both
             data = create_dataset("synthetic", num_samples=40, image_shape=(8, 8, 3), num_classes=4, seed=3)

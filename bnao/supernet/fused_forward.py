@@ -130,7 +130,11 @@ class FusedArchData:
     def loose(self, dtype: torch.dtype) -> torch.Tensor:
         """``[cells, B + 2]`` loose-end masks (:func:`~bnao.ops.fused.cell.loose_list`) in ``dtype``."""
         mask = self._loose.get(dtype)
-        if mask is None:
+        if mask is None and self._loose:
+            # From the device copy (rows of PoolTables carry theirs; their host lists are the layout's, not the
+            # arch's): a cast, no host read.
+            mask = self._loose[dtype] = next(iter(self._loose.values())).to(dtype)
+        elif mask is None:
             mask = self._loose[dtype] = torch.tensor(self._loose_host, dtype=dtype).to(self.codes.device)
         return mask
 

@@ -320,7 +320,8 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
     """
     device = next(model.parameters()).device
     images, labels = next_batch(0)
-    tables = pool_tables(model, archs, device, images.dtype, touched=False)
+    # The tables' masks in the weights' dtype, as run_cells asks for them (bf16 images may feed float32 weights).
+    tables = pool_tables(model, archs, device, next(model.parameters()).dtype, touched=False)
     n = len(archs)
     cuda = device.type == "cuda"
     # Each arch's index comes from a device range by a device-to-device copy: no host buffer is rewritten

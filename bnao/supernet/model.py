@@ -407,7 +407,8 @@ class Supernet(DropPathMixin, nn.Module):
             s0 = self.stem0b(F.relu(self.stem0a(images, batch_stats, update)), batch_stats, update)
             s1 = self.stem1(F.relu(s0), batch_stats, update)
 
-        mask_dtype = param_dtype(s1.dtype) if fused else s1.dtype
+        # The fused ops take the multipliers in their parameter dtype: the weights' (float32 under bf16 autocast).
+        mask_dtype = next(self.parameters()).dtype if fused else s1.dtype
         masks = self.drop_path_masks(images.shape[0], device, mask_dtype, progress) if training else None
         s1, aux_logits = run_cells(s0, s1, masks)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
