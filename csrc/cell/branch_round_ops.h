@@ -76,13 +76,18 @@ inline void check_code_values(const char* op, const at::Tensor& code, int64_t ro
   }
 }
 
+// sources[0], after checking that there are 1 to kMaxSources sources.
+inline const at::Tensor& first_source(const char* op, at::TensorList sources) {
+  TORCH_CHECK(!sources.empty() && sources.size() <= static_cast<size_t>(kMaxSources), op, ": between 1 and ",
+              kMaxSources, " sources expected, got ", sources.size());
+  return sources[0];
+}
+
 // Round 1: every source [N, C, *, *], the cell inputs (0, 1) H x W and the nodes (2..) the round's
 // resolution (ceil(H/2) in a reduction cell). Round 2: one source, pre1 [2, N, C, Ho, Wo].
 inline RoundShape check_sources(const char* op, at::TensorList sources, int64_t round, bool reduction) {
   TORCH_CHECK(round == 1 || round == 2, op, ": round must be 1 or 2, got ", round);
-  TORCH_CHECK(!sources.empty() && sources.size() <= static_cast<size_t>(kMaxSources), op,
-              ": between 1 and ", kMaxSources, " sources expected, got ", sources.size());
-  const at::Tensor& first = sources[0];
+  const at::Tensor& first = first_source(op, sources);
   TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble ||
                   first.scalar_type() == at::kBFloat16,
               op, ": sources must be float32, float64 or bfloat16, got ", first.scalar_type());
@@ -293,6 +298,61 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
   });
   return {grad_sources, grad_dw, grad_pw, grad_in_mean, grad_in_invstd, grad_in_gamma, grad_in_beta};
 }
+
+// ------------------------------------------------------------------ the registered kernels
+// Written once for every backend. `Backend` provides `guard(like)` (a device guard for like's device, or an
+// empty object on the CPU) and `launcher(like)` (the launcher the phase sequences run on); the .cpp/.cu
+// files only define it and register these.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_kernel(
+    at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw, const at::Tensor& pw,
+    const OptionalTensor& in_mean, const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+    const OptionalTensor& in_beta, double eps, bool reduction) {
+  const at::Tensor& like = first_source("bnao::branch_round", sources);
+  [[maybe_unused]] const auto guard = Backend::guard(like);
+  return branch_round_forward(Backend::launcher(like), sources, code, round, dw, pw, in_mean, in_invstd, in_gamma,
+                              in_beta, eps, reduction);
+}
+
+template <typename Backend>
+BackwardResult branch_round_backward_kernel(const at::Tensor& grad_pre, const at::Tensor& grad_mean,
+                                            const at::Tensor& grad_invstd, at::TensorList sources,
+                                            const at::Tensor& code, int64_t round, const at::Tensor& dw,
+                                            const at::Tensor& pw, const OptionalTensor& in_mean,
+                                            const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
+                                            const OptionalTensor& in_beta, const at::Tensor& pre,
+                                            const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
+  const at::Tensor& like = first_source("bnao::branch_round_backward", sources);
+  [[maybe_unused]] const auto guard = Backend::guard(like);
+  return branch_round_backward_impl(Backend::launcher(like), grad_pre, grad_mean, grad_invstd, sources, code, round,
+                                    dw, pw, in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
+}
+
+// Round 1's backward adding the sources' gradients into grad_sources in place; returns (grad_dw, grad_pw).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> branch_round_backward_accumulate_kernel(
+    at::TensorList grad_sources, const at::Tensor& grad_pre, const at::Tensor& grad_mean,
+    const at::Tensor& grad_invstd, at::TensorList sources, const at::Tensor& code, const at::Tensor& dw,
+    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
+    int64_t overwrite_below) {
+  const char* op = "bnao::branch_round_backward_accumulate";
+  TORCH_CHECK(!grad_sources.empty(), op, ": grad_sources is empty");
+  const at::Tensor& like = first_source(op, sources);
+  [[maybe_unused]] const auto guard = Backend::guard(like);
+  const BackwardResult grads =
+      branch_round_backward_impl(Backend::launcher(like), grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw,
+                                 {}, {}, {}, {}, pre, mean, invstd, reduction, grad_sources, overwrite_below);
+  return {std::get<1>(grads), std::get<2>(grads)};
+}
+
+// Registers the three kernels for a backend (inside TORCH_LIBRARY_IMPL).
+#define BNAO_REGISTER_BRANCH_ROUND(m, Backend)                                                           \
+  do {                                                                                                   \
+    (m).impl("branch_round", &::bnao::cell::branch_round_kernel<Backend>);                              \
+    (m).impl("branch_round_backward", &::bnao::cell::branch_round_backward_kernel<Backend>);            \
+    (m).impl("branch_round_backward_accumulate",                                                         \
+             &::bnao::cell::branch_round_backward_accumulate_kernel<Backend>);                          \
+  } while (0)
 
 }  // namespace cell
 }  // namespace bnao

@@ -62,45 +62,16 @@ struct CpuLauncher {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_cpu(
-    at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw, const at::Tensor& pw,
-    const OptionalTensor& in_mean, const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
-    const OptionalTensor& in_beta, double eps, bool reduction) {
-  return branch_round_forward(CpuLauncher{}, sources, code, round, dw, pw, in_mean, in_invstd, in_gamma, in_beta,
-                              eps, reduction);
-}
-
-BackwardResult branch_round_backward_cpu(const at::Tensor& grad_pre, const at::Tensor& grad_mean,
-                                         const at::Tensor& grad_invstd, at::TensorList sources,
-                                         const at::Tensor& code, int64_t round, const at::Tensor& dw,
-                                         const at::Tensor& pw, const OptionalTensor& in_mean,
-                                         const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
-                                         const OptionalTensor& in_beta, const at::Tensor& pre,
-                                         const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
-  return branch_round_backward_impl(CpuLauncher{}, grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw,
-                                    in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
-}
-
-std::tuple<at::Tensor, at::Tensor> branch_round_backward_accumulate_cpu(
-    at::TensorList grad_sources, const at::Tensor& grad_pre, const at::Tensor& grad_mean,
-    const at::Tensor& grad_invstd, at::TensorList sources, const at::Tensor& code, const at::Tensor& dw,
-    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
-    int64_t overwrite_below) {
-  TORCH_CHECK(!grad_sources.empty(), "bnao::branch_round_backward_accumulate: grad_sources is empty");
-  const BackwardResult grads =
-      branch_round_backward_impl(CpuLauncher{}, grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {},
-                                 {}, {}, pre, mean, invstd, reduction, grad_sources,
-                                 overwrite_below);
-  return {std::get<1>(grads), std::get<2>(grads)};
-}
+// The CPU backend of the kernels of cell/branch_round_ops.h.
+struct CpuBackend {
+  struct NoGuard {};
+  static NoGuard guard(const at::Tensor&) { return {}; }
+  static CpuLauncher launcher(const at::Tensor&) { return {}; }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnao, CPU, m) {
-  m.impl("branch_round", &branch_round_cpu);
-  m.impl("branch_round_backward", &branch_round_backward_cpu);
-  m.impl("branch_round_backward_accumulate", &branch_round_backward_accumulate_cpu);
-}
+TORCH_LIBRARY_IMPL(bnao, CPU, m) { BNAO_REGISTER_BRANCH_ROUND(m, CpuBackend); }
 
 }  // namespace cell
 }  // namespace bnao

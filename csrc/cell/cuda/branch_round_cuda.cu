@@ -92,55 +92,18 @@ struct CudaLauncher {
   }
 };
 
-CudaLauncher launcher_for(const at::Tensor& like) {
-  return CudaLauncher{c10::cuda::getCurrentCUDAStream(like.device().index()).stream()};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_round_cuda(
-    at::TensorList sources, const at::Tensor& code, int64_t round, const at::Tensor& dw, const at::Tensor& pw,
-    const OptionalTensor& in_mean, const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
-    const OptionalTensor& in_beta, double eps, bool reduction) {
-  TORCH_CHECK(!sources.empty(), "bnao::branch_round: at least one source expected");
-  const c10::cuda::CUDAGuard guard(sources[0].device());
-  return branch_round_forward(launcher_for(sources[0]), sources, code, round, dw, pw, in_mean, in_invstd, in_gamma,
-                              in_beta, eps, reduction);
-}
-
-BackwardResult branch_round_backward_cuda(const at::Tensor& grad_pre, const at::Tensor& grad_mean,
-                                          const at::Tensor& grad_invstd, at::TensorList sources,
-                                          const at::Tensor& code, int64_t round, const at::Tensor& dw,
-                                          const at::Tensor& pw, const OptionalTensor& in_mean,
-                                          const OptionalTensor& in_invstd, const OptionalTensor& in_gamma,
-                                          const OptionalTensor& in_beta, const at::Tensor& pre,
-                                          const at::Tensor& mean, const at::Tensor& invstd, bool reduction) {
-  TORCH_CHECK(!sources.empty(), "bnao::branch_round_backward: at least one source expected");
-  const c10::cuda::CUDAGuard guard(sources[0].device());
-  return branch_round_backward_impl(launcher_for(sources[0]), grad_pre, grad_mean, grad_invstd, sources, code, round,
-                                    dw, pw, in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, reduction);
-}
-
-std::tuple<at::Tensor, at::Tensor> branch_round_backward_accumulate_cuda(
-    at::TensorList grad_sources, const at::Tensor& grad_pre, const at::Tensor& grad_mean,
-    const at::Tensor& grad_invstd, at::TensorList sources, const at::Tensor& code, const at::Tensor& dw,
-    const at::Tensor& pw, const at::Tensor& pre, const at::Tensor& mean, const at::Tensor& invstd, bool reduction,
-    int64_t overwrite_below) {
-  TORCH_CHECK(!grad_sources.empty(), "bnao::branch_round_backward_accumulate: grad_sources is empty");
-  TORCH_CHECK(!sources.empty(), "bnao::branch_round_backward_accumulate: at least one source expected");
-  const c10::cuda::CUDAGuard guard(sources[0].device());
-  const BackwardResult grads =
-      branch_round_backward_impl(launcher_for(sources[0]), grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {},
-                                 {}, {}, pre, mean, invstd, reduction, grad_sources,
-                                 overwrite_below);
-  return {std::get<1>(grads), std::get<2>(grads)};
-}
+// The CUDA backend of the kernels of cell/branch_round_ops.h: launches on the current stream of the
+// activations' device, with that device current.
+struct CudaBackend {
+  static c10::cuda::CUDAGuard guard(const at::Tensor& like) { return c10::cuda::CUDAGuard(like.device()); }
+  static CudaLauncher launcher(const at::Tensor& like) {
+    return CudaLauncher{c10::cuda::getCurrentCUDAStream(like.device().index()).stream()};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnao, CUDA, m) {
-  m.impl("branch_round", &branch_round_cuda);
-  m.impl("branch_round_backward", &branch_round_backward_cuda);
-  m.impl("branch_round_backward_accumulate", &branch_round_backward_accumulate_cuda);
-}
+TORCH_LIBRARY_IMPL(bnao, CUDA, m) { BNAO_REGISTER_BRANCH_ROUND(m, CudaBackend); }
 
 }  // namespace cell
 }  // namespace bnao
