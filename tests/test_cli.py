@@ -69,3 +69,17 @@ def test_python_dash_m_entry_points():
     assert "torch" in out and "kernels" in out
     out = subprocess.run([sys.executable, "-m", "bnao", "--help"], capture_output=True, text=True, check=True).stdout
     assert "profile" in out
+
+
+def test_an_error_is_one_line_whatever_the_user_typed(capsys):
+    """A carriage return in a path (found by tests/test_fuzz.py) once split the error into two lines, the second
+    without the program's name; control characters of user input are now shown escaped."""
+    from bnao.commands.errors import error_text
+
+    assert main(["eval", "\r"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.rstrip("\n")] and err.startswith("bnao eval: error: \\r: no such file")
+    assert error_text("x", "a\x1b[31mb\u200bc") == "bnao x: error: a\\x1b[31mb\\u200bc"
+    # A message's own further lines stay under it, indented.
+    assert error_text("train", "diverged\nthe last good checkpoint is in c.pt") == (
+        "bnao train: error: diverged\n  the last good checkpoint is in c.pt")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any, Dict
+
+from .errors import report_error
 
 HELP = "evaluate a trained checkpoint on a test set"
 
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import CheckpointError, count_parameters, evaluate_model, load_model, resolve_device
 
     def fail(msg: str) -> int:
-        print(f"bnao eval: error: {msg}", file=sys.stderr)
-        return 2
+        return report_error("eval", msg)
 
     if args.batch_size < 1:
         return fail("--batch-size must be positive")

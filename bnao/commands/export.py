@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from .errors import report_error
 
 HELP = "export a trained model as TorchScript, ONNX or a state dict"
 
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import ExportError, export_network, load_for_export
 
     def fail(message: str) -> int:
-        print(f"bnao export: error: {message}", file=sys.stderr)
-        return 2
+        return report_error("export", message)
 
     if args.threads is not None:
         if args.threads < 1:

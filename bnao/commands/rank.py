@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from .errors import report_error
+
 HELP = "ranking correlation of one-shot and stand-alone accuracy (uniform vs proportional sampling)"
 
 
@@ -29,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str, code: int = 2) -> int:
-    print(f"bnao rank: error: {message}", file=sys.stderr)
-    return code
+    return report_error("rank", message, code)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import argparse
 import copy
 import sys
 
+from .errors import report_error
+
 HELP = "run Balanced NAO end to end (Algorithm 1)"
 
 
@@ -33,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str, code: int = 2) -> int:
-    print(f"bnao search: error: {message}", file=sys.stderr)
-    return code
+    return report_error("search", message, code)
 
 
 def _resume_config(args: argparse.Namespace, run_dir, overrides):

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .errors import report_error
+
 HELP = "train one architecture stand-alone"
 
 DATASET_CHOICES = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
@@ -244,8 +246,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except UsageError as err:
-        print(f"bnao train: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("train", err)
     except KeyboardInterrupt:
         print(f"\nbnao train: interrupted; the last finished epoch is checkpointed. Continue with "
               f"`bnao train --resume --out {args.out}`", file=sys.stderr)
@@ -357,12 +358,8 @@ def _run(args: argparse.Namespace) -> int:
                 return stop.exit_code
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    except FileWriteError as err:
-        print(f"bnao train: error: {err}", file=sys.stderr)
-        return 1
-    except (NonFiniteLossError, DistributedError) as err:
-        print(f"bnao train: error: {err}", file=sys.stderr)
-        return 1
+    except (FileWriteError, NonFiniteLossError, DistributedError) as err:
+        return report_error("train", err, code=1)
     if not context.is_main:
         shutdown()
         return 0

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..device import resolve_device
-from ..train.standalone import train_standalone
+from ..train.api import train_standalone
 from .common import RankData, fingerprint
 from .workers import run_jobs
 

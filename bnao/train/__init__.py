@@ -2,17 +2,10 @@
 
 from .checkpoint import CheckpointError, load_file, save_atomic
 from .model_file import load_model, save_model
-from .standalone import (
-    NonFiniteLossError,
-    StandaloneConfig,
-    StandaloneTrainer,
-    count_parameters,
-    evaluate_model,
-    make_config,
-    rerank,
-    resolve_device,
-    train_standalone,
-)
+from .api import rerank, train_standalone
+from .config import StandaloneConfig, make_config
+from .evaluate import count_parameters, evaluate_model
+from .standalone import NonFiniteLossError, StandaloneTrainer, resolve_device
 
 __all__ = [
     "CheckpointError",

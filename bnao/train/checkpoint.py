@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 
 from ..safe_io import CheckpointError, DamagedFileError, UnsafeFileError, safe_load
 from ..safe_io import save_atomic as _save_atomic
 
+if TYPE_CHECKING:
+    from ..distributed import Context
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointError", "DamagedFileError", "UnsafeFileError", "load_file", "save_atomic"]
+__all__ = ["CheckpointError", "DamagedFileError", "UnsafeFileError", "load_file", "partial_of_rank", "save_atomic"]
 
 
 def save_atomic(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -> None:
@@ -71,3 +74,24 @@ def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: not a {kind} (found {found!r}). {fix}")
     return data
+
+
+def partial_of_rank(partial: Optional[Dict[str, Any]], parallel: Optional[Context],
+                    path: Path) -> Optional[Dict[str, Any]]:
+    """This rank's part of a checkpointed epoch stopped part-way.
+
+    Raises:
+        CheckpointError: The epoch was stopped under another number of processes: its per-rank sums and
+            random streams do not map onto this one. (Checkpoints at epoch ends resume at any world size.)
+    """
+    saved = len(partial["by_rank"]) if partial is not None and "by_rank" in partial else 1
+    world = parallel.world_size if parallel else 1
+    if partial is None or (saved == 1 and world == 1):
+        return partial
+    if saved != world:
+        raise CheckpointError(
+            f"{path}: this training was stopped in the middle of an epoch with {saved} process(es); that epoch "
+            f"resumes only with {saved} (its per-process sums and random streams are in the checkpoint). Resume "
+            f"with torchrun --nproc_per_node={saved} (or as one process when 1); epoch-end checkpoints resume at "
+            "any number of processes")
+    return partial["by_rank"][parallel.rank]

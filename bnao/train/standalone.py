@@ -23,11 +23,10 @@ are bit-identical.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,13 +40,12 @@ from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
 from ..signals import Stopped, stop_requested
-from .checkpoint import CheckpointError, load_file, save_atomic
+from .checkpoint import CheckpointError, load_file, partial_of_rank, save_atomic
+from .config import StandaloneConfig
+from .evaluate import count_parameters, evaluate_model
 
 CHECKPOINT_FORMAT = "bnao-standalone-checkpoint"
 CHECKPOINT_VERSION = 1
-
-#: ``StandaloneConfig.lr_schedule`` values: cosine set once per epoch (the reference's) or before every step.
-LR_SCHEDULES = ("epoch", "step")
 
 # Salts that separate the random streams derived from the one user seed.
 _SALT_INIT, _SALT_EPOCH, _SALT_LOADER = 0x1A17, 0xE90C, 0x10AD
@@ -57,122 +55,9 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss (or gradient norm) stayed NaN/inf for several steps."""
 
 
-@dataclasses.dataclass
-class StandaloneConfig:
-    """Hyper-parameters of one stand-alone training run.
-
-    Defaults are the NAO reference's CIFAR-10 final training except the
-    network size, epochs and regularisers, which callers set (see
-    ``bnao train --preset cifar10-final``).
-
-    Attributes:
-        skeleton: ``"cifar"`` or ``"imagenet"``.
-        layers: ``N``, normal cells between reductions.
-        channels: ``C`` of the first cells.
-        num_classes: Classifier outputs (default: the training set's).
-        in_channels: Image channels (default: the training set's).
-        epochs: Training epochs.
-        batch_size: Training batch size.
-        eval_batch_size: Evaluation batch size.
-        lr_max: Learning rate of the first epoch.
-        lr_min: Learning rate the cosine decays towards.
-        lr_schedule: ``"epoch"``: the cosine is set once per epoch, constant within it (the reference's);
-            ``"step"``: it is set before every step, ``lr_min`` reached at the end of the last step (a
-            finer anneal that short trainings gain from).
-        momentum: SGD momentum.
-        weight_decay: L2 weight decay.
-        grad_clip: Gradient-norm clip (0 or None: off).
-        auxiliary: Adds the auxiliary head after the second reduction cell.
-        auxiliary_weight: Weight of the auxiliary loss.
-        drop_path_keep_prob: Base drop-path keep probability (None: off).
-        dropout: Dropout before the classifier (the reference's ``1 - keep_prob``).
-        cutout: Cutout square side (0: off).
-        augment: Random crop (pad 4) and flip for array datasets (False: neither; cutout stays).
-        label_smoothing: Label smoothing of the training loss.
-        bf16: Autocast forward passes to bfloat16.
-        channels_last: Channels-last memory format for model and batches.
-        loader: Loader name for ``bnao.data.create_loader`` (``"auto"``).
-        eval_every: Evaluate every this many epochs (0: only after the last; the last is always evaluated).
-        max_nonfinite_steps: Consecutive NaN/inf steps skipped before training stops with an error.
-        seed: Seed of initialisation, data order, augmentation and drop-path.
-    """
-
-    skeleton: str = "cifar"
-    layers: int = 3
-    channels: int = 20
-    num_classes: Optional[int] = None
-    in_channels: Optional[int] = None
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    lr_max: float = 0.025
-    lr_min: float = 0.0
-    lr_schedule: str = "epoch"
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: Optional[float] = 5.0
-    auxiliary: bool = False
-    auxiliary_weight: float = 0.4
-    drop_path_keep_prob: Optional[float] = None
-    dropout: float = 0.0
-    cutout: int = 0
-    augment: bool = True
-    label_smoothing: float = 0.0
-    bf16: bool = False
-    channels_last: bool = False
-    loader: str = "auto"
-    eval_every: int = 1
-    max_nonfinite_steps: int = 3
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raises ValueError for settings that cannot train."""
-        for name in ("layers", "channels", "epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.lr_max <= 0 or self.lr_min < 0 or self.lr_min > self.lr_max:
-            raise ValueError(f"need 0 <= lr_min <= lr_max and lr_max > 0, got lr_max={self.lr_max}, lr_min={self.lr_min}")
-        if self.drop_path_keep_prob is not None and not 0.0 < self.drop_path_keep_prob <= 1.0:
-            raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {self.drop_path_keep_prob}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.cutout < 0:
-            raise ValueError(f"cutout must be >= 0, got {self.cutout}")
-        if self.max_nonfinite_steps < 1:
-            raise ValueError("max_nonfinite_steps must be >= 1")
-
-    def lr_at(self, epoch: int) -> float:
-        """Cosine learning rate of epoch ``epoch`` (0-based), constant within the epoch as in the reference."""
-        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * epoch / self.epochs))
-
-    def lr_at_step(self, step: int, total_steps: int) -> float:
-        """Learning rate of global step ``step`` (0-based) of ``total_steps``.
-
-        ``lr_schedule="epoch"``: :meth:`lr_at` of the step's epoch. ``"step"``: the cosine of
-        ``step / (total_steps - 1)``, so the first step runs at ``lr_max`` and the last at ``lr_min``.
-        """
-        if self.lr_schedule == "epoch":
-            return self.lr_at(step * self.epochs // max(total_steps, 1))
-        t = step / max(total_steps - 1, 1)
-        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * t))
-
-
 # Settings that may differ between a checkpoint and the run resuming it: they
 # change neither the weights nor the order of anything random.
 _RESUME_FREE = ("eval_every", "eval_batch_size", "loader", "max_nonfinite_steps")
-
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of a network without its auxiliary head (the SPEC's model size)."""
-    aux = getattr(model, "auxiliary_head", None)
-    aux_ids = {id(p) for p in aux.parameters()} if aux is not None else set()
-    return int(sum(p.numel() for p in model.parameters() if id(p) not in aux_ids))
-
 
 def _dataset_shape(dataset: Any) -> Tuple[int, int]:
     """``(num_classes, in_channels)`` of a bnao dataset."""
@@ -363,7 +248,7 @@ class StandaloneTrainer:
         self.history = list(state["history"])
         self.seconds = float(state["seconds"])
         self.result = state.get("result")
-        self._partial = _partial_of_rank(state.get("partial_epoch"), self.parallel, path)
+        self._partial = partial_of_rank(state.get("partial_epoch"), self.parallel, path)
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -558,158 +443,3 @@ class StandaloneTrainer:
             "seconds": self.seconds,
             "history": [dict(h) for h in self.history],
         }
-
-
-def _partial_of_rank(partial: Optional[Dict[str, Any]], parallel: Optional[Context],
-                     path: Path) -> Optional[Dict[str, Any]]:
-    """This rank's part of a checkpointed epoch stopped part-way.
-
-    Raises:
-        CheckpointError: The epoch was stopped under another number of processes: its per-rank sums and
-            random streams do not map onto this one. (Checkpoints at epoch ends resume at any world size.)
-    """
-    saved = len(partial["by_rank"]) if partial is not None and "by_rank" in partial else 1
-    world = parallel.world_size if parallel else 1
-    if partial is None or (saved == 1 and world == 1):
-        return partial
-    if saved != world:
-        raise CheckpointError(
-            f"{path}: this training was stopped in the middle of an epoch with {saved} process(es); that epoch "
-            f"resumes only with {saved} (its per-process sums and random streams are in the checkpoint). Resume "
-            f"with torchrun --nproc_per_node={saved} (or as one process when 1); epoch-end checkpoints resume at "
-            "any number of processes")
-    return partial["by_rank"][parallel.rank]
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, data: Any, batch_size: int = 500, device: Union[str, torch.device] = "cpu",
-                   *, loader: str = "auto", channels_last: bool = False, bf16: bool = False) -> Dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on a dataset, in eval mode (BN running statistics).
-
-    Args:
-        model: A network from :func:`bnao.nets.build_network` (or any logits model).
-        data: A ``bnao.data`` dataset.
-        batch_size: Images per batch (every image is used; the last batch may be smaller).
-        device: Device of ``model``.
-        loader: ``bnao.data.create_loader`` name.
-        channels_last: Deliver channels-last batches.
-        bf16: Autocast to bfloat16.
-
-    Returns:
-        ``{"acc": fraction correct, "loss": mean loss, "n": number of images}``.
-    """
-    from ..data import create_loader
-
-    device = torch.device(device)
-    batches = create_loader(loader, data, batch_size, device=device, augment=False, shuffle=False,
-                            drop_last=False, seed=0, channels_last=channels_last)
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    try:
-        for images, labels in batches:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            correct += (logits.argmax(1) == labels).sum()
-            n += labels.shape[0]
-    finally:
-        model.train(was_training)
-    return {"acc": float(correct) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n}
-
-
-def make_config(**kwargs: Any) -> StandaloneConfig:
-    """A :class:`StandaloneConfig` from keyword arguments, refusing unknown names with the closest valid one."""
-    import difflib
-
-    unknown = [k for k in kwargs if k not in _CONFIG_FIELDS]
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(k, sorted(_CONFIG_FIELDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"unknown stand-alone training setting {k!r}{hint}")
-    return StandaloneConfig(**kwargs)
-
-
-def train_standalone(arch: ArchLike, space: NAOSpace, train_data: Any, eval_data: Any = None, *,
-                     device: Union[str, torch.device, None] = "auto",
-                     checkpoint_path: Optional[Union[str, os.PathLike]] = None, resume: bool = True,
-                     progress: bool = False, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
-                     **settings: Any) -> Dict[str, Any]:
-    """Trains one arch stand-alone and evaluates it.
-
-    Args:
-        arch: The arch (string, list, JSON object, :class:`~bnao.space.Arch`).
-        space: Its search space.
-        train_data: Training dataset.
-        eval_data: Evaluation dataset (None: no evaluation).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        checkpoint_path: Checkpoint written atomically after every epoch (None: none).
-        resume: Continue from ``checkpoint_path`` if it exists; a finished checkpoint returns its result.
-        progress: Progress bar per epoch.
-        on_epoch: Callback with each epoch's record.
-        **settings: :class:`StandaloneConfig` fields (``layers``, ``channels``, ``epochs``,
-            ``batch_size``, ``lr_max``, ``lr_min``, ``momentum``, ``weight_decay``, ``grad_clip``,
-            ``auxiliary``, ``auxiliary_weight``, ``drop_path_keep_prob``, ``dropout``, ``cutout``,
-            ``label_smoothing``, ``bf16``, ``channels_last``, ``seed``, ...).
-
-    Returns:
-        ``{"arch", "eval_acc", "eval_error", "eval_loss", "train_loss", "params", "epochs", "steps",
-        "seconds", "history"}``; ``history`` has one dict per epoch (``epoch, lr, train_loss,
-        train_acc, skipped_steps, eval_acc, eval_loss, seconds``).
-
-    Raises:
-        NonFiniteLossError: Training diverged.
-        CheckpointError: The checkpoint cannot be resumed.
-        bnao.space.InvalidArchError: Invalid arch.
-    """
-    trainer = StandaloneTrainer(arch, space, train_data, eval_data, make_config(**settings), device=device,
-                                checkpoint_path=checkpoint_path, progress=progress, on_epoch=on_epoch)
-    return trainer.fit(resume=resume)
-
-
-def rerank(archs: Sequence[ArchLike], space: NAOSpace, train_data: Any, dev_data: Any, *,
-           device: Union[str, torch.device, None] = "auto",
-           checkpoint_dir: Optional[Union[str, os.PathLike]] = None, progress: bool = False,
-           on_result: Optional[Callable[[Dict[str, Any]], None]] = None, **settings: Any) -> List[Dict[str, Any]]:
-    """Trains each arch stand-alone and ranks them by held-out (dev) accuracy (the search's final step).
-
-    Every arch gets the same seed and settings. With ``checkpoint_dir`` each
-    arch checkpoints to ``rerank_<i>_<hash>.pt`` there, so an interrupted
-    re-ranking resumes mid-arch and does not retrain finished archs.
-
-    Args:
-        archs: Candidates (e.g. the top 5 by one-shot score).
-        space: Their search space.
-        train_data: Training split (the search's train part).
-        dev_data: Held-out split the score is measured on.
-        device: Training device.
-        checkpoint_dir: Folder for per-arch checkpoints (None: none).
-        progress: Progress bars.
-        on_result: Called with each arch's result as soon as it finishes.
-        **settings: :class:`StandaloneConfig` fields; ``eval_every`` defaults to 0
-            (evaluate only after the last epoch).
-
-    Returns:
-        One dict per arch, best first: the :func:`train_standalone` result plus ``index``
-        (position in ``archs``), ``rank`` (1 = best) and ``dev_acc``. Ties keep input order.
-    """
-    settings.setdefault("eval_every", 0)
-    results = []
-    for i, arch in enumerate(archs):
-        a = space.arch(arch)
-        ckpt = None
-        if checkpoint_dir is not None:
-            ckpt = Path(checkpoint_dir) / f"rerank_{i}_{space.hash(a)}.pt"
-        res = train_standalone(a, space, train_data, dev_data, device=device, checkpoint_path=ckpt,
-                               progress=progress, **settings)
-        res["index"], res["dev_acc"] = i, res["eval_acc"]
-        if on_result is not None:
-            on_result(dict(res))
-        results.append(res)
-    results.sort(key=lambda r: (-(r["dev_acc"] or 0.0), r["index"]))
-    for rank, r in enumerate(results, 1):
-        r["rank"] = rank
-    return results
