@@ -248,22 +248,8 @@ class NAOController:
         """
         arr = self.space.validate_array(archs)
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        _check_fit_arguments(arr.shape[0], scores, epochs, batch_size, trade_off, expand, holdout)
         n = arr.shape[0]
-        if scores.shape[0] != n:
-            raise ValueError(f"{n} archs but {scores.shape[0]} scores")
-        if n < 2:
-            raise ValueError(f"the controller needs at least 2 archs to train, got {n}")
-        if not np.isfinite(scores).all():
-            raise ValueError("scores must be finite")
-        if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-        if not 0.0 <= trade_off <= 1.0:
-            raise ValueError(f"trade_off must be in [0, 1], got {trade_off}")
-        if isinstance(expand, bool) or int(expand) != expand or expand < 1:
-            raise ValueError(f"expand must be an integer >= 1 (copies of the training archs), got {expand!r}")
-        copies = int(expand) - 1
-        if epochs < 0 or batch_size < 1:
-            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
         t_start = time.perf_counter()
 
         self.normalization = (float(scores.min()), float(scores.max()))
@@ -282,14 +268,38 @@ class NAOController:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = weight_decay
+        t_train = time.perf_counter()
+        last = self._train_epochs(x_train, y_train, epochs, batch_size, trade_off, int(expand) - 1, expand_redraw,
+                                  grad_clip, progress)
+        train_seconds = time.perf_counter() - t_train
+
+        eval_set = "holdout" if num_holdout >= 2 else "train"
+        eval_idx = hold_idx if eval_set == "holdout" else train_idx
+        metrics = self._evaluate(tokens_all[eval_idx], target_all[eval_idx])
+        result: Dict[str, Any] = dict(last)
+        result.update(metrics)
+        result.update(
+            {
+                "eval_set": eval_set,
+                "num_train": int(train_idx.shape[0]),
+                "num_holdout": int(num_holdout),
+                "epochs": int(epochs),
+                "seconds": time.perf_counter() - t_start,
+                "seconds_per_epoch": train_seconds / epochs if epochs else 0.0,
+            }
+        )
+        return result
+
+    def _train_epochs(self, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, batch_size: int,
+                      trade_off: float, copies: int, expand_redraw: bool, grad_clip: float,
+                      progress: Optional[Callable[[int, int, Dict[str, float]], None]]) -> Dict[str, float]:
+        """The training epochs of :meth:`fit`; returns the last epoch's mean ``loss``, ``mse`` and ``nll``."""
         opt = self.optimizer
         model = self.model
         params = list(model.parameters())
         gen = self.generator
-
         last = {"loss": float("nan"), "mse": float("nan"), "nll": float("nan")}
         model.train()
-        t_train = time.perf_counter()
         y_all = y_train.repeat(copies + 1)
         x_all = None
         for epoch in range(1, epochs + 1):
@@ -325,25 +335,8 @@ class NAOController:
                 last = {"loss": float(sums[0]), "mse": float(sums[1]), "nll": float(sums[2])}
                 if progress is not None:
                     progress(epoch, epochs, dict(last))
-        train_seconds = time.perf_counter() - t_train
         model.eval()
-
-        eval_set = "holdout" if num_holdout >= 2 else "train"
-        eval_idx = hold_idx if eval_set == "holdout" else train_idx
-        metrics = self._evaluate(tokens_all[eval_idx], target_all[eval_idx])
-        result: Dict[str, Any] = dict(last)
-        result.update(metrics)
-        result.update(
-            {
-                "eval_set": eval_set,
-                "num_train": int(train_idx.shape[0]),
-                "num_holdout": int(num_holdout),
-                "epochs": int(epochs),
-                "seconds": time.perf_counter() - t_start,
-                "seconds_per_epoch": train_seconds / epochs if epochs else 0.0,
-            }
-        )
-        return result
+        return last
 
     def _evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
         """Predictor ranking and decoder reconstruction on ``tokens`` (normalised ``targets``)."""
@@ -465,31 +458,13 @@ class NAOController:
         rounds = 0
         eta = float(eta_start)
         if num_new > 0:
-            tokens = torch.from_numpy(self.space.encode(seed_arr)).to(self.device)
-            self.model.eval()
-            outs, grads = [], []
-            for s in range(0, tokens.shape[0], _CHUNK):
-                with torch.no_grad():
-                    out, _ = self.model.encoder(tokens[s : s + _CHUNK])
-                out = out.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    pred = self.model.predictor(arch_embedding(out))
-                    (grad,) = torch.autograd.grad(pred.sum(), out)
-                outs.append(out.detach())
-                grads.append(grad)
-            out_all, grad_all = torch.cat(outs), torch.cat(grads)
-
+            out_all, grad_all = self._encoder_outputs_and_gradients(seed_arr)
             have = 0
             while have < num_new and rounds < max_rounds:
                 rounds += 1
                 if rounds > 1:
                     eta = eta * eta_growth + eta_step
-                decoded = []
-                with torch.no_grad():
-                    for s in range(0, out_all.shape[0], _CHUNK):
-                        moved = F.normalize(out_all[s : s + _CHUNK] + eta * grad_all[s : s + _CHUNK], p=2, dim=-1)
-                        decoded.append(self.model.decoder.greedy(arch_embedding(moved), moved))
-                cand = self.space.decode(torch.cat(decoded).cpu().numpy())
+                cand = self._decode_moved(out_all, grad_all, eta)
                 hashes = self.space.hash_array(cand)
                 fresh = ~_member(hashes, excl) & ~np.isin(hashes, found_hashes)
                 if accept is not None and fresh.any():
@@ -522,6 +497,31 @@ class NAOController:
             "rejected": int(rejected_hashes.size),
         }
         return result, info
+
+    def _encoder_outputs_and_gradients(self, seed_arr: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The seeds' encoder outputs and the predictor's gradient with respect to them (in chunks)."""
+        tokens = torch.from_numpy(self.space.encode(seed_arr)).to(self.device)
+        self.model.eval()
+        outs, grads = [], []
+        for s in range(0, tokens.shape[0], _CHUNK):
+            with torch.no_grad():
+                out, _ = self.model.encoder(tokens[s : s + _CHUNK])
+            out = out.detach().requires_grad_(True)
+            with torch.enable_grad():
+                pred = self.model.predictor(arch_embedding(out))
+                (grad,) = torch.autograd.grad(pred.sum(), out)
+            outs.append(out.detach())
+            grads.append(grad)
+        return torch.cat(outs), torch.cat(grads)
+
+    @torch.no_grad()
+    def _decode_moved(self, out_all: torch.Tensor, grad_all: torch.Tensor, eta: float) -> np.ndarray:
+        """Archs decoded (constrained greedy) from the encoder outputs moved by ``eta`` along the gradient."""
+        decoded = []
+        for s in range(0, out_all.shape[0], _CHUNK):
+            moved = F.normalize(out_all[s : s + _CHUNK] + eta * grad_all[s : s + _CHUNK], p=2, dim=-1)
+            decoded.append(self.model.decoder.greedy(arch_embedding(moved), moved))
+        return self.space.decode(torch.cat(decoded).cpu().numpy())
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> Dict[str, Any]:
@@ -572,6 +572,25 @@ class NAOController:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "space")
         return f"NAOController({self.space!r}, {cfg}, device={str(self.device)!r})"
+
+
+def _check_fit_arguments(n: int, scores: np.ndarray, epochs: int, batch_size: int, trade_off: float, expand: int,
+                         holdout: float) -> None:
+    """Raises ValueError for arguments :meth:`NAOController.fit` cannot train with."""
+    if scores.shape[0] != n:
+        raise ValueError(f"{n} archs but {scores.shape[0]} scores")
+    if n < 2:
+        raise ValueError(f"the controller needs at least 2 archs to train, got {n}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if not 0.0 <= trade_off <= 1.0:
+        raise ValueError(f"trade_off must be in [0, 1], got {trade_off}")
+    if isinstance(expand, bool) or int(expand) != expand or expand < 1:
+        raise ValueError(f"expand must be an integer >= 1 (copies of the training archs), got {expand!r}")
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
 
 
 def _as_hash_array(hashes: HashesLike) -> np.ndarray:
