@@ -261,29 +261,13 @@ class SupernetTrainer:
         start = time.perf_counter()
         for _ in range(n):
             t0 = time.perf_counter()
-            idx = int(self.sampler.draw())
-            if self.data_parallel is not None:
-                self.data_parallel.verify_arch(idx, self.global_step)
-            arch = tuple(self.pool[idx].tolist())
-            self.counts[idx] += 1
-            images, labels = self._next_batch()
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            self._sync()
+            idx, arch, images, labels = self._draw_step_inputs()
             t1 = time.perf_counter()
             lr = self.current_lr()
             # The drop-path ramp restarts with every search iteration, like the cosine schedule (the
             # reference passes its per-iteration step counter to the model).
             model.set_step(self.schedule_step)
-            graph_step = self._graph_step_for_run()
-            if graph_step is not None:  # forward, backward and (when finite) the update, replayed
-                finite = graph_step.run(images, labels, idx, model.progress(), lr)
-                loss, logits, update = graph_step.loss, graph_step.logits, None
-                t2 = t3 = time.perf_counter()
-            else:
-                loss, logits, finite, t2 = self._forward_backward(images, labels, arch)
-                t3 = time.perf_counter()
-                update = functools.partial(self._optimizer_step, arch, lr)
+            loss, logits, finite, update, t2, t3 = self._forward_backward_or_replay(idx, arch, images, labels, lr)
             self.global_step += 1
             self.schedule_step += 1
             with record_function("bnao::optimizer"):
@@ -300,6 +284,36 @@ class SupernetTrainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - start
+        return self._summary(tally, n, lr, elapsed, images_total, (t_draw, t_fwd, t_bwd, t_opt))
+
+    def _draw_step_inputs(self):
+        """The step's arch (drawn, counted, checked across ranks) and batch: ``(index, arch, images, labels)``."""
+        idx = int(self.sampler.draw())
+        if self.data_parallel is not None:
+            self.data_parallel.verify_arch(idx, self.global_step)
+        arch = tuple(self.pool[idx].tolist())
+        self.counts[idx] += 1
+        images, labels = self._next_batch()
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        self._sync()
+        return idx, arch, images, labels
+
+    def _forward_backward_or_replay(self, idx: int, arch, images: torch.Tensor, labels: torch.Tensor, lr: float):
+        """The step's forward and backward, by the graph step (which also updates when finite) or eagerly:
+        ``(loss, logits, finite, the eager update or None, time after the forward, time after the backward)``."""
+        graph_step = self._graph_step_for_run()
+        if graph_step is not None:  # forward, backward and (when finite) the update, replayed
+            finite = graph_step.run(images, labels, idx, self.model.progress(), lr)
+            t2 = time.perf_counter()
+            return graph_step.loss, graph_step.logits, finite, None, t2, t2
+        loss, logits, finite, t2 = self._forward_backward(images, labels, arch)
+        return loss, logits, finite, functools.partial(self._optimizer_step, arch, lr), t2, time.perf_counter()
+
+    def _summary(self, tally: Dict[str, Any], n: int, lr: float, elapsed: float, images_total: int,
+                 times: Tuple[float, float, float, float]) -> Dict[str, float]:
+        """:meth:`train_steps`'s result from its tallies (summed over the ranks when data-parallel)."""
+        t_draw, t_fwd, t_bwd, t_opt = times
         loss_sum, correct_sum, seen, good, bad = (tally[k] for k in ("loss", "correct", "seen", "good", "bad"))
         steps = max(n, 1)
         if self.data_parallel is not None:
