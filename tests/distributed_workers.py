@@ -21,10 +21,10 @@ from bnao.data import create_dataset, create_loader
 from bnao.sampling import create_sampler
 from bnao.space import NAOSpace
 from bnao.supernet import RandomBatches, Supernet, SupernetTrainer
-from bnao.supernet import model as supernet_model
+from bnao.supernet import fused_forward
 
 STEPS = 4
-FUSED_BUILT = supernet_model.fused_built
+FUSED_BUILT = fused_forward.fused_built
 GLOBAL_BATCH = 16
 
 
@@ -42,7 +42,7 @@ def build(unused_slot_update: str = "decay", sampler_seed: int = 0, sync=None, k
     pool = space.sample_array(6, rng=np.random.default_rng(0))
     torch.manual_seed(0)
     if kernels == "fused":
-        supernet_model.fused_built = lambda device_type: True  # the references stand in for missing kernels
+        fused_forward.fused_built = lambda device_type: True  # the references stand in for missing kernels
     model = Supernet(space, layers=1, channels=4, num_classes=3, in_channels=3, drop_path_keep_prob=None,
                      kernels=kernels)
     sampler = create_sampler("proportional", np.arange(1.0, 7.0), seed=sampler_seed)
@@ -141,7 +141,7 @@ def main(out: Path) -> None:
     for rule, kernels in (("decay", "eager"), ("freeze", "eager"), ("decay", "fused")):
         trainer, draws = build(rule, sync=data_parallel.GradientSync(context, check_arch=True), kernels=kernels)
         stats = trainer.train_steps(STEPS)
-        supernet_model.fused_built = FUSED_BUILT
+        fused_forward.fused_built = FUSED_BUILT
         record[rule if kernels == "eager" else kernels] = {"draws": draws, "stats": stats, "model": trainer.model.state_dict(),
                         "momentum": [trainer.optimizer.state[p].get("momentum_buffer") for p in trainer.params]}
     model, archs, batches = eval_setup()

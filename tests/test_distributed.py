@@ -27,7 +27,7 @@ from bnao import data_parallel, distributed
 from bnao.cli import main
 from bnao.safe_io import safe_load
 from bnao.supernet import Supernet, evaluate_pool
-from bnao.supernet import model as supernet_model
+from bnao.supernet import fused_forward
 
 import distributed_workers as workers_module
 
@@ -123,7 +123,7 @@ def test_both_ranks_train_the_same_archs_and_end_with_identical_weights(workers,
 
 @pytest.mark.parametrize("rule", list(RUNS))
 def test_two_processes_equal_one_process_whose_batch_norm_sees_each_half(workers, rule, monkeypatch):
-    monkeypatch.setattr(supernet_model, "fused_built", supernet_model.fused_built)  # restored after the test
+    monkeypatch.setattr(fused_forward, "fused_built", fused_forward.fused_built)  # restored after the test
     trainer, draws = workers_module.build(RUNS[rule][0], kernels=RUNS[rule][1])
     assert trainer.model.kernels == RUNS[rule][1]
     start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

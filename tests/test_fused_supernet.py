@@ -162,9 +162,9 @@ def test_fused_launch_sequence_is_the_same_for_every_arch(device, bf16):
 
 
 def test_fused_where_not_built_is_a_clear_error(monkeypatch):
-    import bnao.supernet.model as model_module
+    import bnao.supernet.fused_forward as fused_module
 
-    monkeypatch.setattr(model_module, "fused_built", lambda device_type: False)
+    monkeypatch.setattr(fused_module, "fused_built", lambda device_type: False)
     _, fused = _pair(NAOSpace(), "cpu")
     with pytest.raises(FusedKernelsUnavailable, match="kernels='auto'"):
         fused(torch.randn(2, 2, 8, 8, dtype=torch.float64), NAOSpace().sample_array(1, 0)[0])

@@ -33,6 +33,7 @@ from ..ops.fused.cell import (
     supernet_role_stacks,
 )
 from ..ops.fused.nodes import update_slot_stats
+from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
 
 #: Compiled ops the fused path needs on a device type.
 FUSED_OPS = ("branch_round", "node_output", "gather_rows", "update_slot_stats")
@@ -53,6 +54,33 @@ def check_kernels(kernels: str) -> str:
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
     return kernels
+
+
+def cells_choice(net, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> Tuple[bool, str]:
+    """Whether a forward of ``net`` on ``device`` takes the fused cells, and why not (``(use, reason)``); ``dtype``:
+    the images' (the activations' unless autocast is on)."""
+    if net.kernels == "eager":
+        return False, "kernels='eager'"
+    built = fused_built(device.type)
+    if net.kernels == "fused" and not built:
+        raise FusedKernelsUnavailable(
+            f"Supernet(kernels='fused'): the fused-cell ops are not built for {device.type} in this bnao "
+            "build (see `bnao info`); rebuild with scripts/setup.sh (CUDA: BNAO_CUDA=1) or use kernels='auto'")
+    if not built:
+        return False, f"the fused-cell ops are not built for {device.type}"
+    if net.kernels == "auto" and device.type == "cpu":
+        # The CPU kernels exist to prove the fused arithmetic in CI; oneDNN's convolutions of the eager
+        # path are several times faster on a CPU (benchmarks/RESULTS.md, "Fused cells").
+        return False, "kernels='auto' runs the fused cells on GPUs; on a CPU the eager cells are faster"
+    if not batch_stats:
+        return False, "evaluation with running statistics"
+    activations = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+    if activations not in ACTIVATION_DTYPES:
+        return False, f"{activations} activations (the fused cells take float32, float64 and bfloat16)"
+    weights, needed = next(net.parameters()).dtype, param_dtype(activations)
+    if weights != needed:
+        return False, f"{weights} weights with {activations} activations (the fused cells need {needed} weights)"
+    return True, ""
 
 
 class ArchLists(NamedTuple):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .fused_forward import FusedArchData, arch_lists
+from .fused_forward import FusedArchData, arch_lists, cells_choice
 from .optim import masked_sgd_update
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def graph_unsupported(trainer) -> Optional[str]:
 def _fused_unavailable(model, bf16: bool) -> Optional[str]:
     """Why ``model``'s training forward would not take the fused cells on its parameters' device (None: it would)."""
     parameter = next(model.parameters())
-    use, why = model._cells_choice(parameter.device, True, torch.bfloat16 if bf16 else parameter.dtype)
+    use, why = cells_choice(model, parameter.device, True, torch.bfloat16 if bf16 else parameter.dtype)
     return None if use else f"the fused cells are not used: {why}"
 
 

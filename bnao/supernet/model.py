@@ -37,21 +37,14 @@ import torch.nn.functional as F
 
 from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
 from ..nets.network import check_skeleton_args
-from ..ops.cell import NUM_BN, ROLES, cell_schedule
-from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
+from ..ops.cell import NUM_BN, ROLES
 from ..space.nao import Arch, NAOSpace
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
 from . import eager_forward, fused_forward, touched
 from .drop_path import DropPathMixin
 from .fixed import CellFixed, CellInfo, ConvBN, kaiming
-from .fused_forward import FusedKernelsUnavailable, check_kernels, fused_built
-
-
-class _Plan:
-    """Everything a forward needs for one arch on one device (cached per arch)."""
-
-    __slots__ = ("arch", "normal", "reduce", "gather", "chunk_sizes", "chunk_start", "bn_rows", "loose",
-                 "masks", "fused", "host_gather", "host_loose")
+from .fused_forward import cells_choice, check_kernels
+from .plan import Plan, build_plan
 
 
 class Supernet(DropPathMixin, nn.Module):
@@ -111,7 +104,7 @@ class Supernet(DropPathMixin, nn.Module):
         # draws what one process would.
         self.batch_shard: Tuple[int, int] = (0, 1)
         self.plan_cache_size = plan_cache_size
-        self._plans: "OrderedDict[Tuple[int, ...], _Plan]" = OrderedDict()
+        self._plans: "OrderedDict[Tuple[int, ...], Plan]" = OrderedDict()
         self._touched_layout: Optional[List[touched.TouchedEntry]] = None
         self._generators: Dict[str, torch.Generator] = {}
         # Generator states of devices this machine lacks (from a checkpoint written elsewhere), kept to be saved again.
@@ -264,62 +257,15 @@ class Supernet(DropPathMixin, nn.Module):
         self.space.validate(flat)
         return tuple(flat)
 
-    def _plan(self, arch: Tuple[int, ...], device: torch.device) -> _Plan:
+    def _plan(self, arch: Tuple[int, ...], device: torch.device) -> Plan:
         plan = self._plans.get(arch)
         if plan is not None:
             self._plans.move_to_end(arch)
             return plan
-        plan = self._build_plan(arch, device)
+        plan = build_plan(self, arch, device)
         self._plans[arch] = plan
         if len(self._plans) > self.plan_cache_size:
             self._plans.popitem(last=False)
-        return plan
-
-    def _build_plan(self, arch: Tuple[int, ...], device: torch.device) -> _Plan:
-        L = self.space.cell_length
-        normal, reduce = arch[:L], arch[L:]
-        sched = {False: cell_schedule(normal, False, self.table), True: cell_schedule(reduce, True, self.table)}
-        ints: List[int] = []
-        segs: Dict[tuple, Tuple[int, int]] = {}
-
-        def add(key, values):
-            segs[key] = (len(ints), len(values))
-            ints.extend(values)
-
-        plan = _Plan()
-        plan.arch, plan.normal, plan.reduce = arch, normal, reduce
-        plan.chunk_sizes, plan.chunk_start = {}, {}
-        for g in range(self.num_stages):
-            for o in self.slot_ops[g]:
-                idx, sizes = [], []
-                for ci in self.stage_cells[g]:
-                    s = sched[ci.reduction]
-                    plan.chunk_start[(ci.index, o)] = len(sizes)
-                    sizes.extend(s.op_chunks.get(o, ()))
-                    for pos, inp in s.op_slots.get(o, ()):
-                        idx.append(self.slot_index(ci.index, pos // 2, pos % 2, inp, o))
-                if idx:
-                    add(("g", g, o), idx)
-                    plan.chunk_sizes[(g, o)] = sizes
-            rows = []
-            for ci in self.stage_cells[g]:
-                for pos, o, j in sched[ci.reduction].bn_slots:
-                    rows.append((ci.local * 2 * self.num_nodes + pos) * self._bn_per_branch + self._bn_offset[o] + j)
-            add(("bn", g), rows)
-        add(("loose", False), sched[False].loose)
-        add(("loose", True), sched[True].loose)
-        # One host-to-device copy per new arch, from pinned memory so that it does not block the host (pool
-        # evaluation builds a plan per arch); the pinned block is not reused before the copy has run.
-        pinned = device.type == "cuda"
-        dev = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
-        view = {k: dev.narrow(0, a, n) for k, (a, n) in segs.items()}
-        plan.gather = {(k[1], k[2]): v for k, v in view.items() if k[0] == "g"}
-        plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}
-        plan.loose = {False: view[("loose", False)], True: view[("loose", True)]}
-        plan.host_gather = {(k[1], k[2]): ints[a : a + n] for k, (a, n) in segs.items() if k[0] == "g"}
-        plan.host_loose = {False: sched[False].loose, True: sched[True].loose}
-        plan.masks = None
-        plan.fused = None  # the fused path's FusedArchData, built on first use
         return plan
 
     def touched_masks(self, arch) -> Dict[nn.Parameter, Union[bool, torch.Tensor]]:
@@ -423,44 +369,20 @@ class Supernet(DropPathMixin, nn.Module):
 
     def _fused_path(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> bool:
         """Whether this forward runs the fused cells (see the ``kernels`` argument)."""
-        return self._cells_choice(device, batch_stats, dtype)[0]
+        return cells_choice(self, device, batch_stats, dtype)[0]
 
     def cells_path(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> str:
         """Which path a training forward on ``device`` takes, and why: ``"fused"`` or ``"eager (...)"``."""
-        fused, reason = self._cells_choice(torch.device(device), True, dtype)
+        fused, reason = cells_choice(self, torch.device(device), True, dtype)
         return "fused" if fused else f"eager ({reason})"
 
-    def _cells_choice(self, device: torch.device, batch_stats: bool, dtype: torch.dtype) -> Tuple[bool, str]:
-        if self.kernels == "eager":
-            return False, "kernels='eager'"
-        built = fused_built(device.type)
-        if self.kernels == "fused" and not built:
-            raise FusedKernelsUnavailable(
-                f"Supernet(kernels='fused'): the fused-cell ops are not built for {device.type} in this bnao "
-                "build (see `bnao info`); rebuild with scripts/setup.sh (CUDA: BNAO_CUDA=1) or use kernels='auto'")
-        if not built:
-            return False, f"the fused-cell ops are not built for {device.type}"
-        if self.kernels == "auto" and device.type == "cpu":
-            # The CPU kernels exist to prove the fused arithmetic in CI; oneDNN's convolutions of the eager
-            # path are several times faster on a CPU (benchmarks/RESULTS.md, "Fused cells").
-            return False, "kernels='auto' runs the fused cells on GPUs; on a CPU the eager cells are faster"
-        if not batch_stats:
-            return False, "evaluation with running statistics"
-        activations = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-        if activations not in ACTIVATION_DTYPES:
-            return False, f"{activations} activations (the fused cells take float32, float64 and bfloat16)"
-        weights, needed = next(self.parameters()).dtype, param_dtype(activations)
-        if weights != needed:
-            return False, f"{weights} weights with {activations} activations (the fused cells need {needed} weights)"
-        return True, ""
-
-    def _fused_data(self, plan: _Plan, device: torch.device) -> "fused_forward.FusedArchData":
+    def _fused_data(self, plan: Plan, device: torch.device) -> "fused_forward.FusedArchData":
         if plan.fused is None:
             plan.fused = fused_forward.FusedArchData.build(self, plan.arch, device)
         return plan.fused
 
     @torch.no_grad()
-    def _update_slot_stats(self, plan: _Plan, stats, stage_hw: List[int], batch: int) -> None:
+    def _update_slot_stats(self, plan: Plan, stats, stage_hw: List[int], batch: int) -> None:
         # Fold the batch statistics of every slot BN of a stage into the shared running statistics at once.
         for g, entries in enumerate(stats):
             if not entries:
