@@ -24,6 +24,17 @@ def _module_version(name: str) -> str:
     return str(getattr(module, "__version__", "installed"))
 
 
+def _fused_cells() -> str:
+    """Where the supernet's fused cells are built and which activation dtypes they take."""
+    from ..supernet.fused_forward import fused_built
+
+    built = [device for device in ("cpu", "cuda") if fused_built(device)]
+    if not built:
+        return "not built (the eager cells run)"
+    return (f"built for {', '.join(built)}; float32, float64 and bfloat16 activations (under bf16 autocast: "
+            "bf16 storage, float32 weights, statistics and arithmetic)")
+
+
 def collect() -> Dict[str, object]:
     """Gathers the report as a dict (also used by tests and bug reports)."""
     import warnings
@@ -56,6 +67,7 @@ def collect() -> Dict[str, object]:
         "build": extension.build_info(),
         "kernels": {op: {"cpu": cpu, "cuda": cuda} for op, cpu, cuda in kernels},
         "devices": devices or ["cpu only"],
+        "fused_cells": _fused_cells(),
     }
     try:
         from ..data import list_loaders
