@@ -1,9 +1,9 @@
 """The workload run under compute-sanitizer: every CUDA path of bnao once, on a small model.
 
-Two supernet training steps per cell path (drop-path masks drawn on the device, masked SGD,
-the non-finite flag copied through pinned memory), a batch of the GPU-resident
-loader, batched and single alias draws (the compiled CUDA kernel) and a pool
-evaluation. Small sizes keep memcheck's slowdown to seconds.
+Two supernet training steps per cell path (eager, fused, fused in bf16; drop-path masks drawn on
+the device, masked SGD, the non-finite flag copied through pinned memory), a batch of the
+GPU-resident loader, batched and single alias draws (the compiled CUDA kernel) and a pool
+evaluation (float32 and bf16). Small sizes keep memcheck's slowdown to seconds.
 """
 
 from __future__ import annotations
@@ -37,22 +37,24 @@ def run_one_step(device: str) -> int:
 
     from bnao.supernet.fused_forward import fused_built
 
-    # Both cell paths: the eager PyTorch cells and, where built, the fused kernels.
-    for kernels in ("eager", "fused") if fused_built(dev.type) else ("eager",):
+    # Every cell path: the eager PyTorch cells and, where built, the fused kernels in float32 and in bf16.
+    paths = [("eager", False)] + ([("fused", False), ("fused", True)] if fused_built(dev.type) else [])
+    for kernels, bf16 in paths:
         torch.manual_seed(0)
         model = Supernet(space, layers=1, channels=8, num_classes=10, total_steps=2, kernels=kernels).to(dev)
-        trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0)
+        trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0, bf16=bf16)
         # Two steps: on the fused path the first runs uncaptured and captures, the second replays the graphs
         # (without the caching allocator, as under memcheck, capture fails and both run uncaptured).
         stats = trainer.train_steps(2)
         assert np.isfinite(stats["loss"]), stats
         status = trainer.graph_status
-        print(f"train ({kernels} cells): 2 steps, loss {stats['loss']:.4f}; step {status['mode']} "
-              f"({status['reason']})", flush=True)
+        print(f"train ({kernels} cells{', bf16' if bf16 else ''}): 2 steps, loss {stats['loss']:.4f}; step "
+              f"{status['mode']} ({status['reason']})", flush=True)
 
-    acc, loss = evaluate_pool(model, pool[:2], (images, labels))
-    assert np.isfinite(loss).all()
-    print(f"evaluate: 2 archs, accuracy {acc.tolist()}", flush=True)
+    for bf16 in (False, True):
+        acc, loss = evaluate_pool(model, pool[:2], (images, labels), bf16=bf16)
+        assert np.isfinite(loss).all()
+        print(f"evaluate{' (bf16)' if bf16 else ''}: 2 archs, accuracy {acc.tolist()}", flush=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     print("one step: ok", flush=True)
