@@ -163,7 +163,10 @@ def shutdown() -> None:
 
     The closing all-reduce makes sure no rank tears its gloo pairs down while another still waits on the
     last collective: a rank that left early made its peer abort at exit ("terminate called without an
-    active exception", seen on a resumed run with nothing left to do).
+    active exception", seen on a resumed run with nothing left to do). A rank that fails instead of
+    reaching it ends the wait: torchrun stops the other ranks when one exits with an error (checked with a
+    rank that raised 3 s in: its peer was stopped at once); only a rank alive but stuck holds them, for at
+    most the group's timeout, as any collective would.
     """
     global _CURRENT
     if dist.is_available() and dist.is_initialized():

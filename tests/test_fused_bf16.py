@@ -214,11 +214,11 @@ def test_bf16_steps_compared_with_float32_on_the_same_steps(device):
     autocast (PyTorch's own bf16 arithmetic), from the same weights, batch and drop-path masks
     (:func:`bnao.supernet.precision.bf16_fidelity`).
 
-    Measured (CPU, 20 steps): loss differences 5.7e-3 on average for fused bf16 and 4.9e-3 for eager bf16;
-    gradient cosine with float32 0.88 and 0.86 (the gradient of this tiny net is ill-conditioned: float32
-    eager and float32 fused, which differ only in summation order, already differ by up to 2% in it). The
-    bounds: loss differences below 0.02 on average and at most twice eager bf16's plus 0.005, cosines no
+    Measured (CPU, these 12 steps): loss differences 6.1e-3 on average for fused bf16 and 4.7e-3 for eager bf16;
+    gradient cosines with float32 0.87 and 0.85 (this tiny net's gradient is ill-conditioned).
+    The bounds: loss differences below 0.02 on average and at most twice eager bf16's plus 0.005, cosines no
     worse than eager bf16's by more than 0.05: room for bf16's own roundings, not for a different computation.
+    And above 1e-5: a fused step that silently ran in float32 would not differ from float32 at all.
     """
     _require(device)
     model = _net().to(device)
@@ -229,12 +229,13 @@ def test_bf16_steps_compared_with_float32_on_the_same_steps(device):
     result = bf16_fidelity(model, images, labels, archs)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     fused, eager = summarize(result)["fused"], summarize(result)["eager"]
-    assert fused["loss_gap_mean"] < 0.02, result
+    assert 1e-5 < fused["loss_gap_mean"] < 0.02, result
     assert fused["loss_gap_mean"] <= 2 * eager["loss_gap_mean"] + 0.005, result
     assert fused["cosine_mean"] >= eager["cosine_mean"] - 0.05, result
 
 
 def test_bf16_fused_path_is_chosen_only_where_the_kernels_take_it():
+    _require("cpu")
     net = _net("fused")
     with torch.autocast("cpu", dtype=BF16):
         assert net.cells_path("cpu", torch.float32) == "fused"

@@ -391,7 +391,7 @@ class StandaloneTrainer:
             resume: Continue from ``checkpoint_path`` when it exists (else start over and overwrite it).
 
         Returns:
-            See :func:`train_standalone`.
+            See :func:`~bnao.train.api.train_standalone`.
 
         Raises:
             NonFiniteLossError: The loss stayed NaN/inf for ``max_nonfinite_steps`` steps.
@@ -443,3 +443,15 @@ class StandaloneTrainer:
             "seconds": self.seconds,
             "history": [dict(h) for h in self.history],
         }
+
+
+# Names that lived here before the split (config.py, api.py): still importable from this module.
+_MOVED = {"LR_SCHEDULES": "config", "make_config": "config", "train_standalone": "api", "rerank": "api"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from .reference import Norm, branch_round_reference
 
 Tensor = torch.Tensor
 
-__all__ = ["branch_round", "has_compiled_branch_round", "param_dtype"]
+__all__ = ["ACTIVATION_DTYPES", "branch_round", "has_compiled_branch_round", "param_dtype"]
 
 #: Activation dtypes the compiled fused-cell ops take.
 ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
