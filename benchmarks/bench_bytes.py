@@ -9,6 +9,7 @@ sequence; divided by a GPU's memory bandwidth it is the shortest time a step can
 
     python benchmarks/bench_bytes.py --kernels fused --batch-size 64
     python benchmarks/bench_bytes.py --kernels fused --batch-size 500 --evaluation
+    python benchmarks/bench_bytes.py --kernels fused --batch-size 64 --bf16    # under bf16 autocast
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class _ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = f"aten::{func.overloadpacket.__name__}" if func.namespace == "aten" else str(func.overloadpacket)
-        if name in _NO_KERNEL or func.namespace not in ("aten", "bnao") or func.is_view:
+        # A dispatched _to_copy is a real copy (a dtype cast under bf16 autocast): counted, unlike the rest of
+        # the profiler's no-kernel list.
+        if (name in _NO_KERNEL and name != "aten::_to_copy") or func.namespace not in ("aten", "bnao") or func.is_view:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         total = sum(t.numel() * t.element_size() for t in tensors)
@@ -69,6 +72,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=8, help="ops with the most bytes to list")
     p.add_argument("--evaluation", action="store_true",
                    help="count one pool-evaluation forward (batch statistics, no gradient) instead of a step")
+    p.add_argument("--bf16", action="store_true", help="under bf16 autocast (its casts are counted too)")
     args = p.parse_args()
     torch.manual_seed(0)
     space = NAOSpace(op_set="small")
@@ -78,7 +82,7 @@ def main() -> int:
     sampler = create_sampler("proportional", torch.ones(20).double().numpy(), seed=0)
     data = create_dataset("synthetic", num_samples=2 * args.batch_size, image_shape=(32, 32, 3), num_classes=10)
     loader = create_loader("tensor", data, args.batch_size, device="cpu", shuffle=True, drop_last=True, seed=0)
-    trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=10, graph="off")
+    trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=10, graph="off", bf16=args.bf16)
     counter = _ByteCounter()
     if not args.evaluation:
         trainer.train_steps(1)  # plans and buffers of a first step are not part of the steady state
@@ -86,7 +90,7 @@ def main() -> int:
         images, _ = next(iter(loader))
         arch = tuple(int(v) for v in pool[0])
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             model(images, arch, bn_train=True)
             with counter:
                 model(images, arch, bn_train=True)
@@ -95,7 +99,7 @@ def main() -> int:
             trainer.train_steps(1)
     total = sum(counter.bytes.values())
     what = "evaluation forward" if args.evaluation else "training step"
-    print(f"{what}, {args.kernels} cells, N={args.layers}, C={args.channels}, batch {args.batch_size}: "
+    print(f"{what}, {args.kernels} cells{' (bf16)' if args.bf16 else ''}, N={args.layers}, C={args.channels}, batch {args.batch_size}: "
           f"{counter.ops} dispatched compute ops, "
           f"{total / 2**20:,.1f} MiB per {'forward' if args.evaluation else 'step'}, "
           f"{total / args.batch_size / 2**20:,.2f} MiB per image")
