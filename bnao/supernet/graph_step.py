@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .fused_forward import FusedArchData, arch_lists, cells_choice
+from .model import supernet_loss
 from .optim import masked_sgd_update
 
 log = logging.getLogger(__name__)
@@ -173,11 +174,7 @@ class GraphStep:
             data, touched = self.tables.select(index)
             with bf16_autocast(self.device, trainer.bf16):
                 out = model.forward_data(self.images, data, progress)
-            logits, aux = out if isinstance(out, tuple) else (out, None)
-            loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=trainer.label_smoothing)
-            if aux is not None:
-                loss = loss + trainer.aux_weight * F.cross_entropy(aux.float(), self.labels,
-                                                                   label_smoothing=trainer.label_smoothing)
+            loss, logits = supernet_loss(out, self.labels, trainer.aux_weight, trainer.label_smoothing)
         with record_function("bnao::backward"):
             loss.backward()
         self.loss, self.logits, self._touched = loss.detach(), logits.detach(), touched

@@ -47,6 +47,17 @@ from .fused_forward import cells_choice, check_kernels
 from .plan import Plan, build_plan
 
 
+def supernet_loss(out, labels: torch.Tensor, aux_weight: float, label_smoothing: float = 0.0
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of a :class:`Supernet` output (logits, or ``(logits, aux_logits)`` with the auxiliary
+    head): cross-entropy in float32, plus ``aux_weight`` times the auxiliary head's. Returns ``(loss, logits)``."""
+    logits, aux = out if isinstance(out, tuple) else (out, None)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    if aux is not None:
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), labels, label_smoothing=label_smoothing)
+    return loss, logits
+
+
 class Supernet(DropPathMixin, nn.Module):
     """NAO-WS supernet over a :class:`~bnao.space.NAOSpace`.
 

@@ -13,7 +13,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .model import supernet_loss
 
 __all__ = ["bf16_fidelity", "summarize"]
 
@@ -30,11 +31,7 @@ def _loss_and_grad(model, images: torch.Tensor, labels: torch.Tensor, arch: Tupl
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if kernels == "fused" and model.cells_path(device, images.dtype) != "fused":
             raise RuntimeError(f"the fused cells are not used: {model.cells_path(device, images.dtype)}")
-        out = model(images, arch)
-        logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = F.cross_entropy(logits.float(), labels)
-        if aux is not None:
-            loss = loss + aux_weight * F.cross_entropy(aux.float(), labels)
+        loss, _ = supernet_loss(model(images, arch), labels, aux_weight)
     loss.backward()
     grad = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
     model.load_state_dict(running, strict=False)

@@ -45,7 +45,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..data_parallel import GradientSync
@@ -53,7 +52,7 @@ from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
 from ..train.checkpoint import CheckpointError, load_file, save_atomic
 from .graph_step import GraphStep, graph_unsupported
-from .model import Supernet
+from .model import Supernet, supernet_loss
 from .optim import MaskedSGD
 
 log = logging.getLogger(__name__)
@@ -337,12 +336,7 @@ class SupernetTrainer:
         """The eager step's forward and backward: ``(loss, logits, finite, time after the forward)``."""
         dev = self.device
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
-            out = self.model(images, arch)
-            logits, aux = out if isinstance(out, tuple) else (out, None)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-            if aux is not None:
-                loss = loss + self.aux_weight * F.cross_entropy(aux.float(), labels,
-                                                                label_smoothing=self.label_smoothing)
+            loss, logits = supernet_loss(self.model(images, arch), labels, self.aux_weight, self.label_smoothing)
         # Data-parallel: every rank's flag travels with the gradients, so all skip the same steps.
         finite = self._loss_is_finite(loss) if self.data_parallel is None else True
         self._sync()

@@ -27,16 +27,23 @@ struct RoundShape {
   int64_t batch, channels, height, width;
 };
 
-// An activation-shaped argument: the sources' dtype and device (`like` is sources[0]).
+// Where an argument of the ops must be: on the sources' device (`like` is sources[0]), of `shape`,
+// contiguous (its dtype is checked by the callers below, each with its own rule).
+inline void check_placement(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                            at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
+              like.device(), "; move every argument to one device");
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+}
+
+// An activation-shaped argument: the sources' dtype.
 inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
                                at::IntArrayRef shape) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of the sources (",
               like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
-              like.device(), "; move every argument to one device");
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+  check_placement(op, name, t, like, shape);
 }
 
 // A weight, statistic or affine parameter: param_dtype of the sources (float32 with bfloat16 sources).
@@ -47,10 +54,7 @@ inline void check_param_tensor(const char* op, const char* name, const at::Tenso
   TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, " for ", like.scalar_type(),
               " sources (weights and BN statistics stay in float32 under bfloat16 activations), got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the sources are on ",
-              like.device(), "; move every argument to one device");
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+  check_placement(op, name, t, like, shape);
 }
 
 inline void check_code_values(const char* op, const at::Tensor& code, int64_t round, int64_t num_sources,
