@@ -17,14 +17,11 @@
 
 #include "cell/branch_round.h"
 #include "cell/branch_round_ops.h"
+#include "cell/cuda/launch.cuh"
 
 namespace bnao {
 namespace cell {
 namespace {
-
-constexpr int kThreads = 256;
-// Grid-stride loops cover any size; enough blocks to fill an H100 several times.
-constexpr int64_t kMaxBlocks = 65535;
 
 // One element per thread: thread `index` runs column index % columns of row index / columns.
 template <typename Body, typename T>
@@ -36,20 +33,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = index / columns;
     Body::run(args, Body::row(args, row), index - row * columns);
   }
-}
-
-// Sum of one value per thread of the block, valid in thread 0. Shared-memory tree of fixed
-// shape: the same inputs give the same bits on every run.
-template <typename Acc>
-__device__ Acc block_sum(Acc value) {
-  __shared__ Acc partial[kThreads];
-  partial[threadIdx.x] = value;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
-    __syncthreads();
-  }
-  return partial[0];
 }
 
 // One block per output; thread t adds the terms k = t, t + kThreads, ... of the flattened
@@ -78,8 +61,7 @@ struct CudaLauncher {
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
     const int64_t count = rows * columns;
     if (count == 0) return;
-    const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, kMaxBlocks);
-    for_each_kernel<Body<T>, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(rows, columns, a);
+    for_each_kernel<Body<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(rows, columns, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
