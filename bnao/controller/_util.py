@@ -1,4 +1,4 @@
-"""Small helpers shared by the controller modules: generator-driven dropout and init.
+"""Small helpers shared by the controller modules: threads, chunking, generator-driven dropout and init.
 
 Every random number of the controller comes from one ``torch.Generator`` (CPU)
 owned by :class:`~bnao.controller.NAOController`, so a run is reproducible from
@@ -7,11 +7,32 @@ its seed and a saved generator state, and the global torch RNG is never used.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 from torch import nn
+
+# Rows per forward pass in predict/generate/evaluation: bounds memory for pools of millions.
+CHUNK_ROWS = 4096
+
+
+def with_threads(method):
+    """Runs a controller method under its ``num_threads`` setting (restored afterwards)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.num_threads is None:
+            return method(self, *args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, generator: Optional[torch.Generator]) -> torch.Tensor:

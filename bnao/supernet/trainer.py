@@ -37,11 +37,9 @@ continuation but not bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,24 +48,15 @@ from torch.profiler import record_function
 from ..data_parallel import GradientSync
 from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
-from ..train.checkpoint import CheckpointError, load_file, save_atomic
 from .graph_step import GraphStep, graph_unsupported
 from .model import Supernet, supernet_loss
+from .nonfinite import NonFiniteGuardMixin, NonFiniteLossError
 from .optim import MaskedSGD
-
-log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "bnao-supernet-checkpoint"
-
+from .slot_updates import UNUSED_SLOT_UPDATES, SlotUpdateMixin
+from .trainer_state import CHECKPOINT_FORMAT, CheckpointError, TrainerStateMixin
 
 #: Values of ``graph`` (see :class:`SupernetTrainer`).
 GRAPH_MODES = ("auto", "on", "off")
-#: Values of ``unused_slot_update`` (see the module docstring).
-UNUSED_SLOT_UPDATES = ("decay", "freeze")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN or infinite loss."""
 
 
 def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
@@ -78,8 +67,12 @@ def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
     return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * t))
 
 
-class SupernetTrainer:
+class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
     """Trains a :class:`~bnao.supernet.Supernet` one sampled arch per step.
+
+    The non-finite-loss guard (:mod:`~bnao.supernet.nonfinite`), the masked optimizer step
+    (:mod:`~bnao.supernet.slot_updates`) and the resumable state (:mod:`~bnao.supernet.trainer_state`) come
+    from mixins; this class draws the archs and batches and runs the step loop.
 
     Args:
         model: The supernet (already on ``device``).
@@ -205,6 +198,11 @@ class SupernetTrainer:
 
     # ------------------------------------------------------------------ data
     def _next_batch(self):
+        """The loader's next ``(images, labels)``, starting its next epoch when one ends.
+
+        Raises:
+            RuntimeError: The loader yields no batch at all.
+        """
         if self._iter is None:
             self._iter = iter(self.loader)
         try:
@@ -218,20 +216,9 @@ class SupernetTrainer:
 
     # ------------------------------------------------------------------ steps
     def _sync(self) -> None:
+        """Waits for the device when ``sync_timing`` asks for exact per-phase times (else does nothing)."""
         if self.sync_timing:
             torch.cuda.synchronize(self.device)
-
-    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach())
-        if self.device.type != "cuda":
-            return bool(flag)
-        # Copy the flag behind the forward's kernels; waiting on this event does not wait for the backward.
-        self._flag_host.copy_(flag.view(1), non_blocking=True)
-        event = torch.cuda.Event()
-        # On self.device's stream, which the copy above ran on: the current device may be another GPU.
-        event.record(torch.cuda.current_stream(self.device))
-        self._pending_event = event
-        return None  # resolved after the backward is launched
 
     def train_steps(self, n: int, progress: Optional[Callable[[int], Any]] = None) -> Dict[str, float]:
         """Runs ``n`` training steps.
@@ -353,43 +340,6 @@ class SupernetTrainer:
         self._sync()
         return loss, logits, finite, forward_done
 
-    def _account(self, tally: Dict[str, Any], finite: bool, lr: float, loss: torch.Tensor, logits: torch.Tensor,
-                 labels: torch.Tensor, update: Optional[Callable[[], None]]) -> None:
-        """Counts a step: a finite one runs ``update`` (the optimizer; None when already applied) and adds to the
-        loss and accuracy sums; a non-finite one is skipped, and ``max_bad_steps`` of them in a row stop training.
-
-        Raises:
-            NonFiniteLossError: ``max_bad_steps`` consecutive non-finite losses.
-        """
-        if not finite:
-            tally["bad"] += 1
-            self.bad_steps_total += 1
-            self.bad_in_row += 1
-            if update is not None:  # graph steps keep their captured .grad tensors (the next replay overwrites them)
-                self.optimizer.zero_grad(set_to_none=True)
-            log.warning("supernet step %d: non-finite loss (%s); step skipped (%d in a row)",
-                        self.global_step, "nan/inf", self.bad_in_row)
-            if self.bad_in_row >= self.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_in_row} consecutive supernet steps had a NaN or infinite loss (last at step "
-                    f"{self.global_step}, lr {lr:.4g}); training stopped. Resume from the last good checkpoint, "
-                    "e.g. with a lower lr_max, grad_clip, or without bf16.")
-            return
-        self.bad_in_row = 0
-        if update is not None:
-            update()
-        tally["good"] += 1
-        with torch.no_grad():
-            tally["loss"] += loss.detach().float()
-            tally["correct"] += (logits.detach().argmax(1) == labels).sum().float()
-        tally["seen"] += labels.shape[0]
-
-    def _optimizer_step(self, arch, lr: float) -> None:
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.optimizer.param_groups[0]["lr"] = lr
-        self.optimizer.step(self._update_masks(arch))
-
     def _graph_step_for_run(self):
         """The :class:`~bnao.supernet.graph_step.GraphStep` when ``graph`` is on and the step allows it, else None."""
         if self.graph == "off":
@@ -412,109 +362,8 @@ class SupernetTrainer:
         totals = sum_across_ranks([float(loss_sum), float(correct_sum), seen, images], "the supernet statistics")
         return totals[0], totals[1], int(totals[2]), int(totals[3])
 
-    def _update_masks(self, arch) -> Dict[torch.nn.Parameter, Any]:
-        """The MaskedSGD masks of one step under :attr:`unused_slot_update`."""
-        touched = self.model.touched_masks(arch)
-        if self.unused_slot_update == "freeze":
-            return touched
-        masks: Dict[torch.nn.Parameter, Any] = {}
-        grow: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # (ever, used) pairs: one foreach max
-        for i, param in enumerate(self.params):
-            used, ever = touched.get(param, True), self.ever_used[i]
-            if used is True or ever is True:
-                ever = True
-            elif used is not False:
-                if ever is None:
-                    ever = used.clone()
-                else:
-                    grow[0].append(ever)
-                    grow[1].append(used)
-            self.ever_used[i] = ever
-            if ever is None:
-                masks[param] = False
-                continue
-            if ever is not True:
-                masks[param] = ever
-            if param.grad is None:
-                # Unused by this step's arch but used before: the reference's kept zero gradient.
-                param.grad = torch.zeros_like(param)
-        if grow[0]:
-            torch._foreach_maximum_(grow[0], grow[1])  # in place: the masks above alias these tensors
-        return masks
 
-    # ----------------------------------------------------------------- state
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue training exactly."""
-        state: Dict[str, Any] = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": {"steps": self.schedule_steps, "step": self.schedule_step},
-            "global_step": self.global_step,
-            "bad_steps_total": self.bad_steps_total,
-            "bad_in_row": self.bad_in_row,
-            "counts": torch.from_numpy(self.counts.copy()),
-            # int8 is exact (ids <= B, ops < 16) and 8x smaller in a checkpoint.
-            "pool": torch.from_numpy(self.pool.astype(np.int8)),
-            "ever_used": list(self.ever_used),
-            "model_rng": self.model.rng_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if hasattr(self.sampler, "state_dict"):
-            state["sampler"] = self.sampler.state_dict()
-        if hasattr(self.loader, "state_dict"):
-            state["loader"] = self.loader.state_dict()
-        return state
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`."""
-        self._graph_step = None  # its static tensors hold the state being replaced
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule_steps = int(state["schedule"]["steps"])
-        self.schedule_step = int(state["schedule"]["step"])
-        self.global_step = int(state["global_step"])
-        self.bad_steps_total = int(state["bad_steps_total"])
-        self.bad_in_row = int(state["bad_in_row"])
-        pool = state["pool"].numpy() if torch.is_tensor(state["pool"]) else np.asarray(state["pool"])
-        if pool.shape != self.pool.shape or not np.array_equal(pool, self.pool):
-            self.set_pool(pool)
-        # Checkpoints written before the option existed restart the record of used slots.
-        self.ever_used = list(state.get("ever_used", [None] * len(self.params)))
-        if len(self.ever_used) != len(self.params):
-            raise ValueError(f"ever_used has {len(self.ever_used)} entries, the model {len(self.params)} parameters")
-        self.ever_used = [e.to(self.device) if torch.is_tensor(e) else e for e in self.ever_used]
-        counts = state["counts"]
-        self.counts = (counts.numpy() if torch.is_tensor(counts) else np.asarray(counts)).astype(np.int64).copy()
-        self.model.set_rng_state(state["model_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            # Only the GPUs both machines have (a checkpoint may come from a machine with more or fewer).
-            for index, saved in zip(range(torch.cuda.device_count()), state["cuda_rng"]):
-                torch.cuda.set_rng_state(saved, index)
-        if "sampler" in state and hasattr(self.sampler, "load_state_dict"):
-            self.sampler.load_state_dict(state["sampler"])
-        if "loader" in state and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(state["loader"])
-        self._iter = None  # the next batch comes from the restored loader position
-
-    def save_checkpoint(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Writes :meth:`state_dict` atomically (temp file in the same directory, fsync, rename)."""
-        save_atomic({"format": CHECKPOINT_FORMAT, "trainer": self.state_dict()}, path)
-
-    def load_checkpoint(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Restores a file written by :meth:`save_checkpoint`.
-
-        Raises:
-            CheckpointError: The file is missing, truncated/corrupt or not a supernet checkpoint.
-        """
-        data = load_file(path, CHECKPOINT_FORMAT, "Resume from an earlier checkpoint or restart the training.",
-                         map_location="cpu")
-        try:
-            self.load_state_dict(data["trainer"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{path}: the supernet checkpoint does not fit this trainer/model ({err})") from None
-
-
-__all__ = ["SupernetTrainer", "NonFiniteLossError", "CheckpointError", "cosine_lr"]
+# The guard, the slot updates and the state now live in their own modules; their public names stay importable
+# from here, where callers have always found them.
+__all__ = ["SupernetTrainer", "NonFiniteLossError", "CheckpointError", "cosine_lr", "GRAPH_MODES",
+           "UNUSED_SLOT_UPDATES", "CHECKPOINT_FORMAT"]
