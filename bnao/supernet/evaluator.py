@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..autocast import bf16_autocast
 from .model import Supernet
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -113,7 +114,7 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device, bf16):
             for i, row in enumerate(archs.tolist()):
                 arch = tuple(row)
                 for x, y in fixed if fixed is not None else _on_device(_as_batches(draw()), device):

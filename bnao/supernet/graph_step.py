@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from ..autocast import bf16_autocast
 from .fused_forward import FusedArchData, arch_lists, cells_choice
 from .model import supernet_loss
 from .optim import masked_sgd_update
@@ -172,7 +173,7 @@ class GraphStep:
             index = self.scalars[_INDEX : _INDEX + 1].long()
             progress = self.scalars[_PROGRESS].to(model._drop_depth.dtype)
             data, touched = self.tables.select(index)
-            with bf16_autocast(self.device, trainer.bf16):
+            with bf16_autocast(self.device, trainer.bf16, capturable=True):
                 out = model.forward_data(self.images, data, progress)
             loss, logits = supernet_loss(out, self.labels, trainer.aux_weight, trainer.label_smoothing)
         with record_function("bnao::backward"):
@@ -294,12 +295,6 @@ def evaluation_unsupported(model, batches_per_arch: Optional[int], bf16: bool) -
     return _fused_unavailable(model, bf16)
 
 
-def bf16_autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast for a part that may be captured: without the cast cache, whose casts a graph would not
-    replay (PyTorch's rule for autocast under CUDA graphs)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
-
-
 @torch.no_grad()
 def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool = True, bf16: bool = False
                             ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, str]]:
@@ -332,7 +327,7 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
 
     def score() -> None:
         data, _ = tables.select(index)
-        with bf16_autocast(device, bf16):
+        with bf16_autocast(device, bf16, capturable=True):
             logits = model.forward_data(static_images, data, bn_train=True).float()
         loss_sums.index_add_(0, index, F.cross_entropy(logits, static_labels, reduction="sum").view(1))
         correct.index_add_(0, index, (logits.argmax(1) == static_labels).sum().float().view(1))
@@ -344,7 +339,7 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             images, labels = next_batch(i)
         if images.shape != static_images.shape or labels.shape != static_labels.shape:
             # A short batch (the end of a dev epoch): this arch alone through the uncaptured forward.
-            with bf16_autocast(device, bf16):
+            with bf16_autocast(device, bf16, capturable=True):
                 logits = model(images, tuple(int(v) for v in archs[i]), bn_train=True).float()
             loss_sums[i] += F.cross_entropy(logits, labels, reduction="sum")
             correct[i] += (logits.argmax(1) == labels).sum()

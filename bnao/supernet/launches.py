@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..autocast import bf16_autocast
+
 Launch = Tuple[str, Tuple[Tuple[int, ...], ...]]
 
 
@@ -52,8 +54,7 @@ def launch_sequence(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     # of the steady-state sequence that a captured graph would replay.
     for record in (False, True):
         model.zero_grad(set_to_none=True)
-        with recorder if record else contextlib.nullcontext(), torch.autocast(
-                images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with recorder if record else contextlib.nullcontext(), bf16_autocast(images.device, bf16):
             out = model(images, arch)
             logits = out[0] if isinstance(out, tuple) else out
             F.cross_entropy(logits, labels).backward()

@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..autocast import bf16_autocast
 from .model import supernet_loss
 
 __all__ = ["bf16_fidelity", "summarize"]
@@ -28,7 +29,7 @@ def _loss_and_grad(model, images: torch.Tensor, labels: torch.Tensor, arch: Tupl
     model.zero_grad(set_to_none=True)
     model.generator(device).set_state(generator_state)
     running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with bf16_autocast(device, bf16):
         if kernels == "fused" and model.cells_path(device, images.dtype) != "fused":
             raise RuntimeError(f"the fused cells are not used: {model.cells_path(device, images.dtype)}")
         loss, _ = supernet_loss(model(images, arch), labels, aux_weight)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..autocast import bf16_autocast
 from ..data_parallel import GradientSync
 from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
@@ -322,7 +323,7 @@ class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, arch):
         """The eager step's forward and backward: ``(loss, logits, finite, time after the forward)``."""
         dev = self.device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16), record_function("bnao::forward"):
+        with bf16_autocast(dev, self.bf16), record_function("bnao::forward"):
             loss, logits = supernet_loss(self.model(images, arch), labels, self.aux_weight, self.label_smoothing)
         # Data-parallel: every rank's flag travels with the gradients, so all skip the same steps.
         finite = self._loss_is_finite(loss) if self.data_parallel is None else True
