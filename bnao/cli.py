@@ -25,9 +25,20 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error line made visible: a control character in a refused argument (``\\x1e``,
+    ``\\r``) is printed as an escape, so the error stays one line, as ``bnao``'s own errors do."""
+
+    def error(self, message: str):
+        from .commands.errors import visible
+
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with every sub-command; only ``command``'s module is imported (none when None)."""
-    parser = argparse.ArgumentParser(prog="bnao", description="Balanced Neural Architecture Optimization")
+    parser = _Parser(prog="bnao", description="Balanced Neural Architecture Optimization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

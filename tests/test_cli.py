@@ -83,3 +83,17 @@ def test_an_error_is_one_line_whatever_the_user_typed(capsys):
     # A message's own further lines stay under it, indented.
     assert error_text("train", "diverged\nthe last good checkpoint is in c.pt") == (
         "bnao train: error: diverged\n  the last good checkpoint is in c.pt")
+
+
+def test_an_argparse_refusal_is_one_line_too(capsys):
+    """argparse's own errors go through the same escaping: ``\\x1e`` (a record separator, which
+    ``str.splitlines`` treats as a line break; found by tests/test_fuzz.py) is printed as an escape."""
+    try:
+        main(["profile", "\x1e0"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("an unknown argument was accepted")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("bnao")]
+    assert errors == ["bnao: error: unrecognized arguments: \\x1e0"], err

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import unicodedata
 
-__all__ = ["error_text", "report_error"]
+__all__ = ["error_text", "report_error", "visible"]
 
 
-def _visible(text: str) -> str:
+def visible(text: str) -> str:
     """``text`` with control and format characters other than newline and tab written as escapes (``\\r``,
     ``\\x1b``): a path or value from the user cannot break the report's lines or hide part of it."""
     return "".join(c.encode("unicode_escape").decode("ascii") if c not in "\n\t" and
@@ -17,7 +17,7 @@ def _visible(text: str) -> str:
 
 def error_text(command: str, message: object) -> str:
     """``bnao COMMAND: error: MESSAGE``; further lines of the message are indented under the first."""
-    first, *rest = _visible(str(message)).split("\n")
+    first, *rest = visible(str(message)).split("\n")
     return "".join([f"bnao {command}: error: {first}", *(f"\n  {line}" for line in rest)])
 
 
