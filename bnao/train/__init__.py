@@ -5,7 +5,8 @@ from .model_file import load_model, save_model
 from .api import rerank, train_standalone
 from .config import StandaloneConfig, make_config
 from .evaluate import count_parameters, evaluate_model
-from .standalone import NonFiniteLossError, StandaloneTrainer, resolve_device
+from .epoch import NonFiniteLossError
+from .standalone import StandaloneTrainer, resolve_device
 
 __all__ = [
     "CheckpointError",

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..autocast import bf16_autocast
+
 __all__ = ["count_parameters", "evaluate_model"]
 
 
@@ -48,7 +50,7 @@ def evaluate_model(model: nn.Module, data: Any, batch_size: int = 500, device: U
     n = 0
     try:
         for images, labels in batches:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(device, bf16):
                 logits = model(images)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
             correct += (logits.argmax(1) == labels).sum()

@@ -18,6 +18,9 @@ caller's RNG is left alone. The learning rate is a function of the epoch.
 Restoring model, optimizer (momentum buffers) and epoch therefore continues
 exactly where the uninterrupted run would be: on the CPU the final weights
 are bit-identical.
+
+The trainer's epoch (its steps, skipped non-finite steps and stops mid-epoch)
+is in :mod:`bnao.train.epoch`, its checkpoint in :mod:`bnao.train.trainer_state`.
 """
 
 from __future__ import annotations
@@ -30,34 +33,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..data_parallel import GradientSync, ShardedLoader
-from ..distributed import Context, any_rank, average_buffers, sum_across_ranks
+from ..distributed import Context, any_rank, sum_across_ranks
 from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
 from ..signals import Stopped, stop_requested
-from .checkpoint import CheckpointError, load_file, partial_of_rank, save_atomic
 from .config import StandaloneConfig
+from .epoch import _SALT_INIT, _SALT_LOADER, EpochTrainingMixin
 from .evaluate import count_parameters, evaluate_model
+from .trainer_state import StandaloneStateMixin
 
-CHECKPOINT_FORMAT = "bnao-standalone-checkpoint"
-CHECKPOINT_VERSION = 1
-
-# Salts that separate the random streams derived from the one user seed.
-_SALT_INIT, _SALT_EPOCH, _SALT_LOADER = 0x1A17, 0xE90C, 0x10AD
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged: the loss (or gradient norm) stayed NaN/inf for several steps."""
-
-
-# Settings that may differ between a checkpoint and the run resuming it: they
-# change neither the weights nor the order of anything random.
-_RESUME_FREE = ("eval_every", "eval_batch_size", "loader", "max_nonfinite_steps")
 
 def _dataset_shape(dataset: Any) -> Tuple[int, int]:
     """``(num_classes, in_channels)`` of a bnao dataset."""
@@ -66,7 +54,7 @@ def _dataset_shape(dataset: Any) -> Tuple[int, int]:
     return int(dataset.num_classes), in_channels
 
 
-class StandaloneTrainer:
+class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
     """Trains one arch from scratch and evaluates it; resumable from its checkpoint.
 
     Args:
@@ -154,101 +142,9 @@ class StandaloneTrainer:
             return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         return []
 
-    def _read_flag(self, flag: torch.Tensor) -> bool:
-        """A 0-dim bool tensor's value; on CUDA through pinned memory, waiting only for the work queued so far."""
-        if self.device.type != "cuda":
-            return bool(flag)
-        if getattr(self, "_flag_host", None) is None:
-            self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        self._flag_host.copy_(flag.view(1), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        event.synchronize()
-        return bool(self._flag_host[0])
-
-    def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss of one output head (cross-entropy with optional label smoothing)."""
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
-
     def config_dict(self) -> Dict[str, Any]:
         """The resolved configuration plus arch and space (stored in checkpoints and model files)."""
         return {"arch": str(self.arch), "space": self.space.config(), **dataclasses.asdict(self.config)}
-
-    # --------------------------------------------------------------- checkpoint
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue training (written at the end of every epoch)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "config": self.config_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            # The lr is a function of the epoch (cosine), so the schedule's whole state is the epoch.
-            "schedule": {"kind": f"cosine-per-{self.config.lr_schedule}", "epoch": self.epoch, "lr_max": self.config.lr_max,
-                         "lr_min": self.config.lr_min, "epochs": self.config.epochs},
-            # Global torch RNG is reseeded from (seed, epoch) each epoch; kept for the record.
-            "rng": {"seed": self.config.seed, "scheme": "torch.manual_seed(mix_seed(seed, 0xE90C, epoch)) per epoch"},
-            "loader": self.train_loader.state_dict(),
-            "history": self.history,
-            "seconds": self.seconds,
-            "result": self.result,
-            "partial_epoch": self._partial,
-        }
-
-    def save_checkpoint(self) -> None:
-        """Writes :meth:`state_dict` atomically to ``checkpoint_path`` (no-op without one)."""
-        if self.checkpoint_path is None or (self.parallel and not self.parallel.is_main):
-            return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(self.state_dict(), self.checkpoint_path)
-
-    def load_checkpoint(self, path: Optional[Union[str, os.PathLike]] = None) -> None:
-        """Restores a checkpoint written by :meth:`save_checkpoint` with the same settings.
-
-        Raises:
-            CheckpointError: Unreadable file, or it was written for another arch or other settings
-                (the message names the keys that differ).
-        """
-        path = Path(path) if path is not None else self.checkpoint_path
-        if path is None:
-            raise ValueError("no checkpoint path given")
-        fix = ("Delete it to start this training over, or point to an intact checkpoint "
-               "(a file is replaced only by a complete new one, so a damaged file was damaged after writing).")
-        state = load_file(path, CHECKPOINT_FORMAT, fix)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
-                                  f"(this bnao writes version {CHECKPOINT_VERSION}). {fix}")
-        saved, mine = dict(state["config"]), self.config_dict()
-        for f in dataclasses.fields(StandaloneConfig):  # settings added since the checkpoint was written
-            if f.name not in saved and f.default is not dataclasses.MISSING:
-                saved[f.name] = f.default
-        differ = sorted(k for k in set(saved) | set(mine)
-                        if k not in _RESUME_FREE and saved.get(k) != mine.get(k))
-        if differ:
-            pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine.get(k)!r}" for k in differ)
-            raise CheckpointError(f"{path}: cannot resume, the run's settings differ ({pairs}). "
-                                  "Resume with the original settings, or use a new output/checkpoint location.")
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise CheckpointError(f"{path}: cannot resume, the checkpoint has {state['steps_per_epoch']} steps per "
-                                  f"epoch and this data {self.steps_per_epoch} (a different training set?).")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.train_loader.load_state_dict(state["loader"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: checkpoint does not fit this network ({err}). {fix}") from None
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        self.seconds = float(state["seconds"])
-        self.result = state.get("result")
-        self._partial = partial_of_rank(state.get("partial_epoch"), self.parallel, path)
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -272,117 +168,6 @@ class StandaloneTrainer:
         return evaluate_model(self.model, data, batch_size or self.config.eval_batch_size, self.device,
                               loader=self.config.loader, channels_last=self.channels_last,
                               bf16=self.config.bf16)
-
-    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
-        cfg, model = self.config, self.model
-        lr = cfg.lr_at(epoch) if cfg.lr_schedule == "epoch" else cfg.lr_at_step(epoch * self.steps_per_epoch,
-                                                                                 self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        partial, self._partial = self._partial, None
-        if partial is None:
-            self.train_loader.set_epoch(epoch)
-            # Rank 0 draws one process's stream; the others their own (rank-salted), not copies of it.
-            rank = (self.parallel.rank,) if self.parallel and self.parallel.rank else ()
-            torch.manual_seed(mix_seed(cfg.seed, _SALT_EPOCH, epoch, *rank))
-        else:  # continue an epoch stopped part-way: the loader's position came with the checkpoint
-            self._set_rng(partial["rng"])
-        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, dtype=torch.float64, device=self.device)
-        correct = torch.tensor(partial["correct"] if partial else 0, dtype=torch.int64, device=self.device)
-        seen, skipped, bad_run = (partial["seen"], partial["skipped"], partial["bad_run"]) if partial else (0, 0, 0)
-        batches = self.train_loader
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       unit="step", dynamic_ncols=True)
-        per_step = cfg.lr_schedule == "step"
-        for images, labels in batches:
-            model.set_step(self.global_step)
-            if per_step:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr_at_step(self.global_step, self.total_steps)
-            with self._autocast():
-                out = model(images)
-            logits, aux_logits = out if isinstance(out, tuple) else (out, None)
-            loss = self._loss(logits, labels)
-            if aux_logits is not None:
-                loss = loss + cfg.auxiliary_weight * self._loss(aux_logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            # A non-finite loss or gradient would poison the weights and momentum: skip the update. The
-            # backward and the clipping are queued before the host looks at the flag, so the GPU keeps
-            # working while the host waits (the backward of a rare bad step is wasted, not harmful).
-            loss.backward()
-            ok = torch.isfinite(loss.detach())
-            if self.grad_sync is not None:  # average over the ranks; all agree on skipping and stopping
-                agreed = self.grad_sync.reduce(list(model.parameters()), loss, stop_requested())
-                ok = torch.tensor(agreed, device=self.device)
-            if cfg.grad_clip:
-                norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                ok = ok & torch.isfinite(norm)
-            finite = self._read_flag(ok)
-            if finite:
-                self.optimizer.step()
-                bad_run = 0
-                n = labels.shape[0]
-                loss_sum += loss.detach().double() * n
-                correct += (logits.detach().argmax(1) == labels).sum()
-                seen += n
-            else:
-                skipped += 1
-                bad_run += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if bad_run >= cfg.max_nonfinite_steps:
-                    if bar is not None:
-                        bar.close()
-                    kept = (f"the last good checkpoint (end of epoch {self.epoch}) is kept at {self.checkpoint_path}"
-                            if self.checkpoint_path is not None and self.epoch > 0 else "no checkpoint was written")
-                    raise NonFiniteLossError(
-                        f"training diverged: loss or gradient was {loss.item()} for {bad_run} consecutive steps "
-                        f"(epoch {epoch + 1}, step {self.global_step + 1}, lr {lr:g}); {kept}. Lower the learning "
-                        "rate, turn off bf16, or check the data for NaNs.")
-            self.global_step += 1
-            if bar is not None:
-                bar.update(1)
-                if seen and self.global_step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
-            stop = self.grad_sync.stop_agreed if self.grad_sync is not None else stop_requested()
-            if stop and self.train_loader.position < self.steps_per_epoch:
-                if bar is not None:
-                    bar.close()
-                self._stop_mid_epoch(epoch, float(loss_sum), int(correct), seen, skipped, bad_run)
-        if bar is not None:
-            bar.close()
-        if self.parallel:  # one model and one record on every rank
-            average_buffers(model)
-            loss_sum, correct, seen = sum_across_ranks([float(loss_sum), int(correct), seen], "the epoch's statistics")
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(seen, 1),
-                "train_acc": float(correct) / max(seen, 1), "skipped_steps": skipped}
-
-    def _rng_state(self) -> Dict[str, Any]:
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _set_rng(self, state: Dict[str, Any]) -> None:
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def _stop_mid_epoch(self, epoch: int, loss_sum: float, correct: int, seen: int, skipped: int, bad_run: int) -> None:
-        """Checkpoints the epoch in progress at this step boundary and raises :class:`Stopped`."""
-        self._partial = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "skipped": skipped,
-                         "bad_run": bad_run, "rng": self._rng_state()}
-        if self.parallel:  # each rank's sums and random stream, kept by rank in the one checkpoint
-            from ..distributed import gather_objects
-
-            average_buffers(self.model)
-            self._partial = {"by_rank": gather_objects(self._partial, "a stop mid-epoch")}
-        self.save_checkpoint()
-        raise Stopped(f"epoch {epoch + 1}, step {self.train_loader.position} of {self.steps_per_epoch}")
 
     def fit(self, resume: bool = True) -> Dict[str, Any]:
         """Trains the remaining epochs, evaluating and checkpointing after each.
@@ -445,8 +230,11 @@ class StandaloneTrainer:
         }
 
 
-# Names that lived here before the split (config.py, api.py): still importable from this module.
-_MOVED = {"LR_SCHEDULES": "config", "make_config": "config", "train_standalone": "api", "rerank": "api"}
+# Names that lived here before the splits (config.py, api.py, epoch.py, trainer_state.py): still importable
+# from this module.
+_MOVED = {"LR_SCHEDULES": "config", "make_config": "config", "train_standalone": "api", "rerank": "api",
+          "NonFiniteLossError": "epoch", "_SALT_EPOCH": "epoch", "CHECKPOINT_FORMAT": "trainer_state",
+          "CHECKPOINT_VERSION": "trainer_state", "_RESUME_FREE": "trainer_state"}
 
 
 def __getattr__(name: str):
