@@ -30,7 +30,7 @@ from torch.profiler import record_function
 
 from ..autocast import bf16_autocast
 from .fused_forward import FusedArchData, arch_lists, cells_choice
-from .model import supernet_loss
+from .loss import supernet_loss
 from .optim import masked_sgd_update
 
 log = logging.getLogger(__name__)

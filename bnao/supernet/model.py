@@ -37,25 +37,26 @@ import torch.nn.functional as F
 
 from ..nets.layers import AuxHeadCIFAR, AuxHeadImageNet
 from ..nets.network import check_skeleton_args
-from ..ops.cell import NUM_BN, ROLES
 from ..space.nao import Arch, NAOSpace
-from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV, op_table
-from . import eager_forward, fused_forward, touched
+from ..space.ops import KIND_IDENTITY, op_table
+from . import eager_forward, fused_forward, slots, touched
 from .drop_path import DropPathMixin
-from .fixed import CellFixed, CellInfo, ConvBN, kaiming
+from .fixed import CellFixed, CellInfo, ConvBN
 from .fused_forward import cells_choice, check_kernels
 from .plan import Plan, build_plan
 
 
-def supernet_loss(out, labels: torch.Tensor, aux_weight: float, label_smoothing: float = 0.0
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The training loss of a :class:`Supernet` output (logits, or ``(logits, aux_logits)`` with the auxiliary
-    head): cross-entropy in float32, plus ``aux_weight`` times the auxiliary head's. Returns ``(loss, logits)``."""
-    logits, aux = out if isinstance(out, tuple) else (out, None)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    if aux is not None:
-        loss = loss + aux_weight * F.cross_entropy(aux.float(), labels, label_smoothing=label_smoothing)
-    return loss, logits
+def _checked_space(space: Union[NAOSpace, str], skeleton: str, layers: int, channels: int, num_classes: int,
+                   in_channels: int, drop_path_keep_prob: Optional[float], dropout: float) -> NAOSpace:
+    """The search space of :class:`Supernet`'s arguments (an op-set name made a space), after checking them all."""
+    if isinstance(space, str):
+        space = NAOSpace(op_set=space)
+    check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
+    if drop_path_keep_prob is not None and not 0.0 < drop_path_keep_prob <= 1.0:
+        raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return space
 
 
 class Supernet(DropPathMixin, nn.Module):
@@ -91,18 +92,30 @@ class Supernet(DropPathMixin, nn.Module):
                  plan_cache_size: int = 4096, drop_path_identity: bool = True, kernels: str = "auto"):
         super().__init__()
         self.kernels = check_kernels(kernels)
-        if isinstance(space, str):
-            space = NAOSpace(op_set=space)
-        check_skeleton_args(skeleton, layers, channels, num_classes, in_channels)
-        if drop_path_keep_prob is not None and not 0.0 < drop_path_keep_prob <= 1.0:
-            raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.space = space
+        self.space = _checked_space(space, skeleton, layers, channels, num_classes, in_channels,
+                                    drop_path_keep_prob, dropout)
+        self._init_settings(skeleton, layers, channels, num_classes, drop_path_keep_prob, drop_path_identity,
+                            dropout, total_steps, bn_momentum, seed, plan_cache_size)
+        # The modules are built in this order because it is the order of the initialisation draws and of the
+        # parameters: changing it changes the weights a seed gives and the checkpoint layout.
+        prev = self._build_stem(in_channels)
+        last_channels = self._build_cells(prev)
+        self._build_slot_params()
+        self._build_heads(last_channels, auxiliary)
+        # Drop-path depth factor (layer+1)/num_cells * (1 - keep) per cell; times progress gives the drop rate.
+        keep = 1.0 if drop_path_keep_prob is None else drop_path_keep_prob
+        depth = torch.tensor([(i + 1) / self.num_cells * (1.0 - keep) for i in range(self.num_cells)])
+        self.register_buffer("_drop_depth", depth, persistent=False)
+
+    # ------------------------------------------------------------ construction
+    def _init_settings(self, skeleton: str, layers: int, channels: int, num_classes: int,
+                       drop_path_keep_prob: Optional[float], drop_path_identity: bool, dropout: float,
+                       total_steps: Optional[int], bn_momentum: float, seed: int, plan_cache_size: int) -> None:
+        """Stores the constructor's settings, the derived cell layout and the (empty) caches."""
         self.skeleton = skeleton
         self.layers, self.channels, self.num_classes = layers, channels, num_classes
-        self.num_nodes = B = space.num_nodes
-        self.table = op_table(space.op_set)
+        self.num_nodes = self.space.num_nodes
+        self.table = op_table(self.space.op_set)
         self.drop_path_keep_prob = drop_path_keep_prob
         self.drop_path_identity = bool(drop_path_identity)
         self.dropout = dropout
@@ -124,98 +137,74 @@ class Supernet(DropPathMixin, nn.Module):
         self.reduction_indices = (layers, 2 * layers + 1)
         self.aux_index = 2 * layers + 1
 
-        # ---- stem
-        if skeleton == "cifar":
+    def _build_stem(self, in_channels: int) -> List[Tuple[int, int]]:
+        """Builds the stem convs; returns the ``(resolution level, channels)`` of the first cell's two inputs."""
+        channels = self.channels
+        if self.skeleton == "cifar":
             self.stem = ConvBN(in_channels, 3 * channels, 3, 1)
-            prev = [(0, 3 * channels), (0, 3 * channels)]  # (level, channels)
-        else:
-            self.stem0a = ConvBN(in_channels, max(channels // 2, 1), 3, 2)
-            self.stem0b = ConvBN(max(channels // 2, 1), channels, 3, 2)
-            self.stem1 = ConvBN(channels, channels, 3, 2)
-            prev = [(2, channels), (3, channels)]
+            return [(0, 3 * channels), (0, 3 * channels)]
+        self.stem0a = ConvBN(in_channels, max(channels // 2, 1), 3, 2)
+        self.stem0b = ConvBN(max(channels // 2, 1), channels, 3, 2)
+        self.stem1 = ConvBN(channels, channels, 3, 2)
+        return [(2, channels), (3, channels)]
 
-        # ---- cells and stages
+    def _build_cells(self, prev: List[Tuple[int, int]]) -> int:
+        """Builds every cell's fixed (non-slot) modules and the stage layout; returns the last cell's channels.
+
+        Args:
+            prev: ``(resolution level, channels)`` of the first cell's two inputs (from the stem).
+        """
         self.cell_info: List[CellInfo] = []
         self.fixed = nn.ModuleList()
-        stage, c = 0, channels
-        local, red_local = 0, 0
-        for i in range(self.num_cells):
-            reduction = i in self.reduction_indices
+        stage, cell_channels = 0, self.channels
+        local, reduction_local = 0, 0
+        for index in range(self.num_cells):
+            reduction = index in self.reduction_indices
             if reduction:
-                stage, c, local, red_local = stage + 1, c * 2, 0, 0
-            self.cell_info.append(CellInfo(i, stage, local, red_local if reduction else -1, reduction, c))
-            self.fixed.append(CellFixed(prev[0][1], prev[1][1], prev[0][0] != prev[1][0], c, B + 2, reduction))
+                stage, cell_channels, local, reduction_local = stage + 1, cell_channels * 2, 0, 0
+            self.cell_info.append(CellInfo(index, stage, local, reduction_local if reduction else -1, reduction,
+                                           cell_channels))
+            # Inputs at different resolutions: the older one is reduced to the newer one's (factorized reduce).
+            self.fixed.append(CellFixed(prev[0][1], prev[1][1], prev[0][0] != prev[1][0], cell_channels,
+                                        self.num_nodes + 2, reduction))
             local += 1
-            red_local += int(reduction)
-            level = prev[1][0] + int(reduction)
-            prev = [prev[1], (level, c)]
+            reduction_local += int(reduction)
+            prev = [prev[1], (prev[1][0] + int(reduction), cell_channels)]
         self.num_stages = stage + 1
         self.stage_cells = [[ci for ci in self.cell_info if ci.stage == g] for g in range(self.num_stages)]
-        self.stage_channels = [channels * 2 ** g for g in range(self.num_stages)]
+        self.stage_channels = [self.channels * 2 ** g for g in range(self.num_stages)]
+        return prev[1][1]
 
-        # ---- stacked per-slot weights: one tensor per (stage, op, role)
-        self.slots_per_cell = B * (B + 3)  # sum over nodes k=2..B+1 of 2 branches x k input ids
-        self._branch_base = []
-        base = 0
-        for node in range(B):
-            for _ in range(2):
-                self._branch_base.append(base)
-                base += node + 2
+    def _build_slot_params(self) -> None:
+        """Creates the stacked per-slot weights, one tensor per (stage, op, role), and each stage's shared
+        slot-BN running statistics (:mod:`bnao.supernet.slots`)."""
+        self.slots_per_cell = slots.slots_per_cell(self.num_nodes)
+        self._branch_base = slots.branch_bases(self.num_nodes)
         self.slot_ops: List[List[int]] = []  # per stage, the op indices with stacked weights
         self.slot_params = nn.ParameterDict()
-        self._bn_offset: Dict[int, int] = {}
-        off = 0
-        for o, (kind, _k) in enumerate(self.table):
-            if kind in NUM_BN:
-                self._bn_offset[o] = off
-                off += NUM_BN[kind]
-        self._bn_per_branch = off
+        self._bn_offset, self._bn_per_branch = slots.bn_layout(self.table)
         for g in range(self.num_stages):
-            cg = self.stage_channels[g]
-            n_cells = len(self.stage_cells[g])
-            n_red = sum(ci.reduction for ci in self.stage_cells[g])
-            ops = []
-            for o, (kind, k) in enumerate(self.table):
-                if kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV):
-                    s = n_cells * self.slots_per_cell
-                    shapes = {"dw": (s, cg, 1, k, k), "pw": (s, cg, cg)}
-                elif kind == KIND_IDENTITY and n_red:
-                    s = n_red * 2 * B * 2  # stride-2 identity reads input 0 or 1 only
-                    shapes = {"w": (s, cg, cg)}
-                else:
-                    continue
-                ops.append(o)
-                for role in ROLES[kind]:
-                    r = role.rstrip("12")
-                    if r == "dw":
-                        t = kaiming(shapes["dw"], k * k)
-                    elif r in ("pw", "w"):
-                        t = kaiming(shapes[r], cg)
-                    elif r == "g":
-                        t = torch.ones(s, cg)
-                    else:
-                        t = torch.zeros(s, cg)
-                    self.slot_params[self._pname(g, o, role)] = nn.Parameter(t)
+            cells = self.stage_cells[g]
+            ops, tensors = slots.create_stage_slots(self.table, len(cells), sum(ci.reduction for ci in cells),
+                                                    self.stage_channels[g], self.num_nodes)
+            for op, role, tensor in tensors:
+                self.slot_params[self._pname(g, op, role)] = nn.Parameter(tensor)
             self.slot_ops.append(ops)
-            rows = n_cells * 2 * B * self._bn_per_branch
-            self.register_buffer(f"s{g}_running_mean", torch.zeros(rows, cg))
-            self.register_buffer(f"s{g}_running_var", torch.ones(rows, cg))
+            rows = len(cells) * 2 * self.num_nodes * self._bn_per_branch
+            self.register_buffer(f"s{g}_running_mean", torch.zeros(rows, self.stage_channels[g]))
+            self.register_buffer(f"s{g}_running_var", torch.ones(rows, self.stage_channels[g]))
 
-        # ---- head
-        c_last = prev[1][1]
+    def _build_heads(self, last_channels: int, auxiliary: bool) -> None:
+        """Builds the auxiliary head (if asked for) and the classifier, with NAO's Kaiming-normal weights."""
         self.auxiliary_head: Optional[nn.Module] = None
         if auxiliary:
-            head = AuxHeadCIFAR if skeleton == "cifar" else AuxHeadImageNet
-            self.auxiliary_head = head(self.stage_channels[-1], num_classes)
+            head = AuxHeadCIFAR if self.skeleton == "cifar" else AuxHeadImageNet
+            self.auxiliary_head = head(self.stage_channels[-1], self.num_classes)
             for p in self.auxiliary_head.parameters():
                 if p.dim() >= 2:
                     nn.init.kaiming_normal_(p)
-        self.classifier = nn.Linear(c_last, num_classes)
+        self.classifier = nn.Linear(last_channels, self.num_classes)
         nn.init.kaiming_normal_(self.classifier.weight)
-        # Drop-path depth factor (layer+1)/num_cells * (1 - keep) per cell; times progress gives the drop rate.
-        keep = 1.0 if drop_path_keep_prob is None else drop_path_keep_prob
-        depth = torch.tensor([(i + 1) / self.num_cells * (1.0 - keep) for i in range(self.num_cells)])
-        self.register_buffer("_drop_depth", depth, persistent=False)
 
     # ------------------------------------------------------------------ naming
     def _pname(self, stage: int, op: int, role: str) -> str:
@@ -392,23 +381,10 @@ class Supernet(DropPathMixin, nn.Module):
             plan.fused = fused_forward.FusedArchData.build(self, plan.arch, device)
         return plan.fused
 
-    @torch.no_grad()
     def _update_slot_stats(self, plan: Plan, stats, stage_hw: List[int], batch: int) -> None:
-        # Fold the batch statistics of every slot BN of a stage into the shared running statistics at once.
-        for g, entries in enumerate(stats):
-            if not entries:
-                continue
-            cg = self.stage_channels[g]
-            rm = getattr(self, f"s{g}_running_mean")
-            # In the buffers' dtype: bf16 statistics (autocast) are widened, float64 ones kept.
-            mean = torch.cat([m for m, _ in entries]).view(-1, cg).to(rm.dtype)
-            invstd = torch.cat([v for _, v in entries]).view(-1, cg).to(rm.dtype)
-            n = batch * stage_hw[g]
-            var = (invstd.pow(-2) - self.bn_eps).mul_(n / max(n - 1, 1))
-            rows = plan.bn_rows[g]
-            rv = getattr(self, f"s{g}_running_var")
-            rm.index_copy_(0, rows, rm.index_select(0, rows).lerp_(mean, self.bn_momentum))
-            rv.index_copy_(0, rows, rv.index_select(0, rows).lerp_(var, self.bn_momentum))
+        """Folds a forward's slot-BN batch statistics into the running statistics
+        (:func:`bnao.supernet.slots.update_slot_stats`)."""
+        slots.update_slot_stats(self, plan, stats, stage_hw, batch)
 
     # --------------------------------------------------------------- helpers
     def num_parameters(self) -> int:

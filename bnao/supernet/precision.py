@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..autocast import bf16_autocast
-from .model import supernet_loss
+from .loss import supernet_loss
 
 __all__ = ["bf16_fidelity", "summarize"]
 

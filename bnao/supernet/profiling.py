@@ -11,7 +11,7 @@ evaluation speed at batch 500.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -139,53 +139,28 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         Dict of the figures (see ``bnao profile``).
     """
     from ..data import create_loader
-    from ..sampling import create_sampler
 
     dev = resolve_device(device)
     torch.manual_seed(seed)
     sp = NAOSpace(op_set=space)
-    samples = max(8 * batch_size, eval_batch, 4096)
-    ds = _dataset(dataset, data_root, 32, 3, classes, samples)
-    num_classes = int(ds.num_classes)
-    in_channels = int(ds.images.shape[-1]) if hasattr(ds, "images") else 3
+    ds = _dataset(dataset, data_root, 32, 3, classes, max(8 * batch_size, eval_batch, 4096))
     train_loader = create_loader(loader, ds, batch_size, device=dev, augment=True, shuffle=True, drop_last=True,
                                  seed=seed, channels_last=channels_last)
-    pool = sp.sample_array(pool_size, np.random.default_rng(seed))
-    if sampler == "proportional":
-        from ..size import model_size
-
-        weights = np.asarray(model_size(pool, space=sp, layers=layers, channels=channels, classes=num_classes,
-                                        in_channels=in_channels), dtype=np.float64)
-    else:
-        weights = np.ones(pool_size)
-    smp = create_sampler(sampler, weights, seed=seed, device=dev)
-    model = Supernet(sp, layers=layers, channels=channels, num_classes=num_classes, in_channels=in_channels,
-                     total_steps=warmup + steps, kernels=kernels).to(dev)
-    trainer = SupernetTrainer(model, smp, pool, train_loader, bf16=bf16, channels_last=channels_last,
-                              steps_total=warmup + steps, device=dev, seed=seed, sync_timing=True, graph=graph)
+    pool, model, trainer = _build_training(
+        sp, ds, train_loader, dev, layers=layers, channels=channels, total_steps=warmup + steps, bf16=bf16,
+        channels_last=channels_last, pool_size=pool_size, sampler=sampler, seed=seed, kernels=kernels, graph=graph)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if warmup:
         trainer.train_steps(warmup)
     result: Dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dataset": dataset, "space": space, "layers": layers, "channels": channels, "classes": num_classes,
+        "dataset": dataset, "space": space, "layers": layers, "channels": channels, "classes": int(ds.num_classes),
         "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last, "pool_size": pool_size,
-        "sampler": sampler, "kernels": model.cells_path(dev), "params": model.num_parameters(), "param_tensors": len(list(model.parameters())),
+        "sampler": sampler, "kernels": model.cells_path(dev), "params": model.num_parameters(),
+        "param_tensors": len(list(model.parameters())),
     }
-    # Split timing (synchronised phases) and plain throughput (no extra synchronisation) are separate runs.
-    split = trainer.train_steps(steps)
-    trainer.sync_timing = False
-    plain = trainer.train_steps(steps)
-    result.update({
-        "steps": steps,
-        "img_per_s": plain["img_per_s"],
-        "ms_per_step": plain["ms_per_step"],
-        "split_ms": {k: split[f"{k}_ms"] for k in ("draw", "forward", "backward", "optimizer")},
-        "split_ms_per_step": split["ms_per_step"],
-        "loss": plain["loss"],
-        "step_path": dict(trainer.graph_status),
-    })
+    result.update(_time_training(trainer, steps))
     if dev.type == "cuda":
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if count_ops:
@@ -197,28 +172,87 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         archs = [tuple(row.tolist()) for row in pool[:sequence_archs]]
         result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs, bf16)
     if trace_dir:
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(trace_dir)):
-            trainer.train_steps(min(3, steps))
+        _write_trace(trainer, trace_dir, min(3, steps), dev)
         result["trace_dir"] = trace_dir
     if eval_archs:
         dev_loader = create_loader(loader, ds, eval_batch, device=dev, augment=False, shuffle=False,
                                    drop_last=False, seed=seed, channels_last=channels_last)
-        batch = next(iter(dev_loader))
-        archs = pool[: min(eval_archs, len(pool))]
-        # Warm-up on the same archs: a search builds a pool's device tables once (they are cached on the model).
-        evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
-        elapsed = time.perf_counter() - t0
-        result.update({"eval_archs": len(archs), "eval_batch": int(batch[1].shape[0]),
-                       "eval_archs_per_s": len(archs) / elapsed, "eval_path": dict(last_evaluation)})
-        if dev.type == "cuda":
-            result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        result.update(_time_evaluation(model, pool[: min(eval_archs, len(pool))], next(iter(dev_loader)), dev,
+                                       bf16=bf16, graph=graph))
+    return result
+
+
+def _build_training(sp: NAOSpace, ds, train_loader, dev: torch.device, *, layers: int, channels: int,
+                    total_steps: int, bf16: bool, channels_last: bool, pool_size: int, sampler: str, seed: int,
+                    kernels: str, graph: str) -> Tuple[np.ndarray, Supernet, SupernetTrainer]:
+    """The random pool, the supernet and its trainer of a :func:`profile_supernet` run.
+
+    Returns:
+        ``(pool, model, trainer)``; the pool, the sampler and the model are drawn from ``seed`` (the model from
+        the global torch seed).
+    """
+    from ..sampling import create_sampler
+
+    num_classes = int(ds.num_classes)
+    in_channels = int(ds.images.shape[-1]) if hasattr(ds, "images") else 3
+    pool = sp.sample_array(pool_size, np.random.default_rng(seed))
+    if sampler == "proportional":
+        from ..size import model_size
+
+        weights = np.asarray(model_size(pool, space=sp, layers=layers, channels=channels, classes=num_classes,
+                                        in_channels=in_channels), dtype=np.float64)
+    else:
+        weights = np.ones(pool_size)
+    smp = create_sampler(sampler, weights, seed=seed, device=dev)
+    model = Supernet(sp, layers=layers, channels=channels, num_classes=num_classes, in_channels=in_channels,
+                     total_steps=total_steps, kernels=kernels).to(dev)
+    trainer = SupernetTrainer(model, smp, pool, train_loader, bf16=bf16, channels_last=channels_last,
+                              steps_total=total_steps, device=dev, seed=seed, sync_timing=True, graph=graph)
+    return pool, model, trainer
+
+
+def _time_training(trainer: SupernetTrainer, steps: int) -> Dict[str, Any]:
+    """Times ``steps`` training steps twice: once with synchronised phases (the split), once without (img/s).
+
+    The split's synchronisation around every phase slows the steps, hence the separate plain run.
+    """
+    split = trainer.train_steps(steps)
+    trainer.sync_timing = False
+    plain = trainer.train_steps(steps)
+    return {
+        "steps": steps,
+        "img_per_s": plain["img_per_s"],
+        "ms_per_step": plain["ms_per_step"],
+        "split_ms": {k: split[f"{k}_ms"] for k in ("draw", "forward", "backward", "optimizer")},
+        "split_ms_per_step": split["ms_per_step"],
+        "loss": plain["loss"],
+        "step_path": dict(trainer.graph_status),
+    }
+
+
+def _write_trace(trainer: SupernetTrainer, trace_dir: str, steps: int, dev: torch.device) -> None:
+    """Writes a torch.profiler (TensorBoard) trace of ``steps`` training steps to ``trace_dir``."""
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(trace_dir)):
+        trainer.train_steps(steps)
+
+
+def _time_evaluation(model: Supernet, archs: np.ndarray, batch, dev: torch.device, *, bf16: bool, graph: str
+                     ) -> Dict[str, Any]:
+    """Pool-evaluation speed: :func:`evaluate_pool` of ``archs`` on ``batch``, timed on its second run."""
+    # Warm-up on the same archs: a search builds a pool's device tables once (they are cached on the model).
+    evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    evaluate_pool(model, archs, batch, bf16=bf16, graph=graph)
+    elapsed = time.perf_counter() - t0
+    result = {"eval_archs": len(archs), "eval_batch": int(batch[1].shape[0]),
+              "eval_archs_per_s": len(archs) / elapsed, "eval_path": dict(last_evaluation)}
+    if dev.type == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
 
 

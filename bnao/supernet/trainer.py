@@ -50,7 +50,8 @@ from ..data_parallel import GradientSync
 from ..distributed import average_buffers, sum_across_ranks
 from ..signals import stop_requested
 from .graph_step import GraphStep, graph_unsupported
-from .model import Supernet, supernet_loss
+from .loss import supernet_loss
+from .model import Supernet
 from .nonfinite import NonFiniteGuardMixin, NonFiniteLossError
 from .optim import MaskedSGD
 from .slot_updates import UNUSED_SLOT_UPDATES, SlotUpdateMixin
