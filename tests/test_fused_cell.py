@@ -15,7 +15,8 @@ import torch
 from conftest import DEVICES
 
 from bnao import extension
-from bnao.ops.cell import ROLES, CellBuffers, CellWeights, cell_schedule, mixed_cell
+from bnao.ops.cell import CellBuffers, CellWeights, mixed_cell
+from bnao.ops.schedule import ROLES, cell_schedule
 from bnao.ops.fused import cell as fused
 from bnao.ops.fused import cell_nodes, nodes
 from bnao.ops.fused.code import FLAG_BN1, FLAG_BN2, FLAGS, cell_code

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnao.ops.cell import cell_schedule
+from bnao.ops.schedule import cell_schedule
 from bnao.space import NAOSpace
 from bnao.space.ops import (
     KIND_AVG_POOL,

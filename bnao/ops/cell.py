@@ -2,11 +2,13 @@
 
 :func:`mixed_cell` is the pure-PyTorch reference. It takes the two calibrated
 cell inputs, the cell's arch as a tuple of ints and the weights of exactly the
-branches that run (gathered by the model in the order :func:`cell_schedule`
-defines), and returns the cell output plus the batch statistics of its
-shared-slot BatchNorms. Everything crossing the boundary is a tensor or a
-tuple of ints, so fused CUDA kernels (``torch.ops.bnao.mixed_cell_*``) can
-replace the body later without any change to ``bnao.supernet``.
+branches that run (gathered by the model in the order
+:func:`~bnao.ops.schedule.cell_schedule` defines), and returns the cell output
+plus the batch statistics of its shared-slot BatchNorms. Everything crossing
+the boundary is a tensor or a tuple of ints. The fused cells
+(:mod:`bnao.ops.fused`) compute the same cell with an arch-independent launch
+sequence; this reference is what the CPU runs by default (its oneDNN
+convolutions are faster there) and what the fused cells are tested against.
 
 Why the reference is fast enough to be worth keeping in eager mode: branches
 are scheduled by *level* (a branch can run as soon as its input state exists)
@@ -29,152 +31,15 @@ inside a group each BN of the op (sep conv has two) for all its branches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..space.ops import (
-    KIND_AVG_POOL,
-    KIND_DIL_SEP_CONV,
-    KIND_IDENTITY,
-    KIND_SEP_CONV,
-    KIND_ZERO,
-)
+from ..space.ops import KIND_AVG_POOL, KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
+from .schedule import Group, cell_schedule
 
 Tensor = torch.Tensor
-
-#: Parameter roles of each parametric op kind, in the order of the weight tuples.
-ROLES = {
-    KIND_SEP_CONV: ("dw1", "pw1", "g1", "b1", "dw2", "pw2", "g2", "b2"),
-    KIND_DIL_SEP_CONV: ("dw", "pw", "g", "b"),
-    KIND_IDENTITY: ("w", "g", "b"),
-}
-#: Slot BatchNorms per branch of each op kind (their running statistics are shared across input ids).
-NUM_BN = {KIND_SEP_CONV: 2, KIND_DIL_SEP_CONV: 1, KIND_IDENTITY: 1}
-
-
-def has_weights(kind: int, stride: int) -> bool:
-    """Whether a branch of this kind and stride has per-slot weights (identity only when it reduces)."""
-    if kind == KIND_IDENTITY:
-        return stride == 2
-    return kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Branches of one level that share an op and a stride; they run as one grouped computation.
-
-    Attributes:
-        op: Op index in the op set.
-        kind: Op kind (``KIND_*``).
-        kernel: Kernel size (0 when none).
-        stride: 1, or 2 for reduction-cell branches reading a cell input.
-        positions: Branch positions ``2 * node + branch`` (node counted from 0).
-        inputs: Input state id of each branch.
-        chunk: Index of this group among the cell's weight-bearing groups of ``op`` (-1 when it has no weights).
-        bn_row: First row of this group in the cell's slot-BN order.
-    """
-
-    op: int
-    kind: int
-    kernel: int
-    stride: int
-    positions: Tuple[int, ...]
-    inputs: Tuple[int, ...]
-    chunk: int
-    bn_row: int
-
-
-@dataclass(frozen=True)
-class CellSchedule:
-    """Execution plan of one cell for one arch (pure function of the arch, cached).
-
-    Attributes:
-        levels: Per level, the groups that run and then the nodes (0-based) completed at that level.
-        op_slots: Per parametric op index, ``(position, input_id)`` of each weight row, in row order.
-        op_chunks: Per parametric op index, the number of branches of each of its weight-bearing groups.
-        bn_slots: ``(position, op, bn_index)`` of each slot-BN row, in BN order.
-        loose: State ids concatenated into the output (never used as inputs).
-        num_bn: Number of slot-BN rows.
-    """
-
-    levels: Tuple[Tuple[Tuple[Group, ...], Tuple[int, ...]], ...]
-    op_slots: Dict[int, Tuple[Tuple[int, int], ...]]
-    op_chunks: Dict[int, Tuple[int, ...]]
-    bn_slots: Tuple[Tuple[int, int, int], ...]
-    loose: Tuple[int, ...]
-    num_bn: int
-
-
-@lru_cache(maxsize=65536)
-def cell_schedule(cell_arch: Tuple[int, ...], reduction: bool, table: Tuple[Tuple[int, int], ...]) -> CellSchedule:
-    """Schedules the branches of one cell.
-
-    A state's level is 0 for the cell inputs; a branch runs at ``level(input) + 1``;
-    a node completes at the maximum level of its two branches. Branches of one
-    level with the same op and stride form one :class:`Group`.
-
-    Args:
-        cell_arch: ``[x_id, x_op, y_id, y_op] * B`` as a tuple of ints.
-        reduction: Whether branches reading inputs 0/1 have stride 2.
-        table: ``(kind, kernel)`` per op index (``bnao.space.ops.op_table``).
-
-    Returns:
-        The cell's :class:`CellSchedule`.
-    """
-    num_nodes = len(cell_arch) // 4
-    state_level = [0, 0]
-    branch_level = []
-    for i in range(num_nodes):
-        x_id, _, y_id, _ = cell_arch[4 * i : 4 * i + 4]
-        lx, ly = state_level[x_id] + 1, state_level[y_id] + 1
-        branch_level += [lx, ly]
-        state_level.append(max(lx, ly))
-    levels = []
-    op_rows: Dict[int, List[Tuple[int, int]]] = {}
-    op_chunks: Dict[int, List[int]] = {}
-    bn_slots: List[Tuple[int, int, int]] = []
-    for level in range(1, max(state_level) + 1):
-        buckets: Dict[Tuple[int, int], List[int]] = {}
-        for pos in range(2 * num_nodes):
-            if branch_level[pos] != level:
-                continue
-            node, b = divmod(pos, 2)
-            in_id, op = cell_arch[4 * node + 2 * b], cell_arch[4 * node + 2 * b + 1]
-            if table[op][0] == KIND_ZERO:
-                continue  # contributes nothing; the node handles it
-            stride = 2 if reduction and in_id < 2 else 1
-            buckets.setdefault((op, stride), []).append(pos)
-        groups = []
-        for (op, stride), positions in sorted(buckets.items()):
-            kind, kernel = table[op]
-            inputs = tuple(cell_arch[4 * (p // 2) + 2 * (p % 2)] for p in positions)
-            chunk = -1
-            bn_row = len(bn_slots)
-            if has_weights(kind, stride):
-                chunks = op_chunks.setdefault(op, [])
-                chunk = len(chunks)
-                chunks.append(len(positions))
-                op_rows.setdefault(op, []).extend(zip(positions, inputs))
-                for j in range(NUM_BN[kind]):
-                    bn_slots.extend((p, op, j) for p in positions)
-            groups.append(Group(op, kind, kernel, stride, tuple(positions), inputs, chunk, bn_row))
-        done = tuple(i for i in range(num_nodes) if state_level[i + 2] == level)
-        levels.append((tuple(groups), done))
-    used = set(cell_arch[0::4]) | set(cell_arch[2::4])
-    loose = tuple(i for i in range(num_nodes + 2) if i not in used)
-    return CellSchedule(
-        levels=tuple(levels),
-        op_slots={op: tuple(rows) for op, rows in op_rows.items()},
-        op_chunks={op: tuple(c) for op, c in op_chunks.items()},
-        bn_slots=tuple(bn_slots),
-        loose=loose,
-        num_bn=len(bn_slots),
-    )
-
 
 class CellWeights(NamedTuple):
     """Every weight one :func:`mixed_cell` call reads.
@@ -321,7 +186,7 @@ def mixed_cell(
         s0: Calibrated input 0 ``[N, C, H, W]``.
         s1: Calibrated input 1, same shape.
         cell_arch: ``[x_id, x_op, y_id, y_op] * B`` as a tuple of ints.
-        weights: :class:`CellWeights` gathered for this arch in :func:`cell_schedule` order.
+        weights: :class:`CellWeights` gathered for this arch in :func:`~bnao.ops.schedule.cell_schedule` order.
         buffers: :class:`CellBuffers`.
         table: ``(kind, kernel)`` per op index.
         reduction: Reduction cell (branches reading inputs 0/1 stride 2; loose inputs are reduced).
@@ -340,7 +205,6 @@ def mixed_cell(
         or when the cell has no slot BNs).
     """
     sched = cell_schedule(cell_arch, reduction, table)
-    C = s1.shape[1]
     states: List[Optional[Tensor]] = [s0, s1] + [None] * (len(cell_arch) // 4)
     branch_out: Dict[int, Tensor] = {}
     stats: Optional[List[Tuple[Tensor, Tensor]]] = [] if batch_stats else None
@@ -353,43 +217,7 @@ def mixed_cell(
 
     for groups, done in sched.levels:
         for grp in groups:
-            xs = [states[i] for i in grp.inputs]
-            n = len(xs)
-            if grp.kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV):
-                w = weights.ops[grp.op][grp.chunk]
-                k, nc = grp.kernel, n * C
-                dil = 2 if grp.kind == KIND_DIL_SEP_CONV else 1
-                pad = dil * (k // 2)
-                y = F.relu(_cat(xs))
-                # Depthwise over all branches at once (groups = n*C), then pointwise per branch (groups = n).
-                y = F.conv2d(y, w[0].reshape(nc, 1, k, k), None, grp.stride, pad, dil, nc)
-                y = F.conv2d(y, w[1].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
-                y = _slot_bn(y, w[2], w[3], eval_rows(grp.bn_row, n), batch_stats, False, momentum, eps, stats)
-                if grp.kind == KIND_SEP_CONV:
-                    y = F.relu(y)
-                    y = F.conv2d(y, w[4].reshape(nc, 1, k, k), None, 1, pad, 1, nc)
-                    y = F.conv2d(y, w[5].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
-                    y = _slot_bn(y, w[6], w[7], eval_rows(grp.bn_row + n, n), batch_stats, False, momentum, eps,
-                                 stats)
-                # One split (its backward is one cat) instead of n slices (n zero-fills + copies in backward).
-                branch_out.update(zip(grp.positions, y.split(C, 1)))
-            elif grp.kind == KIND_IDENTITY and grp.stride == 2:
-                w = weights.ops[grp.op][grp.chunk]
-                y = factorized_reduce(xs, w[0], w[1], w[2], eval_rows(grp.bn_row, n), batch_stats, False,
-                                      momentum, eps, stats)
-                branch_out.update(zip(grp.positions, y.split(C, 1)))
-            elif grp.kind == KIND_IDENTITY:
-                for pos, i in zip(grp.positions, grp.inputs):
-                    branch_out[pos] = states[i]
-            else:  # pools: parameter-free, so branches reading the same state share one result
-                uniq = sorted(set(grp.inputs))
-                if len(uniq) >= 3:
-                    y = _pool(_cat([states[i] for i in uniq]), grp.kind, grp.kernel, grp.stride)
-                    res = dict(zip(uniq, y.split(C, 1)))
-                else:
-                    res = {i: _pool(states[i], grp.kind, grp.kernel, grp.stride) for i in uniq}
-                for pos, i in zip(grp.positions, grp.inputs):
-                    branch_out[pos] = res[i]
+            branch_out.update(_run_group(grp, states, weights, eval_rows, batch_stats, momentum, eps, stats))
         for node in done:
             parts = []
             for pos in (2 * node, 2 * node + 1):
@@ -415,6 +243,54 @@ def mixed_cell(
     if stats:
         return out, torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats])
     return out, None, None
+
+
+def _run_group(grp: Group, states: List[Optional[Tensor]], weights: CellWeights, eval_rows, batch_stats: bool,
+               momentum: float, eps: float, stats: Optional[List[Tuple[Tensor, Tensor]]]) -> Dict[int, Tensor]:
+    """The outputs of one group's branches by position; appends its slot BNs' batch statistics to ``stats``.
+
+    ``eval_rows(row, n)``: the running statistics of slot-BN rows ``row .. row + n`` (None with batch statistics).
+    """
+    xs = [states[i] for i in grp.inputs]
+    n = len(xs)
+    C = states[1].shape[1]
+    branch_out: Dict[int, Tensor] = {}
+    if grp.kind in (KIND_SEP_CONV, KIND_DIL_SEP_CONV):
+        w = weights.ops[grp.op][grp.chunk]
+        k, nc = grp.kernel, n * C
+        dil = 2 if grp.kind == KIND_DIL_SEP_CONV else 1
+        pad = dil * (k // 2)
+        y = F.relu(_cat(xs))
+        # Depthwise over all branches at once (groups = n*C), then pointwise per branch (groups = n).
+        y = F.conv2d(y, w[0].reshape(nc, 1, k, k), None, grp.stride, pad, dil, nc)
+        y = F.conv2d(y, w[1].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
+        y = _slot_bn(y, w[2], w[3], eval_rows(grp.bn_row, n), batch_stats, False, momentum, eps, stats)
+        if grp.kind == KIND_SEP_CONV:
+            y = F.relu(y)
+            y = F.conv2d(y, w[4].reshape(nc, 1, k, k), None, 1, pad, 1, nc)
+            y = F.conv2d(y, w[5].reshape(nc, C, 1, 1), None, 1, 0, 1, n)
+            y = _slot_bn(y, w[6], w[7], eval_rows(grp.bn_row + n, n), batch_stats, False, momentum, eps,
+                         stats)
+        # One split (its backward is one cat) instead of n slices (n zero-fills + copies in backward).
+        branch_out.update(zip(grp.positions, y.split(C, 1)))
+    elif grp.kind == KIND_IDENTITY and grp.stride == 2:
+        w = weights.ops[grp.op][grp.chunk]
+        y = factorized_reduce(xs, w[0], w[1], w[2], eval_rows(grp.bn_row, n), batch_stats, False,
+                              momentum, eps, stats)
+        branch_out.update(zip(grp.positions, y.split(C, 1)))
+    elif grp.kind == KIND_IDENTITY:
+        for pos, i in zip(grp.positions, grp.inputs):
+            branch_out[pos] = states[i]
+    else:  # pools: parameter-free, so branches reading the same state share one result
+        uniq = sorted(set(grp.inputs))
+        if len(uniq) >= 3:
+            y = _pool(_cat([states[i] for i in uniq]), grp.kind, grp.kernel, grp.stride)
+            res = dict(zip(uniq, y.split(C, 1)))
+        else:
+            res = {i: _pool(states[i], grp.kind, grp.kernel, grp.stride) for i in uniq}
+        for pos, i in zip(grp.positions, grp.inputs):
+            branch_out[pos] = res[i]
+    return branch_out
 
 
 def _node_sum(parts: List[Tuple[Tensor, Optional[Tensor]]], s1: Tensor, reduction: bool) -> Tensor:

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..ops.cell import ROLES, CellBuffers, CellWeights, cell_schedule, mixed_cell
+from ..ops.cell import CellBuffers, CellWeights, mixed_cell
+from ..ops.schedule import ROLES, cell_schedule
 
 
 def run_cells(net, plan, s0: torch.Tensor, s1: torch.Tensor, masks: Optional[torch.Tensor], batch_stats: bool,

@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..ops.cell import cell_schedule
+from ..ops.schedule import cell_schedule
 
 __all__ = ["Plan", "build_plan"]
 

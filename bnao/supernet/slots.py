@@ -1,7 +1,7 @@
 """The stacked per-slot weights of :class:`~bnao.supernet.model.Supernet` (SPEC section 4).
 
 A *slot* is ``(cell, node, branch, input id)``. The weights of every slot of one op in one stage are rows of a
-few stacked tensors, one per role of the op (:data:`bnao.ops.cell.ROLES`), and the slots' BatchNorms share one
+few stacked tensors, one per role of the op (:data:`bnao.ops.schedule.ROLES`), and the slots' BatchNorms share one
 pair of running-statistics buffers per stage. This module lays out those rows, creates the tensors with NAO's
 initialisation and folds a forward's slot batch statistics into the running statistics.
 """
@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.cell import NUM_BN, ROLES
+from ..ops.schedule import NUM_BN, ROLES
 from ..space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
 from .fixed import kaiming
 from .plan import Plan
@@ -95,7 +95,7 @@ def create_stage_slots(table: OpTable, cells: int, reduction_cells: int, channel
 
     Returns:
         ``(op indices with stacked tensors, [(op index, role, tensor)])``, both in op order and, within an op,
-        in :data:`~bnao.ops.cell.ROLES` order: the order of the random draws, which the caller keeps as the
+        in :data:`~bnao.ops.schedule.ROLES` order: the order of the random draws, which the caller keeps as the
         parameters' order so that a seed gives the same weights.
     """
     ops: List[int] = []

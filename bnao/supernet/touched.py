@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.cell import ROLES
+from ..ops.schedule import ROLES
 
 
 class TouchedEntry(NamedTuple):

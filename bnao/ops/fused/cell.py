@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 #: The gathered weight roles of a branch, in the order of :class:`NodeWeights`.
 FUSED_ROLES = ("dw1", "pw1", "g1", "b1", "dw2", "pw2", "g2", "b2")
-#: Per op kind with weights, fused role -> the op's own role (``bnao.ops.cell.ROLES``).
+#: Per op kind with weights, fused role -> the op's own role (``bnao.ops.schedule.ROLES``).
 ROLE_SOURCES = {
     KIND_SEP_CONV: {role: role for role in FUSED_ROLES},
     KIND_DIL_SEP_CONV: {"dw1": "dw", "pw1": "pw", "g1": "g", "b1": "b"},
