@@ -26,14 +26,15 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its error line made visible: a control character in a refused argument (``\\x1e``,
-    ``\\r``) is printed as an escape, so the error stays one line, as ``bnao``'s own errors do."""
+    """argparse with its error line made visible: a control character in a refused argument (``\\n``,
+    ``\\x1e``, ``\\r``) is printed as an escape, so the error stays one line, as ``bnao``'s own errors do.
+    (argparse's messages are one line of their own; any line break in one came from the user.)"""
 
     def error(self, message: str):
         from .commands.errors import visible
 
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
+        self.exit(2, f"{self.prog}: error: {visible(message, keep=chr(9))}\n")
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

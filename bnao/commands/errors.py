@@ -8,10 +8,10 @@ import unicodedata
 __all__ = ["error_text", "report_error", "visible"]
 
 
-def visible(text: str) -> str:
-    """``text`` with control and format characters other than newline and tab written as escapes (``\\r``,
+def visible(text: str, keep: str = "\n\t") -> str:
+    """``text`` with control and format characters other than those in ``keep`` written as escapes (``\\r``,
     ``\\x1b``): a path or value from the user cannot break the report's lines or hide part of it."""
-    return "".join(c.encode("unicode_escape").decode("ascii") if c not in "\n\t" and
+    return "".join(c.encode("unicode_escape").decode("ascii") if c not in keep and
                    unicodedata.category(c).startswith("C") else c for c in text)
 
 

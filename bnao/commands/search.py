@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import report_error
 
@@ -100,16 +101,29 @@ def _record_changes(run_dir, config, changes) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DatasetNotFoundError
-    from ..distributed import DistributedError, barrier, shutdown
-    from ..safe_io import CheckpointError, FileWriteError
-    from ..signals import GracefulStop, Stopped
-    from ..space import InvalidArchError
-    from ..search.config import ConfigError, load_config
-    from ..search.pool import PoolFileError
-    from ..search.resume import keep_schedule, oom_advice, out_of_memory
-    from ..search.rundir import RunDir, RunDirError
+    """Runs ``bnao search``; returns the exit code.
 
+    Returns:
+        0 when the search finished; 2 for bad input (flags, config, run directory, pool, data); 1 when the
+        work itself failed (a write, out of memory, a non-finite loss); the signal's code when one stopped it.
+    """
+    from ..distributed import shutdown
+
+    opened = _open_run(args, _collect_overrides(args))
+    if isinstance(opened, int):
+        return opened
+    run_dir, config, context, changes = opened
+    exit_code = _search(args, run_dir, config, context, changes)
+    if exit_code is not None:
+        return exit_code
+    if context.is_main:
+        print(f"run directory: {run_dir.path} (best.json, ranking.jsonl, pool.jsonl, plots/, tb/)")
+    shutdown()
+    return 0
+
+
+def _collect_overrides(args: argparse.Namespace) -> List[str]:
+    """The KEY=VALUE overrides, followed by those the dedicated flags (--pool, --data-dir, ...) stand for."""
     overrides = list(args.overrides)
     for flag, key in (("pool", "search.pool_file"), ("data_dir", "data.root"), ("device", "device"), ("seed", "seed")):
         value = getattr(args, flag)
@@ -117,6 +131,20 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.skip_invalid:
         overrides.append("search.skip_invalid=true")
+    return overrides
+
+
+def _open_run(args: argparse.Namespace, overrides: List[str]) -> Union[int, Tuple[Any, Dict[str, Any], Any, Dict]]:
+    """Loads the config, joins the process group and creates (new run) or opens (--resume) the run directory.
+
+    Returns:
+        ``(run_dir, config, context, changes)``, with ``changes`` the resumable config changes of a resumed
+        run (empty otherwise); or the exit code, the error already reported.
+    """
+    from ..distributed import DistributedError
+    from ..safe_io import FileWriteError
+    from ..search.config import ConfigError, load_config
+    from ..search.rundir import RunDir, RunDirError
 
     old_config = None
     try:
@@ -138,30 +166,32 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(err))
     except FileWriteError as err:
         return _error(str(err), code=1)
-    changes = changes or {}
     run_dir.writes = context.is_main
+    return run_dir, config, context, changes or {}
 
+
+def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, changes: Dict) -> Optional[int]:
+    """Builds the search (restored from the checkpoint on --resume) and runs it to the end.
+
+    Returns:
+        None when the search finished; otherwise the exit code, the error or the stop already reported.
+    """
+    from ..data import DatasetNotFoundError
+    from ..distributed import DistributedError
+    from ..safe_io import CheckpointError, FileWriteError
+    from ..signals import GracefulStop, Stopped
+    from ..space import InvalidArchError
+    from ..search.config import ConfigError
+    from ..search.pool import PoolFileError
+    from ..search.rundir import RunDirError
     from ..search.loop import BalancedNAO
 
     search = None
     try:
         with GracefulStop() as stop:
-            ckpt = None
-            if args.resume:  # every rank reads the same checkpoint
-                warn = (lambda line: print(f"bnao search: warning: {line}", file=sys.stderr)) if context.is_main \
-                    else (lambda line: None)
-                ckpt = run_dir.load_checkpoint(warn=warn)
-                if ckpt is not None and changes:
-                    config = keep_schedule(config, ckpt, changes)
+            config, checkpoint = _read_checkpoint(args, run_dir, config, context, changes)
             search = BalancedNAO(config, run_dir, progress=not args.no_progress and context.is_main)
-            if ckpt is not None:
-                search.restore(ckpt)
-                search.echo(f"resuming {args.resume}: {search.position()}")
-            barrier("loading the checkpoint")  # rank 0 writes nothing before every rank has read it
-            if context.enabled:
-                search.echo(f"running on {context.describe()}")
-            if args.resume and changes and context.is_main:
-                _record_changes(run_dir, config, changes)
+            _start_search(args, search, checkpoint, run_dir, config, context, changes)
             try:
                 search.run()
             except Stopped as stopped:
@@ -177,13 +207,59 @@ def run(args: argparse.Namespace) -> int:
     except FileWriteError as err:
         return _error(str(err), code=1)
     except (RuntimeError, MemoryError) as err:
-        if out_of_memory(err):
-            phase = str(search.state.get("phase")) if search is not None else "set-up"
-            return _error(oom_advice(err, str(run_dir.path), config, phase), code=1)
-        if type(err).__name__ == "NonFiniteLossError":
-            return _error(f"{err}\nthe last good checkpoint is in {run_dir.checkpoint_path}", code=1)
-        raise
-    if context.is_main:
-        print(f"run directory: {run_dir.path} (best.json, ranking.jsonl, pool.jsonl, plots/, tb/)")
-    shutdown()
-    return 0
+        exit_code = _report_run_failure(err, search, run_dir, config)
+        if exit_code is None:
+            raise
+        return exit_code
+    return None
+
+
+def _read_checkpoint(args: argparse.Namespace, run_dir, config: Dict[str, Any], context,
+                     changes: Dict) -> Tuple[Dict[str, Any], Any]:
+    """On --resume, the run's last checkpoint (every rank reads the same one), else None.
+
+    Returns:
+        ``(config, checkpoint)``: ``config`` keeps the checkpoint's schedule when the resume changes it.
+    """
+    from ..search.resume import keep_schedule
+
+    if not args.resume:
+        return config, None
+    warn = (lambda line: print(f"bnao search: warning: {line}", file=sys.stderr)) if context.is_main \
+        else (lambda line: None)
+    checkpoint = run_dir.load_checkpoint(warn=warn)
+    if checkpoint is not None and changes:
+        config = keep_schedule(config, checkpoint, changes)
+    return config, checkpoint
+
+
+def _start_search(args: argparse.Namespace, search, checkpoint, run_dir, config: Dict[str, Any], context,
+                  changes: Dict) -> None:
+    """Restores ``search`` from ``checkpoint`` (when there is one), waits for every rank, says how it runs,
+    and records a resume's config changes."""
+    from ..distributed import barrier
+
+    if checkpoint is not None:
+        search.restore(checkpoint)
+        search.echo(f"resuming {args.resume}: {search.position()}")
+    barrier("loading the checkpoint")  # rank 0 writes nothing before every rank has read it
+    if context.enabled:
+        search.echo(f"running on {context.describe()}")
+    if args.resume and changes and context.is_main:
+        _record_changes(run_dir, config, changes)
+
+
+def _report_run_failure(err: BaseException, search, run_dir, config: Dict[str, Any]) -> Optional[int]:
+    """Reports a RuntimeError or MemoryError that is out of memory or a non-finite loss.
+
+    Returns:
+        The exit code (1) once reported; None for any other error, which the caller re-raises.
+    """
+    from ..search.resume import oom_advice, out_of_memory
+
+    if out_of_memory(err):
+        phase = str(search.state.get("phase")) if search is not None else "set-up"
+        return _error(oom_advice(err, str(run_dir.path), config, phase), code=1)
+    if type(err).__name__ == "NonFiniteLossError":
+        return _error(f"{err}\nthe last good checkpoint is in {run_dir.checkpoint_path}", code=1)
+    return None

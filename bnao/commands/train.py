@@ -23,53 +23,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import report_error
+from .train_inputs import (DEFAULTS, PRESETS, RUN_FILES, UsageError, check_run_dir, load_datasets, load_training_data,
+                           read_arch_argument, resolve_arch, resolve_settings, training_config)
+
+__all__ = ["DATASET_CHOICES", "DEFAULTS", "HELP", "PRESETS", "RUN_FILES", "UsageError", "add_arguments",
+           "check_run_dir", "load_datasets", "read_arch_argument", "resolve_settings", "run"]
 
 HELP = "train one architecture stand-alone"
 
 DATASET_CHOICES = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
-
-#: Settings without a preset: the search's final re-ranking training (``final.*`` of the search config).
-DEFAULTS: Dict[str, Any] = {
-    "dataset": "cifar10",
-    "space": "small",
-    "nodes": 5,
-    "layers": 3,
-    "channels": 20,
-    "epochs": 10,
-    "batch_size": 128,
-    "lr": 0.025,
-    "lr_min": 0.0,
-    "lr_schedule": "epoch",
-    "weight_decay": 3e-4,
-    "grad_clip": 5.0,
-    "cutout": 0,
-    "augment": True,
-    "auxiliary_weight": 0.4,
-    "drop_path_keep_prob": 0.9,
-    "dropout": 0.0,
-    "label_smoothing": 0.0,
-    "seed": 0,
-}
-
-#: Named settings; explicit flags override them.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # NAO_V2/train_cifar.py defaults + train_NAONet_V2_36_cifar10.sh (--use_aux_head --cutout_size=16).
-    "cifar10-final": {
-        "dataset": "cifar10", "layers": 6, "channels": 36, "epochs": 600, "batch_size": 128, "lr": 0.025,
-        "lr_min": 0.0, "weight_decay": 3e-4, "grad_clip": 5.0, "cutout": 16, "auxiliary_weight": 0.4,
-        "drop_path_keep_prob": 0.8, "dropout": 0.4,
-    },
-}
-
-# Files that mark a directory as holding a `bnao train` run.
-RUN_FILES = ("config.json", "checkpoint.pt", "model.pt", "metrics.json")
-
-
-class UsageError(Exception):
-    """Bad input: reported as ``error: ...`` with exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,108 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="under torchrun: seconds a process waits for the others before it stops with an error")
 
 
-# argparse dest -> settings key, for every setting a preset may hold.
-_SETTING_ARGS = ("dataset", "space", "nodes", "layers", "channels", "epochs", "batch_size", "lr", "lr_min",
-                 "lr_schedule", "augment", "weight_decay", "grad_clip", "cutout", "auxiliary_weight",
-                 "drop_path_keep_prob", "dropout", "label_smoothing", "seed")
-
-
-def _explicit(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: getattr(args, k) for k in _SETTING_ARGS if getattr(args, k) is not None}
-
-
-def resolve_settings(args: argparse.Namespace, stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults < preset < stored run (on --resume) < explicit flags."""
-    settings = dict(DEFAULTS)
-    preset = args.preset or (stored or {}).get("preset")
-    if preset:
-        settings.update(PRESETS[preset])
-    if stored:
-        settings.update({k: stored[k] for k in DEFAULTS if k in stored})
-    settings.update(_explicit(args))
-    settings["preset"] = preset
-    for key in ("bf16", "channels_last"):
-        settings[key] = bool(getattr(args, key) or (stored or {}).get(key, False))
-    for key in ("train_limit", "test_limit", "data_dir", "loader"):
-        value = getattr(args, key)
-        settings[key] = value if value is not None else (stored or {}).get(key)
-    return settings
-
-
-def read_arch_argument(text: str) -> Any:
-    """The arch value of the ARCH argument: the text itself, or what ``@FILE`` holds.
-
-    Raises:
-        UsageError: ``@FILE`` is missing, empty or holds JSON without an arch.
-    """
-    if not text.startswith("@"):
-        return text
-    path = Path(text[1:])
-    try:
-        content = path.read_text().strip()
-    except OSError as err:
-        raise UsageError(f"cannot read the arch file {path}: {err.strerror or err}") from None
-    if not content:
-        raise UsageError(f"the arch file {path} is empty")
-    if content.startswith("{"):
-        try:
-            obj = json.loads(content)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path} is not valid JSON: {err}") from None
-        if isinstance(obj, dict) and "arch" in obj:
-            return obj["arch"]
-        if isinstance(obj, dict) and "best_arch" in obj:
-            return obj["best_arch"]
-        return obj
-    # A file may hold several lines (a pool): the first non-comment line is the arch.
-    lines = [ln for ln in content.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    return lines[0]
-
-
-def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuses a directory that holds another run unless resuming, and a resume with nothing to resume.
-
-    Raises:
-        UsageError: The directory cannot be used.
-    """
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if present and not resume:
-        raise UsageError(f"{out} holds another run ({', '.join(present)}); pass --resume to continue it, "
-                         "or choose a new --out directory")
-    if resume and not (out / "config.json").exists():
-        raise UsageError(f"nothing to resume in {out} (no config.json); drop --resume to start a new run there")
-
-
-def load_datasets(settings: Dict[str, Any]):
-    """Train and test splits for ``settings`` (with the limits applied)."""
-    import numpy as np
-
-    from ..data import create_dataset, list_datasets
-
-    name, root = settings["dataset"], settings.get("data_dir")
-    if name not in list_datasets():
-        import difflib
-
-        close = difflib.get_close_matches(name, list_datasets(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"unknown dataset {name!r}{hint} (available: {', '.join(list_datasets())})")
-    kw: Dict[str, Any] = {}
-    if name == "synthetic":
-        # Generate only what is used: 50k CIFAR-shaped images are wasted on a quick run.
-        kw = {"num_samples": settings.get("train_limit") or 50000}
-    train = create_dataset(name, root=root, split="train", **kw)
-    if name == "synthetic":
-        kw = {"num_samples": settings.get("test_limit") or 10000}
-    test = create_dataset(name, root=root, split="test", **kw)
-    if settings.get("train_limit") and len(train) > settings["train_limit"]:
-        train = train.subset(np.arange(settings["train_limit"]))
-    if settings.get("test_limit") and len(test) > settings["test_limit"]:
-        test = test.subset(np.arange(settings["test_limit"]))
-    return train, test
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -254,79 +117,91 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import DatasetNotFoundError
-    from ..distributed import DistributedError, barrier, init_from_env, launch_record, rank_device, shutdown
-    from ..space import InvalidArchError, NAOSpace
-    from ..safe_io import FileWriteError
-    from ..signals import GracefulStop, Stopped
-    from ..train import CheckpointError, NonFiniteLossError, StandaloneTrainer, make_config, save_model
-    from ..search.report import fmt_seconds
+    """The body of :func:`run`: settings, arch, data and config, then the training and its report.
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError("--threads must be >= 1")
-        import torch
+    Raises:
+        UsageError: Bad input (reported by :func:`run` with exit code 2).
+    """
+    from ..distributed import shutdown
 
-        torch.set_num_threads(args.threads)
+    _set_thread_count(args.threads)
     out = Path(args.out)
     check_run_dir(out, args.resume)
     stored: Optional[Dict[str, Any]] = None
     if args.resume:
         stored = json.loads((out / "config.json").read_text())
     settings = resolve_settings(args, stored)
-
-    try:
-        space = NAOSpace(num_nodes=int(settings["nodes"]), op_set=settings["space"])
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.arch is None and stored is None:
-        raise UsageError("give the arch to train (ARCH), or --resume an existing run")
-    try:
-        arch = space.arch(read_arch_argument(args.arch)) if args.arch is not None else space.arch(stored["arch"])
-    except InvalidArchError as err:
-        raise UsageError(f"invalid arch: {err}") from None
-    if stored is not None and str(arch) != stored["arch"]:
-        raise UsageError(f"{out} holds a run of arch {stored['arch']!r}, not {str(arch)!r}; "
-                         "drop ARCH to resume it, or choose a new --out")
+    space, arch = resolve_arch(args.arch, settings, stored, out)
     settings["arch"] = str(arch)
-
-    try:
-        train_data, test_data = load_datasets(settings)
-    except DatasetNotFoundError as err:
-        raise UsageError(str(err)) from None
-
-    aux_weight = float(settings["auxiliary_weight"])
-    keep = settings["drop_path_keep_prob"]
-    try:
-        config = make_config(
-            skeleton="imagenet" if settings["dataset"] == "imagenet" else "cifar",
-            layers=int(settings["layers"]), channels=int(settings["channels"]), epochs=int(settings["epochs"]),
-            batch_size=int(settings["batch_size"]), lr_max=float(settings["lr"]), lr_min=float(settings["lr_min"]),
-            lr_schedule=str(settings.get("lr_schedule", "epoch")), augment=bool(settings.get("augment", True)),
-            weight_decay=float(settings["weight_decay"]), grad_clip=float(settings["grad_clip"]) or None,
-            auxiliary=aux_weight > 0, auxiliary_weight=aux_weight,
-            drop_path_keep_prob=None if keep is None or float(keep) >= 1.0 else float(keep),
-            dropout=float(settings["dropout"]), cutout=int(settings["cutout"]),
-            label_smoothing=float(settings["label_smoothing"]), bf16=settings["bf16"],
-            channels_last=settings["channels_last"], loader=settings.get("loader") or "auto",
-            eval_every=int(args.eval_every), seed=int(settings["seed"]))
-        config.validate()
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from None
+    train_data, test_data = load_training_data(settings)
+    config = training_config(settings, args.eval_every)
 
     # Under torchrun: data-parallel, rank 0 writes and prints. Every rank has checked --out above, before
     # this rendezvous, so none of them sees the files rank 0 writes next.
+    context, device = _join_process_group(args.device, args.timeout)
+    say = print if context.is_main else (lambda *a, **k: None)
+    _prepare_out_dir(out, settings, stored, context)
+    trainer = _create_trainer(args, arch, space, (train_data, test_data), config, device, context, say)
+    say(f"bnao train: arch {arch}\n  {settings['dataset']} ({len(train_data)} train / {len(test_data)} test images), "
+          f"N={config.layers} C={config.channels}, {trainer.params:,} params, {config.epochs} epochs of "
+          f"{trainer.steps_per_epoch} steps, device {trainer.device}, {context.describe()}", flush=True)
+    exit_code, result = _fit(trainer, args.resume, out, say)
+    if exit_code is not None:
+        return exit_code
+    if context.is_main:
+        _write_results(out, arch, settings, result, trainer, context)
+    shutdown()
+    return 0
+
+
+def _set_thread_count(threads: Optional[int]) -> None:
+    """Applies ``--threads`` to torch (nothing when it is not given).
+
+    Raises:
+        UsageError: ``threads`` is below 1.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError("--threads must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _join_process_group(device_name: str, timeout: float):
+    """Joins torchrun's process group (when launched by it) and picks this process's device.
+
+    Returns:
+        ``(context, device)``.
+
+    Raises:
+        UsageError: The process group or the device cannot be set up.
+    """
+    from ..distributed import DistributedError, init_from_env, rank_device
+
     try:
-        context = init_from_env(args.device, args.timeout)
-        device = rank_device(args.device, context)
+        context = init_from_env(device_name, timeout)
+        device = rank_device(device_name, context)
     except (DistributedError, ValueError) as err:
         raise UsageError(str(err)) from None
-    say = print if context.is_main else (lambda *a, **k: None)
+    return context, device
+
+
+def _prepare_out_dir(out: Path, settings: Dict[str, Any], stored: Optional[Dict[str, Any]], context) -> None:
+    """Rank 0 creates ``out`` and, for a new run, writes ``config.json``; every rank waits for it."""
+    from ..distributed import barrier, launch_record
+
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if stored is None:
             _write_json(out / "config.json", dict(settings, **launch_record(context)))
     barrier("creating the output directory")
+
+
+def _epoch_reporter(say: Callable[..., None], config) -> Callable[[Dict[str, Any]], None]:
+    """The trainer's ``on_epoch`` callback: one summary line per epoch through ``say``."""
+    from ..search.report import fmt_seconds
 
     def on_epoch(rec: Dict[str, Any]) -> None:
         test = ""
@@ -336,33 +211,76 @@ def _run(args: argparse.Namespace) -> int:
         say(f"epoch {rec['epoch']}/{config.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
               f"acc {100 * rec['train_acc']:.2f}%{test} | {fmt_seconds(rec['seconds'])}{skipped}", flush=True)
 
+    return on_epoch
+
+
+def _create_trainer(args: argparse.Namespace, arch, space, data: Tuple[Any, Any], config, device, context,
+                    say: Callable[..., None]):
+    """The stand-alone trainer of ``arch``, checkpointing into ``--out``.
+
+    Args:
+        args: The parsed arguments (``out`` and ``no_progress`` are used).
+        arch: The arch to train.
+        space: Its search space.
+        data: ``(train, test)`` data sets.
+        config: The validated training config.
+        device: This process's device.
+        context: The process group context.
+        say: Prints on rank 0 only.
+
+    Raises:
+        UsageError: The trainer rejects the settings.
+    """
+    from ..train import StandaloneTrainer
+
+    train_data, test_data = data
     try:
-        trainer = StandaloneTrainer(arch, space, train_data, test_data, config, device=device,
-                                    checkpoint_path=out / "checkpoint.pt", on_epoch=on_epoch, parallel=context,
-                                    progress=not args.no_progress and sys.stderr.isatty() and context.is_main)
+        return StandaloneTrainer(arch, space, train_data, test_data, config, device=device,
+                                 checkpoint_path=Path(args.out) / "checkpoint.pt",
+                                 on_epoch=_epoch_reporter(say, config), parallel=context,
+                                 progress=not args.no_progress and sys.stderr.isatty() and context.is_main)
     except ValueError as err:  # DistributedError too: a batch that does not split over the processes
         raise UsageError(str(err)) from None
-    say(f"bnao train: arch {arch}\n  {settings['dataset']} ({len(train_data)} train / {len(test_data)} test images), "
-          f"N={config.layers} C={config.channels}, {trainer.params:,} params, {config.epochs} epochs of "
-          f"{trainer.steps_per_epoch} steps, device {trainer.device}, {context.describe()}", flush=True)
+
+
+def _fit(trainer, resume: bool, out: Path,
+         say: Callable[..., None]) -> Tuple[Optional[int], Optional[Dict[str, Any]]]:
+    """Trains (from the checkpoint when resuming) until done, a signal, or a failure.
+
+    Returns:
+        ``(None, result)`` when training finished; ``(exit code, None)`` when a signal stopped it (the
+        checkpoint is written) or it failed (a write, a non-finite loss or the process group).
+
+    Raises:
+        UsageError: The checkpoint cannot be read.
+    """
+    from ..distributed import DistributedError
+    from ..safe_io import FileWriteError
+    from ..signals import GracefulStop, Stopped
+    from ..train import CheckpointError, NonFiniteLossError
+
     try:
         with GracefulStop() as stop:
-            if args.resume and (out / "checkpoint.pt").exists():
+            if resume and (out / "checkpoint.pt").exists():
                 trainer.load_checkpoint()
                 say(f"  resumed after epoch {trainer.epoch}", flush=True)
             try:
-                result = trainer.fit(resume=False)
+                return None, trainer.fit(resume=False)
             except Stopped as stopped:
                 say(f"bnao train: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
                       f"Resume with: bnao train --resume --out {out}", file=sys.stderr)
-                return stop.exit_code
+                return stop.exit_code, None
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     except (FileWriteError, NonFiniteLossError, DistributedError) as err:
-        return report_error("train", err, code=1)
-    if not context.is_main:
-        shutdown()
-        return 0
+        return report_error("train", err, code=1), None
+
+
+def _write_results(out: Path, arch, settings: Dict[str, Any], result: Dict[str, Any], trainer, context) -> None:
+    """Rank 0's report: writes ``model.pt`` and ``metrics.json`` and prints the test error."""
+    from ..distributed import launch_record
+    from ..search.report import fmt_seconds
+    from ..train import save_model
 
     metrics = {
         "arch": str(arch),
@@ -385,5 +303,3 @@ def _run(args: argparse.Namespace) -> int:
     print(f"test error {100 * result['eval_error']:.2f}% (accuracy {100 * result['eval_acc']:.2f}%), "
           f"loss {result['eval_loss']:.4f}, params {result['params'] / 1e6:.3f}M, {result['epochs']} epochs in "
           f"{fmt_seconds(result['seconds'])}\nwrote {out / 'model.pt'}, {out / 'metrics.json'}", flush=True)
-    shutdown()
-    return 0

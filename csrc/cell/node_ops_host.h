@@ -44,6 +44,9 @@ namespace cell {
 #endif
 
 // ------------------------------------------------------------------ work items
+// Plain loads: the old per-op kernels' __restrict__ arguments gave read-only-cache (ld.global.nc) loads,
+// which these functors do not; on sm_70 and later global loads are L1-cached anyway, and each element
+// here is read once. A GPU profile decides whether __ldg is worth adding to the bodies.
 template <typename Ptr>
 BNAO_CELL_HD void assert_gather_index(int64_t e, const StackTable<Ptr>& table, const GatherShape& shape,
                                       const int64_t* select, const int64_t* rows) {
@@ -54,6 +57,8 @@ BNAO_CELL_HD void assert_gather_index(int64_t e, const StackTable<Ptr>& table, c
                      "bnao::gather_rows: a row is outside its stack");
   (void)r;
   (void)s;
+  (void)table;
+  (void)rows;
 }
 
 template <typename T>
@@ -284,6 +289,8 @@ void update_slot_stats_kernel(const at::Tensor& running_mean, const at::Tensor& 
     (m).impl("node_output_backward", &::bnao::cell::node_output_backward_kernel<Backend>);         \
     (m).impl("update_slot_stats", &::bnao::cell::update_slot_stats_kernel<Backend>);               \
   } while (0)
+
+#undef BNAO_DEVICE_ASSERT
 
 }  // namespace cell
 }  // namespace bnao

@@ -21,8 +21,8 @@ inline unsigned grid_blocks(int64_t items) {
   return static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// Sum of one value per thread of the block, valid in thread 0. A shared-memory tree of fixed shape,
-// so the same inputs give the same bits on every run. Every thread of the block must call it; it
+// Sum of one value per thread of a block of kThreads threads (every launch here uses kThreads), valid
+// in thread 0. A shared-memory tree of fixed shape, so the same inputs give the same bits on every run. Every thread of the block must call it; it
 // may be called several times in a row (the first barrier keeps a previous call's readers safe).
 template <typename Acc>
 __device__ Acc block_sum(Acc value) {
