@@ -87,13 +87,13 @@ def test_an_error_is_one_line_whatever_the_user_typed(capsys):
 
 def test_an_argparse_refusal_is_one_line_too(capsys):
     """argparse's own errors go through the same escaping: ``\\x1e`` (a record separator, which
-    ``str.splitlines`` treats as a line break; found by tests/test_fuzz.py) is printed as an escape."""
-    try:
-        main(["profile", "\x1e0"])
-    except SystemExit as exit_:
-        assert exit_.code == 2
-    else:
-        raise AssertionError("an unknown argument was accepted")
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("bnao")]
-    assert errors == ["bnao: error: unrecognized arguments: \\x1e0"], err
+    ``str.splitlines`` treats as a line break) and ``\\n`` (both found by tests/test_fuzz.py) print as escapes."""
+    for argv, shown in ((["profile", "\x1e0"], "\\x1e0"), (["size", "demo", "--config", "\n0"], "--config \\n0")):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        err = capsys.readouterr().err
+        assert err.splitlines()[1:] == [f"bnao: error: unrecognized arguments: {shown}"], err
