@@ -170,3 +170,26 @@ def test_fused_where_not_built_is_a_clear_error(monkeypatch):
         fused(torch.randn(2, 2, 8, 8, dtype=torch.float64), NAOSpace().sample_array(1, 0)[0])
     with pytest.raises(ValueError, match="kernels must be one of"):
         Supernet(NAOSpace(), layers=1, channels=4, kernels="fast")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_kernels_counts_the_fused_ops_of_a_step(device):
+    """``bnao profile --top-kernels``: where a step's time goes. On a CPU the rows are ops, and the fused
+    ops' calls per step are a hand count: N=1 gives 3 normal + 2 reduction cells of B=5 nodes, so 25 nodes,
+    each with two forward rounds, one backward per round (round 1's accumulating) and one node output."""
+    _require_fused(device)
+    from bnao.supernet.profiling import format_result, profile_supernet
+
+    result = profile_supernet(device=device, kernels="fused", layers=1, channels=4, batch_size=4, steps=2, warmup=1,
+                              pool_size=5, count_ops=False, sequence_archs=0, top=100)
+    table = result["top_kernels"]
+    rows = table["rows"]
+    times = [row["ms_per_step"] for row in rows]
+    assert rows and times == sorted(times, reverse=True) and table["device_ms_per_step"] > 0
+    assert 0.99 <= sum(row["share"] for row in rows) <= 1.0 + 1e-9 or len(rows) == 100
+    if device == "cpu":
+        calls = {row["name"]: row["calls_per_step"] for row in rows}
+        assert calls["bnao::branch_round"] == 50
+        assert calls["bnao::branch_round_backward"] == 25 and calls["bnao::branch_round_backward_accumulate"] == 25
+        assert calls["bnao::node_output"] == 25 and calls["bnao::node_output_backward"] == 25
+    assert "of a step" in format_result(result)

@@ -182,3 +182,34 @@ def test_cli_smoke_run_writes_report(tmp_path):
     assert parts["bench-sampler"]["figures"][0]["unit"] == "draws/s"
     assert parts["bench-sampler"]["figures"][0]["value"] > 0
     assert (out / "gpu-check-logs.tar.gz").stat().st_size > 0 and "# bnao gpu-check" in done.stdout
+
+
+def test_json_output_skips_what_surrounds_the_document(tmp_path):
+    log = tmp_path / "p.log"
+    log.write_text('$ python -m bnao profile --json\nbnao: warning: {not json} here\n{\n  "a": {"b": [1, 2]}\n}\n'
+                   "[gpu-check] a note after it\n")
+    from gpucheck.runner import CommandResult
+
+    assert CommandResult(0, 1.0, log).json_output() == {"a": {"b": [1, 2]}}
+    log.write_text("$ cmd\nTraceback (most recent call last):\n")
+    assert CommandResult(1, 1.0, log).json_output() is None
+
+
+def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
+    """The kernels part's driver on the CPU (ops instead of kernels): both tables reach the report."""
+    from gpucheck import parts
+
+    ctx = Context(tmp_path / "out", ROOT, sys.executable, gpu=False, smoke=True, deadline=time.monotonic() + 600)
+    ctx.part_limit, ctx.part_started = 600.0, time.monotonic()
+    result = parts.kernels(ctx)
+    from bnao.supernet.fused_forward import fused_built
+
+    if not fused_built("cpu"):
+        assert result.status == FAIL and "fused" in result.summary
+        return
+    assert result.status == PASS, result.summary
+    tables = result.details["top_kernels"]
+    assert set(tables) == {"fused", "eager"} and all(t["rows"] for t in tables.values())
+    assert any(row["name"] == "bnao::branch_round" for row in tables["fused"]["rows"])
+    text = report.render_markdown({"smoke": True}, [result])
+    assert "## Where a training step's time goes" in text and "fused cells:" in text and "eager cells:" in text

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from .errors import report_error
 
 HELP = "profile supernet training throughput"
 
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training steps as replayed CUDA graphs on the fused path (auto: where possible)")
     parser.add_argument("--sequence-archs", type=int, default=5,
                         help="compare the launch sequence of a training step over this many archs (default 5; 0: skip)")
+    parser.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                        help="list the N kernels (ops on a CPU) that take most of a training step (default 0: skip)")
     parser.add_argument("--trace", metavar="DIR", default=None, help="write a torch.profiler trace to DIR")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -50,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("layers", "channels", "classes", "batch_size", "steps", "pool_size"):
         if getattr(args, name) < 1:
-            print(f"bnao profile: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+            return report_error("profile", f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("warmup", "eval_archs", "sequence_archs", "top_kernels"):
+        if getattr(args, name) < 0:
+            return report_error("profile", f"--{name.replace('_', '-')} must be >= 0")
     try:
         result = profile_supernet(
             dataset=args.dataset, data_root=args.data_dir, space=args.space, layers=args.layers,
@@ -60,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
             pool_size=args.pool_size, sampler=args.sampler, eval_archs=args.eval_archs,
             eval_batch=args.eval_batch, trace_dir=args.trace, count_ops=not args.no_count_ops,
             loader=args.loader, sequence_archs=args.sequence_archs, kernels=args.kernels, graph=args.graph,
+            top=args.top_kernels,
         )
     except (DatasetNotFoundError, FusedKernelsUnavailable, ValueError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"bnao profile: {msg}", file=sys.stderr)
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
         if args.dataset != "synthetic" and isinstance(err, DatasetNotFoundError):
-            print("(use --dataset synthetic to profile on random CIFAR-shaped data)", file=sys.stderr)
-        return 2
+            message += "\n(use --dataset synthetic to profile on random CIFAR-shaped data)"
+        return report_error("profile", message)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0

@@ -43,6 +43,48 @@ def _is_op(name: str) -> bool:
     return name.startswith("aten::") or (name.startswith("bnao::") and name not in _RANGES)
 
 
+def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict[str, Any]:
+    """Where a training step's time goes: the ``top`` kernels (CUDA) or ops (CPU) by their own time.
+
+    On CUDA the rows are device kernels (their self device time, as recorded by CUPTI); on a CPU they are the
+    ``aten::`` and ``bnao::`` ops (self CPU time, so an op's time excludes the ops it calls). Profiling slows
+    the host, not the kernels, so on a GPU the device times are real.
+
+    Args:
+        trainer: A warmed-up trainer; ``steps`` more steps are trained.
+        steps: Profiled steps.
+        top: Rows kept.
+
+    Returns:
+        ``{"device_ms_per_step": total, "rows": [{"name", "calls_per_step", "ms_per_step", "share"}, ...]}``,
+        rows by decreasing time; ``share`` is of the total over every kernel (op), not just the rows kept.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        trainer.train_steps(steps)
+    if cuda:
+        torch.cuda.synchronize(trainer.device)
+    times = []
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            microseconds = event.self_device_time_total
+        else:
+            if not _is_op(event.key):
+                continue
+            microseconds = event.self_cpu_time_total
+        times.append((event.key, event.count, microseconds))
+    total = sum(t for _, _, t in times)
+    times.sort(key=lambda row: -row[2])
+    rows = [{"name": name, "calls_per_step": count / steps, "ms_per_step": t / 1000.0 / steps,
+             "share": t / total if total else 0.0} for name, count, t in times[:top]]
+    return {"device_ms_per_step": total / 1000.0 / steps, "rows": rows}
+
+
 def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, classes: int, samples: int):
     from ..data import create_dataset
 
@@ -106,7 +148,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
                      pool_size: int = 1000, sampler: str = "proportional", eval_archs: int = 0,
                      eval_batch: int = 500, trace_dir: Optional[str] = None, count_ops: bool = True,
                      loader: str = "auto", seed: int = 0, sequence_archs: int = 5,
-                     kernels: str = "auto", graph: str = "auto") -> Dict[str, Any]:
+                     kernels: str = "auto", graph: str = "auto", top: int = 0) -> Dict[str, Any]:
     """Measures supernet training (and optionally pool evaluation) throughput.
 
     Args:
@@ -134,6 +176,8 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         graph: Training steps as replayed CUDA graphs: ``"auto"``, ``"on"`` or ``"off"`` (``SupernetTrainer``).
         sequence_archs: Records the launch sequence of a training step for this many archs of the pool and
             reports whether it is the same for all (0: skip).
+        top: Reports the ``top`` kernels (ops on a CPU) of a training step by time (:func:`top_kernels`;
+            0: skip).
 
     Returns:
         Dict of the figures (see ``bnao profile``).
@@ -171,6 +215,8 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         images, labels = next(iter(train_loader))
         archs = [tuple(row.tolist()) for row in pool[:sequence_archs]]
         result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs, bf16)
+    if top:
+        result["top_kernels"] = top_kernels(trainer, min(3, steps), top)
     if trace_dir:
         _write_trace(trainer, trace_dir, min(3, steps), dev)
         result["trace_dir"] = trace_dir
@@ -256,6 +302,18 @@ def _time_evaluation(model: Supernet, archs: np.ndarray, batch, dev: torch.devic
     return result
 
 
+def _whole_step(r: Dict[str, Any]) -> bool:
+    """Whether the steps ran as the graph step's parts (replayed or not), which time forward, backward and the
+    update as one phase."""
+    return r.get("step_path", {}).get("mode", "eager") != "eager"
+
+
+def _phase_label(r: Dict[str, Any], phase: str) -> str:
+    if not _whole_step(r):
+        return phase
+    return {"forward": "forward+backward+update", "optimizer": "bookkeeping"}.get(phase, phase)
+
+
 def format_result(r: Dict[str, Any]) -> str:
     """Human-readable lines of :func:`profile_supernet`'s result."""
     lines = [
@@ -266,7 +324,8 @@ def format_result(r: Dict[str, Any]) -> str:
         f"  step {r['step_path']['mode']} ({r['step_path']['reason']})" if "step_path" in r else "  step -",
         f"supernet: {r['params']:,} weights in {r['param_tensors']} tensors",
         f"training: {r['img_per_s']:,.1f} img/s, {r['ms_per_step']:.2f} ms/step ({r['steps']} steps)",
-        "split (synchronised): " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["split_ms"].items())
+        "split (synchronised): " + ", ".join(f"{_phase_label(r, k)} {v:.2f} ms" for k, v in r["split_ms"].items()
+                                             if not (k == "backward" and _whole_step(r)))
         + f" (total {r['split_ms_per_step']:.2f} ms/step)",
     ]
     if "ops_per_step" in r:
@@ -281,6 +340,12 @@ def format_result(r: Dict[str, Any]) -> str:
                    f"differs between archs ({seq['distinct']} distinct sequences)")
         lines.append(f"launch sequence of a training step over {seq['archs']} archs: {verdict}, "
                      f"{seq['ops_min']}-{seq['ops_max']} dispatched ops")
+    if "top_kernels" in r:
+        table = r["top_kernels"]
+        what = "kernels" if r["device"] != "cpu" else "ops (self CPU time)"
+        lines.append(f"top {what} of a step ({table['device_ms_per_step']:.2f} ms per step in all):")
+        lines += [f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  "
+                  f"{row['name'][:110]}" for row in table["rows"]]
     if "peak_memory_mib" in r:
         lines.append(f"peak GPU memory: {r['peak_memory_mib']:,.0f} MiB")
     if "eval_archs_per_s" in r:

@@ -57,10 +57,9 @@ def _profile_figure(ctx: Context, env: Dict[str, str]) -> List[Figure]:
              else ["--layers", "1", "--channels", "4", "--batch-size", "8", "--steps", "2", "--warmup", "1"])
     run = ctx.command([ctx.python, "-m", "bnao", "profile", "--device", ctx.device, "--loader", "dali",
                        "--no-count-ops", "--sequence-archs", "0", "--json", *sizes], "dali-profile.log", env=env)
-    text = run.log.read_text(errors="replace")
-    if run.returncode != 0 or "{" not in text:
+    result = run.json_output()
+    if run.returncode != 0 or not result:
         return []
-    result = json.loads(text[text.index("{"):])
     return [Figure(f"supernet training fed by the DALI loader, batch {result['batch_size']}", result["img_per_s"],
                    "img/s", note="bnao profile --loader dali (no target: compare with the tensor loader's row)")]
 

@@ -231,6 +231,32 @@ def search(ctx: Context) -> PartResult:
                       details={"extrapolation": ext}, log="logs/search.log")
 
 
+def kernels(ctx: Context) -> PartResult:
+    """Where a training step's device time goes, kernel by kernel, on the fused and the eager cells at batch
+    64 (``bnao profile --top-kernels``; uncaptured steps, so each kernel is attributed): what to tune next."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("kernels", SKIP, "no GPU")
+    sizes = (["--batch-size", "64", "--steps", "5", "--warmup", "3"] if not ctx.smoke
+             else ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--layers", "1", "--channels", "4"])
+    tables, summaries = {}, []
+    for cells in ("fused", "eager"):
+        run = ctx.command([ctx.python, "-m", "bnao", "profile", "--device", ctx.device, "--kernels", cells,
+                           "--graph", "off", "--no-count-ops", "--sequence-archs", "0", "--pool-size", "50",
+                           "--top-kernels", "15", "--json", *sizes], f"kernels-{cells}.log")
+        printed = run.json_output()
+        if run.returncode != 0 or not printed or "top_kernels" not in printed:
+            summaries.append(_failure_summary(run, f"bnao profile --kernels {cells}"))
+            continue
+        table = printed["top_kernels"]
+        tables[cells] = table
+        top = table["rows"][0] if table["rows"] else {"name": "-", "share": 0.0}
+        summaries.append(f"{cells}: {table['device_ms_per_step']:.2f} ms of kernels per step, "
+                         f"top {top['share']:.0%} {top['name'][:60]}")
+    status = PASS if len(tables) == 2 else FAIL
+    return PartResult("kernels", status, "; ".join(summaries), details={"top_kernels": tables},
+                      log="logs/kernels-fused.log")
+
+
 PARTS: List[Part] = [
     Part("build", "build bnao for the visible GPU (and the C++ tests alongside)", 240, 60, build),
     Part("ctest", "C++ unit tests with CUDA cases", 120, 10, ctest),
@@ -240,6 +266,7 @@ PARTS: List[Part] = [
     Part("bench-sampler", "batched alias draws/s from a pool of 1e6", 60, 10, bench_sampler),
     Part("bench-loader", "GPU-resident loader img/s", 60, 10, bench_loader),
     Part("search", "shortened search, extrapolated to the reference settings", 200, 60, search),
+    Part("kernels", "the top kernels of a training step, fused and eager cells", 90, 30, kernels),
     Part("dali", "DALI GPU pipeline into the supernet (when its wheels were brought)", 120, 30, dali_part),
 ]
 

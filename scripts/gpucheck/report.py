@@ -70,6 +70,9 @@ def render_markdown(meta: Dict[str, Any], results: Sequence[PartResult]) -> str:
     ext = next((r.details.get("extrapolation") for r in results if r.details.get("extrapolation")), None)
     if ext:
         lines += _search_lines(ext)
+    tables = next((r.details.get("top_kernels") for r in results if r.details.get("top_kernels")), None)
+    if tables:
+        lines += _kernel_lines(tables)
     cut = [r for r in results if r.status in (CUT, SKIP)]
     if cut:
         lines += ["", "## Cut or skipped", ""]
@@ -95,6 +98,19 @@ def _search_lines(ext: Dict[str, Any]) -> List[str]:
         lines.append(f"| {p['phase']} | {_fmt(p['measured_s'], 's')} | {p['unit']} | {unit_cost} | "
                      f"{p['full_count']:,} | {_fmt(p['full_s'], 's')} |")
     lines.append(f"| **total** | | | | | **{_fmt(ext['total_s'], 's')}** |")
+    return lines
+
+
+def _kernel_lines(tables: Dict[str, Any]) -> List[str]:
+    """Per cell path, the kernels that take most of a training step (``bnao profile --top-kernels``)."""
+    lines = ["", "## Where a training step's time goes (batch 64, uncaptured steps)"]
+    for cells, table in tables.items():
+        lines += ["", f"{cells} cells: {table['device_ms_per_step']:.2f} ms of kernels per step", "",
+                  "| share | ms per step | calls per step | kernel |", "|---:|---:|---:|---|"]
+        for row in table["rows"]:
+            name = row["name"].replace("|", "/")[:140]
+            lines.append(f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | "
+                         f"`{name}` |")
     return lines
 
 

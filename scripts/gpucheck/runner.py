@@ -11,6 +11,7 @@ process group (so a hung GPU kernel or build cannot eat the other parts).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +119,23 @@ class CommandResult:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+    def json_output(self) -> Optional[Any]:
+        """The JSON object the command printed (``--json``): parsed from the first line of its log that starts
+        with ``{``, ignoring what comes after it; None when there is none."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return None
+        start = next((i for i, line in enumerate(text.splitlines(keepends=True)) if line.startswith("{")), None)
+        if start is None:
+            return None
+        body = "".join(text.splitlines(keepends=True)[start:])
+        try:
+            return json.JSONDecoder().raw_decode(body)[0]
+        except ValueError:
+            return None
 
 
 class Context:
