@@ -19,3 +19,23 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use cpu or auto")
     return dev
+
+
+def copy_flag_to_host(flag: torch.Tensor, host: torch.Tensor) -> "torch.cuda.Event":
+    """Starts copying a one-element CUDA flag into pinned host memory behind the work queued so far.
+
+    The host can then wait for just that work (``event.synchronize()``), not for what is launched after it;
+    the trainers use it to read a step's finiteness without draining the GPU.
+
+    Args:
+        flag: A one-element tensor on a CUDA device.
+        host: A one-element pinned CPU tensor of the flag's dtype; it holds the value once the event is done.
+
+    Returns:
+        The event recorded after the copy, on the current stream of the flag's device (which the copy ran
+        on; the current device may be another GPU).
+    """
+    host.copy_(flag.view(1), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flag.device))
+    return event

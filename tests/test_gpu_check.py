@@ -212,4 +212,4 @@ def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
     assert set(tables) == {"fused", "eager"} and all(t["rows"] for t in tables.values())
     assert any(row["name"] == "bnao::branch_round" for row in tables["fused"]["rows"])
     text = report.render_markdown({"smoke": True}, [result])
-    assert "## Where a training step's time goes" in text and "fused cells:" in text and "eager cells:" in text
+    assert "## Where a training step's time goes" in text and "fused cells, batch 4:" in text and "eager cells, batch 4:" in text

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..device import copy_flag_to_host
+
 # The trainer's logger: these warnings were always emitted under it, and log
 # configurations that filter or route it should keep seeing them.
 log = logging.getLogger("bnao.supernet.trainer")
@@ -47,12 +49,8 @@ class NonFiniteGuardMixin:
         flag = torch.isfinite(loss.detach())
         if self.device.type != "cuda":
             return bool(flag)
-        # Copy the flag behind the forward's kernels; waiting on this event does not wait for the backward.
-        self._flag_host.copy_(flag.view(1), non_blocking=True)
-        event = torch.cuda.Event()
-        # On self.device's stream, which the copy above ran on: the current device may be another GPU.
-        event.record(torch.cuda.current_stream(self.device))
-        self._pending_event = event
+        # Copied behind the forward's kernels: waiting on this event does not wait for the backward.
+        self._pending_event = copy_flag_to_host(flag, self._flag_host)
         return None  # resolved after the backward is launched
 
     def _account(self, tally: Dict[str, Any], finite: bool, lr: float, loss: torch.Tensor, logits: torch.Tensor,

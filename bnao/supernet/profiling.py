@@ -46,9 +46,10 @@ def _is_op(name: str) -> bool:
 def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict[str, Any]:
     """Where a training step's time goes: the ``top`` kernels (CUDA) or ops (CPU) by their own time.
 
-    On CUDA the rows are device kernels (their self device time, as recorded by CUPTI); on a CPU they are the
-    ``aten::`` and ``bnao::`` ops (self CPU time, so an op's time excludes the ops it calls). Profiling slows
-    the host, not the kernels, so on a GPU the device times are real.
+    On CUDA the rows are what CUPTI records on the device: kernels, and the copies and memsets between them
+    (``Memcpy ...``, ``Memset ...``), by their device time; on a CPU they are the ``aten::`` and ``bnao::`` ops
+    (self CPU time, so an op's time excludes the ops it calls). Profiling slows the host, not the kernels, so
+    on a GPU the device times are real.
 
     Args:
         trainer: A warmed-up trainer; ``steps`` more steps are trained.
@@ -56,17 +57,14 @@ def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict
         top: Rows kept.
 
     Returns:
-        ``{"device_ms_per_step": total, "rows": [{"name", "calls_per_step", "ms_per_step", "share"}, ...]}``,
+        ``{"total_ms_per_step": total, "rows": [{"name", "calls_per_step", "ms_per_step", "share"}, ...]}``,
         rows by decreasing time; ``share`` is of the total over every kernel (op), not just the rows kept.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     cuda = trainer.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        trainer.train_steps(steps)
-    if cuda:
-        torch.cuda.synchronize(trainer.device)
+    with profile(activities=_activities(trainer.device)) as prof:
+        trainer.train_steps(steps)  # synchronises before it returns, so every kernel is in the trace
     times = []
     for event in prof.key_averages():
         if cuda:
@@ -82,7 +80,14 @@ def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict
     times.sort(key=lambda row: -row[2])
     rows = [{"name": name, "calls_per_step": count / steps, "ms_per_step": t / 1000.0 / steps,
              "share": t / total if total else 0.0} for name, count, t in times[:top]]
-    return {"device_ms_per_step": total / 1000.0 / steps, "rows": rows}
+    return {"total_ms_per_step": total / 1000.0 / steps, "rows": rows}
+
+
+def _activities(device: torch.device) -> list:
+    """The profiler activities of a run on ``device``: the host's ops, and on CUDA the device's kernels."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
 
 def _dataset(name: str, root: Optional[str], image_size: int, in_channels: int, classes: int, samples: int):
@@ -108,13 +113,10 @@ def count_ops_per_step(trainer: SupernetTrainer, steps: int = 2) -> Dict[str, fl
     Returns:
         ``{"ops_per_step": ..., "kernels_per_step": ... (CUDA only)}``.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU]
     cuda = trainer.device.type == "cuda"
-    if cuda:
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(trainer.device)) as prof:
         trainer.train_steps(steps)
     events = list(prof.events())
     ranges = [(ev.name.split("::", 1)[1], ev.time_range.start, ev.time_range.end)
@@ -278,10 +280,9 @@ def _time_training(trainer: SupernetTrainer, steps: int) -> Dict[str, Any]:
 
 def _write_trace(trainer: SupernetTrainer, trace_dir: str, steps: int, dev: torch.device) -> None:
     """Writes a torch.profiler (TensorBoard) trace of ``steps`` training steps to ``trace_dir``."""
-    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+    from torch.profiler import profile, tensorboard_trace_handler
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(trace_dir)):
+    with profile(activities=_activities(dev), on_trace_ready=tensorboard_trace_handler(trace_dir)):
         trainer.train_steps(steps)
 
 
@@ -342,8 +343,8 @@ def format_result(r: Dict[str, Any]) -> str:
                      f"{seq['ops_min']}-{seq['ops_max']} dispatched ops")
     if "top_kernels" in r:
         table = r["top_kernels"]
-        what = "kernels" if r["device"] != "cpu" else "ops (self CPU time)"
-        lines.append(f"top {what} of a step ({table['device_ms_per_step']:.2f} ms per step in all):")
+        what = "kernels and copies" if r["device"] != "cpu" else "ops (self CPU time)"
+        lines.append(f"top {what} of a step ({table['total_ms_per_step']:.2f} ms per step in all):")
         lines += [f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  "
                   f"{row['name'][:110]}" for row in table["rows"]]
     if "peak_memory_mib" in r:

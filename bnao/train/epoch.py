@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..autocast import bf16_autocast
 from ..data.loaders.base import mix_seed
+from ..device import copy_flag_to_host
 from ..distributed import average_buffers, sum_across_ranks
 from ..signals import Stopped, stop_requested
 
@@ -64,10 +65,7 @@ class EpochTrainingMixin:
             return bool(flag)
         if getattr(self, "_flag_host", None) is None:
             self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        self._flag_host.copy_(flag.view(1), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        event.synchronize()
+        copy_flag_to_host(flag, self._flag_host).synchronize()
         return bool(self._flag_host[0])
 
     def _autocast(self):

@@ -103,9 +103,10 @@ def _search_lines(ext: Dict[str, Any]) -> List[str]:
 
 def _kernel_lines(tables: Dict[str, Any]) -> List[str]:
     """Per cell path, the kernels that take most of a training step (``bnao profile --top-kernels``)."""
-    lines = ["", "## Where a training step's time goes (batch 64, uncaptured steps)"]
+    lines = ["", "## Where a training step's time goes (uncaptured steps)"]
     for cells, table in tables.items():
-        lines += ["", f"{cells} cells: {table['device_ms_per_step']:.2f} ms of kernels per step", "",
+        lines += ["", f"{cells} cells, batch {table.get('batch_size', '?')}: {table['total_ms_per_step']:.2f} ms "
+                  "of kernels per step", "",
                   "| share | ms per step | calls per step | kernel |", "|---:|---:|---:|---|"]
         for row in table["rows"]:
             name = row["name"].replace("|", "/")[:140]

@@ -120,7 +120,6 @@ class CommandResult:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-
     def json_output(self) -> Optional[Any]:
         """The JSON object the command printed (``--json``): parsed from the first line of its log that starts
         with ``{``, ignoring what comes after it; None when there is none."""

@@ -13,7 +13,8 @@ namespace bnao {
 namespace cell {
 
 constexpr int kThreads = 256;
-// Grid-stride loops cover any size; this many blocks fill an H100 several times over.
+// Grid-stride loops cover any size; up to this many blocks (an H100 holds 132 SMs x 8 blocks of 256
+// threads at a time), so the loop's stride is large and a big launch needs few passes.
 constexpr int64_t kMaxBlocks = 65535;
 
 // Blocks of a grid-stride loop over `items` (0 for none: the caller skips the launch).
