@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bnao.autocast import bf16_autocast  # noqa: E402
 from bnao.supernet.profiling import _NO_KERNEL  # noqa: E402
 
 #: Positions of the source lists of bnao's node-round ops (``sources``; ``grad_sources``).
@@ -53,6 +54,10 @@ class _ByteCounter(TorchDispatchMode):
         for position in _SOURCE_LISTS.get(name, ()):
             sources = args[position]
             total -= sum(t.numel() * t.element_size() for t in sources[2:])
+        # The combine reads only the loose states (loose[s] != 0, checked on the device).
+        if name == "bnao.combine":
+            states, _, loose = args
+            total -= sum(t.numel() * t.element_size() for t, flag in zip(states, loose.tolist()) if flag == 0)
         self.bytes[name] += total
         self.ops += 1
         return out
@@ -90,7 +95,7 @@ def main() -> int:
         images, _ = next(iter(loader))
         arch = tuple(int(v) for v in pool[0])
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.no_grad(), bf16_autocast("cpu", args.bf16):
             model(images, arch, bn_train=True)
             with counter:
                 model(images, arch, bn_train=True)

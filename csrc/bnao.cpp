@@ -49,6 +49,14 @@ TORCH_LIBRARY(bnao, m) {
       "update_slot_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor bn_rows, Tensor mean, "
       "Tensor invstd, float momentum, float eps, int count) -> ()");
 
+  // A cell's output before its BN from all its states (the inputs, then the B
+  // nodes, each [N, C, H, W]): sum over the loose ends s (loose[s] != 0) of
+  // loose[s] * weight[:, s, :] . ReLU(states[s]), weight [C, S, C]; states that
+  // are not loose are not read. The backward returns the gradient of every
+  // state (zeros where not loose) and of the weight (zero columns likewise).
+  m.def("combine(Tensor[] states, Tensor weight, Tensor loose) -> Tensor");
+  m.def("combine_backward(Tensor grad, Tensor[] states, Tensor weight, Tensor loose) -> (Tensor[], Tensor)");
+
   // --- fused cell: branch rounds (csrc/cell) -------------------------------
   // One round of the two branches of a node (csrc/cell/DESIGN.md, "branch_round"):
   // returns pre [2, N, C, Ho, Wo] and the batch statistics [2, C] of the round's

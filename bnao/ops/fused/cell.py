@@ -25,6 +25,8 @@ from ...space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
 from ..cell import CellBuffers, batch_norm, factorized_reduce
 from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code_rows
 from .cell_nodes import fused_nodes, has_fused_nodes
+from .combine import combine as combine_op
+from .combine import combine_applies
 from .nodes import gather_rows, node_output, update_slot_stats
 from .round import branch_round
 
@@ -338,13 +340,18 @@ def _combine(states: List[Tensor], loose: Tensor, combine: Tuple[Tensor, Tensor,
              running: Tuple[Tensor, Tensor], update: bool, momentum: float, eps: float) -> Tensor:
     """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv.
 
-    All ``B + 2`` states go in, stacked along the channels, with the columns of states that are not loose
-    zeroed in the weight: the shapes do not depend on the arch. A 1x1 convolution (rather than an einsum)
-    returns the weight's gradient in its own layout, which the optimizer then takes without a copy.
+    All ``B + 2`` states go in, so the shapes do not depend on the arch. Where no gradient is wanted (pool
+    evaluation) one :func:`~bnao.ops.fused.combine.combine` kernel reads the loose states only. Training
+    stacks the states along the channels, with the columns of states that are not loose zeroed in the
+    weight, for a 1x1 convolution, whose weight gradient (cuDNN's GEMM on a GPU) comes in the parameter's
+    own layout, which the optimizer then takes without a copy.
     """
     w, g, b = combine
-    weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
-    out = F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
+    if combine_applies(states, w):
+        out = combine_op(states, w, loose.to(w.dtype))
+    else:
+        weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
+        out = F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
     return batch_norm(out, g, b, running, True, update, momentum, eps)
 
 

@@ -188,3 +188,19 @@ def update_slot_stats_reference(running_mean: Tensor, running_var: Tensor, bn_ro
         var = (invstd[valid].to(running_var.dtype).pow(-2) - eps).mul_(count / max(count - 1, 1))
         running_mean.index_copy_(0, rows, running_mean.index_select(0, rows).lerp_(m, momentum))
         running_var.index_copy_(0, rows, running_var.index_select(0, rows).lerp_(var, momentum))
+
+
+def combine_reference(states: Sequence[Tensor], weight: Tensor, loose: Tensor) -> Tensor:
+    """A cell's output before its BN: the sum over the loose ends ``s`` (``loose[s] != 0``) of
+    ``loose[s] * weight[:, s, :] . ReLU(states[s])``, one 1x1 convolution per loose state (``weight [C, S, C]``).
+
+    States that are not loose take no part (a NaN in one does not reach the output), as in the eager cell,
+    which concatenates only the loose ends.
+    """
+    out = None
+    for s, flag in enumerate(loose.tolist()):
+        if flag == 0:
+            continue
+        term = F.conv2d(F.relu(states[s]), (weight[:, s, :] * loose[s]).to(states[s].dtype)[:, :, None, None])
+        out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(states[0])

@@ -1,5 +1,5 @@
-// CPU kernels of bnao::gather_rows, bnao::node_output and bnao::update_slot_stats
-// (and their backwards): the host side of cell/node_ops_host.h on a backend of
+// CPU kernels of bnao::gather_rows, bnao::node_output, bnao::update_slot_stats and
+// bnao::combine (and their backwards): the host side of cell/node_ops_host.h and cell/combine_ops.h on a backend of
 // at::parallel_for. Every output element is written by exactly one work item and
 // every reduction runs in a fixed order, so results do not depend on the thread
 // count. Index values are checked here, on the host, before any write.
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cell/combine_ops.h"
 #include "cell/node_ops_host.h"
 
 namespace bnao {
@@ -28,6 +29,14 @@ struct CpuLauncher {
   }
 
   // One output per iteration, its terms summed sequentially on one thread.
+  template <typename Acc, typename Reduction>
+  void reduce(int64_t outputs, const Reduction& reduction) const {
+    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t output = begin; output < end; ++output) reduction.finish(output, reduction.partial(output, 0, 1));
+    });
+  }
+
+  // The same for reductions with two sums per output.
   template <typename Acc, typename Reduction>
   void reduce_pairs(int64_t outputs, const Reduction& reduction) const {
     at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
@@ -83,7 +92,10 @@ struct CpuBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnao, CPU, m) { BNAO_REGISTER_NODE_OPS(m, CpuBackend); }
+TORCH_LIBRARY_IMPL(bnao, CPU, m) {
+  BNAO_REGISTER_NODE_OPS(m, CpuBackend);
+  BNAO_REGISTER_COMBINE(m, CpuBackend);
+}
 
 }  // namespace cell
 }  // namespace bnao

@@ -1,5 +1,6 @@
-// CUDA kernels of bnao::gather_rows, bnao::node_output and bnao::update_slot_stats
-// (and their backwards): the host side of cell/node_ops_host.h on a grid. This
+// CUDA kernels of bnao::gather_rows, bnao::node_output, bnao::update_slot_stats and
+// bnao::combine (and their backwards): the host side of cell/node_ops_host.h and
+// cell/combine_ops.h on a grid. This
 // file is only the launch layer. Nothing here reads device data on the host (no
 // synchronisation, static launch shapes), so the ops can be captured in a CUDA
 // graph; index bounds are asserted on the device by the work items instead of
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cell/combine_ops.h"
 #include "cell/cuda/launch.cuh"
 #include "cell/node_ops_host.h"
 
@@ -26,6 +28,13 @@ template <typename Item>
 __global__ void __launch_bounds__(kThreads) for_each_kernel(const Item item, int64_t count) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride) item(e);
+}
+
+// One block per output: strided partial sums, then a fixed-shape tree.
+template <typename Acc, typename Reduction>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(const Reduction reduction) {
+  const Acc sum = block_sum(reduction.partial(static_cast<int64_t>(blockIdx.x), threadIdx.x, blockDim.x));
+  if (threadIdx.x == 0) reduction.finish(static_cast<int64_t>(blockIdx.x), sum);
 }
 
 // One block per output: strided partial sums, then two fixed-shape trees.
@@ -45,6 +54,14 @@ struct CudaLauncher {
   void for_each(int64_t count, const Item& item) const {
     if (count == 0) return;
     for_each_kernel<Item><<<grid_blocks(count), kThreads, 0, stream>>>(item, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename Acc, typename Reduction>
+  void reduce(int64_t outputs, const Reduction& reduction) const {
+    if (outputs == 0) return;
+    // outputs = C * S * C (the combine's weight): far below the grid's x limit.
+    reduce_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -71,7 +88,10 @@ struct CudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnao, CUDA, m) { BNAO_REGISTER_NODE_OPS(m, CudaBackend); }
+TORCH_LIBRARY_IMPL(bnao, CUDA, m) {
+  BNAO_REGISTER_NODE_OPS(m, CudaBackend);
+  BNAO_REGISTER_COMBINE(m, CudaBackend);
+}
 
 }  // namespace cell
 }  // namespace bnao

@@ -1,0 +1,97 @@
+"""The fused cell's combine: its output before the BN, from every state, reading only the loose ends.
+
+``combine(states, weight, loose)`` = the sum over the loose ends ``s`` of ``loose[s] * W[:, s, :] . ReLU(x_s)``
+(``csrc/cell/DESIGN.md``, "combine"; reference :func:`~.reference.combine_reference`). It replaces the
+``stack`` of all ``B + 2`` states, their ``ReLU`` and a 1x1 convolution with zeroed columns by one kernel
+that reads the loose states only and writes the output: of the evaluation forward's bytes those three ops
+moved 40% (benchmarks/NOTES.md).
+
+The fused cell uses it where no gradient is needed (pool evaluation). Training keeps the convolution: the
+op's weight gradient is one block per weight element (``C x S x C`` of them, each summing ``N x H x W``
+products), where cuDNN's is a GEMM; the compiled backward exists so that the op is differentiable
+(``gradcheck``, ``opcheck``), and a tiled one would let training use the op as well.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ... import extension
+from .reference import combine_reference
+from .round import ACTIVATION_DTYPES, param_dtype
+
+Tensor = torch.Tensor
+
+__all__ = ["combine", "combine_applies"]
+
+
+def combine(states: Sequence[Tensor], weight: Tensor, loose: Tensor) -> Tensor:
+    """A cell's output before its BN from all its states (:mod:`bnao.ops.fused.combine`).
+
+    Args:
+        states: The ``S`` states (cell inputs, then nodes), each ``[N, C, H, W]`` of one dtype and device.
+        weight: ``[C, S, C]`` 1x1-convolution weight per state, in :func:`~.round.param_dtype` of the states'
+            dtype (float32 for bfloat16 states).
+        loose: ``[S]`` 1 for a loose end, 0 otherwise, like ``weight``; on the states' device.
+
+    Returns:
+        ``[N, C, H, W]`` in the states' dtype. Differentiable in the states and the weight (zero gradients
+        where not loose).
+    """
+    states = list(states)
+    if extension.has_kernel("combine", states[0].device.type):
+        return torch.ops.bnao.combine(states, weight, loose)
+    return combine_reference(states, weight, loose)
+
+
+def combine_applies(states: Sequence[Tensor], weight: Tensor) -> bool:
+    """Whether the fused cell should take :func:`combine`: compiled for the device, no gradient wanted, and
+    the dtypes the op takes (under autocast a state may come out in another dtype than the others)."""
+    first = states[0]
+    if not extension.has_kernel("combine", first.device.type) or first.dtype not in ACTIVATION_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or any(s.requires_grad for s in states)):
+        return False
+    return weight.dtype == param_dtype(first.dtype) and all(s.dtype == first.dtype for s in states)
+
+
+# --------------------------------------------------------------------------- autograd and fake kernels
+if extension.has_ops() and hasattr(torch.ops.bnao, "combine"):
+
+    def _check_combine(op, states, weight, loose):
+        torch._check(1 <= len(states) <= 16, lambda: f"bnao::{op}: pass 1 to 16 states")
+        first = states[0]
+        torch._check(first.dim() == 4, lambda: f"bnao::{op}: states must be [N, C, H, W]")
+        torch._check(all(s.shape == first.shape and s.dtype == first.dtype for s in states),
+                     lambda: f"bnao::{op}: every state must match state 0's shape and dtype")
+        channels, count = first.shape[1], len(states)
+        torch._check(tuple(weight.shape) == (channels, count, channels),
+                     lambda: f"bnao::{op}: weight must be [C, S, C] = [{channels}, {count}, {channels}]")
+        torch._check(tuple(loose.shape) == (count,), lambda: f"bnao::{op}: loose must be [S] = [{count}]")
+        torch._check(weight.dtype == param_dtype(first.dtype) and loose.dtype == weight.dtype,
+                     lambda: f"bnao::{op}: weight and loose must be {param_dtype(first.dtype)} for {first.dtype} states")
+
+    @torch.library.register_fake("bnao::combine")
+    def _combine_fake(states, weight, loose):
+        _check_combine("combine", states, weight, loose)
+        return torch.empty_like(states[0], memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("bnao::combine_backward")
+    def _combine_backward_fake(grad, states, weight, loose):
+        _check_combine("combine_backward", states, weight, loose)
+        torch._check(grad.shape == states[0].shape, lambda: "bnao::combine_backward: grad must be the states' shape")
+        return ([torch.empty_like(s, memory_format=torch.contiguous_format) for s in states],
+                torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+    def _combine_setup(ctx, inputs, output):
+        states, weight, loose = inputs
+        ctx.save_for_backward(weight, loose, *states)
+
+    def _combine_backward(ctx, grad):
+        weight, loose, *states = ctx.saved_tensors
+        grad_states, grad_weight = torch.ops.bnao.combine_backward(grad.contiguous(), states, weight, loose)
+        return list(grad_states), grad_weight, None
+
+    torch.library.register_autograd("bnao::combine", _combine_backward, setup_context=_combine_setup)
