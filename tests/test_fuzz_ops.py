@@ -115,3 +115,51 @@ def test_the_model_size_kernel_gives_real_sizes_on_a_valid_pool():
     pool = space.sample_array(64, rng=0)
     assert np.array_equal(model_size(pool, space=space, layers=2, channels=8),
                           model_size(pool, space=space, layers=2, channels=8, backend="reference"))
+
+
+SMALL = st.one_of(st.floats(-4, 4), st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), float("nan")]))
+
+
+@st.composite
+def combine_arguments(draw):
+    """Half the time anything at all; otherwise states of one 4-D shape (empty dims included) and a weight
+    and mask that may or may not fit them, in any dtype, with non-finite values."""
+    if draw(st.booleans()):
+        return (draw(st.lists(hostile_tensors(FLOATS), max_size=18)), draw(hostile_tensors(FLOATS)),
+                draw(hostile_tensors(FLOATS)))
+    count = draw(st.integers(0, 18))
+    dim = st.sampled_from([1, 2, 3, 1, 2, 3, 0])  # mostly non-empty
+    shape = (draw(dim), draw(dim), draw(dim), draw(dim))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+
+    def tensor(size, kind):
+        numbers = draw(st.lists(kind, min_size=int(np.prod(size)), max_size=int(np.prod(size))))
+        return torch.tensor(numbers, dtype=torch.float64).reshape(size)
+
+    def mostly(right, *wrong):
+        return draw(st.sampled_from([right] * 3 + list(wrong)))
+
+    states = [tensor(shape, SMALL).to(dtype) for _ in range(count)]
+    param = mostly(torch.float64 if dtype == torch.float64 else torch.float32, torch.float16)
+    weight = tensor(mostly((shape[1], count, shape[1]), (shape[1], count + 1, shape[1]), (count,)), SMALL).to(param)
+    loose = tensor((mostly(count, count + 1),), st.sampled_from([0.0, 1.0, 0.5, float("nan")]))
+    return states, weight, loose.to(mostly(param, torch.float16))
+
+
+@FUZZ
+@given(combine_arguments())
+def test_combine_refuses_hostile_states_weights_and_masks(arguments):
+    """bnao::combine with any states, weight and mask: a refusal, or the reference's result where the
+    arguments are valid (where the reference is finite: non-finite values may sum in another order)."""
+    from bnao.ops.fused.reference import combine_reference
+
+    states, weight, loose = arguments
+    out = _returns_or_refuses(torch.ops.bnao.combine, states, weight, loose)
+    if out is None or out.device.type == "meta":
+        return
+    assert states[0].dim() == 4 and states[0].numel() > 0 and all(s.shape == states[0].shape for s in states)
+    want = combine_reference([s.double() for s in states], weight.double(), loose.double())
+    finite = torch.isfinite(want)
+    # bf16 output: one rounding of a value up to 18 states x 3 channels x 16 (2^-9 of it); else float32 sums.
+    atol = 1.0 if out.dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-2, atol=atol)
