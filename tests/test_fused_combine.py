@@ -8,6 +8,8 @@ evaluation through it is compared with the eager cells in tests/test_fused_super
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,9 @@ def _stacked_convolution(xs, weight, loose):
 @pytest.mark.parametrize("device", DEVICES)
 def test_combine_matches_the_reference_and_the_stacked_convolution(device):
     _require(device)
-    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        xs, weight, loose = _inputs(device, dtype)
+    # 5 and 11 channels: one partial tile of output channels, and a full one then a partial one.
+    for (dtype, tolerance), channels in itertools.product(((torch.float64, 1e-12), (torch.float32, 1e-5)), (5, 11)):
+        xs, weight, loose = _inputs(device, dtype, channels=channels)
         out = combine(xs, weight, loose)
         torch.testing.assert_close(out, combine_reference(xs, weight, loose), rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(out, _stacked_convolution(xs, weight, loose), rtol=tolerance, atol=tolerance)

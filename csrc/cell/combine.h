@@ -39,26 +39,42 @@ struct CombineArgs {
   int64_t plane;  // H * W
 };
 
-// out[e], e over [N, C, HW]: sum over loose s of loose[s] * sum_ci W[co, s, ci] * ReLU(x_s[n, ci, p]).
+// Output channels per work item: each ReLU'd input value is loaded once for this many outputs (a thread
+// per output would load it C times), and their sums stay in registers.
+constexpr int kCombineTile = 8;
+
+// Work items of the forward: [N, ceil(C / kCombineTile), HW].
+template <typename T>
+BNAO_CELL_HD int64_t combine_items(const CombineArgs<T>& a) {
+  return a.batch * ((a.channels + kCombineTile - 1) / kCombineTile) * a.plane;
+}
+
+// Item e over [N, ceil(C / kCombineTile), HW]: out[n, co, p] for the item's kCombineTile output channels co,
+// each the sum over loose s of sum_ci W[co, s, ci] * loose[s] * ReLU(x_s[n, ci, p]).
 template <typename T, typename Acc>
 BNAO_CELL_HD void combine_item(int64_t e, const CombineArgs<T>& a, T* out) {
-  const int64_t per_sample = a.channels * a.plane;
-  const int64_t n = e / per_sample;
-  const int64_t co = (e / a.plane) % a.channels;
+  const int64_t tiles = (a.channels + kCombineTile - 1) / kCombineTile;
   const int64_t p = e % a.plane;
-  Acc sum = Acc(0);
+  const int64_t tile = (e / a.plane) % tiles;
+  const int64_t n = e / (a.plane * tiles);
+  const int64_t per_sample = a.channels * a.plane;
+  const int64_t co0 = tile * kCombineTile;
+  const int width = static_cast<int>(a.channels - co0 < kCombineTile ? a.channels - co0 : kCombineTile);
+  Acc sum[kCombineTile];
+  for (int t = 0; t < kCombineTile; ++t) sum[t] = Acc(0);
   for (int s = 0; s < a.num_states; ++s) {
     const Acc loose = static_cast<Acc>(a.loose[s]);
     if (loose == Acc(0)) continue;
     const T* x = a.states[s] + n * per_sample + p;
-    const Compute<T>* w = a.weight + (co * a.num_states + s) * a.channels;
-    Acc part = Acc(0);
+    const Compute<T>* w = a.weight + (co0 * a.num_states + s) * a.channels;
+    const int64_t w_stride = a.num_states * a.channels;  // from W[co, s, :] to W[co + 1, s, :]
     for (int64_t ci = 0; ci < a.channels; ++ci) {
-      part += static_cast<Acc>(w[ci]) * relu_keep_nan(static_cast<Acc>(x[ci * a.plane]));
+      const Acc v = loose * relu_keep_nan(static_cast<Acc>(x[ci * a.plane]));
+      for (int t = 0; t < width; ++t) sum[t] += static_cast<Acc>(w[t * w_stride + ci]) * v;
     }
-    sum += loose * part;
   }
-  out[e] = static_cast<T>(sum);
+  T* o = out + n * per_sample + co0 * a.plane + p;
+  for (int t = 0; t < width; ++t) o[t * a.plane] = static_cast<T>(sum[t]);
 }
 
 // grad_states[s][n, ci, p], e over [S, N, C, HW]: loose[s] * ReLU'(x) * sum_co W[co, s, ci] * grad[n, co, p];

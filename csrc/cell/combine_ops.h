@@ -99,7 +99,7 @@ at::Tensor combine_kernel(at::TensorList states, const at::Tensor& weight, const
     using Acc = at::acc_type<scalar_t, Backend::is_cuda>;
     const CombineItem<scalar_t, Acc> item{make_combine_args<scalar_t>(contiguous, w, l, at::Tensor()),
                                           out.data_ptr<scalar_t>()};
-    Backend::launcher(out).for_each(out.numel(), item);
+    Backend::launcher(out).for_each(combine_items(item.args), item);
   });
   return out;
 }
