@@ -131,3 +131,10 @@ def test_the_fused_cell_takes_combine_only_without_gradients():
     assert not combine_applies(xs, weight.requires_grad_())
     with torch.no_grad():
         assert not combine_applies(xs[:-1] + [xs[-1].double()], weight)  # mixed dtypes (autocast) fall back
+
+
+def test_the_mask_takes_no_gradient():
+    _require("cpu")
+    xs, weight, loose = _inputs("cpu")
+    with pytest.raises(RuntimeError, match="loose is a constant 0/1 mask"):
+        combine(xs, weight.requires_grad_(), loose.requires_grad_())

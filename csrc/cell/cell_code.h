@@ -10,8 +10,11 @@
 
 #ifdef __CUDACC__
 #define BNAO_CELL_HD __host__ __device__ __forceinline__
+// Loop unrolling for nvcc (host compilers without the pragma would warn).
+#define BNAO_UNROLL _Pragma("unroll")
 #else
 #define BNAO_CELL_HD inline
+#define BNAO_UNROLL
 #endif
 
 namespace bnao {

@@ -60,7 +60,10 @@ BNAO_CELL_HD void combine_item(int64_t e, const CombineArgs<T>& a, T* out) {
   const int64_t per_sample = a.channels * a.plane;
   const int64_t co0 = tile * kCombineTile;
   const int width = static_cast<int>(a.channels - co0 < kCombineTile ? a.channels - co0 : kCombineTile);
+  // Loops over the whole tile with a compile-time bound (the tail masked by `width`), so that the
+  // compiler keeps sum[] in registers instead of local memory.
   Acc sum[kCombineTile];
+BNAO_UNROLL
   for (int t = 0; t < kCombineTile; ++t) sum[t] = Acc(0);
   for (int s = 0; s < a.num_states; ++s) {
     const Acc loose = static_cast<Acc>(a.loose[s]);
@@ -70,11 +73,17 @@ BNAO_CELL_HD void combine_item(int64_t e, const CombineArgs<T>& a, T* out) {
     const int64_t w_stride = a.num_states * a.channels;  // from W[co, s, :] to W[co + 1, s, :]
     for (int64_t ci = 0; ci < a.channels; ++ci) {
       const Acc v = loose * relu_keep_nan(static_cast<Acc>(x[ci * a.plane]));
-      for (int t = 0; t < width; ++t) sum[t] += static_cast<Acc>(w[t * w_stride + ci]) * v;
+BNAO_UNROLL
+      for (int t = 0; t < kCombineTile; ++t) {
+        if (t < width) sum[t] += static_cast<Acc>(w[t * w_stride + ci]) * v;
+      }
     }
   }
   T* o = out + n * per_sample + co0 * a.plane + p;
-  for (int t = 0; t < width; ++t) o[t * a.plane] = static_cast<T>(sum[t]);
+BNAO_UNROLL
+  for (int t = 0; t < kCombineTile; ++t) {
+    if (t < width) o[t * a.plane] = static_cast<T>(sum[t]);
+  }
 }
 
 // grad_states[s][n, ci, p], e over [S, N, C, HW]: loose[s] * ReLU'(x) * sum_co W[co, s, ci] * grad[n, co, p];

@@ -34,7 +34,8 @@ def combine(states: Sequence[Tensor], weight: Tensor, loose: Tensor) -> Tensor:
         states: The ``S`` states (cell inputs, then nodes), each ``[N, C, H, W]`` of one dtype and device.
         weight: ``[C, S, C]`` 1x1-convolution weight per state, in :func:`~.round.param_dtype` of the states'
             dtype (float32 for bfloat16 states).
-        loose: ``[S]`` 1 for a loose end, 0 otherwise, like ``weight``; on the states' device.
+        loose: ``[S]`` 1 for a loose end, 0 otherwise, like ``weight``; on the states' device. A constant
+            mask: it takes no gradient.
 
     Returns:
         ``[N, C, H, W]`` in the states' dtype. Differentiable in the states and the weight (zero gradients
@@ -63,15 +64,21 @@ if extension.has_ops() and hasattr(torch.ops.bnao, "combine"):
     def _check_combine(op, states, weight, loose):
         torch._check(1 <= len(states) <= 16, lambda: f"bnao::{op}: pass 1 to 16 states")
         first = states[0]
-        torch._check(first.dim() == 4, lambda: f"bnao::{op}: states must be [N, C, H, W]")
-        torch._check(all(s.shape == first.shape and s.dtype == first.dtype for s in states),
-                     lambda: f"bnao::{op}: every state must match state 0's shape and dtype")
+        torch._check(first.dim() == 4 and first.numel() > 0,
+                     lambda: f"bnao::{op}: states must be non-empty [N, C, H, W]")
+        torch._check(first.dtype in ACTIVATION_DTYPES,
+                     lambda: f"bnao::{op}: states must be float32, float64 or bfloat16, got {first.dtype}")
+        same = all(s.shape == first.shape and s.dtype == first.dtype and s.device == first.device for s in states)
+        torch._check(same, lambda: f"bnao::{op}: every state must match state 0's shape, dtype and device")
+        torch._check(weight.device == first.device and loose.device == first.device,
+                     lambda: f"bnao::{op}: weight and loose must be on the states' device")
         channels, count = first.shape[1], len(states)
         torch._check(tuple(weight.shape) == (channels, count, channels),
                      lambda: f"bnao::{op}: weight must be [C, S, C] = [{channels}, {count}, {channels}]")
         torch._check(tuple(loose.shape) == (count,), lambda: f"bnao::{op}: loose must be [S] = [{count}]")
         torch._check(weight.dtype == param_dtype(first.dtype) and loose.dtype == weight.dtype,
-                     lambda: f"bnao::{op}: weight and loose must be {param_dtype(first.dtype)} for {first.dtype} states")
+                     lambda: f"bnao::{op}: weight and loose must be {param_dtype(first.dtype)} for {first.dtype} "
+                     "states")
 
     @torch.library.register_fake("bnao::combine")
     def _combine_fake(states, weight, loose):
@@ -87,6 +94,8 @@ if extension.has_ops() and hasattr(torch.ops.bnao, "combine"):
 
     def _combine_setup(ctx, inputs, output):
         states, weight, loose = inputs
+        torch._check(not loose.requires_grad,
+                     lambda: "bnao::combine: loose is a constant 0/1 mask and takes no gradient; pass loose.detach()")
         ctx.save_for_backward(weight, loose, *states)
 
     def _combine_backward(ctx, grad):

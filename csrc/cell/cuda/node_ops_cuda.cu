@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "cell/combine_ops.h"
@@ -60,7 +61,8 @@ struct CudaLauncher {
   template <typename Acc, typename Reduction>
   void reduce(int64_t outputs, const Reduction& reduction) const {
     if (outputs == 0) return;
-    // outputs = C * S * C (the combine's weight): far below the grid's x limit.
+    TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
+                " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
     reduce_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
