@@ -181,15 +181,21 @@ def test_top_kernels_counts_the_fused_ops_of_a_step(device):
     from bnao.supernet.profiling import format_result, profile_supernet
 
     result = profile_supernet(device=device, kernels="fused", layers=1, channels=4, batch_size=4, steps=2, warmup=1,
-                              pool_size=5, count_ops=False, sequence_archs=0, top=100)
-    table = result["top_kernels"]
-    rows = table["rows"]
-    times = [row["ms_per_step"] for row in rows]
-    assert rows and times == sorted(times, reverse=True) and table["total_ms_per_step"] > 0
-    assert 0.99 <= sum(row["share"] for row in rows) <= 1.0 + 1e-9 or len(rows) == 100
+                              pool_size=5, count_ops=False, sequence_archs=0, top=100, eval_archs=2, eval_batch=8)
+    for key, unit in (("top_kernels", "step"), ("top_eval_kernels", "arch")):
+        table = result[key]
+        rows = table["rows"]
+        times = [row["ms"] for row in rows]
+        assert table["unit"] == unit and rows and times == sorted(times, reverse=True) and table["total_ms"] > 0
+        assert 0.99 <= sum(row["share"] for row in rows) <= 1.0 + 1e-9 or len(rows) == 100
     if device == "cpu":
-        calls = {row["name"]: row["calls_per_step"] for row in rows}
+        calls = {row["name"]: row["calls"] for row in result["top_kernels"]["rows"]}
         assert calls["bnao::branch_round"] == 50
         assert calls["bnao::branch_round_backward"] == 25 and calls["bnao::branch_round_backward_accumulate"] == 25
         assert calls["bnao::node_output"] == 25 and calls["bnao::node_output_backward"] == 25
-    assert "of a step" in format_result(result)
+        # An evaluated arch: the forward only, each of the 5 cells' combine once, its 25 nodes' rounds.
+        calls = {row["name"]: row["calls"] for row in result["top_eval_kernels"]["rows"]}
+        assert calls["bnao::branch_round"] == 50 and calls["bnao::combine"] == 5
+        assert "bnao::branch_round_backward" not in calls
+    text = format_result(result)
+    assert "per training step" in text and "per evaluated arch" in text

@@ -209,7 +209,13 @@ def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
         return
     assert result.status == PASS, result.summary
     tables = result.details["top_kernels"]
-    assert set(tables) == {"fused", "eager"} and all(t["rows"] for t in tables.values())
-    assert any(row["name"] == "bnao::branch_round" for row in tables["fused"]["rows"])
+    assert sorted(tables) == ["eager cells, pool evaluation, batch 20", "eager cells, training step, batch 4",
+                              "fused cells, pool evaluation, batch 20", "fused cells, training step, batch 4"]
+    assert all(t["rows"] for t in tables.values())
+    fused_step = tables["fused cells, training step, batch 4"]
+    assert any(row["name"] == "bnao::branch_round" for row in fused_step["rows"]) and fused_step["unit"] == "step"
+    fused_eval = tables["fused cells, pool evaluation, batch 20"]
+    assert fused_eval["unit"] == "arch" and any(row["name"] == "bnao::combine" for row in fused_eval["rows"])
     text = report.render_markdown({"smoke": True}, [result])
-    assert "## Where a training step's time goes" in text and "fused cells, batch 4:" in text and "eager cells, batch 4:" in text
+    assert "## Where the time goes, kernel by kernel" in text and "fused cells, training step, batch 4:" in text
+    assert "| share | ms per arch | calls per arch | kernel |" in text

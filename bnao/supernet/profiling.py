@@ -11,7 +11,7 @@ evaluation speed at batch 500.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ def _is_op(name: str) -> bool:
     return name.startswith("aten::") or (name.startswith("bnao::") and name not in _RANGES)
 
 
-def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict[str, Any]:
-    """Where a training step's time goes: the ``top`` kernels (CUDA) or ops (CPU) by their own time.
+def top_kernels(run: Callable[[], Any], device: torch.device, units: int, unit: str, top: int = 15
+                ) -> Dict[str, Any]:
+    """Where the time of ``run()`` goes: the ``top`` kernels (CUDA) or ops (CPU) by their own time, per unit.
 
     On CUDA the rows are what CUPTI records on the device: kernels, and the copies and memsets between them
     (``Memcpy ...``, ``Memset ...``), by their device time; on a CPU they are the ``aten::`` and ``bnao::`` ops
@@ -52,19 +53,23 @@ def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict
     on a GPU the device times are real.
 
     Args:
-        trainer: A warmed-up trainer; ``steps`` more steps are trained.
-        steps: Profiled steps.
+        run: The work, warmed up beforehand; it must synchronise with the device before it returns (the
+            trainer's ``train_steps`` and :func:`evaluate_pool` do), so that every kernel is in the trace.
+        device: Where it runs.
+        units: Units of work it does (training steps, evaluated archs): the figures are per unit.
+        unit: Their name (``"step"``, ``"arch"``).
         top: Rows kept.
 
     Returns:
-        ``{"total_ms_per_step": total, "rows": [{"name", "calls_per_step", "ms_per_step", "share"}, ...]}``,
-        rows by decreasing time; ``share`` is of the total over every kernel (op), not just the rows kept.
+        ``{"unit": unit, "total_ms": per unit, "rows": [{"name", "calls", "ms", "share"}, ...]}``, ``calls`` and
+        ``ms`` per unit, rows by decreasing time; ``share`` is of the total over every kernel (op), not just the
+        rows kept.
     """
     from torch.profiler import profile
 
-    cuda = trainer.device.type == "cuda"
-    with profile(activities=_activities(trainer.device)) as prof:
-        trainer.train_steps(steps)  # synchronises before it returns, so every kernel is in the trace
+    cuda = device.type == "cuda"
+    with profile(activities=_activities(device)) as prof:
+        run()
     times = []
     for event in prof.key_averages():
         if cuda:
@@ -78,9 +83,9 @@ def top_kernels(trainer: SupernetTrainer, steps: int = 3, top: int = 15) -> Dict
         times.append((event.key, event.count, microseconds))
     total = sum(t for _, _, t in times)
     times.sort(key=lambda row: -row[2])
-    rows = [{"name": name, "calls_per_step": count / steps, "ms_per_step": t / 1000.0 / steps,
-             "share": t / total if total else 0.0} for name, count, t in times[:top]]
-    return {"total_ms_per_step": total / 1000.0 / steps, "rows": rows}
+    rows = [{"name": name, "calls": count / units, "ms": t / 1000.0 / units, "share": t / total if total else 0.0}
+            for name, count, t in times[:top]]
+    return {"unit": unit, "total_ms": total / 1000.0 / units, "rows": rows}
 
 
 def _activities(device: torch.device) -> list:
@@ -178,8 +183,8 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         graph: Training steps as replayed CUDA graphs: ``"auto"``, ``"on"`` or ``"off"`` (``SupernetTrainer``).
         sequence_archs: Records the launch sequence of a training step for this many archs of the pool and
             reports whether it is the same for all (0: skip).
-        top: Reports the ``top`` kernels (ops on a CPU) of a training step by time (:func:`top_kernels`;
-            0: skip).
+        top: Reports the ``top`` kernels (ops on a CPU) of a training step by time, and of an evaluated arch
+            when ``eval_archs`` is set (:func:`top_kernels`; 0: skip).
 
     Returns:
         Dict of the figures (see ``bnao profile``).
@@ -218,15 +223,19 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         archs = [tuple(row.tolist()) for row in pool[:sequence_archs]]
         result["launch_sequence"] = compare_launch_sequences(model, images, labels, archs, bf16)
     if top:
-        result["top_kernels"] = top_kernels(trainer, min(3, steps), top)
+        profiled = min(3, steps)
+        result["top_kernels"] = top_kernels(lambda: trainer.train_steps(profiled), dev, profiled, "step", top)
     if trace_dir:
         _write_trace(trainer, trace_dir, min(3, steps), dev)
         result["trace_dir"] = trace_dir
     if eval_archs:
         dev_loader = create_loader(loader, ds, eval_batch, device=dev, augment=False, shuffle=False,
                                    drop_last=False, seed=seed, channels_last=channels_last)
-        result.update(_time_evaluation(model, pool[: min(eval_archs, len(pool))], next(iter(dev_loader)), dev,
-                                       bf16=bf16, graph=graph))
+        archs, batch = pool[: min(eval_archs, len(pool))], next(iter(dev_loader))
+        result.update(_time_evaluation(model, archs, batch, dev, bf16=bf16, graph=graph))
+        if top:
+            result["top_eval_kernels"] = top_kernels(
+                lambda: evaluate_pool(model, archs, batch, bf16=bf16, graph=graph), dev, len(archs), "arch", top)
     return result
 
 
@@ -341,12 +350,14 @@ def format_result(r: Dict[str, Any]) -> str:
                    f"differs between archs ({seq['distinct']} distinct sequences)")
         lines.append(f"launch sequence of a training step over {seq['archs']} archs: {verdict}, "
                      f"{seq['ops_min']}-{seq['ops_max']} dispatched ops")
-    if "top_kernels" in r:
-        table = r["top_kernels"]
-        what = "kernels and copies" if r["device"] != "cpu" else "ops (self CPU time)"
-        lines.append(f"top {what} of a step ({table['total_ms_per_step']:.2f} ms per step in all):")
-        lines += [f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  "
-                  f"{row['name'][:110]}" for row in table["rows"]]
+    what = "kernels and copies" if r["device"] != "cpu" else "ops (self CPU time)"
+    for key in ("top_kernels", "top_eval_kernels"):
+        if key in r:
+            table = r[key]
+            lines.append(f"top {what} per {'training step' if table['unit'] == 'step' else 'evaluated arch'} "
+                         f"({table['total_ms']:.2f} ms per {table['unit']} in all):")
+            lines += [f"  {row['share']:6.1%} {row['ms']:8.3f} ms {row['calls']:7.1f} calls  {row['name'][:110]}"
+                      for row in table["rows"]]
     if "peak_memory_mib" in r:
         lines.append(f"peak GPU memory: {r['peak_memory_mib']:,.0f} MiB")
     if "eval_archs_per_s" in r:

@@ -232,30 +232,33 @@ def search(ctx: Context) -> PartResult:
 
 
 def kernels(ctx: Context) -> PartResult:
-    """Where a training step's device time goes, kernel by kernel, on the fused and the eager cells at batch
-    64 (``bnao profile --top-kernels``; uncaptured steps, so each kernel is attributed): what to tune next."""
+    """Where the device time goes, kernel by kernel, on the fused and the eager cells: per training step at
+    batch 64 (uncaptured, so each kernel is attributed) and per evaluated arch at batch 500
+    (``bnao profile --top-kernels``): what to tune next."""
     if not ctx.gpu and not ctx.smoke:
         return PartResult("kernels", SKIP, "no GPU")
-    sizes = (["--batch-size", "64", "--steps", "5", "--warmup", "3"] if not ctx.smoke
-             else ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--layers", "1", "--channels", "4"])
+    sizes = (["--batch-size", "64", "--steps", "5", "--warmup", "3", "--eval-archs", "20", "--eval-batch", "500"]
+             if not ctx.smoke else ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--layers", "1",
+                                    "--channels", "4", "--eval-archs", "2", "--eval-batch", "20"])
     tables, summaries = {}, []
     for cells in ("fused", "eager"):
         run = ctx.command([ctx.python, "-m", "bnao", "profile", "--device", ctx.device, "--kernels", cells,
                            "--graph", "off", "--no-count-ops", "--sequence-archs", "0", "--pool-size", "50",
                            "--top-kernels", "15", "--json", *sizes], f"kernels-{cells}.log")
-        printed = run.json_output()
-        if run.returncode != 0 or not printed or "top_kernels" not in printed:
+        printed = run.json_output() or {}
+        found = {f"{cells} cells, training step, batch {printed.get('batch_size')}": printed.get("top_kernels"),
+                 f"{cells} cells, pool evaluation, batch {printed.get('eval_batch')}": printed.get("top_eval_kernels")}
+        if run.returncode != 0 or not all(found.values()):
             summaries.append(_failure_summary(run, f"bnao profile --kernels {cells}"))
             continue
-        table = dict(printed["top_kernels"], batch_size=printed["batch_size"])
-        if not table["rows"] or table["total_ms_per_step"] <= 0:  # e.g. CUPTI not allowed in a container
+        if not all(table["rows"] and table["total_ms"] > 0 for table in found.values()):
+            # e.g. CUPTI not allowed in a container
             summaries.append(f"{cells}: the profiler recorded no kernel (see logs/kernels-{cells}.log)")
             continue
-        tables[cells] = table
-        top = table["rows"][0]
-        summaries.append(f"{cells}: {table['total_ms_per_step']:.2f} ms of kernels per step, "
-                         f"top {top['share']:.0%} {top['name'][:60]}")
-    status = PASS if len(tables) == 2 else FAIL
+        tables.update(found)
+        summaries.append(", ".join(f"{cells} {t['total_ms']:.2f} ms per {t['unit']} (top {t['rows'][0]['share']:.0%} "
+                                   f"{t['rows'][0]['name'][:40]})" for t in found.values()))
+    status = PASS if len(tables) == 4 else FAIL
     return PartResult("kernels", status, "; ".join(summaries), details={"top_kernels": tables},
                       log="logs/kernels-fused.log")
 
@@ -269,7 +272,8 @@ PARTS: List[Part] = [
     Part("bench-sampler", "batched alias draws/s from a pool of 1e6", 60, 10, bench_sampler),
     Part("bench-loader", "GPU-resident loader img/s", 60, 10, bench_loader),
     Part("search", "shortened search, extrapolated to the reference settings", 200, 60, search),
-    Part("kernels", "the top kernels of a training step, fused and eager cells", 90, 30, kernels),
+    Part("kernels", "the top kernels of a training step and of an evaluated arch, fused and eager cells", 90, 30,
+         kernels),
     Part("dali", "DALI GPU pipeline into the supernet (when its wheels were brought)", 120, 30, dali_part),
 ]
 

@@ -102,16 +102,15 @@ def _search_lines(ext: Dict[str, Any]) -> List[str]:
 
 
 def _kernel_lines(tables: Dict[str, Any]) -> List[str]:
-    """Per cell path, the kernels that take most of a training step (``bnao profile --top-kernels``)."""
-    lines = ["", "## Where a training step's time goes (uncaptured steps)"]
-    for cells, table in tables.items():
-        lines += ["", f"{cells} cells, batch {table.get('batch_size', '?')}: {table['total_ms_per_step']:.2f} ms "
-                  "of kernels per step", "",
-                  "| share | ms per step | calls per step | kernel |", "|---:|---:|---:|---|"]
+    """Per cell path and workload, the kernels that take most of the time (``bnao profile --top-kernels``)."""
+    lines = ["", "## Where the time goes, kernel by kernel (uncaptured)"]
+    for label, table in tables.items():
+        unit = table["unit"]
+        lines += ["", f"{label}: {table['total_ms']:.2f} ms of kernels per {unit}", "",
+                  f"| share | ms per {unit} | calls per {unit} | kernel |", "|---:|---:|---:|---|"]
         for row in table["rows"]:
             name = row["name"].replace("|", "/")[:140]
-            lines.append(f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | "
-                         f"`{name}` |")
+            lines.append(f"| {row['share']:.1%} | {row['ms']:.3f} | {row['calls']:.1f} | `{name}` |")
     return lines
 
 
