@@ -215,7 +215,11 @@ def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
     fused_step = tables["fused cells, training step, batch 4"]
     assert any(row["name"] == "bnao::branch_round" for row in fused_step["rows"]) and fused_step["unit"] == "step"
     fused_eval = tables["fused cells, pool evaluation, batch 20"]
-    assert fused_eval["unit"] == "arch" and any(row["name"] == "bnao::combine" for row in fused_eval["rows"])
+    calls = {row["name"]: row["calls"] for row in fused_eval["rows"]}
+    assert fused_eval["unit"] == "arch" and calls.get("bnao::combine") == 5  # N=1: 5 cells, one combine each
+    # The eager tables come from the eager cells: none of bnao's cell ops.
+    for label in ("eager cells, training step, batch 4", "eager cells, pool evaluation, batch 20"):
+        assert not any(row["name"].startswith("bnao::") for row in tables[label]["rows"])
     text = report.render_markdown({"smoke": True}, [result])
     assert "## Where the time goes, kernel by kernel" in text and "fused cells, training step, batch 4:" in text
     assert "| share | ms per arch | calls per arch | kernel |" in text
