@@ -47,8 +47,9 @@ inline void check_combine_args(const char* op, at::TensorList states, const at::
               "] on ", first.device(), ", got ", weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
   TORCH_CHECK(loose.dim() == 1 && loose.size(0) == num_states && loose.scalar_type() == params &&
                   loose.device() == first.device(),
-              "bnao::", op, ": loose must be ", params, " [S] = [", num_states, "] (1 for a loose end, 0 otherwise) on ",
-              first.device(), ", got ", loose.scalar_type(), " ", loose.sizes(), " on ", loose.device());
+              "bnao::", op, ": loose must be ", params, " [S] = [", num_states,
+              "] (1 for a loose end, 0 otherwise) on ", first.device(), ", got ", loose.scalar_type(), " ",
+              loose.sizes(), " on ", loose.device());
 }
 
 // Kernel arguments over contiguous copies (kept alive by `contiguous`).
