@@ -2,8 +2,9 @@
 
 Two supernet training steps per cell path (eager, fused, fused in bf16; drop-path masks drawn on
 the device, masked SGD, the non-finite flag copied through pinned memory), a batch of the
-GPU-resident loader, batched and single alias draws (the compiled CUDA kernel) and a pool
-evaluation (float32 and bf16). Small sizes keep memcheck's slowdown to seconds.
+GPU-resident loader, batched and single alias draws (the compiled CUDA kernel), a pool
+evaluation (float32 and bf16) and the combine op's forward and backward. Small sizes keep
+memcheck's slowdown to seconds.
 """
 
 from __future__ import annotations
@@ -55,10 +56,29 @@ def run_one_step(device: str) -> int:
         acc, loss = evaluate_pool(model, pool[:2], (images, labels), bf16=bf16)
         assert np.isfinite(loss).all()
         print(f"evaluate{' (bf16)' if bf16 else ''}: 2 archs, accuracy {acc.tolist()}", flush=True)
+    _combine_both_ways(dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     print("one step: ok", flush=True)
     return 0
+
+
+def _combine_both_ways(dev: torch.device) -> None:
+    """bnao::combine forward and backward (pool evaluation runs the forward only; the backward's kernels,
+    a per-element item and a block reduction, run nowhere else), float32 and bf16, with a partial tile."""
+    from bnao import extension
+
+    if not extension.has_kernel("combine", dev.type):
+        print("combine: not built for this device", flush=True)
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        states = [torch.randn(2, 11, 5, 5, device=dev).to(dtype).requires_grad_() for _ in range(7)]
+        weight = torch.randn(11, 7, 11, device=dev, requires_grad=True)
+        loose = torch.tensor([1, 0, 0, 1, 0, 1, 1], dtype=torch.float32, device=dev)
+        out = torch.ops.bnao.combine(states, weight, loose)
+        out.float().square().sum().backward()
+        assert torch.isfinite(weight.grad).all() and not weight.grad[:, 1].any()
+        print(f"combine ({dtype}): forward and backward, 7 states, 11 channels", flush=True)
 
 
 if __name__ == "__main__":
