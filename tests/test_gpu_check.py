@@ -223,3 +223,18 @@ def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
     text = report.render_markdown({"smoke": True}, [result])
     assert "## Where the time goes, kernel by kernel" in text and "fused cells, training step, batch 4:" in text
     assert "| share | ms per arch | calls per arch | kernel |" in text
+
+
+def test_the_sanitizer_workload_runs_on_the_cpu(capsys):
+    """The workload gpu-check runs under compute-sanitizer is plain bnao code: on the CPU it must run
+    through every stage, so that a GPU session does not spend its minutes on a broken script."""
+    from gpucheck.onestep import run_one_step
+
+    assert run_one_step("cpu") == 0
+    out = capsys.readouterr().out
+    for stage in ("sampler:", "loader:", "train (eager cells)", "evaluate (bf16)", "one step: ok"):
+        assert stage in out, out
+    from bnao import extension
+
+    if extension.has_kernel("combine", "cpu"):
+        assert "combine (torch.bfloat16): forward and backward" in out
