@@ -50,10 +50,11 @@ def combine(states: Sequence[Tensor], weight: Tensor, loose: Tensor) -> Tensor:
 def combine_applies(states: Sequence[Tensor], weight: Tensor) -> bool:
     """Whether the fused cell should take :func:`combine`: compiled for the device, no gradient wanted, and
     the dtypes the op takes (under autocast a state may come out in another dtype than the others)."""
+    # The gradient test first: it settles every training step without a dispatcher lookup.
+    if torch.is_grad_enabled() and (weight.requires_grad or any(s.requires_grad for s in states)):
+        return False
     first = states[0]
     if not extension.has_kernel("combine", first.device.type) or first.dtype not in ACTIVATION_DTYPES:
-        return False
-    if torch.is_grad_enabled() and (weight.requires_grad or any(s.requires_grad for s in states)):
         return False
     return weight.dtype == param_dtype(first.dtype) and all(s.dtype == first.dtype for s in states)
 
