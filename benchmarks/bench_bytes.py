@@ -30,6 +30,9 @@ from bnao.supernet.profiling import _NO_KERNEL  # noqa: E402
 #: Positions of the source lists of bnao's node-round ops (``sources``; ``grad_sources``).
 _SOURCE_LISTS = {"bnao.branch_round": (0,), "bnao.branch_round_backward": (3,),
                  "bnao.branch_round_backward_accumulate": (0, 4)}
+#: kWeightGradLanes and kPairsPerLane of csrc/cell/combine.h (``weight_grad_lanes``): how many lanes of partial
+#: sums the combine's weight gradient writes.
+_WEIGHT_GRAD_LANES, _PAIRS_PER_LANE = 256, 4
 #: Memory bandwidth (bytes/s) of the GPUs a gpu-check may run on (vendor figures: H100 SXM HBM3, H200 HBM3e).
 BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}
 
@@ -54,10 +57,16 @@ class _ByteCounter(TorchDispatchMode):
         for position in _SOURCE_LISTS.get(name, ()):
             sources = args[position]
             total -= sum(t.numel() * t.element_size() for t in sources[2:])
-        # The combine reads only the loose states (loose[s] != 0, checked on the device).
-        if name == "bnao.combine":
-            states, _, loose = args
+        # The combine and its backward read only the loose states (loose[s] != 0, checked on the device); the
+        # backward still writes every state's gradient (zeros where not loose).
+        if name in ("bnao.combine", "bnao.combine_backward"):
+            states, weight, loose = args[-3:]
             total -= sum(t.numel() * t.element_size() for t, flag in zip(states, loose.tolist()) if flag == 0)
+        # Its weight gradient's partial sums (csrc/cell/combine.h): written once, read once, float32 on a GPU.
+        if name == "bnao.combine_backward":
+            pairs = states[0].shape[0] * states[0].shape[2] * states[0].shape[3]
+            lanes = min(max(pairs // (_PAIRS_PER_LANE * weight.shape[0]), 1), _WEIGHT_GRAD_LANES)
+            total += 2 * lanes * weight.numel() * 4
         self.bytes[name] += total
         self.ops += 1
         return out
@@ -100,7 +109,13 @@ def main() -> int:
             with counter:
                 model(images, arch, bn_train=True)
     else:
-        with counter:
+        saved = {}  # storage -> bytes of every tensor autograd keeps for the backward: activation memory
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             trainer.train_steps(1)
     total = sum(counter.bytes.values())
     what = "evaluation forward" if args.evaluation else "training step"
@@ -108,6 +123,8 @@ def main() -> int:
           f"{counter.ops} dispatched compute ops, "
           f"{total / 2**20:,.1f} MiB per {'forward' if args.evaluation else 'step'}, "
           f"{total / args.batch_size / 2**20:,.2f} MiB per image")
+    if not args.evaluation:
+        print(f"  saved for the backward: {sum(saved.values()) / 2**20:,.1f} MiB")
     for name, value in counter.bytes.most_common(args.top):
         print(f"  {name:<40} {value / 2**20:10,.1f} MiB ({value / total:5.1%})")
     for gpu, bandwidth in BANDWIDTH.items():

@@ -106,6 +106,25 @@ def test_combine_gradients(device):
     assert not got[0][:, 1].any() and not got[2].any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_gradients_at_training_sizes(device):
+    """Lanes of the weight gradient that sum unequal numbers of (n, p) pairs (3 x 11 x 11 = 363 pairs on
+    363 // (4 x 11) = 8 lanes) and two channel tiles (11 = 8 + 3): against the stacked convolution's autograd, bit-identical when run twice
+    (the partials are added in a fixed order)."""
+    _require(device)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        xs, weight, loose = _inputs(device, dtype, channels=11, size=11)
+        xs = [x.requires_grad_() for x in xs]
+        weight.requires_grad_()
+        grad = torch.randn_like(xs[0])
+        got = torch.autograd.grad(combine(xs, weight, loose), [weight, *xs], grad)
+        want = torch.autograd.grad(_stacked_convolution(xs, weight, loose), [weight, *xs], grad)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance)
+        again = torch.autograd.grad(combine(xs, weight, loose), [weight, *xs], grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
 def test_combine_opcheck():
     _require("cpu")
     xs, weight, loose = _inputs("cpu", batch=2, channels=3, size=3)
@@ -127,15 +146,14 @@ def test_combine_refuses_bad_arguments_with_the_fix():
         torch.ops.bnao.combine([], weight, loose)
 
 
-def test_the_fused_cell_takes_combine_only_without_gradients():
+def test_the_fused_cell_takes_combine_where_compiled_and_the_dtypes_fit():
     xs, weight, loose = _inputs("cpu", dtype=torch.float32)
     built = extension.has_kernel("combine", "cpu")
     with torch.no_grad():
         assert combine_applies(xs, weight) == built
-    assert combine_applies(xs, weight) == built  # nothing requires a gradient
-    assert not combine_applies(xs, weight.requires_grad_())
-    with torch.no_grad():
-        assert not combine_applies(xs[:-1] + [xs[-1].double()], weight)  # mixed dtypes (autocast) fall back
+    assert combine_applies(xs, weight.requires_grad_()) == built  # training takes it too
+    assert not combine_applies(xs[:-1] + [xs[-1].double()], weight)  # mixed dtypes (autocast) fall back
+    assert not combine_applies(xs, weight.double())  # a weight not in the states' parameter dtype
 
 
 def test_the_mask_takes_no_gradient():

@@ -86,64 +86,151 @@ BNAO_UNROLL
   }
 }
 
-// grad_states[s][n, ci, p], e over [S, N, C, HW]: loose[s] * ReLU'(x) * sum_co W[co, s, ci] * grad[n, co, p];
-// zero for states that are not loose. ReLU' passes where x > 0 or x is NaN (torch's threshold_backward).
-template <typename T, typename Acc>
-BNAO_CELL_HD void combine_grad_state_item(int64_t e, const CombineArgs<T>& a, T* const* grad_states) {
-  const int64_t per_sample = a.channels * a.plane;
-  const int64_t per_state = a.batch * per_sample;
-  const int s = static_cast<int>(e / per_state);
-  const int64_t i = e - s * per_state;
-  const int64_t n = i / per_sample;
-  const int64_t ci = (i / a.plane) % a.channels;
-  const int64_t p = i % a.plane;
-  const Acc loose = static_cast<Acc>(a.loose[s]);
-  const Acc x = static_cast<Acc>(a.states[s][i]);
-  if (loose == Acc(0) || x <= Acc(0)) {
-    grad_states[s][i] = T(0);
-    return;
-  }
-  const T* g = a.grad + n * per_sample + p;
-  Acc sum = Acc(0);
-  for (int64_t co = 0; co < a.channels; ++co) {
-    sum += static_cast<Acc>(a.weight[(co * a.num_states + s) * a.channels + ci]) * static_cast<Acc>(g[co * a.plane]);
-  }
-  grad_states[s][i] = static_cast<T>(loose * sum);
+// Work items of the states' gradient: [S, N, ceil(C / kCombineTile), HW].
+template <typename T>
+BNAO_CELL_HD int64_t combine_grad_state_items(const CombineArgs<T>& a) {
+  return a.num_states * combine_items(a);
 }
 
-// Output o = (co, s, ci) of the weight gradient: loose[s] * sum over (n, p) of grad[n, co, p] * ReLU(x_s[n, ci, p]).
-// partial() sums the (n, p) pairs j = begin, begin + step, ... < N * HW; inactive outputs (s not loose) are
-// zero and read nothing.
+// Item e over [S, N, ceil(C / kCombineTile), HW]: grad_states[s][n, ci, p] for the item's kCombineTile input
+// channels ci, each loose[s] * ReLU'(x_s[n, ci, p]) * sum_co W[co, s, ci] * grad[n, co, p]; zero for states
+// that are not loose. ReLU' passes where x > 0 or x is NaN (torch's threshold_backward). Each grad value is
+// loaded once for the tile's kCombineTile sums (the transpose of combine_item).
 template <typename T, typename Acc>
-struct CombineWeightGrad {
+BNAO_CELL_HD void combine_grad_state_item(int64_t e, const CombineArgs<T>& a, T* const* grad_states) {
+  const int64_t tiles = (a.channels + kCombineTile - 1) / kCombineTile;
+  const int64_t p = e % a.plane;
+  const int64_t tile = (e / a.plane) % tiles;
+  const int64_t n = (e / (a.plane * tiles)) % a.batch;
+  const int s = static_cast<int>(e / (a.plane * tiles * a.batch));
+  const int64_t per_sample = a.channels * a.plane;
+  const int64_t ci0 = tile * kCombineTile;
+  const int width = static_cast<int>(a.channels - ci0 < kCombineTile ? a.channels - ci0 : kCombineTile);
+  const int64_t first = n * per_sample + ci0 * a.plane + p;  // element (n, ci0, p)
+  T* out = grad_states[s] + first;
+  const Acc loose = static_cast<Acc>(a.loose[s]);
+  if (loose == Acc(0)) {
+BNAO_UNROLL
+    for (int t = 0; t < kCombineTile; ++t) {
+      if (t < width) out[t * a.plane] = T(0);
+    }
+    return;
+  }
+  Acc sum[kCombineTile];
+BNAO_UNROLL
+  for (int t = 0; t < kCombineTile; ++t) sum[t] = Acc(0);
+  const T* g = a.grad + n * per_sample + p;
+  for (int64_t co = 0; co < a.channels; ++co) {
+    const Acc gv = static_cast<Acc>(g[co * a.plane]);
+    const Compute<T>* w = a.weight + (co * a.num_states + s) * a.channels + ci0;  // W[co, s, ci0:]
+BNAO_UNROLL
+    for (int t = 0; t < kCombineTile; ++t) {
+      if (t < width) sum[t] += static_cast<Acc>(w[t]) * gv;
+    }
+  }
+  const T* x = a.states[s] + first;
+BNAO_UNROLL
+  for (int t = 0; t < kCombineTile; ++t) {
+    if (t < width) {
+      const Acc xv = static_cast<Acc>(x[t * a.plane]);
+      out[t * a.plane] = xv <= Acc(0) ? T(0) : static_cast<T>(loose * sum[t]);
+    }
+  }
+}
+
+// The weight gradient, W[co, s, ci] <- loose[s] * sum over (n, p) of grad[n, co, p] * ReLU(x_s[n, ci, p]),
+// in two passes of plain work items, so that it is the same arithmetic on every backend and deterministic:
+//  1. CombineWeightGradPartial: item (s, co tile, ci tile, lane) sums a kCombineTile x kCombineTile tile of
+//     (co, ci) over the (n, p) pairs j = lane, lane + lanes, ... and writes it to partial[lane, co, s, ci].
+//     Each loaded grad and state value serves kCombineTile products. Neighbouring items take neighbouring
+//     pixels (the lane is the fastest index), so on a GPU a warp's loads are contiguous.
+//  2. CombineWeightGradFinish: item (co, s, ci) adds its lanes' partials in lane order.
+// States that are not loose are skipped in pass 1 (their partials are never read) and get 0 in pass 2.
+// Lanes: at most kWeightGradLanes, and at least kPairsPerLane x C pairs per lane, so that the partials
+// (lanes x C x S x C accumulators) stay a fraction of the states' N x HW x S x C values where the planes are
+// small and the channels many (the last stages of a network).
+constexpr int64_t kWeightGradLanes = 256;
+constexpr int64_t kPairsPerLane = 4;
+
+BNAO_CELL_HD int64_t weight_grad_lanes(int64_t pairs, int64_t channels) {
+  const int64_t wanted = pairs / (kPairsPerLane * channels);
+  return wanted < 1 ? 1 : (wanted < kWeightGradLanes ? wanted : kWeightGradLanes);
+}
+
+template <typename T, typename Acc>
+struct CombineWeightGradPartial {
   CombineArgs<T> args;
+  Acc* partial;  // [lanes, C, S, C]
+  int64_t lanes;
+
+  BNAO_CELL_HD int64_t items() const {
+    const int64_t tiles = (args.channels + kCombineTile - 1) / kCombineTile;
+    return args.num_states * tiles * tiles * lanes;
+  }
+
+  BNAO_CELL_HD void operator()(int64_t e) const {
+    const int64_t tiles = (args.channels + kCombineTile - 1) / kCombineTile;
+    const int64_t lane = e % lanes;
+    const int64_t ci0 = ((e / lanes) % tiles) * kCombineTile;
+    const int64_t co0 = ((e / (lanes * tiles)) % tiles) * kCombineTile;
+    const int s = static_cast<int>(e / (lanes * tiles * tiles));
+    if (args.loose[s] == Compute<T>(0)) return;
+    const int co_width = static_cast<int>(args.channels - co0 < kCombineTile ? args.channels - co0 : kCombineTile);
+    const int ci_width = static_cast<int>(args.channels - ci0 < kCombineTile ? args.channels - ci0 : kCombineTile);
+    const int64_t per_sample = args.channels * args.plane;
+    const T* g = args.grad + co0 * args.plane;
+    const T* x = args.states[s] + ci0 * args.plane;
+    Acc sum[kCombineTile][kCombineTile];
+BNAO_UNROLL
+    for (int i = 0; i < kCombineTile; ++i) {
+BNAO_UNROLL
+      for (int k = 0; k < kCombineTile; ++k) sum[i][k] = Acc(0);
+    }
+    // Tail rows and columns load 0 (never NaN), and their sums are not written.
+    for (int64_t j = lane; j < args.batch * args.plane; j += lanes) {
+      const int64_t offset = (j / args.plane) * per_sample + j % args.plane;
+      Acc gv[kCombineTile], xv[kCombineTile];
+BNAO_UNROLL
+      for (int t = 0; t < kCombineTile; ++t) {
+        gv[t] = t < co_width ? static_cast<Acc>(g[offset + t * args.plane]) : Acc(0);
+        xv[t] = t < ci_width ? relu_keep_nan(static_cast<Acc>(x[offset + t * args.plane])) : Acc(0);
+      }
+BNAO_UNROLL
+      for (int i = 0; i < kCombineTile; ++i) {
+BNAO_UNROLL
+        for (int k = 0; k < kCombineTile; ++k) sum[i][k] += gv[i] * xv[k];
+      }
+    }
+    Acc* out = partial + lane * args.channels * args.num_states * args.channels;
+BNAO_UNROLL
+    for (int i = 0; i < kCombineTile; ++i) {
+BNAO_UNROLL
+      for (int k = 0; k < kCombineTile; ++k) {
+        if (i < co_width && k < ci_width) out[((co0 + i) * args.num_states + s) * args.channels + ci0 + k] = sum[i][k];
+      }
+    }
+  }
+};
+
+template <typename T, typename Acc>
+struct CombineWeightGradFinish {
+  CombineArgs<T> args;
+  const Acc* partial;  // [lanes, C, S, C] from CombineWeightGradPartial
+  int64_t lanes;
   Compute<T>* grad_weight;
 
-  BNAO_CELL_HD bool active(int64_t output) const {
-    const int s = static_cast<int>((output / args.channels) % args.num_states);
-    return args.loose[s] != Compute<T>(0);
-  }
-
-  BNAO_CELL_HD Acc partial(int64_t output, int64_t begin, int64_t step) const {
-    if (!active(output)) return Acc(0);
-    const int64_t ci = output % args.channels;
-    const int s = static_cast<int>((output / args.channels) % args.num_states);
-    const int64_t co = output / (args.channels * args.num_states);
-    const int64_t per_sample = args.channels * args.plane;
-    const T* x = args.states[s] + ci * args.plane;
-    const T* g = args.grad + co * args.plane;
-    Acc sum = Acc(0);
-    for (int64_t j = begin; j < args.batch * args.plane; j += step) {
-      const int64_t offset = (j / args.plane) * per_sample + j % args.plane;
-      sum += static_cast<Acc>(g[offset]) * relu_keep_nan(static_cast<Acc>(x[offset]));
+  // Output o = (co, s, ci) of [C, S, C].
+  BNAO_CELL_HD void operator()(int64_t o) const {
+    const int s = static_cast<int>((o / args.channels) % args.num_states);
+    const Acc loose = static_cast<Acc>(args.loose[s]);
+    if (loose == Acc(0)) {
+      grad_weight[o] = Compute<T>(0);
+      return;
     }
-    return sum;
-  }
-
-  BNAO_CELL_HD void finish(int64_t output, Acc sum) const {
-    const int s = static_cast<int>((output / args.channels) % args.num_states);
-    grad_weight[output] = active(output) ? static_cast<Compute<T>>(static_cast<Acc>(args.loose[s]) * sum)
-                                         : Compute<T>(0);
+    const int64_t outputs = args.channels * args.num_states * args.channels;
+    Acc sum = Acc(0);
+    for (int64_t lane = 0; lane < lanes; ++lane) sum += partial[lane * outputs + o];
+    grad_weight[o] = static_cast<Compute<T>>(loose * sum);
   }
 };
 

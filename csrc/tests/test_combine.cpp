@@ -1,7 +1,8 @@
 // Unit tests of the shared bodies of bnao::combine and its backward
 // (cell/combine.h): a small case derived by hand (a state that is not loose and
 // holds NaN, ReLU on both signs, a partial tile of output channels), NaN in a
-// loose state, and a two-tile case against a plain triple loop written here. Only
+// loose state, and two-tile cases of the forward and of both gradients (lanes of
+// the weight gradient summing unequal numbers of pairs) against plain loops written here. Only
 // the header is used, so the sanitizer build checks every index the bodies compute.
 #include <cmath>
 #include <cstdint>
@@ -15,7 +16,6 @@
 namespace {
 
 using bnao::cell::CombineArgs;
-using bnao::cell::CombineWeightGrad;
 using bnao_test::check;
 
 void check_near(double got, double want, const std::string& what) {
@@ -36,6 +36,28 @@ CombineArgs<double> make_args(const std::vector<std::vector<double>>& states, co
   a.channels = channels;
   a.plane = plane;
   return a;
+}
+
+// The weight gradient through both passes of combine.h, as the host side runs them.
+std::vector<double> weight_grad(const CombineArgs<double>& a) {
+  const int64_t outputs = a.channels * a.num_states * a.channels;
+  const int64_t lanes = bnao::cell::weight_grad_lanes(a.batch * a.plane, a.channels);
+  std::vector<double> partial(static_cast<size_t>(lanes * outputs), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> grad_weight(static_cast<size_t>(outputs), -1.0);
+  const bnao::cell::CombineWeightGradPartial<double, double> first{a, partial.data(), lanes};
+  for (int64_t e = 0; e < first.items(); ++e) first(e);
+  const bnao::cell::CombineWeightGradFinish<double, double> second{a, partial.data(), lanes, grad_weight.data()};
+  for (int64_t o = 0; o < outputs; ++o) second(o);
+  return grad_weight;
+}
+
+std::vector<std::vector<double>> state_grads(const CombineArgs<double>& a) {
+  std::vector<std::vector<double>> grads(a.num_states, std::vector<double>(a.batch * a.channels * a.plane, -1.0));
+  double* grad_states[bnao::cell::kMaxCombineStates] = {};
+  for (int s = 0; s < a.num_states; ++s) grad_states[s] = grads[s].data();
+  for (int64_t e = 0; e < bnao::cell::combine_grad_state_items(a); ++e)
+    bnao::cell::combine_grad_state_item<double, double>(e, a, grad_states);
+  return grads;
 }
 
 std::vector<double> forward(const CombineArgs<double>& a) {
@@ -61,9 +83,7 @@ void test_hand_case() {
   for (int i = 0; i < 4; ++i) check_near(out[i], want[i], "hand case out[" + std::to_string(i) + "]");
 
   // Gradient of state s at (ci, p): [x > 0] * sum_co W[co][s][ci] * grad[co][p]; zero for state 1.
-  std::vector<std::vector<double>> grads(3, std::vector<double>(4, -1.0));
-  double* grad_states[bnao::cell::kMaxCombineStates] = {grads[0].data(), grads[1].data(), grads[2].data()};
-  for (int64_t e = 0; e < 3 * 4; ++e) bnao::cell::combine_grad_state_item<double, double>(e, a, grad_states);
+  const std::vector<std::vector<double>> grads = state_grads(a);
   const double want_grads[3][4] = {{1 * 1 - 1 * 3, 0, 2 * 1 + 1 * 3, 2 * 2 + 1 * 4},
                                    {0, 0, 0, 0},
                                    {0, 3 * 2 + 0.5 * 4, -1 * 1 + 2 * 3, 0}};
@@ -73,9 +93,7 @@ void test_hand_case() {
                  "hand case grad state " + std::to_string(s) + "[" + std::to_string(i) + "]");
 
   // Weight gradient [co][s][ci] = sum_p grad[co][p] * x_s[ci][p] for loose s, else 0.
-  std::vector<double> grad_weight(12, -1.0);
-  const CombineWeightGrad<double, double> reduction{a, grad_weight.data()};
-  for (int64_t o = 0; o < 12; ++o) reduction.finish(o, reduction.partial(o, 0, 1));
+  const std::vector<double> grad_weight = weight_grad(a);
   const double want_weight[12] = {1, 1 * 3 + 2 * 4, 0, 0, 2 * 2, 0.5, 3, 3 * 3 + 4 * 4, 0, 0, 4 * 2, 3 * 0.5};
   for (int o = 0; o < 12; ++o) {
     check_near(grad_weight[o], want_weight[o], "hand case grad weight[" + std::to_string(o) + "]");
@@ -118,11 +136,52 @@ void test_two_tiles_against_a_plain_loop() {
       }
 }
 
+// Both gradients with two channel tiles (C = 10) and more (n, p) pairs than lanes (N = 3, H * W = 100:
+// 300 pairs on 256 lanes), three states, loose = {1, 0, 0.5}, against plain loops.
+void test_gradients_against_plain_loops() {
+  const int64_t batch = 3, channels = 10, plane = 100, count = 3, size = batch * channels * plane;
+  std::vector<std::vector<double>> states(count, std::vector<double>(size));
+  for (int s = 0; s < count; ++s)
+    for (int64_t i = 0; i < size; ++i) states[s][i] = std::sin(0.37 * i + 2.0 * s) * 2.0;
+  std::vector<double> weight(channels * count * channels), grad(size);
+  for (size_t i = 0; i < weight.size(); ++i) weight[i] = std::cos(0.9 * i);
+  for (int64_t i = 0; i < size; ++i) grad[i] = std::cos(0.23 * i + 1.0);
+  const std::vector<double> loose = {1.0, 0.0, 0.5};
+  const CombineArgs<double> a = make_args(states, weight, loose, grad.data(), batch, channels, plane);
+  check(bnao::cell::weight_grad_lanes(batch * plane, channels) == 7, "300 pairs of 10 channels: 7 lanes");
+  const std::vector<double> grad_weight = weight_grad(a);
+  const std::vector<std::vector<double>> grads = state_grads(a);
+  auto at = [&](int64_t n, int64_t c, int64_t p) { return (n * channels + c) * plane + p; };
+  for (int64_t co = 0; co < channels; ++co)
+    for (int s = 0; s < count; ++s)
+      for (int64_t ci = 0; ci < channels; ++ci) {
+        double want = 0.0;
+        for (int64_t n = 0; n < batch; ++n)
+          for (int64_t p = 0; p < plane; ++p) {
+            const double x = states[s][at(n, ci, p)];
+            want += grad[at(n, co, p)] * (x > 0 ? x : 0.0);
+          }
+        check_near(grad_weight[(co * count + s) * channels + ci], loose[s] * want,
+                   "grad weight[" + std::to_string(co) + "][" + std::to_string(s) + "][" + std::to_string(ci) + "]");
+      }
+  for (int s = 0; s < count; ++s)
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t ci = 0; ci < channels; ++ci)
+        for (int64_t p = 0; p < plane; ++p) {
+          double want = 0.0;
+          for (int64_t co = 0; co < channels; ++co) want += weight[(co * count + s) * channels + ci] * grad[at(n, co, p)];
+          const bool passes = states[s][at(n, ci, p)] > 0;
+          check_near(grads[s][at(n, ci, p)], passes ? loose[s] * want : 0.0,
+                     "grad state " + std::to_string(s) + " at " + std::to_string(at(n, ci, p)));
+        }
+}
+
 }  // namespace
 
 int main() {
   test_hand_case();
   test_nan_in_a_loose_state();
   test_two_tiles_against_a_plain_loop();
+  test_gradients_against_plain_loops();
   return bnao_test::finish("test_combine");
 }

@@ -340,11 +340,10 @@ def _combine(states: List[Tensor], loose: Tensor, combine: Tuple[Tensor, Tensor,
              running: Tuple[Tensor, Tensor], update: bool, momentum: float, eps: float) -> Tensor:
     """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv.
 
-    All ``B + 2`` states go in, so the shapes do not depend on the arch. Where no gradient is wanted (pool
-    evaluation) one :func:`~bnao.ops.fused.combine.combine` kernel reads the loose states only. Training
-    stacks the states along the channels, with the columns of states that are not loose zeroed in the
-    weight, for a 1x1 convolution, whose weight gradient (cuDNN's GEMM on a GPU) comes in the parameter's
-    own layout, which the optimizer then takes without a copy.
+    All ``B + 2`` states go in, so the shapes do not depend on the arch. One
+    :func:`~bnao.ops.fused.combine.combine` kernel reads the loose states only, forward and backward. Where it is
+    not compiled (or the dtypes do not fit it), the states are stacked along the channels, with the columns of
+    states that are not loose zeroed in the weight, for a 1x1 convolution.
     """
     w, g, b = combine
     if combine_applies(states, w):

@@ -6,10 +6,11 @@
 that reads the loose states only and writes the output: of the evaluation forward's bytes those three ops
 moved 40% (benchmarks/NOTES.md).
 
-The fused cell uses it where no gradient is needed (pool evaluation). Training keeps the convolution: the
-op's weight gradient is one block per weight element (``C x S x C`` of them, each summing ``N x H x W``
-products), where cuDNN's is a GEMM; the compiled backward exists so that the op is differentiable
-(``gradcheck``, ``opcheck``), and a tiled one would let training use the op as well.
+The fused cell uses it in training and in pool evaluation. Its backward is its own op: the states' gradient
+tiles ``kCombineTile`` input channels per work item, and the weight gradient runs in two passes of plain work
+items (tiles of ``kCombineTile x kCombineTile`` weights summed over interleaved pixel lanes, then the lanes
+added in a fixed order), so it is deterministic and the same arithmetic on the CPU and on a GPU
+(``csrc/cell/combine.h``).
 """
 
 from __future__ import annotations
@@ -48,11 +49,8 @@ def combine(states: Sequence[Tensor], weight: Tensor, loose: Tensor) -> Tensor:
 
 
 def combine_applies(states: Sequence[Tensor], weight: Tensor) -> bool:
-    """Whether the fused cell should take :func:`combine`: compiled for the device, no gradient wanted, and
-    the dtypes the op takes (under autocast a state may come out in another dtype than the others)."""
-    # The gradient test first: it settles every training step without a dispatcher lookup.
-    if torch.is_grad_enabled() and (weight.requires_grad or any(s.requires_grad for s in states)):
-        return False
+    """Whether the fused cell can take :func:`combine`: compiled for the device and given the dtypes the op
+    takes (under autocast a state may come out in another dtype than the others)."""
     first = states[0]
     if not extension.has_kernel("combine", first.device.type) or first.dtype not in ACTIVATION_DTYPES:
         return False
