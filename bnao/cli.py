@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # name -> (module, one-line help). The order is the order of `bnao --help`.
 COMMANDS = {
@@ -38,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """Parser with every sub-command; only ``command``'s module is imported (none when None)."""
+    """Parser with every sub-command; only ``command``'s module is imported (none when None). The
+    sub-commands' parsers are in the returned parser's ``commands`` (name -> parser)."""
     parser = _Parser(prog="bnao", description="Balanced Neural Architecture Optimization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -47,15 +48,27 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
+    parser.commands = sub.choices
     return parser
+
+
+def parse_arguments(argv: List[str]) -> Tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """``(top-level parser, parsed arguments)`` of a command line (without the program name)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    if command in COMMANDS and argv[0] == command:
+        # The command's own parser, intermixed: options may come between KEY=VALUE overrides or positional
+        # archs (`bnao search --out r a.b=1 --seed 1 c.d=2`), which plain argparse refuses after the first
+        # positional run. (The top-level parser cannot parse intermixed: it has sub-commands.)
+        args = parser.commands[command].parse_intermixed_args(argv[1:], argparse.Namespace(command=command))
+    else:
+        args = parser.parse_args(argv)
+    return parser, args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``bnao`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    parser, args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

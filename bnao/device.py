@@ -11,11 +11,14 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     """``"auto"``/None -> the first CUDA GPU when there is one, else the CPU; anything else as given.
 
     Raises:
-        ValueError: a CUDA device was asked for and no GPU is visible.
+        ValueError: the name is not a device (``"gpu"``), or a CUDA device was asked for and no GPU is visible.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every backend it knows; the user needs the ones bnao runs on
+        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use cpu or auto")
     return dev

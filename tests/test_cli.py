@@ -96,4 +96,36 @@ def test_an_argparse_refusal_is_one_line_too(capsys):
         else:
             raise AssertionError(f"{argv} was accepted")
         err = capsys.readouterr().err
-        assert err.splitlines()[1:] == [f"bnao: error: unrecognized arguments: {shown}"], err
+        # The command's usage (its own parser refuses), then the error as its one last line.
+        assert err.splitlines()[-1] == f"bnao {argv[0]}: error: unrecognized arguments: {shown}", err
+        assert err.startswith(f"usage: bnao {argv[0]} ")
+
+
+def test_options_may_come_between_overrides():
+    """``bnao search --out r a=1 --seed 1 b=2``: plain argparse stops taking positionals at the first option
+    after them and refused ``b=2`` with the top-level usage."""
+    from bnao.cli import parse_arguments
+
+    _, args = parse_arguments(["search", "--config", "demo", "--out", "r", "supernet.epochs=1", "--seed", "1",
+                               "supernet.layers=1"])
+    assert args.command == "search" and args.seed == 1 and args.out == "r"
+    assert args.overrides == ["supernet.epochs=1", "supernet.layers=1"]
+    _, args = parse_arguments(["rank", "--config", "demo", "--out", "o", "archs.count=3", "--cache", "c",
+                               "archs.seed=1"])
+    assert args.overrides == ["archs.count=3", "archs.seed=1"] and args.cache == "c"
+
+
+def test_an_unknown_device_names_the_choices(capsys):
+    """``--device gpu`` was torch's RuntimeError listing every backend, as a traceback."""
+    from bnao.device import resolve_device
+
+    try:
+        resolve_device("gpu")
+    except ValueError as error:
+        assert str(error) == "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"
+    else:
+        raise AssertionError("resolve_device('gpu') was accepted")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert main(["profile", "--device", "gpu", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bnao profile: error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N\n", err

@@ -148,6 +148,10 @@ def data_dirs(root: Optional[str] = None) -> List[Path]:
     return out
 
 
+#: Where a data dir is given, for the "To get it" hints: the CLI's flag, the config key, the Python argument.
+_DATA_DIR_HOW = "--data-dir DIR, the config key data.root, root= in Python, $BNAO_DATA, or ./data"
+
+
 def _not_found(what: str, searched: Sequence[Path], how: str) -> DatasetNotFoundError:
     places = "\n".join(f"  - {p}" for p in searched)
     return DatasetNotFoundError(f"{what} not found. Searched:\n{places}\nTo get it: {how}")
@@ -232,8 +236,10 @@ def _cifar(variant: str, root: Optional[str], split: str, download: bool = False
     raise _not_found(
         variant,
         searched,
-        f"pass download=True (needs internet) or put torchvision's '{sub}/' folder "
-        f"({', '.join(files[0] + files[1])}) under a data dir (root=, $BNAO_DATA or ./data).",
+        f"put torchvision's '{sub}/' folder ({', '.join(files[0] + files[1])}) under a data dir "
+        f"({_DATA_DIR_HOW}). With internet, torchvision fetches it: `python -c \"import torchvision; "
+        f"torchvision.datasets.{'CIFAR10' if variant == 'cifar10' else 'CIFAR100'}('DIR', download=True)\"`, "
+        f"then pass --data-dir DIR (in Python: {variant}(download=True)).",
     )
 
 
@@ -355,8 +361,8 @@ def image_folder(
         "imagenet",
         searched,
         "download ImageNet (image-net.org, needs an account) and lay it out as "
-        "<dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, with <dir> = root= or "
-        "<data dir>/imagenet.",
+        "<dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, with <dir> a data dir or "
+        f"<data dir>/imagenet (a data dir: {_DATA_DIR_HOW}).",
     )
 
 
