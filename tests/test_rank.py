@@ -40,6 +40,8 @@ def test_presets_and_overrides():
     (["sampler.names=[]"], "distinct sampler names"),
     (["archs.count=2"], ">= 3"),
     (["ground_truth.epochs=zero"], "expects int"),
+    (["data.test_limit=0"], r"'data.test_limit' must be >= 1 \(or null for the whole split\), got 0"),
+    (["data.train_limit=-5"], r"'data.train_limit' must be >= 1"),
 ])
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

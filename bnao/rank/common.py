@@ -51,7 +51,7 @@ def make_space(config: Dict[str, Any]) -> NAOSpace:
 
 
 def _limit(dataset: Any, limit: Optional[int]) -> Any:
-    if not limit:
+    if limit is None:
         return dataset
     return dataset.subset(np.arange(min(int(limit), len(dataset))), dataset.name)
 

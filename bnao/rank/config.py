@@ -165,6 +165,9 @@ def check_config(config: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError("config key 'archs.count' must be >= 3 (a ranking correlation over fewer means little)")
     if not 0.0 < config["archs"]["band"] < 1.0:
         raise ConfigError(f"config key 'archs.band' must be in (0, 1), got {config['archs']['band']!r}")
+    for key in ("data.train_limit", "data.test_limit"):  # None: the whole split; 0 must not mean that too
+        if _get(config, key) is not None and _get(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1 (or null for the whole split), got {_get(config, key)!r}")
     if not 0.0 < config["data"]["dev_fraction"] < 1.0:
         raise ConfigError(f"config key 'data.dev_fraction' must be in (0, 1), got {config['data']['dev_fraction']!r}")
     return config
