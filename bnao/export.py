@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .nets.network import build_network
+from .safe_io import DamagedFileError, UnsafeFileError, safe_load
 from .space import InvalidArchError, NAOSpace, create_search_space
 
 FORMATS = ("torchscript", "onnx", "state_dict")
@@ -54,6 +55,9 @@ class ExportSource:
             ``num_classes``, ``in_channels``: what :func:`bnao.nets.build_network` needs to rebuild it.
         origin: What was read (``"bnao model file"``, ``"bnao train checkpoint"``, ``"state dict"``).
         dataset: The data set it was trained on, when the file records it.
+        metrics: The final metrics a model file records.
+        image_size: The training images' side, when the file records it (model files and checkpoints
+            of this bnao; older checkpoints record neither it nor the dataset).
     """
 
     model: nn.Module
@@ -61,6 +65,7 @@ class ExportSource:
     origin: str
     dataset: Optional[str] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
+    image_size: Optional[int] = None
 
 
 def inference_network(config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> nn.Module:
@@ -103,16 +108,18 @@ def _read(path: Union[str, os.PathLike]) -> Any:
         raise ExportError(f"{path}: no such file. Pass the model.pt written by `bnao train --out DIR`, or an arch "
                           "with --weights FILE.")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not readable as weights"
-        if "weights only" in str(err).lower():
-            # Never unpickle arbitrary objects from a file the user points at; say what it is instead.
-            raise ExportError(f"{path}: not a bnao model: it holds pickled Python objects (e.g. a whole nn.Module "
-                              "saved with torch.save(model)), which are not loaded. Pass the model.pt written by "
-                              "`bnao train`, or save model.state_dict() and pass it with its arch.") from None
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ExportError(f"{path}: not a bnao model: torch.load cannot read it as a weights file "
-                          f"({type(err).__name__}: {first}). Pass the model.pt written by `bnao train`.") from None
+        return safe_load(path)
+    except UnsafeFileError:
+        # A readable pickle that names Python callables; never unpickle those from a file the user points at.
+        raise ExportError(f"{path}: not a bnao model: it holds pickled Python objects (e.g. a whole nn.Module "
+                          "saved with torch.save(model)), which are not loaded. Pass the model.pt written by "
+                          "`bnao train`, or save model.state_dict() and pass it with its arch.") from None
+    except DamagedFileError:
+        raise ExportError(f"{path}: not a bnao model: torch.load cannot read it, so it is not a readable "
+                          "checkpoint: it is damaged or not a checkpoint or weights file. "
+                          "Pass the model.pt or checkpoint.pt written by `bnao train` (retrain if it was "
+                          "damaged), or a state dict saved with torch.save(model.state_dict()) with its "
+                          "arch.") from None
 
 
 def _describe(obj: Any) -> str:
@@ -156,9 +163,11 @@ def load_for_export(path: Union[str, os.PathLike], arch: Optional[str] = None, o
         weights = data.get("state_dict" if data["format"] == "bnao-model" else "model")
         if not _is_state_dict(weights):
             raise ExportError(f"{path}: a {origin} without its weights (found {_describe(weights)}); retrain it.")
+        # Checkpoints written before they recorded the data have no "extra": the skeleton's size is used.
         extra = data.get("extra") or {}
         model = inference_network(config, weights)
-        return ExportSource(model, config, origin, extra.get("dataset"), dict(data.get("metrics") or {}))
+        return ExportSource(model, config, origin, extra.get("dataset"), dict(data.get("metrics") or {}),
+                            extra.get("image_size"))
     if not _is_state_dict(data):
         raise ExportError(f"{path}: not a bnao model: found {_describe(data)}. Pass the model.pt written by "
                           "`bnao train`, or a state dict saved with torch.save(model.state_dict()) together with "
@@ -220,7 +229,13 @@ def infer_config(state_dict: Dict[str, torch.Tensor], arch: Any, op_set: Optiona
 
 
 def default_image_size(source: ExportSource) -> int:
-    """Image side of the export check and trace: the training data set's, else the skeleton's usual one."""
+    """Image side of the export check and trace: the training data set's, else the skeleton's usual one.
+
+    The side comes from the file's record of the training images, else from its dataset's name; files that
+    record neither (checkpoints of older bnao versions, plain state dicts) get the skeleton's side.
+    """
+    if source.image_size:
+        return int(source.image_size)
     return DATASET_IMAGE_SIZE.get(source.dataset or "", SKELETON_IMAGE_SIZE[source.config["skeleton"]])
 
 
@@ -343,9 +358,12 @@ def export_network(source: ExportSource, fmt: str, out: Union[str, os.PathLike],
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    side = int(image_size or default_image_size(source))
-    if side < 1 or check_batch < 1 or not tolerance > 0:
-        raise ExportError("image size and check batch must be positive and the tolerance above 0")
+    # `is None`, not `or`: an image size of 0 is an error, not "the default".
+    side = int(default_image_size(source) if image_size is None else image_size)
+    if side < 1:
+        raise ExportError(f"--image-size must be >= 1, got {side}; leave it out to use the training data's size")
+    if check_batch < 1 or not tolerance > 0:
+        raise ExportError(f"the check batch must be >= 1 and --tolerance above 0, got {check_batch} and {tolerance}")
     out = Path(out)
     if out.parent and not out.parent.is_dir():
         raise ExportError(f"the directory of --out {out} does not exist; create it first")

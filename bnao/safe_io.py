@@ -180,8 +180,14 @@ def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] =
 
 
 def _damaged(path: Path, err: BaseException) -> DamagedFileError:
-    return DamagedFileError(f"{path} is corrupt or truncated: torch cannot read it "
-                            f"({type(err).__name__}: {_first_line(err)})")
+    """The error for a file torch cannot parse: damaged, or not a file bnao (or torch.save) wrote."""
+    detail = _first_line(err)
+    # torch's weights-only failures advise re-running torch.load with weights_only=False, which would run
+    # whatever the file holds; that advice must not reach the user, so only the error's kind is kept.
+    cause = type(err).__name__ if "weights_only" in detail or "weights only" in detail.lower() else (
+        f"{type(err).__name__}: {detail[:200]}")
+    return DamagedFileError(f"{path} is corrupt or truncated, or not a file bnao wrote: it is not a readable "
+                            f"checkpoint ({cause})")
 
 
 def _first_line(err: BaseException) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any, Dict
 
 from .errors import report_error
+from .train_inputs import UsageError, check_limit
 
 HELP = "evaluate a trained checkpoint on a test set"
 
@@ -29,6 +31,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Checks the options before anything is loaded.
+
+    Raises:
+        UsageError: A bad ``--batch-size``, ``--limit`` or ``--loader``, or a directory as MODEL.pt.
+    """
+    from ..train.config import check_loader
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_limit("--limit", args.limit)
+    try:
+        check_loader(args.loader)
+    except ValueError as err:  # it names the loader setting, which is --loader here
+        raise UsageError(f"--{err}") from None
+    _check_model_path(Path(args.model))
+
+
+def _check_model_path(path: Path) -> None:
+    """Refuses a directory as MODEL.pt, naming the model file inside it when there is one.
+
+    Raises:
+        UsageError: ``path`` is a directory.
+    """
+    if not path.is_dir():
+        return
+    if (path / "model.pt").is_file():
+        raise UsageError(f"{path} is a directory; pass the model file in it: bnao eval {path / 'model.pt'}")
+    raise UsageError(f"{path} is a directory without a model.pt; pass the model.pt that `bnao train --out DIR` "
+                     "writes when its training ends")
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``bnao eval``; exit code 2 for a missing/corrupt model file or missing data."""
     import numpy as np
@@ -39,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     def fail(msg: str) -> int:
         return report_error("eval", msg)
 
-    if args.batch_size < 1:
-        return fail("--batch-size must be positive")
+    try:
+        _check_inputs(args)
+    except UsageError as err:
+        return fail(str(err))
     try:
         device = resolve_device(args.device)
         model, info = load_model(args.model, device=device)
@@ -57,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
     root = args.data_dir if args.data_dir is not None else extra.get("data_dir")
     kw: Dict[str, Any] = {}
     if name == "synthetic":
-        kw = {"num_samples": args.limit or 10000}
+        kw = {"num_samples": 10000 if args.limit is None else args.limit}
     try:
         data = create_dataset(name, root=root, split=args.split, **kw)
     except DatasetNotFoundError as err:
         return fail(str(err))
-    if args.limit and len(data) > args.limit:
+    if args.limit is not None and len(data) > args.limit:
         data = data.subset(np.arange(args.limit))
     shape = getattr(data, "image_shape", None)
     channels = int(shape[-1]) if shape is not None else 3

@@ -12,6 +12,13 @@ from .errors import report_error
 HELP = "run Balanced NAO end to end (Algorithm 1)"
 
 
+def _preset_names() -> str:
+    """The presets as the help lists them, read from ``configs/`` so that a new preset is never left out."""
+    from ..search.config import list_presets
+
+    return ", ".join(list_presets()) or "none found"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -23,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every config key can be overridden as key=value (see configs/*.yaml for the keys)"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. search.iterations=2")
-    parser.add_argument("--config", "-c", default=None, help="preset name (demo, cifar10, cifar100, imagenet) or YAML file")
+    parser.add_argument("--config", "-c", default=None, help=f"preset name ({_preset_names()}) or YAML file")
     parser.add_argument("--out", "-o", default=None, help="run directory to create")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
@@ -41,7 +48,7 @@ def _error(message: str, code: int = 2) -> int:
 
 def _resume_config(args: argparse.Namespace, run_dir, overrides):
     """The run's config and the config asked for on resume (:func:`_launch` checks the changes)."""
-    from ..search.config import DEFAULTS, apply_overrides, load_config, parse_overrides
+    from ..search.config import DEFAULTS, apply_overrides, check_config, load_config, parse_overrides
 
     config = run_dir.read_config()
     # Runs from before the distributed section ran as one process: its defaults describe them.
@@ -49,7 +56,7 @@ def _resume_config(args: argparse.Namespace, run_dir, overrides):
     wanted = apply_overrides(load_config(args.config), parse_overrides(overrides)) if args.config else (
         apply_overrides(config, parse_overrides(overrides))
     )
-    return config, wanted
+    return config, check_config(wanted)
 
 
 def _launch(config, old_config):
@@ -92,9 +99,16 @@ def _prepare_run_dir(args, context, run_dir, config, changes):
 
 
 def _record_changes(run_dir, config, changes) -> None:
-    """Writes the resumable changes into the run directory and says that exact replay is gone."""
-    from ..search.resume import describe_changes
+    """Writes the resumable changes into the run directory and says that exact replay is gone.
 
+    A change of where the data lives alone (``data.root``) only updates config.yaml: the data is the same.
+    """
+    from ..search.resume import describe_changes, replay_changes
+
+    changes = replay_changes(changes)
+    if not changes:
+        run_dir.write_config(config)
+        return
     run_dir.record_changes({k: list(v) for k, v in changes.items()}, config)
     print(f"bnao search: warning: resuming with {describe_changes(changes)} (recorded in {run_dir.changes_path}); "
           "the run no longer replays an uninterrupted run exactly", file=sys.stderr)
@@ -143,7 +157,7 @@ def _open_run(args: argparse.Namespace, overrides: List[str]) -> Union[int, Tupl
     """
     from ..distributed import DistributedError
     from ..safe_io import FileWriteError
-    from ..search.config import ConfigError, load_config
+    from ..search.config import ConfigError, check_config, load_config
     from ..search.rundir import RunDir, RunDirError
 
     old_config = None
@@ -156,7 +170,8 @@ def _open_run(args: argparse.Namespace, overrides: List[str]) -> Union[int, Tupl
         else:
             if not args.out:
                 return _error("--out RUN_DIR is required (or --resume RUN_DIR)")
-            config = load_config(args.config, overrides)
+            # Every value is checked before the run directory is written and any work is done.
+            config = check_config(load_config(args.config, overrides))
             run_dir = RunDir(args.out)
         context, config, changes = _launch(config, old_config)
         problem = _prepare_run_dir(args, context, run_dir, config, changes)
@@ -201,9 +216,9 @@ def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, 
                 return stop.exit_code
     except (ConfigError, RunDirError, PoolFileError, InvalidArchError, FileNotFoundError, DatasetNotFoundError,
             CheckpointError, DistributedError, ValueError) as err:  # ValueError: bad values the config types cannot catch (device, sizes)
-        return _error(str(err))
+        return _start_failed(args, run_dir, str(err))
     except KeyError as err:  # unknown registry names (dataset, loader, sampler) carry their own message
-        return _error(str(err.args[0]) if err.args else repr(err))
+        return _start_failed(args, run_dir, str(err.args[0]) if err.args else repr(err))
     except FileWriteError as err:
         return _error(str(err), code=1)
     except (RuntimeError, MemoryError) as err:
@@ -212,6 +227,17 @@ def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, 
             raise
         return exit_code
     return None
+
+
+def _start_failed(args: argparse.Namespace, run_dir, message: str) -> int:
+    """Reports bad input (exit code 2); a new run refused before its first checkpoint leaves no run directory.
+
+    Otherwise the folder would hold a run that never started, and the corrected command would be refused
+    with "already holds a search run".
+    """
+    if not args.resume:
+        run_dir.discard_unstarted()
+    return _error(message)
 
 
 def _read_checkpoint(args: argparse.Namespace, run_dir, config: Dict[str, Any], context,

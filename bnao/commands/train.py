@@ -1,8 +1,11 @@
 """``bnao train``: stand-alone training of one architecture, with the paper's final setting as a preset.
 
-Without a preset the settings are those of the search's final re-ranking
-(N=3, C=20, 10 epochs, batch 128, cosine lr 0.025 -> 0, auxiliary head 0.4,
-drop-path keep 0.9). ``--preset cifar10-final`` is the final training of
+Without a preset: a short training at the search network's size (N=3, C=20,
+10 epochs, batch 128, cosine lr 0.025 -> 0, auxiliary head 0.4, drop-path
+keep 0.9, no dropout). This is not the search's re-ranking, whose ``final.*``
+settings are batch 64, lr 0.025 -> 0.001, drop-path keep 0.8 and dropout 0.4
+(``--batch-size 64 --lr-min 0.001 --drop-path-keep-prob 0.8 --dropout 0.4``
+reproduce it). ``--preset cifar10-final`` is the final training of
 NAO / Balanced NAO on CIFAR-10, from the reference's ``NAO_V2/train_cifar.py``
 and ``train_NAONet_V2_36_cifar10.sh``: N=6, C=36, 600 epochs, batch 128,
 SGD momentum 0.9, weight decay 3e-4, cosine lr 0.025 -> 0 (per epoch),
@@ -27,7 +30,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import report_error
 from .train_inputs import (DEFAULTS, PRESETS, RUN_FILES, UsageError, check_run_dir, load_datasets, load_training_data,
-                           read_arch_argument, resolve_arch, resolve_settings, training_config)
+                           read_arch_argument, read_stored_config, resolve_arch, resolve_settings, training_config)
 
 __all__ = ["DATASET_CHOICES", "DEFAULTS", "HELP", "PRESETS", "RUN_FILES", "UsageError", "add_arguments",
            "check_run_dir", "load_datasets", "read_arch_argument", "resolve_settings", "run"]
@@ -40,8 +43,9 @@ DATASET_CHOICES = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "syntheti
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``bnao train``'s arguments."""
     parser.epilog = (
-        "Without --preset: the search's re-ranking training (N=3, C=20, 10 epochs, batch 128, cosine lr "
-        "0.025->0, aux 0.4, drop-path keep 0.9). --preset cifar10-final: the NAO reference's final CIFAR-10 "
+        "Without --preset: N=3, C=20, 10 epochs, batch 128, cosine lr 0.025->0, aux 0.4, drop-path keep 0.9, "
+        "no dropout (the search's re-ranking uses batch 64, lr 0.025->0.001, drop-path keep 0.8 and dropout 0.4: "
+        "pass --batch-size 64 --lr-min 0.001 --drop-path-keep-prob 0.8 --dropout 0.4 for it). --preset cifar10-final: the NAO reference's final CIFAR-10 "
         "training (N=6, C=36, 600 epochs, batch 128, cutout 16, aux 0.4, drop-path keep 0.8 -- 0.9 is the "
         "search supernet's value --, dropout 0.4, grad clip 5, weight decay 3e-4). Writes DIR/config.json, "
         "DIR/checkpoint.pt (every epoch), DIR/model.pt (for `bnao eval`) and DIR/metrics.json.")
@@ -129,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     check_run_dir(out, args.resume)
     stored: Optional[Dict[str, Any]] = None
     if args.resume:
-        stored = json.loads((out / "config.json").read_text())
+        stored = read_stored_config(out)
     settings = resolve_settings(args, stored)
     space, arch = resolve_arch(args.arch, settings, stored, out)
     settings["arch"] = str(arch)
@@ -141,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     context, device = _join_process_group(args.device, args.timeout)
     say = print if context.is_main else (lambda *a, **k: None)
     _prepare_out_dir(out, settings, stored, context)
-    trainer = _create_trainer(args, arch, space, (train_data, test_data), config, device, context, say)
+    trainer = _create_trainer(args, arch, space, (train_data, test_data), config, device, context, say,
+                              settings)
     say(f"bnao train: arch {arch}\n  {settings['dataset']} ({len(train_data)} train / {len(test_data)} test images), "
           f"N={config.layers} C={config.channels}, {trainer.params:,} params, {config.epochs} epochs of "
           f"{trainer.steps_per_epoch} steps, device {trainer.device}, {context.describe()}", flush=True)
@@ -215,7 +220,7 @@ def _epoch_reporter(say: Callable[..., None], config) -> Callable[[Dict[str, Any
 
 
 def _create_trainer(args: argparse.Namespace, arch, space, data: Tuple[Any, Any], config, device, context,
-                    say: Callable[..., None]):
+                    say: Callable[..., None], settings: Dict[str, Any]):
     """The stand-alone trainer of ``arch``, checkpointing into ``--out``.
 
     Args:
@@ -227,6 +232,7 @@ def _create_trainer(args: argparse.Namespace, arch, space, data: Tuple[Any, Any]
         device: This process's device.
         context: The process group context.
         say: Prints on rank 0 only.
+        settings: The resolved settings (the dataset is recorded in the checkpoint).
 
     Raises:
         UsageError: The trainer rejects the settings.
@@ -238,6 +244,7 @@ def _create_trainer(args: argparse.Namespace, arch, space, data: Tuple[Any, Any]
         return StandaloneTrainer(arch, space, train_data, test_data, config, device=device,
                                  checkpoint_path=Path(args.out) / "checkpoint.pt",
                                  on_epoch=_epoch_reporter(say, config), parallel=context,
+                                 data_info={"dataset": settings["dataset"], "data_dir": settings.get("data_dir")},
                                  progress=not args.no_progress and sys.stderr.isatty() and context.is_main)
     except ValueError as err:  # DistributedError too: a batch that does not split over the processes
         raise UsageError(str(err)) from None
@@ -264,6 +271,13 @@ def _fit(trainer, resume: bool, out: Path,
             if resume and (out / "checkpoint.pt").exists():
                 trainer.load_checkpoint()
                 say(f"  resumed after epoch {trainer.epoch}", flush=True)
+            elif resume:
+                # Not refused: a run stopped before its first epoch ended has config.json but no checkpoint,
+                # and starting over is the only way to continue it. The notice says so, in case the user
+                # expected a checkpoint that was moved or deleted.
+                say(f"bnao train: notice: {out} has no checkpoint.pt (the run stopped before its first epoch "
+                    "ended, or the file was removed); training starts over from epoch 1", file=sys.stderr,
+                    flush=True)
             try:
                 return None, trainer.fit(resume=False)
             except Stopped as stopped:
@@ -298,7 +312,7 @@ def _write_results(out: Path, arch, settings: Dict[str, Any], result: Dict[str, 
     }
     save_model(out / "model.pt", trainer.model, trainer.config_dict(), metrics={k: v for k, v in metrics.items()
                                                                                 if k != "history"},
-               extra={"dataset": settings["dataset"], "data_dir": settings.get("data_dir")})
+               extra=dict(trainer.data_info))
     _write_json(out / "metrics.json", metrics)
     print(f"test error {100 * result['eval_error']:.2f}% (accuracy {100 * result['eval_acc']:.2f}%), "
           f"loss {result['eval_loss']:.4f}, params {result['params'] / 1e6:.3f}M, {result['epochs']} epochs in "

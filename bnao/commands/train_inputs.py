@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-#: Settings without a preset: the search's final re-ranking training (``final.*`` of the search config).
+#: Settings without a preset: a short CIFAR-10 training at the search network's size (N=3, C=20, 10 epochs, the
+#: re-ranking's epoch count and learning-rate peak) with batch 128, cosine lr 0.025 -> 0, aux 0.4, drop-path
+#: keep 0.9 and no dropout. Not the search's re-ranking itself: its ``final.*`` settings (bnao/search/config.py)
+#: are batch 64, lr 0.025 -> 0.001, drop-path keep 0.8 and dropout 0.4; pass those flags to reproduce it.
 DEFAULTS: Dict[str, Any] = {
     "dataset": "cifar10",
     "space": "small",
@@ -112,19 +115,53 @@ def load_datasets(settings: Dict[str, Any]):
         close = difflib.get_close_matches(name, list_datasets(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"unknown dataset {name!r}{hint} (available: {', '.join(list_datasets())})")
+    train_limit = check_limit("--train-limit", settings.get("train_limit"))
+    test_limit = check_limit("--test-limit", settings.get("test_limit"))
     kw: Dict[str, Any] = {}
     if name == "synthetic":
         # Generate only what is used: 50k CIFAR-shaped images are wasted on a quick run.
-        kw = {"num_samples": settings.get("train_limit") or 50000}
+        kw = {"num_samples": 50000 if train_limit is None else train_limit}
     train = create_dataset(name, root=root, split="train", **kw)
     if name == "synthetic":
-        kw = {"num_samples": settings.get("test_limit") or 10000}
+        kw = {"num_samples": 10000 if test_limit is None else test_limit}
     test = create_dataset(name, root=root, split="test", **kw)
-    if settings.get("train_limit") and len(train) > settings["train_limit"]:
-        train = train.subset(np.arange(settings["train_limit"]))
-    if settings.get("test_limit") and len(test) > settings["test_limit"]:
-        test = test.subset(np.arange(settings["test_limit"]))
+    if train_limit is not None and len(train) > train_limit:
+        train = train.subset(np.arange(train_limit))
+    if test_limit is not None and len(test) > test_limit:
+        test = test.subset(np.arange(test_limit))
     return train, test
+
+
+def check_limit(option: str, value: Optional[int]) -> Optional[int]:
+    """``value`` of an image-count option (``--train-limit N``), refused below 1.
+
+    None means "no limit": 0 used to mean that too (a truthiness test), which turned a typo into a
+    run on the whole data set.
+
+    Raises:
+        UsageError: ``value`` is below 1.
+    """
+    if value is not None and value < 1:
+        raise UsageError(f"{option} must be >= 1, got {value}; leave {option} out to use every image")
+    return value
+
+
+def read_stored_config(out: Path) -> Dict[str, Any]:
+    """The ``config.json`` of the run in ``out`` (for ``--resume``).
+
+    Raises:
+        UsageError: The file cannot be read or is not a JSON object.
+    """
+    path = out / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot resume: {path} is unreadable or damaged ({err}); the run's settings are lost, "
+                         "so start a new run: drop --resume and choose a new --out") from None
+    if not isinstance(stored, dict) or "arch" not in stored:
+        raise UsageError(f"cannot resume: {path} is not the config.json of a `bnao train` run (no \"arch\" "
+                         "setting); drop --resume and choose a new --out") from None
+    return stored
 
 
 # argparse dest -> settings key, for every setting a preset may hold.
@@ -213,20 +250,38 @@ def training_config(settings: Dict[str, Any], eval_every: int):
 
     aux_weight = float(settings["auxiliary_weight"])
     keep = settings["drop_path_keep_prob"]
+    grad_clip = float(settings["grad_clip"])
     try:
         config = make_config(
             skeleton="imagenet" if settings["dataset"] == "imagenet" else "cifar",
             layers=int(settings["layers"]), channels=int(settings["channels"]), epochs=int(settings["epochs"]),
             batch_size=int(settings["batch_size"]), lr_max=float(settings["lr"]), lr_min=float(settings["lr_min"]),
             lr_schedule=str(settings.get("lr_schedule", "epoch")), augment=bool(settings.get("augment", True)),
-            weight_decay=float(settings["weight_decay"]), grad_clip=float(settings["grad_clip"]) or None,
+            weight_decay=float(settings["weight_decay"]), grad_clip=None if grad_clip == 0 else grad_clip,
             auxiliary=aux_weight > 0, auxiliary_weight=aux_weight,
-            drop_path_keep_prob=None if keep is None or float(keep) >= 1.0 else float(keep),
+            # Keep 1 is "off"; anything else, above 1 too, goes to the config's range check.
+            drop_path_keep_prob=None if keep is None or float(keep) == 1.0 else float(keep),
             dropout=float(settings["dropout"]), cutout=int(settings["cutout"]),
             label_smoothing=float(settings["label_smoothing"]), bf16=settings["bf16"],
             channels_last=settings["channels_last"], loader=settings.get("loader") or "auto",
             eval_every=int(eval_every), seed=int(settings["seed"]))
         config.validate()
     except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(_as_option(str(err))) from None
     return config
+
+
+# StandaloneConfig field -> the `bnao train` option that sets it, where the two names differ.
+_FIELD_OPTIONS = {"lr_max": "--lr", "auxiliary": "--auxiliary-weight"}
+
+
+def _as_option(message: str) -> str:
+    """A config error whose first word is a field name (``grad_clip must be ...``), named by its option."""
+    import dataclasses
+
+    from ..train import StandaloneConfig
+
+    field, sep, rest = message.partition(" ")
+    if sep and field in {f.name for f in dataclasses.fields(StandaloneConfig)}:
+        return f"{_FIELD_OPTIONS.get(field, '--' + field.replace('_', '-'))} {rest}"
+    return message

@@ -19,6 +19,7 @@ from ..size import model_size
 from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer
 from .budget import Budget, image_side
+from .config import ConfigError
 from .pool import Pool, read_pool_file
 
 
@@ -64,7 +65,27 @@ class SearchComponents:
         self.train_set, self.dev_set = split_train_dev(full, dev_fraction=data["dev_fraction"], seed=seed)
         self.num_classes = int(full.num_classes)
         self.in_channels = int(full.images.shape[-1]) if hasattr(full, "images") else 3
+        self._check_batches_fit()
         return full
+
+    def _check_batches_fit(self) -> None:
+        """Refuses batch sizes that the training split cannot fill, now rather than when their phase starts.
+
+        Both the supernet and the re-rank train on the training split with ``drop_last``: a batch size above
+        its image count makes no batch at all.
+
+        Raises:
+            ConfigError: Naming the key, its value and the image count.
+        """
+        images = len(self.train_set)
+        for key in ("supernet.batch_size", "final.batch_size"):
+            section, leaf = key.split(".")
+            size = int(self.config[section][leaf])
+            if size > images:
+                raise ConfigError(
+                    f"config key {key!r} is {size}, but the search trains on {images} training images "
+                    f"({self.config['data']['dataset']} after data.train_limit and data.dev_fraction): no full "
+                    f"batch fits; set {key} to at most {images} or use more images")
 
     def _build_loaders(self, seed: int) -> None:
         """The supernet's training loader (sharded over the processes), its dev batches and its step counts.

@@ -27,7 +27,7 @@ from ..distributed import any_rank, average_buffers, current, rank_device
 from ..signals import Stopped, stop_requested
 from ..supernet import RandomBatches, evaluate_pool
 from .components import SearchComponents
-from .config import diff
+from .config import check_config, diff
 from .distributed_phases import controller_and_generate, evaluate_split
 from .finish import ResultPhases
 from .report import Scalars, size_buckets
@@ -63,7 +63,8 @@ class BalancedNAO(SearchComponents, ResultPhases):
         progress: bool = True,
         echo: Callable[[str], None] = print,
     ):
-        self.config = copy.deepcopy(config)
+        # The same up-front check as the command's: a caller of the API gets a bad value refused before any work.
+        self.config = check_config(copy.deepcopy(config))
         self.run_dir = run_dir
         # Bars only on a terminal: redirected to a file they are noise.
         self.progress = progress and sys.stderr.isatty()

@@ -5,7 +5,8 @@ except for :data:`RESUMABLE_KEYS`: keys that change how the work is computed
 (batch sizes, precision, memory layout, threads, device), not what is searched
 (space, pool, sampler, schedules, seeds). Such a change is recorded in the run
 directory (``changes.jsonl``) and ends the guarantee that the run replays an
-uninterrupted one exactly; every other change is refused, naming the keys.
+uninterrupted one exactly. :data:`LOCATION_KEYS` (where the data lives) may
+change too, without ending it; every other change is refused, naming the keys.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ RESUMABLE_KEYS: Dict[str, str] = {
     "distributed.check_arch": "arch check across ranks",
 }
 
-#: Keys a checkpoint's config may differ in from the run's: the resumable keys, plus the steps per
-#: epoch that :func:`keep_schedule` pins when a batch size change would otherwise change it.
-RESTORE_MAY_DIFFER = frozenset(RESUMABLE_KEYS) | {"supernet.steps_per_epoch"}
+#: Keys that say only where the inputs live, not what they are: they may change on resume (the data moved,
+#: or the first try named the wrong folder) and, the data being the same, the run still replays exactly.
+LOCATION_KEYS: Dict[str, str] = {
+    "data.root": "data directory",
+}
+
+#: Keys a checkpoint's config may differ in from the run's: the resumable and location keys, plus the steps
+#: per epoch that :func:`keep_schedule` pins when a batch size change would otherwise change it.
+RESTORE_MAY_DIFFER = frozenset(RESUMABLE_KEYS) | frozenset(LOCATION_KEYS) | {"supernet.steps_per_epoch"}
 
 #: Per phase of a run, the key whose halving is the first thing to try after running out of memory.
 _OOM_KEY_BY_PHASE = {
@@ -68,15 +75,20 @@ def split_changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[A
     """
     flat_old, flat_new = flatten(old), flatten(new)
     changed = [k for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k) != flat_new.get(k)]
-    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    refused = [k for k in changed if k not in RESUMABLE_KEYS and k not in LOCATION_KEYS]
     if refused:
         lines = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in refused]
         raise ResumeChangeError(
             "a resumed run keeps what it searches; these keys cannot change on --resume:\n  " + "\n  ".join(lines)
             + "\nstart a new run (--out) to change them; on --resume only "
-            + ", ".join(RESUMABLE_KEYS) + " may change"
+            + ", ".join([*RESUMABLE_KEYS, *LOCATION_KEYS]) + " may change"
         )
     return {k: (flat_old.get(k), flat_new.get(k)) for k in changed}
+
+
+def replay_changes(changes: Dict[str, Tuple[Any, Any]]) -> Dict[str, Tuple[Any, Any]]:
+    """The changes that end exact replay: all but those of :data:`LOCATION_KEYS`."""
+    return {k: v for k, v in changes.items() if k not in LOCATION_KEYS}
 
 
 def keep_schedule(config: Dict[str, Any], ckpt: Dict[str, Any],

@@ -104,9 +104,71 @@ class RunDir:
         atomic_write_bytes(self.config_path, yaml.safe_dump(config, sort_keys=False).encode())
 
     def read_config(self) -> Dict[str, Any]:
+        """The run's resolved configuration, checked to be a whole search config.
+
+        Raises:
+            RunDirError: The folder holds no run, or its config.yaml is unreadable, not YAML, not a mapping,
+                misses keys or holds values of the wrong type (the file and the way out are named).
+        """
         if not self.config_path.exists():
             raise RunDirError(f"{self.path} holds no search run (no config.yaml); start one with --out {self.path}")
-        return yaml.safe_load(self.config_path.read_text())
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise self._damaged_config(f"cannot be read ({err})") from None
+        except yaml.YAMLError as err:
+            raise self._damaged_config(f"is not valid YAML ({' '.join(str(err).split())})") from None
+        if not isinstance(data, dict):
+            raise self._damaged_config(f"is not a mapping of config keys (found {type(data).__name__})")
+        return self._complete_config(data)
+
+    def _complete_config(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """``data`` checked against the search's keys and types; the ``distributed`` section may be missing
+        (runs from before it ran as one process, which its defaults describe)."""
+        from .config import DEFAULTS, ConfigError, flatten, merge
+
+        present = flatten(data)
+        missing = [k for k in flatten(DEFAULTS) if k not in present and not k.startswith("distributed.")]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise self._damaged_config(f"misses config keys ({shown})")
+        try:
+            return merge(DEFAULTS, data, source=str(self.config_path))
+        except ConfigError as err:
+            raise self._damaged_config(f"holds a bad value ({err})") from None
+
+    def _damaged_config(self, problem: str) -> RunDirError:
+        """The error for a damaged config.yaml: what is wrong and the two ways out."""
+        return RunDirError(
+            f"{self.config_path} {problem}; the run cannot be resumed from it: restore the file (it is written "
+            f"when the run starts), or start a new run with `bnao search --out NEW_DIR ...` "
+            f"(or --out {self.path} --overwrite to replace this one)")
+
+    def discard_unstarted(self) -> bool:
+        """Removes what :meth:`create` wrote when the run failed before its first checkpoint.
+
+        A start-up failure (data not found, an arch file refused) then leaves no run behind, so the corrected
+        command works with the same ``--out``. A run with a checkpoint is kept: it has work to resume.
+
+        Returns:
+            True when the run's files were removed.
+        """
+        if not self.writes or self.checkpoint_path.exists() or self.previous_checkpoint_path.exists():
+            return False
+        for path in (self.config_path, self.log_path, self.progress_path, self.changes_path):
+            path.unlink(missing_ok=True)
+        for folder in (self.tb, self.path):
+            try:
+                folder.rmdir()  # only when empty: files the user put there stay
+            except OSError:
+                pass
+        return True
+
+    def write_config(self, config: Dict[str, Any]) -> None:
+        """Replaces config.yaml (a resume that changed only where the data lives, see ``search.resume``)."""
+        if not self.writes:
+            return
+        _atomic_write_bytes(self.config_path, yaml.safe_dump(config, sort_keys=False).encode())
 
     # ------------------------------------------------------------ checkpoint
     def save_checkpoint(self, state: Dict[str, Any]) -> None:

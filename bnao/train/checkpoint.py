@@ -42,7 +42,8 @@ def save_atomic(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -
     _save_atomic(obj, path, previous)
 
 
-def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[str, torch.device]] = "cpu") -> Dict[str, Any]:
+def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[str, torch.device]] = "cpu",
+              other_kinds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Loads a file written by :func:`save_atomic` and checks its ``format`` tag.
 
     Args:
@@ -50,6 +51,8 @@ def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[
         kind: Expected value of the file's ``"format"`` key (e.g. ``"bnao-standalone-checkpoint"``).
         fix: What the user can do about an unreadable file; appended to the error message.
         map_location: Where tensors are loaded (default CPU; the caller moves them).
+        other_kinds: What to tell the user, by the ``format`` of a bnao file of another kind (``fix`` is
+            for a damaged file, which a well-formed file of another kind is not).
 
     Returns:
         The stored dict.
@@ -72,7 +75,8 @@ def load_file(path: PathLike, kind: str, fix: str, map_location: Optional[Union[
         raise DamagedFileError(f"{err} (expected a {kind}). {fix}") from None
     if not isinstance(data, dict) or data.get("format") != kind:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{path}: not a {kind} (found {found!r}). {fix}")
+        hint = (other_kinds or {}).get(found) if isinstance(found, str) else None
+        raise CheckpointError(f"{path}: not a {kind} (found {found!r}). {hint or fix}")
     return data
 
 

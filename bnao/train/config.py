@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-__all__ = ["LR_SCHEDULES", "StandaloneConfig", "make_config"]
+__all__ = ["LR_SCHEDULES", "StandaloneConfig", "check_loader", "make_config"]
 
 #: ``StandaloneConfig.lr_schedule`` values: cosine set once per epoch (the reference's) or before every step.
 LR_SCHEDULES = ("epoch", "step")
@@ -98,6 +98,21 @@ class StandaloneConfig:
             raise ValueError(f"cutout must be >= 0, got {self.cutout}")
         if self.max_nonfinite_steps < 1:
             raise ValueError("max_nonfinite_steps must be >= 1")
+        self._validate_regularisers()
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: evaluate only after the last epoch), got {self.eval_every}")
+        check_loader(self.loader)
+
+    def _validate_regularisers(self) -> None:
+        """Raises ValueError for a gradient clip, auxiliary weight or label smoothing out of range."""
+        # clip_grad_norm_ with a negative max norm flips the gradients' sign: training would ascend the loss.
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        # A negative weight would reward the auxiliary head for a larger loss.
+        if self.auxiliary_weight < 0:
+            raise ValueError(f"auxiliary_weight must be >= 0 (0: no auxiliary head), got {self.auxiliary_weight}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1] (0: off), got {self.label_smoothing}")
 
     def lr_at(self, epoch: int) -> float:
         """Cosine learning rate of epoch ``epoch`` (0-based), constant within the epoch as in the reference."""
@@ -113,6 +128,18 @@ class StandaloneConfig:
             return self.lr_at(step * self.epochs // max(total_steps, 1))
         t = step / max(total_steps - 1, 1)
         return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+def check_loader(name: str) -> None:
+    """Raises ValueError naming the available loaders when ``name`` is not a registered data loader."""
+    from ..data import LOADERS  # lazily: the data package pulls in optional loaders
+
+    if name not in LOADERS:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), LOADERS.names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"loader must be one of {', '.join(LOADERS.names())}, got {name!r}{hint}")
 
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..nets.network import build_network
 from ..space import create_search_space
 from .checkpoint import CheckpointError, load_file, save_atomic
+from .trainer_state import CHECKPOINT_FORMAT
 
 MODEL_FORMAT = "bnao-model"
 MODEL_VERSION = 1
@@ -53,7 +54,11 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
         CheckpointError: Missing, corrupt or not a bnao model file, or weights that do not fit.
     """
     fix = "Pass the model.pt written by `bnao train --out DIR` (retrain if it was damaged)."
-    data = load_file(path, MODEL_FORMAT, fix)
+    # A run's checkpoint.pt is a readable file of the wrong kind: say which file to pass, not "retrain".
+    checkpoint = (f"It is a `bnao train` checkpoint; pass the model.pt beside it, which `bnao train` writes when "
+                  "the training ends (finish a stopped run with `bnao train --resume --out DIR`). `bnao export` "
+                  "accepts checkpoints too.")
+    data = load_file(path, MODEL_FORMAT, fix, other_kinds={CHECKPOINT_FORMAT: checkpoint})
     if data.get("version") != MODEL_VERSION:
         raise CheckpointError(f"{path}: model file version {data.get('version')} is not supported "
                               f"(this bnao reads version {MODEL_VERSION}). {fix}")

@@ -47,6 +47,14 @@ from .evaluate import count_parameters, evaluate_model
 from .trainer_state import StandaloneStateMixin
 
 
+def _image_size(dataset: Any) -> Optional[int]:
+    """Side of a data set's square images (None when it does not say, or they are not square)."""
+    shape = getattr(dataset, "image_shape", None)
+    if shape is None or len(shape) < 2 or int(shape[0]) != int(shape[1]):
+        return None
+    return int(shape[0])
+
+
 def _dataset_shape(dataset: Any) -> Tuple[int, int]:
     """``(num_classes, in_channels)`` of a bnao dataset."""
     shape = getattr(dataset, "image_shape", None)
@@ -70,6 +78,8 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
         parallel: Several processes (:mod:`bnao.distributed`): data-parallel training, each rank on its slice
             of every batch with gradients averaged over the ranks; rank 0 writes the checkpoint (None: one
             process). ``device`` must then be this rank's device.
+        data_info: What to record about the training data in the checkpoint (``dataset``, ``data_dir``);
+            the image side is added from ``train_data``.
 
     Raises:
         bnao.space.InvalidArchError: The arch is not in ``space``.
@@ -79,7 +89,8 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
     def __init__(self, arch: ArchLike, space: NAOSpace, train_data: Any, eval_data: Any = None,
                  config: Optional[StandaloneConfig] = None, *, device: Union[str, torch.device, None] = "auto",
                  checkpoint_path: Optional[Union[str, os.PathLike]] = None, progress: bool = False,
-                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None, parallel: Optional[Context] = None):
+                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None, parallel: Optional[Context] = None,
+                 data_info: Optional[Dict[str, Any]] = None):
         self.parallel = parallel if parallel is not None and parallel.enabled else None
         self.grad_sync = GradientSync(self.parallel) if self.parallel else None
         self.space = space
@@ -96,6 +107,9 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
         self.device = resolve_device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.progress, self.on_epoch = progress, on_epoch
+        # What the training data was, kept in the checkpoint like model.pt keeps it, so that exporting a
+        # checkpoint traces at the data's image size (28 for Fashion-MNIST) instead of the skeleton's.
+        self.data_info = {"image_size": _image_size(train_data), **(data_info or {})}
 
         from ..data import create_loader  # lazily: the data package pulls in optional loaders
 

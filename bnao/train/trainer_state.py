@@ -56,6 +56,9 @@ class StandaloneStateMixin:
             "seconds": self.seconds,
             "result": self.result,
             "partial_epoch": self._partial,
+            # The training data (dataset, image size), as model.pt's "extra" records it. Checkpoints written
+            # before this key existed lack it; `bnao export` then falls back to the skeleton's image size.
+            "extra": dict(getattr(self, "data_info", None) or {}),
         }
 
     def save_checkpoint(self) -> None:
@@ -75,8 +78,11 @@ class StandaloneStateMixin:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint path given")
-        fix = ("Delete it to start this training over, or point to an intact checkpoint "
-               "(a file is replaced only by a complete new one, so a damaged file was damaged after writing).")
+        # Only a complete new checkpoint replaces the old one, so a damaged file was damaged after writing;
+        # the run's own checkpoint is the only one there is, so starting over is what remains.
+        fix = ("Delete it (or move it away) and resume again to train from the first epoch "
+               "(`bnao train --resume` starts over when the run has no checkpoint.pt), or restore a copy of it "
+               "you kept.")
         state = load_file(path, CHECKPOINT_FORMAT, fix)
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
