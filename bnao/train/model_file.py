@@ -55,7 +55,7 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
     """
     fix = "Pass the model.pt written by `bnao train --out DIR` (retrain if it was damaged)."
     # A run's checkpoint.pt is a readable file of the wrong kind: say which file to pass, not "retrain".
-    checkpoint = (f"It is a `bnao train` checkpoint; pass the model.pt beside it, which `bnao train` writes when "
+    checkpoint = ("It is a `bnao train` checkpoint; pass the model.pt beside it, which `bnao train` writes when "
                   "the training ends (finish a stopped run with `bnao train --resume --out DIR`). `bnao export` "
                   "accepts checkpoints too.")
     data = load_file(path, MODEL_FORMAT, fix, other_kinds={CHECKPOINT_FORMAT: checkpoint})
