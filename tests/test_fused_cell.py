@@ -456,6 +456,59 @@ def test_fused_nodes_gradcheck(device, reduction):
     assert torch.autograd.gradcheck(nodes_only, (s0, s1, *flat), fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("own_inputs", [True, False])
+def test_fused_nodes_and_combine_gradcheck(device, own_inputs):
+    """Nodes and combine as one autograd node against finite differences in float64: the combine reading the
+    cell inputs themselves (normal cells: their buffers start from its gradient) or separate states 0 and 1
+    (reduction cells: their gradients returned apart), with a mask that leaves input 1 and node 1 out."""
+    if not (cell_nodes.has_fused_nodes(device) and extension.has_kernel("combine", device)):
+        pytest.skip(f"bnao._C has no fused-node or combine kernels for {device}")
+    from bnao.ops.fused.cell_nodes import fused_nodes_and_combine
+
+    gen = torch.Generator().manual_seed(11 + int(own_inputs))
+    table = op_table("middle")
+    cell = (0, 2, 1, 3, 2, 5, 0, 9, 3, 8, 1, 1)  # sep3, sep5, dil3, max, avg, identity over 3 nodes
+    code = cell_code(cell, False, table, slot_row=lambda n, b, i, o: 0).to(device)
+
+    def tensor(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device).requires_grad_()
+
+    s0, s1, c0, c1 = (tensor(2, 3, 5, 4) for _ in range(4))
+    weights = [[tensor(2, *fused.role_shape(role, 3), scale=0.5, shift=1.0 if role[0] == "g" else 0.0)
+                for _node in range(3)] for role in fused.FUSED_ROLES]
+    combine_weight = tensor(3, 5, 3, scale=0.5)
+    loose = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64, device=device)
+    mask = (torch.rand(2, 6, generator=gen, dtype=torch.float64) < 0.8).double().div(0.8).to(device)
+
+    def cell_output(a, b, x0, x1, w, *flat):
+        per_role = [flat[r * 3 : (r + 1) * 3] for r in range(len(fused.FUSED_ROLES))]
+        inputs = None if own_inputs else (x0, x1)
+        return fused_nodes_and_combine(a, b, code, per_role, mask, False, 1e-5, inputs, w, loose)[0]
+
+    flat = [w for role in weights for w in role]
+    assert torch.autograd.gradcheck(cell_output, (s0, s1, c0, c1, combine_weight, *flat), fast_mode=True,
+                                    atol=1e-6, rtol=1e-4)
+    # Against the two autograd nodes it replaces: the nodes, then the combine op on their states.
+    from bnao.ops.fused.cell_nodes import fused_nodes
+    from bnao.ops.fused.combine import combine
+
+    per_role = [flat[r * 3 : (r + 1) * 3] for r in range(len(fused.FUSED_ROLES))]
+    states = fused_nodes(s0, s1, code, per_role, mask, False, 1e-5)[0]
+    want = combine([s0, s1, *states] if own_inputs else [c0, c1, *states], combine_weight, loose)
+    got = cell_output(s0, s1, c0, c1, combine_weight, *flat)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    inputs = (s0, s1, c0, c1, combine_weight, *flat)
+    got_grads = torch.autograd.grad(got, inputs, grad, allow_unused=True)
+    want_grads = torch.autograd.grad(want, inputs, grad, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        if want_grad is None:
+            assert got_grad is None or not got_grad.any()
+        else:
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_cell_refuses_running_statistics():
     code = cell_code((0, 1, 1, 1), False, op_table("middle"))
     x = torch.randn(1, 2, 3, 3)

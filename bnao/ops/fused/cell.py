@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ...space.ops import KIND_DIL_SEP_CONV, KIND_IDENTITY, KIND_SEP_CONV
 from ..cell import CellBuffers, batch_norm, factorized_reduce
 from .code import BN_ROW, FLAG_BN1, FLAG_BN2, FLAGS, INPUT, MAX_KERNEL, OP, ROW, cell_code_rows
-from .cell_nodes import fused_nodes, has_fused_nodes
+from .cell_nodes import fused_nodes, fused_nodes_and_combine, has_fused_nodes
 from .combine import combine as combine_op
 from .combine import combine_applies
 from .nodes import gather_rows, node_output, update_slot_stats
@@ -266,18 +266,24 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
     if not batch_stats:
         raise ValueError("fused_cell computes batch-statistics BN only; evaluate with running statistics on "
                          "the eager path (bnao.ops.cell.mixed_cell)")
-    if has_fused_nodes(s1.device.type):
-        node_states, means, invstds = fused_nodes(s0, s1, code, nodes, drop_mask, reduction, eps)
-        states = [s0, s1, *node_states]
-    else:
-        states, means, invstds = _nodes_by_op(s0, s1, code, nodes, drop_mask, reduction, eps)
+    inputs = [s0, s1]  # the combine's states 0 and 1: a reduction cell's are its inputs factorized-reduced
     if reduction:
         if reduce_input_rows is None:
             reduce_input_rows = torch.tensor(reduce_rows(loose.tolist()), device=loose.device)
-        states[0], states[1] = (_reduce_input(states[i], reduce_loose[i], buffers.reduce_loose[i],
-                                              reduce_input_rows[i : i + 1], update_stats, momentum, eps)
-                                for i in (0, 1))
-    out = _combine(states, loose, combine, buffers.combine, update_stats, momentum, eps)
+        inputs = [_reduce_input(inputs[i], reduce_loose[i], buffers.reduce_loose[i], reduce_input_rows[i : i + 1],
+                                update_stats, momentum, eps) for i in (0, 1)]
+    w, g, b = combine
+    if has_fused_nodes(s1.device.type) and combine_applies([s0, s1, *inputs], w):
+        # Nodes and combine as one autograd node (cell_nodes.py): no copy of the node states' gradients.
+        out, means, invstds = fused_nodes_and_combine(s0, s1, code, nodes, drop_mask, reduction, eps,
+                                                      tuple(inputs) if reduction else None, w, loose.to(w.dtype))
+    else:
+        if has_fused_nodes(s1.device.type):
+            node_states, means, invstds = fused_nodes(s0, s1, code, nodes, drop_mask, reduction, eps)
+        else:
+            node_states, means, invstds = _nodes_by_op(s0, s1, code, nodes, drop_mask, reduction, eps)
+        out = _combine([*inputs, *node_states], loose, w)
+    out = batch_norm(out, g, b, buffers.combine, True, update_stats, momentum, eps)
     means, invstds = [m.detach() for m in means], [v.detach() for v in invstds]
     if not stack_stats:
         return out, means, invstds
@@ -290,8 +296,7 @@ def _nodes_by_op(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights, drop_
     """The nodes one op at a time under autograd (where :func:`fused_nodes` lacks a compiled op: the references).
 
     Returns:
-        ``(states, means, invstds)``: the cell inputs and the node states; per node round 1's and round 2's
-        batch statistics.
+        ``(node states, means, invstds)``: per node its state, and round 1's and round 2's batch statistics.
     """
     states = [s0, s1]
     means, invstds = [], []
@@ -306,7 +311,7 @@ def _nodes_by_op(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights, drop_
         states.append(node_output(pre2, node_code, mean2, invstd2, nodes.g2[node], nodes.b2[node], mask))
         means += [mean1, mean2]
         invstds += [invstd1, invstd2]
-    return states, means, invstds
+    return states[2:], means, invstds
 
 
 def _reduce_input(x: Tensor, weights: Tuple[Tensor, Tensor, Tensor], running: Tuple[Tensor, Tensor],
@@ -336,22 +341,18 @@ def reduce_rows(loose: Sequence[int]) -> List[int]:
     return [0 if loose[i] else -1 for i in (0, 1)]
 
 
-def _combine(states: List[Tensor], loose: Tensor, combine: Tuple[Tensor, Tensor, Tensor],
-             running: Tuple[Tensor, Tensor], update: bool, momentum: float, eps: float) -> Tensor:
-    """``BN(sum_s loose[s] * W[:, s, :] . ReLU(state_s))``: concatenating the loose ends and a 1x1 conv.
+def _combine(states: List[Tensor], loose: Tensor, w: Tensor) -> Tensor:
+    """``sum_s loose[s] * W[:, s, :] . ReLU(state_s)`` (before the cell's BN) where the nodes ran without it.
 
-    All ``B + 2`` states go in, so the shapes do not depend on the arch. One
-    :func:`~bnao.ops.fused.combine.combine` kernel reads the loose states only, forward and backward. Where it is
-    not compiled (or the dtypes do not fit it), the states are stacked along the channels, with the columns of
-    states that are not loose zeroed in the weight, for a 1x1 convolution.
+    All ``B + 2`` states go in, so the shapes do not depend on the arch. The
+    :func:`~bnao.ops.fused.combine.combine` kernel reads the loose states only; where it is not compiled (or the
+    dtypes do not fit it) the states are stacked along the channels, with the columns of states that are not
+    loose zeroed in the weight, for a 1x1 convolution.
     """
-    w, g, b = combine
     if combine_applies(states, w):
-        out = combine_op(states, w, loose.to(w.dtype))
-    else:
-        weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
-        out = F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
-    return batch_norm(out, g, b, running, True, update, momentum, eps)
+        return combine_op(states, w, loose.to(w.dtype))
+    weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
+    return F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
 
 
 # --------------------------------------------------------------------------- supernet glue
