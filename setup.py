@@ -57,6 +57,19 @@ def cuda_decision(torch, cpp_extension):
     return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
+def openmp_decision(torch):
+    """(use OpenMP, why). at::parallel_for, which runs the CPU kernels, is inline code: compiled without
+    -fopenmp in a torch that uses OpenMP it runs every loop on one thread. The extension then links the same
+    libgomp.so.1 that torch loads (one OpenMP runtime in the process). BNAO_OPENMP=0 turns it off."""
+    if os.environ.get("BNAO_OPENMP", "auto").lower() in ("0", "off", "false", "no"):
+        return False, "BNAO_OPENMP=0"
+    if not sys.platform.startswith("linux"):
+        return False, f"only set up for Linux compilers, this is {sys.platform}"
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False, "torch was not built with OpenMP"
+    return True, "torch runs its CPU ops on OpenMP; at::parallel_for needs -fopenmp to"
+
+
 def make_extensions():
     if os.environ.get("BNAO_NO_EXTENSION") == "1":
         log("BNAO_NO_EXTENSION=1: pure-PyTorch install")
@@ -77,12 +90,14 @@ def make_extensions():
     debug = os.environ.get("BNAO_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
-    extra = {"cxx": opt + ["-fvisibility=hidden"]}
+    openmp, openmp_why = openmp_decision(torch)
+    extra = {"cxx": opt + ["-fvisibility=hidden"] + (["-fopenmp"] if openmp else [])}
+    link = ["-fopenmp"] if openmp else []
 
     def cpu_only_extension():
         # The fallback after a failed CUDA compile: the same C++ sources, no .cu, no CUDA macro.
         return cpp_extension.CppExtension("bnao._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
-                                          extra_compile_args={"cxx": list(extra["cxx"])})
+                                          extra_compile_args={"cxx": list(extra["cxx"])}, extra_link_args=link)
 
     macros = []
     if with_cuda:
@@ -92,6 +107,7 @@ def make_extensions():
     log(f"CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
         log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
+    log(f"CPU kernels on several threads (OpenMP): {'yes' if openmp else 'no'} ({openmp_why})")
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}, debug={debug}")
     log(f"sources: {', '.join(sources)}")
 
@@ -102,8 +118,10 @@ def make_extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=link,
     )
-    build_info = {"cuda": with_cuda, "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""}
+    build_info = {"cuda": with_cuda, "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "",
+                  "openmp": openmp}
     cuda_required = os.environ.get("BNAO_CUDA", "auto").lower() == "1"
     build_ext = soft_build_ext(cpp_extension.BuildExtension, cuda_required, build_info,
                                cpu_only_extension if with_cuda else None)

@@ -30,9 +30,9 @@ from bnao.supernet.profiling import _NO_KERNEL  # noqa: E402
 #: Positions of the source lists of bnao's node-round ops (``sources``; ``grad_sources``).
 _SOURCE_LISTS = {"bnao.branch_round": (0,), "bnao.branch_round_backward": (3,),
                  "bnao.branch_round_backward_accumulate": (0, 4)}
-#: kWeightGradLanes and kPairsPerLane of csrc/cell/combine.h (``weight_grad_lanes``): how many lanes of partial
-#: sums the combine's weight gradient writes.
-_WEIGHT_GRAD_LANES, _PAIRS_PER_LANE = 256, 4
+#: kWeightGradChunkPairs and kMaxWeightGradChunks of csrc/cell/combine.h (``weight_grad_chunks``): how many
+#: chunks of partial sums the combine's weight gradient writes.
+_CHUNK_PAIRS, _MAX_CHUNKS = 4096, 64
 #: Memory bandwidth (bytes/s) of the GPUs a gpu-check may run on (vendor figures: H100 SXM HBM3, H200 HBM3e).
 BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}
 
@@ -62,11 +62,12 @@ class _ByteCounter(TorchDispatchMode):
         if name in ("bnao.combine", "bnao.combine_backward"):
             states, weight, loose = args[-3:]
             total -= sum(t.numel() * t.element_size() for t, flag in zip(states, loose.tolist()) if flag == 0)
-        # Its weight gradient's partial sums (csrc/cell/combine.h): written once, read once, float32 on a GPU.
+        # Its weight gradient's partial sums (csrc/cell/combine.h): written once, read once, float32 on a GPU
+        # (double on a CPU, where this count does not aim).
         if name == "bnao.combine_backward":
             pairs = states[0].shape[0] * states[0].shape[2] * states[0].shape[3]
-            lanes = min(max(pairs // (_PAIRS_PER_LANE * weight.shape[0]), 1), _WEIGHT_GRAD_LANES)
-            total += 2 * lanes * weight.numel() * 4
+            chunks = min(max(pairs // _CHUNK_PAIRS, 1), _MAX_CHUNKS)
+            total += 2 * chunks * weight.numel() * 4
         self.bytes[name] += total
         self.ops += 1
         return out

@@ -108,12 +108,13 @@ def test_combine_gradients(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_combine_gradients_at_training_sizes(device):
-    """Lanes of the weight gradient that sum unequal numbers of (n, p) pairs (3 x 11 x 11 = 363 pairs on
-    363 // (4 x 11) = 8 lanes) and two channel tiles (11 = 8 + 3): against the stacked convolution's autograd, bit-identical when run twice
-    (the partials are added in a fixed order)."""
+    """Two channel tiles (11 = 8 + 3) and the weight gradient over one chunk of (n, p) pairs (3 x 11 x 11 = 363)
+    and over two (2 x 64 x 64 = 8,192): against the stacked convolution's autograd, bit-identical when run
+    twice (the tiles and the chunks are added in a fixed order)."""
     _require(device)
-    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        xs, weight, loose = _inputs(device, dtype, channels=11, size=11)
+    cases = ((torch.float64, 1e-12, 3, 11), (torch.float32, 2e-5, 3, 11), (torch.float64, 1e-12, 2, 64))
+    for dtype, tolerance, batch, size in cases:
+        xs, weight, loose = _inputs(device, dtype, batch=batch, channels=11, size=size)
         xs = [x.requires_grad_() for x in xs]
         weight.requires_grad_()
         grad = torch.randn_like(xs[0])

@@ -115,15 +115,24 @@ def test_300_fused_steps_follow_the_eager_ones(device):
     tenfold every 15 steps, so the losses of the last steps differ by up to 1.5e-4. Hence two bounds: the
     first 20 losses within 1e-6 (the trainer reports float32 losses; a semantic difference, such as a
     wrong weight row, statistic, mask or update, moves the loss by far more) and all 300 within 1e-3.
-    Slots that no arch used stay bit-identical."""
+    Slots that no arch used stay bit-identical.
+
+    On one CPU thread: the eager path's own results depend on the thread count (oneDNN's convolutions; on two
+    threads its losses move by 6e-2 from its one-thread run by step 300), the fused kernels' do not
+    (:func:`test_fused_steps_do_not_depend_on_the_thread_count`)."""
     _require_fused(device)
     steps = 300
     runs = {}
-    for kernels in ("eager", "fused"):
-        trainer = _trainer(kernels, device, steps)
-        initial = {name: p.detach().clone() for name, p in trainer.model.slot_params.items()}
-        losses = [trainer.train_steps(1)["loss"] for _ in range(steps)]
-        runs[kernels] = (trainer, initial, np.array(losses))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kernels in ("eager", "fused"):
+            trainer = _trainer(kernels, device, steps)
+            initial = {name: p.detach().clone() for name, p in trainer.model.slot_params.items()}
+            losses = [trainer.train_steps(1)["loss"] for _ in range(steps)]
+            runs[kernels] = (trainer, initial, np.array(losses))
+    finally:
+        torch.set_num_threads(threads)
     (eager, initial, eager_losses), (fused, initial_f, fused_losses) = runs["eager"], runs["fused"]
     np.testing.assert_allclose(fused_losses[:20], eager_losses[:20], rtol=0, atol=1e-6)
     np.testing.assert_allclose(fused_losses, eager_losses, rtol=0, atol=1e-3)
@@ -132,6 +141,25 @@ def test_300_fused_steps_follow_the_eager_ones(device):
         rows_never_used = (eager.model.slot_params[name].detach() == initial[name]).flatten(1).all(1)
         assert rows_never_used.any(), name  # the check below is not vacuous
         assert torch.equal(p.detach()[rows_never_used], initial_f[name][rows_never_used]), name
+
+
+def test_fused_steps_do_not_depend_on_the_thread_count():
+    """The CPU kernels (at::parallel_for, OpenMP) sum every output in a fixed order whatever the threads:
+    30 float64 steps on one and on two threads give bit-identical losses and weights."""
+    _require_fused("cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            trainer = _trainer("fused", "cpu", 30)
+            losses = [trainer.train_steps(1)["loss"] for _ in range(30)]
+            results.append((losses, [p.detach().clone() for p in trainer.model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    (losses_1, weights_1), (losses_2, weights_2) = results
+    assert losses_1 == losses_2
+    assert all(torch.equal(a, b) for a, b in zip(weights_1, weights_2))
 
 
 @pytest.mark.parametrize("device", DEVICES)

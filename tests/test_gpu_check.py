@@ -220,7 +220,11 @@ def test_kernels_part_in_smoke_mode_reports_both_cell_paths(tmp_path):
     # The eager tables come from the eager cells: none of bnao's cell ops.
     for label in ("eager cells, training step, batch 4", "eager cells, pool evaluation, batch 20"):
         assert not any(row["name"].startswith("bnao::") for row in tables[label]["rows"])
+    combine = result.details["combine"]
+    assert [(row["channels"], row["side"]) for row in combine["rows"]] == [(20, 32), (80, 8)]
+    assert all(row["combine_ms"] > 0 and row["convolution_ms"] > 0 for row in combine["rows"])
     text = report.render_markdown({"smoke": True}, [result])
+    assert "## The combine op against cuDNN" in text and "| C=80, 8x8 |" in text
     assert "## Where the time goes, kernel by kernel" in text and "fused cells, training step, batch 4:" in text
     assert "| share | ms per arch | calls per arch | kernel |" in text
 

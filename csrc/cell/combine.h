@@ -139,74 +139,96 @@ BNAO_UNROLL
 }
 
 // The weight gradient, W[co, s, ci] <- loose[s] * sum over (n, p) of grad[n, co, p] * ReLU(x_s[n, ci, p]),
-// in two passes of plain work items, so that it is the same arithmetic on every backend and deterministic:
-//  1. CombineWeightGradPartial: item (s, co tile, ci tile, lane) sums a kCombineTile x kCombineTile tile of
-//     (co, ci) over the (n, p) pairs j = lane, lane + lanes, ... and writes it to partial[lane, co, s, ci].
-//     Each loaded grad and state value serves kCombineTile products. Neighbouring items take neighbouring
-//     pixels (the lane is the fastest index), so on a GPU a warp's loads are contiguous.
-//  2. CombineWeightGradFinish: item (co, s, ci) adds its lanes' partials in lane order.
+// in two passes, deterministic on every backend:
+//  1. CombineWeightGradTiles, a multi-sum reduction (the launchers' reduce_many): output (s, co tile, ci tile,
+//     chunk) is a kCombineTile x kCombineTile tile of (co, ci) summed over the chunk's (n, p) pairs. On a GPU one
+//     block takes an output, its threads striding over the chunk's pixels (neighbouring threads, neighbouring
+//     pixels: contiguous loads), then the block adds the threads' tiles in a fixed tree; on the CPU one thread
+//     takes an output. Each loaded grad and state value serves kCombineTile products. The tile goes to
+//     partial[chunk, co, s, ci].
+//  2. CombineWeightGradFinish: item (co, s, ci) adds its chunks' partials in chunk order.
 // States that are not loose are skipped in pass 1 (their partials are never read) and get 0 in pass 2.
-// Lanes: at most kWeightGradLanes, and at least kPairsPerLane x C pairs per lane, so that the partials
-// (lanes x C x S x C accumulators) stay a fraction of the states' N x HW x S x C values where the planes are
-// small and the channels many (the last stages of a network).
-constexpr int64_t kWeightGradLanes = 256;
-constexpr int64_t kPairsPerLane = 4;
+constexpr int kTileSums = kCombineTile * kCombineTile;
+// Chunks: about this many (n, p) pairs each (16 per thread of a 256-thread block), at most kMaxWeightGradChunks,
+// so that a GPU gets S x tiles^2 x chunks blocks of real work and the partials (chunks x C x S x C) stay small.
+constexpr int64_t kWeightGradChunkPairs = 4096;
+constexpr int64_t kMaxWeightGradChunks = 64;
 
-BNAO_CELL_HD int64_t weight_grad_lanes(int64_t pairs, int64_t channels) {
-  const int64_t wanted = pairs / (kPairsPerLane * channels);
-  return wanted < 1 ? 1 : (wanted < kWeightGradLanes ? wanted : kWeightGradLanes);
+BNAO_CELL_HD int64_t weight_grad_chunks(int64_t pairs) {
+  const int64_t wanted = pairs / kWeightGradChunkPairs;
+  return wanted < 1 ? 1 : (wanted < kMaxWeightGradChunks ? wanted : kMaxWeightGradChunks);
 }
 
 template <typename T, typename Acc>
-struct CombineWeightGradPartial {
+struct CombineWeightGradTiles {
+  static constexpr int kSums = kTileSums;
   CombineArgs<T> args;
-  Acc* partial;  // [lanes, C, S, C]
-  int64_t lanes;
+  Acc* partial;  // [chunks, C, S, C]
+  int64_t chunks;
 
-  BNAO_CELL_HD int64_t items() const {
+  struct Tile {
+    int s;
+    int64_t co0, ci0, chunk;
+    int co_width, ci_width;
+  };
+
+  BNAO_CELL_HD int64_t outputs() const {
     const int64_t tiles = (args.channels + kCombineTile - 1) / kCombineTile;
-    return args.num_states * tiles * tiles * lanes;
+    return args.num_states * tiles * tiles * chunks;
   }
 
-  BNAO_CELL_HD void operator()(int64_t e) const {
+  // Output o over [S, co tile, ci tile, chunk].
+  BNAO_CELL_HD Tile tile(int64_t o) const {
     const int64_t tiles = (args.channels + kCombineTile - 1) / kCombineTile;
-    const int64_t lane = e % lanes;
-    const int64_t ci0 = ((e / lanes) % tiles) * kCombineTile;
-    const int64_t co0 = ((e / (lanes * tiles)) % tiles) * kCombineTile;
-    const int s = static_cast<int>(e / (lanes * tiles * tiles));
-    if (args.loose[s] == Compute<T>(0)) return;
-    const int co_width = static_cast<int>(args.channels - co0 < kCombineTile ? args.channels - co0 : kCombineTile);
-    const int ci_width = static_cast<int>(args.channels - ci0 < kCombineTile ? args.channels - ci0 : kCombineTile);
-    const int64_t per_sample = args.channels * args.plane;
-    const T* g = args.grad + co0 * args.plane;
-    const T* x = args.states[s] + ci0 * args.plane;
-    Acc sum[kCombineTile][kCombineTile];
+    Tile t;
+    t.chunk = o % chunks;
+    t.ci0 = ((o / chunks) % tiles) * kCombineTile;
+    t.co0 = ((o / (chunks * tiles)) % tiles) * kCombineTile;
+    t.s = static_cast<int>(o / (chunks * tiles * tiles));
+    t.co_width = static_cast<int>(args.channels - t.co0 < kCombineTile ? args.channels - t.co0 : kCombineTile);
+    t.ci_width = static_cast<int>(args.channels - t.ci0 < kCombineTile ? args.channels - t.ci0 : kCombineTile);
+    return t;
+  }
+
+  // sums[i * kCombineTile + k] = sum over the chunk's pairs j = first + begin, first + begin + step, ... of
+  // grad[co0 + i] * ReLU(x_s[ci0 + k]) at pixel j; all 0 for a state that is not loose.
+  BNAO_CELL_HD void partial_sums(int64_t o, int64_t begin, int64_t step, Acc* sums) const {
 BNAO_UNROLL
-    for (int i = 0; i < kCombineTile; ++i) {
-BNAO_UNROLL
-      for (int k = 0; k < kCombineTile; ++k) sum[i][k] = Acc(0);
-    }
+    for (int q = 0; q < kTileSums; ++q) sums[q] = Acc(0);
+    const Tile t = tile(o);
+    if (args.loose[t.s] == Compute<T>(0)) return;
+    const int64_t pairs = args.batch * args.plane, per_sample = args.channels * args.plane;
+    const int64_t first = t.chunk * pairs / chunks, last = (t.chunk + 1) * pairs / chunks;
+    const T* g = args.grad + t.co0 * args.plane;
+    const T* x = args.states[t.s] + t.ci0 * args.plane;
     // Tail rows and columns load 0 (never NaN), and their sums are not written.
-    for (int64_t j = lane; j < args.batch * args.plane; j += lanes) {
+    for (int64_t j = first + begin; j < last; j += step) {
       const int64_t offset = (j / args.plane) * per_sample + j % args.plane;
       Acc gv[kCombineTile], xv[kCombineTile];
 BNAO_UNROLL
-      for (int t = 0; t < kCombineTile; ++t) {
-        gv[t] = t < co_width ? static_cast<Acc>(g[offset + t * args.plane]) : Acc(0);
-        xv[t] = t < ci_width ? relu_keep_nan(static_cast<Acc>(x[offset + t * args.plane])) : Acc(0);
+      for (int u = 0; u < kCombineTile; ++u) {
+        gv[u] = u < t.co_width ? static_cast<Acc>(g[offset + u * args.plane]) : Acc(0);
+        xv[u] = u < t.ci_width ? relu_keep_nan(static_cast<Acc>(x[offset + u * args.plane])) : Acc(0);
       }
 BNAO_UNROLL
       for (int i = 0; i < kCombineTile; ++i) {
 BNAO_UNROLL
-        for (int k = 0; k < kCombineTile; ++k) sum[i][k] += gv[i] * xv[k];
+        for (int k = 0; k < kCombineTile; ++k) sums[i * kCombineTile + k] += gv[i] * xv[k];
       }
     }
-    Acc* out = partial + lane * args.channels * args.num_states * args.channels;
+  }
+
+  BNAO_CELL_HD void finish(int64_t o, const Acc* sums) const {
+    const Tile t = tile(o);
+    if (args.loose[t.s] == Compute<T>(0)) return;
+    Acc* out = partial + t.chunk * args.channels * args.num_states * args.channels;
 BNAO_UNROLL
     for (int i = 0; i < kCombineTile; ++i) {
 BNAO_UNROLL
       for (int k = 0; k < kCombineTile; ++k) {
-        if (i < co_width && k < ci_width) out[((co0 + i) * args.num_states + s) * args.channels + ci0 + k] = sum[i][k];
+        if (i < t.co_width && k < t.ci_width) {
+          out[((t.co0 + i) * args.num_states + t.s) * args.channels + t.ci0 + k] = sums[i * kCombineTile + k];
+        }
       }
     }
   }
@@ -215,8 +237,8 @@ BNAO_UNROLL
 template <typename T, typename Acc>
 struct CombineWeightGradFinish {
   CombineArgs<T> args;
-  const Acc* partial;  // [lanes, C, S, C] from CombineWeightGradPartial
-  int64_t lanes;
+  const Acc* partial;  // [chunks, C, S, C] from CombineWeightGradTiles
+  int64_t chunks;
   Compute<T>* grad_weight;
 
   // Output o = (co, s, ci) of [C, S, C].
@@ -229,7 +251,7 @@ struct CombineWeightGradFinish {
     }
     const int64_t outputs = args.channels * args.num_states * args.channels;
     Acc sum = Acc(0);
-    for (int64_t lane = 0; lane < lanes; ++lane) sum += partial[lane * outputs + o];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * outputs + o];
     grad_weight[o] = static_cast<Compute<T>>(loose * sum);
   }
 };

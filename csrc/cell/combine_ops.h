@@ -1,7 +1,7 @@
 // Host side of bnao::combine and bnao::combine_backward, shared by the CPU and
 // CUDA kernels: one argument check, allocation, and the bodies of combine.h
 // bound into work items and run on a backend's launcher (the backends of
-// cell/node_ops_host.h: for_each).
+// cell/node_ops_host.h: for_each, reduce_many).
 #pragma once
 
 #include <ATen/AccumulateType.h>
@@ -128,14 +128,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> combine_backward_kernel(const at
     for (int s = 0; s < args.num_states; ++s) item.grad_states[s] = grad_states[s].data_ptr<scalar_t>();
     const auto launcher = Backend::launcher(g);
     launcher.for_each(combine_grad_state_items(args), item);
-    // Two passes over plain work items (combine.h), the partials summed in a fixed order: deterministic on
-    // every device, and no host synchronisation (the loose mask stays on the device).
-    const int64_t lanes = weight_grad_lanes(args.batch * args.plane, args.channels);
-    const at::Tensor partial = at::empty({lanes, w.size(0), w.size(1), w.size(2)},
+    // Two passes (combine.h): tiles summed per chunk of pixels, then the chunks in a fixed order: deterministic
+    // on every device, and no host synchronisation (the loose mask stays on the device).
+    const int64_t chunks = weight_grad_chunks(args.batch * args.plane);
+    const at::Tensor partial = at::empty({chunks, w.size(0), w.size(1), w.size(2)},
                                          w.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-    const CombineWeightGradPartial<scalar_t, Acc> partial_pass{args, partial.data_ptr<Acc>(), lanes};
-    launcher.for_each(partial_pass.items(), partial_pass);
-    const CombineWeightGradFinish<scalar_t, Acc> finish_pass{args, partial.data_ptr<Acc>(), lanes,
+    const CombineWeightGradTiles<scalar_t, Acc> tiles{args, partial.data_ptr<Acc>(), chunks};
+    launcher.template reduce_many<Acc>(tiles.outputs(), tiles);
+    const CombineWeightGradFinish<scalar_t, Acc> finish_pass{args, partial.data_ptr<Acc>(), chunks,
                                                              grad_weight.data_ptr<Compute<scalar_t>>()};
     launcher.for_each(grad_weight.numel(), finish_pass);
   });

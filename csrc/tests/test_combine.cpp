@@ -1,8 +1,8 @@
 // Unit tests of the shared bodies of bnao::combine and its backward
 // (cell/combine.h): a small case derived by hand (a state that is not loose and
 // holds NaN, ReLU on both signs, a partial tile of output channels), NaN in a
-// loose state, and two-tile cases of the forward and of both gradients (lanes of
-// the weight gradient summing unequal numbers of pairs) against plain loops written here. Only
+// loose state, and two-tile cases of the forward and of both gradients (the weight
+// gradient over one and two chunks, as one thread and as several) against plain loops written here. Only
 // the header is used, so the sanitizer build checks every index the bodies compute.
 #include <cmath>
 #include <cstdint>
@@ -38,15 +38,25 @@ CombineArgs<double> make_args(const std::vector<std::vector<double>>& states, co
   return a;
 }
 
-// The weight gradient through both passes of combine.h, as the host side runs them.
-std::vector<double> weight_grad(const CombineArgs<double>& a) {
+// The weight gradient through both passes of combine.h, pass 1 as `threads` threads of a block would run it
+// (thread t sums the pairs t, t + threads, ... of each chunk; the threads' tiles then added in thread order).
+std::vector<double> weight_grad(const CombineArgs<double>& a, int64_t threads = 1) {
+  using Tiles = bnao::cell::CombineWeightGradTiles<double, double>;
   const int64_t outputs = a.channels * a.num_states * a.channels;
-  const int64_t lanes = bnao::cell::weight_grad_lanes(a.batch * a.plane, a.channels);
-  std::vector<double> partial(static_cast<size_t>(lanes * outputs), std::numeric_limits<double>::quiet_NaN());
+  const int64_t chunks = bnao::cell::weight_grad_chunks(a.batch * a.plane);
+  std::vector<double> partial(static_cast<size_t>(chunks * outputs), std::numeric_limits<double>::quiet_NaN());
   std::vector<double> grad_weight(static_cast<size_t>(outputs), -1.0);
-  const bnao::cell::CombineWeightGradPartial<double, double> first{a, partial.data(), lanes};
-  for (int64_t e = 0; e < first.items(); ++e) first(e);
-  const bnao::cell::CombineWeightGradFinish<double, double> second{a, partial.data(), lanes, grad_weight.data()};
+  const Tiles tiles{a, partial.data(), chunks};
+  for (int64_t o = 0; o < tiles.outputs(); ++o) {
+    double total[Tiles::kSums] = {};
+    for (int64_t t = 0; t < threads; ++t) {
+      double sums[Tiles::kSums];
+      tiles.partial_sums(o, t, threads, sums);
+      for (int q = 0; q < Tiles::kSums; ++q) total[q] += sums[q];
+    }
+    tiles.finish(o, total);
+  }
+  const bnao::cell::CombineWeightGradFinish<double, double> second{a, partial.data(), chunks, grad_weight.data()};
   for (int64_t o = 0; o < outputs; ++o) second(o);
   return grad_weight;
 }
@@ -136,10 +146,11 @@ void test_two_tiles_against_a_plain_loop() {
       }
 }
 
-// Both gradients with two channel tiles (C = 10) and more (n, p) pairs than lanes (N = 3, H * W = 100:
-// 300 pairs on 256 lanes), three states, loose = {1, 0, 0.5}, against plain loops.
-void test_gradients_against_plain_loops() {
-  const int64_t batch = 3, channels = 10, plane = 100, count = 3, size = batch * channels * plane;
+// Both gradients with two channel tiles (C = 10), three states, loose = {1, 0, 0.5}, against plain loops, in
+// two sizes: 300 (n, p) pairs (N = 3, H * W = 100: one chunk) and 9,000 (N = 2, H * W = 4,500: two chunks of
+// 4,500), the weight gradient's first pass run as 1 thread and as 7 threads striding over each chunk.
+void check_gradients_against_plain_loops(int64_t batch, int64_t plane, int64_t want_chunks) {
+  const int64_t channels = 10, count = 3, size = batch * channels * plane;
   std::vector<std::vector<double>> states(count, std::vector<double>(size));
   for (int s = 0; s < count; ++s)
     for (int64_t i = 0; i < size; ++i) states[s][i] = std::sin(0.37 * i + 2.0 * s) * 2.0;
@@ -148,22 +159,26 @@ void test_gradients_against_plain_loops() {
   for (int64_t i = 0; i < size; ++i) grad[i] = std::cos(0.23 * i + 1.0);
   const std::vector<double> loose = {1.0, 0.0, 0.5};
   const CombineArgs<double> a = make_args(states, weight, loose, grad.data(), batch, channels, plane);
-  check(bnao::cell::weight_grad_lanes(batch * plane, channels) == 7, "300 pairs of 10 channels: 7 lanes");
-  const std::vector<double> grad_weight = weight_grad(a);
-  const std::vector<std::vector<double>> grads = state_grads(a);
+  const std::string where = " (" + std::to_string(batch * plane) + " pairs)";
+  check(bnao::cell::weight_grad_chunks(batch * plane) == want_chunks, "chunks" + where);
   auto at = [&](int64_t n, int64_t c, int64_t p) { return (n * channels + c) * plane + p; };
-  for (int64_t co = 0; co < channels; ++co)
-    for (int s = 0; s < count; ++s)
-      for (int64_t ci = 0; ci < channels; ++ci) {
-        double want = 0.0;
-        for (int64_t n = 0; n < batch; ++n)
-          for (int64_t p = 0; p < plane; ++p) {
-            const double x = states[s][at(n, ci, p)];
-            want += grad[at(n, co, p)] * (x > 0 ? x : 0.0);
-          }
-        check_near(grad_weight[(co * count + s) * channels + ci], loose[s] * want,
-                   "grad weight[" + std::to_string(co) + "][" + std::to_string(s) + "][" + std::to_string(ci) + "]");
-      }
+  for (int64_t threads : {1, 7}) {
+    const std::vector<double> grad_weight = weight_grad(a, threads);
+    for (int64_t co = 0; co < channels; ++co)
+      for (int s = 0; s < count; ++s)
+        for (int64_t ci = 0; ci < channels; ++ci) {
+          double want = 0.0;
+          for (int64_t n = 0; n < batch; ++n)
+            for (int64_t p = 0; p < plane; ++p) {
+              const double x = states[s][at(n, ci, p)];
+              want += grad[at(n, co, p)] * (x > 0 ? x : 0.0);
+            }
+          check_near(grad_weight[(co * count + s) * channels + ci], loose[s] * want,
+                     "grad weight[" + std::to_string(co) + "][" + std::to_string(s) + "][" + std::to_string(ci) +
+                         "], " + std::to_string(threads) + " threads" + where);
+        }
+  }
+  const std::vector<std::vector<double>> grads = state_grads(a);
   for (int s = 0; s < count; ++s)
     for (int64_t n = 0; n < batch; ++n)
       for (int64_t ci = 0; ci < channels; ++ci)
@@ -172,8 +187,13 @@ void test_gradients_against_plain_loops() {
           for (int64_t co = 0; co < channels; ++co) want += weight[(co * count + s) * channels + ci] * grad[at(n, co, p)];
           const bool passes = states[s][at(n, ci, p)] > 0;
           check_near(grads[s][at(n, ci, p)], passes ? loose[s] * want : 0.0,
-                     "grad state " + std::to_string(s) + " at " + std::to_string(at(n, ci, p)));
+                     "grad state " + std::to_string(s) + " at " + std::to_string(at(n, ci, p)) + where);
         }
+}
+
+void test_gradients_against_plain_loops() {
+  check_gradients_against_plain_loops(3, 100, 1);
+  check_gradients_against_plain_loops(2, 4500, 2);
 }
 
 }  // namespace

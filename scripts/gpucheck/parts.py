@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -258,9 +258,25 @@ def kernels(ctx: Context) -> PartResult:
         tables.update(found)
         summaries.append(", ".join(f"{cells} {t['total_ms']:.2f} ms per {t['unit']} (top {t['rows'][0]['share']:.0%} "
                                    f"{t['rows'][0]['name'][:40]})" for t in found.values()))
-    status = PASS if len(tables) == 4 else FAIL
-    return PartResult("kernels", status, "; ".join(summaries), details={"top_kernels": tables},
+    combine = _combine_against_convolution(ctx, summaries)
+    status = PASS if len(tables) == 4 and combine else FAIL
+    return PartResult("kernels", status, "; ".join(summaries), details={"top_kernels": tables, "combine": combine},
                       log="logs/kernels-fused.log")
+
+
+def _combine_against_convolution(ctx: Context, summaries: List[str]) -> Optional[Dict[str, Any]]:
+    """``benchmarks/bench_combine.py``: bnao::combine's forward + backward against the stack + ReLU + 1x1
+    convolution (cuDNN) it replaced in training, at the first and last stage's shapes; None when it failed."""
+    batch = ["--batch-size", "64"] if not ctx.smoke else ["--batch-size", "2", "--repeats", "1"]
+    run = ctx.command([ctx.python, "benchmarks/bench_combine.py", "--device", ctx.device, "--json", *batch],
+                      "kernels-combine.log")
+    printed = run.json_output()
+    if run.returncode != 0 or not printed:
+        summaries.append(_failure_summary(run, "benchmarks/bench_combine.py"))
+        return None
+    summaries.append("combine fwd+bwd vs stack+ReLU+conv: " + ", ".join(
+        f"C={row['channels']} {row['combine_ms']:.2f}/{row['convolution_ms']:.2f} ms" for row in printed["rows"]))
+    return printed
 
 
 PARTS: List[Part] = [

@@ -73,6 +73,9 @@ def render_markdown(meta: Dict[str, Any], results: Sequence[PartResult]) -> str:
     tables = next((r.details.get("top_kernels") for r in results if r.details.get("top_kernels")), None)
     if tables:
         lines += _kernel_lines(tables)
+    combine = next((r.details.get("combine") for r in results if r.details.get("combine")), None)
+    if combine:
+        lines += _combine_lines(combine)
     cut = [r for r in results if r.status in (CUT, SKIP)]
     if cut:
         lines += ["", "## Cut or skipped", ""]
@@ -98,6 +101,16 @@ def _search_lines(ext: Dict[str, Any]) -> List[str]:
         lines.append(f"| {p['phase']} | {_fmt(p['measured_s'], 's')} | {p['unit']} | {unit_cost} | "
                      f"{p['full_count']:,} | {_fmt(p['full_s'], 's')} |")
     lines.append(f"| **total** | | | | | **{_fmt(ext['total_s'], 's')}** |")
+    return lines
+
+
+def _combine_lines(combine: Dict[str, Any]) -> List[str]:
+    """bnao::combine's forward + backward against the stack + ReLU + 1x1 convolution it replaced in training."""
+    lines = ["", f"## The combine op against cuDNN (batch {combine['batch_size']}, 7 states, 4 loose; forward + "
+             "backward)", "", "| shape | bnao::combine | stack + ReLU + 1x1 conv |", "|---|---:|---:|"]
+    for row in combine["rows"]:
+        lines.append(f"| C={row['channels']}, {row['side']}x{row['side']} | {row['combine_ms']:.3f} ms | "
+                     f"{row['convolution_ms']:.3f} ms |")
     return lines
 
 

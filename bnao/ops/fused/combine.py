@@ -7,10 +7,9 @@ that reads the loose states only and writes the output: of the evaluation forwar
 moved 40% (benchmarks/NOTES.md).
 
 The fused cell uses it in training and in pool evaluation. Its backward is its own op: the states' gradient
-tiles ``kCombineTile`` input channels per work item, and the weight gradient runs in two passes of plain work
-items (tiles of ``kCombineTile x kCombineTile`` weights summed over interleaved pixel lanes, then the lanes
-added in a fixed order), so it is deterministic and the same arithmetic on the CPU and on a GPU
-(``csrc/cell/combine.h``).
+tiles ``kCombineTile`` input channels per work item, and the weight gradient runs in two passes (tiles of
+``kCombineTile x kCombineTile`` weights summed over chunks of pixels, one GPU block per tile and chunk, then
+the chunks added in a fixed order), so it is deterministic on every device (``csrc/cell/combine.h``).
 """
 
 from __future__ import annotations

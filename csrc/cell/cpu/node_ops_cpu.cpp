@@ -36,6 +36,19 @@ struct CpuLauncher {
     });
   }
 
+  // Reductions with Reduction::kSums sums per output (a tile of weights): each output on one thread, and
+  // outputs spread one by one over the threads (each is heavy: a grain of kGrain would serialise them).
+  template <typename Acc, typename Reduction>
+  void reduce_many(int64_t outputs, const Reduction& reduction) const {
+    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t output = begin; output < end; ++output) {
+        Acc sums[Reduction::kSums];
+        reduction.partial_sums(output, 0, 1, sums);
+        reduction.finish(output, sums);
+      }
+    });
+  }
+
   // The same for reductions with two sums per output.
   template <typename Acc, typename Reduction>
   void reduce_pairs(int64_t outputs, const Reduction& reduction) const {

@@ -1,6 +1,6 @@
 // The CUDA launch layer shared by the fused-cell kernels (branch_round_cuda.cu,
-// node_ops_cuda.cu): the block size, the grid of a grid-stride loop, and a
-// deterministic block reduction. Kept in one place so every kernel of the
+// node_ops_cuda.cu): the block size, the grid of a grid-stride loop, and
+// deterministic block reductions (one value, or K values per thread). Kept in one place so every kernel of the
 // fused cells launches and reduces the same way.
 #pragma once
 
@@ -36,6 +36,35 @@ __device__ Acc block_sum(Acc value) {
     __syncthreads();
   }
   return partial[0];
+}
+
+// Sums of K values per thread over a block of kThreads threads, valid in thread 0's `values`. A fixed order
+// (a warp shuffle tree, then the warps' sums added in warp order), so the same inputs give the same bits on
+// every run. Every thread of the block must call it; it may be called several times in a row.
+template <typename Acc, int K>
+__device__ void block_sum_many(Acc* values) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ Acc warp_sums[kWarps][K];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) values[k] += __shfl_down_sync(0xffffffffu, values[k], offset);
+  }
+  __syncthreads();  // a previous call's reader (thread 0) is done with warp_sums
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) warp_sums[warp][k] = values[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      Acc total = warp_sums[0][k];
+      for (int w = 1; w < kWarps; ++w) total += warp_sums[w][k];
+      values[k] = total;
+    }
+  }
 }
 
 }  // namespace cell

@@ -48,6 +48,16 @@ __global__ void __launch_bounds__(kThreads) reduce_pairs_kernel(const Reduction 
   if (threadIdx.x == 0) reduction.finish(static_cast<int64_t>(blockIdx.x), first, second);
 }
 
+// One block per output with Reduction::kSums sums (a tile of weights): strided partial sums per thread, then
+// a fixed-order block tree.
+template <typename Acc, typename Reduction>
+__global__ void __launch_bounds__(kThreads) reduce_many_kernel(const Reduction reduction) {
+  Acc sums[Reduction::kSums];
+  reduction.partial_sums(static_cast<int64_t>(blockIdx.x), threadIdx.x, blockDim.x, sums);
+  block_sum_many<Acc, Reduction::kSums>(sums);
+  if (threadIdx.x == 0) reduction.finish(static_cast<int64_t>(blockIdx.x), sums);
+}
+
 struct CudaLauncher {
   cudaStream_t stream;
 
@@ -64,6 +74,15 @@ struct CudaLauncher {
     TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
                 " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
     reduce_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename Acc, typename Reduction>
+  void reduce_many(int64_t outputs, const Reduction& reduction) const {
+    if (outputs == 0) return;
+    TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
+                " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
+    reduce_many_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
