@@ -82,7 +82,7 @@ def test_metrics_against_scipy_with_ties():
 def test_spread_and_paired_differences():
     s = spread([0.6, 0.7, 0.8])
     assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == pytest.approx((0.7, 0.1, 0.6, 0.8, 3))
-    assert spread([0.5])["std"] == 0.0
+    assert spread([0.5])["std"] is None  # undefined for one seed (ddof=1), not 0
     truth = np.array([1.0, 2.0, 3.0, 4.0])
     main_scores = {"uniform": {2: {0: [1, 2, 4, 3], 1: [4, 3, 2, 1]}},  # pairwise 5/6 and 0
                    "proportional": {2: {0: [1, 2, 3, 4], 1: [2, 1, 3, 4]}}}  # 1 and 5/6

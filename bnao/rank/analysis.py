@@ -22,11 +22,12 @@ def score_metrics(truth: Sequence[float], scores: Sequence[float]) -> Dict[str, 
 
 
 def spread(values: Sequence[float]) -> Dict[str, Any]:
-    """Mean, sample standard deviation (ddof=1; 0 for one value), min and max of finite values."""
+    """Mean, sample standard deviation (ddof=1; None for one value, where it is undefined), min and max of
+    finite values."""
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     if arr.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None,
             "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size)}
 
 

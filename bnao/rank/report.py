@@ -21,6 +21,11 @@ def _cell(stats: Dict[str, Any], scale: float, digits: int) -> str:
     return f"{stats['mean'] * scale:.{digits}f}"
 
 
+def _points(value) -> str:
+    """A fraction in points with one decimal; "-" where undefined (the std of one seed)."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def _metric_table(metrics: Dict[str, Any], name: str, samplers: List[str]) -> List[str]:
     scale, digits = (100.0, 1) if name == "pairwise_accuracy" else (1.0, 3)
     lines = [f"| one-shot epochs | {' | '.join(samplers)} |", "|---|" + "---|" * len(samplers)]
@@ -63,9 +68,9 @@ def markdown(results: Dict[str, Any]) -> str:
             d = diffs[e]["pairwise_accuracy"]
             p = d["paired"]
             paired = "-" if p["mean"] is None else (
-                f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f} ({100 * p['min']:.1f}..{100 * p['max']:.1f})")
-            lines.append(f"| {e} | {100 * d['mean_difference']:.1f} | {paired} | {100 * d['uniform_std']:.1f} | "
-                         f"{100 * d['proportional_std']:.1f} |")
+                f"{100 * p['mean']:.1f} ± {_points(p['std'])} ({100 * p['min']:.1f}..{100 * p['max']:.1f})")
+            lines.append(f"| {e} | {100 * d['mean_difference']:.1f} | {paired} | {_points(d['uniform_std'])} | "
+                         f"{_points(d['proportional_std'])} |")
         lines.append("")
     if results.get("variants"):
         lines += ["## Variants (one seed, largest E)", "",
@@ -113,7 +118,7 @@ def _pairwise_vs_epochs(plt, folder: Path, results: Dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for sampler in results["config"]["sampler"]["names"]:
         stats = [results["metrics"][sampler][e]["pairwise_accuracy"] for e in epochs]
-        bars = ax.errorbar(xs, [100 * s["mean"] for s in stats], yerr=[100 * s["std"] for s in stats], marker="o",
+        bars = ax.errorbar(xs, [100 * s["mean"] for s in stats], yerr=[100 * (s["std"] or 0.0) for s in stats], marker="o",
                            capsize=3, label=sampler)
         for e, x in zip(epochs, xs):  # every seed, so the spread is visible as it is
             per_seed = results["metrics"][sampler][e]["per_seed"].values()

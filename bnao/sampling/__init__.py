@@ -8,7 +8,7 @@ O(1) from an alias table with a reproducible counter-based random stream (see
 
 from __future__ import annotations
 
-from typing import Callable, List, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -33,16 +33,16 @@ SAMPLERS.register("uniform", UniformSampler)
 SAMPLERS.register("proportional", ProportionalSampler)
 
 
-def register_sampler(name: str, factory: Callable[..., Sampler]) -> Callable[..., Sampler]:
-    """Registers a sampler factory under ``name``.
+def register_sampler(name: str, factory: Optional[Callable[..., Sampler]] = None):
+    """Registers a sampler factory under ``name``; usable as a decorator (``@register_sampler("mine")``).
 
     Args:
         name: Name used with :func:`create_sampler`.
         factory: Callable ``factory(weights, *, alpha, uniform_mix, seed, device)``
-            returning a :class:`Sampler`.
+            returning a :class:`Sampler`. When omitted, returns a decorator that registers what it decorates.
 
     Returns:
-        The factory (so this can decorate a class).
+        The factory, or the decorator.
 
     Raises:
         ValueError: ``name`` is already registered.

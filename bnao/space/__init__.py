@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from ..registry import Registry
 from .nao import Arch, ArchLike, InvalidArchError, NAOSpace
@@ -12,9 +12,13 @@ SEARCH_SPACES = Registry("search space")
 SEARCH_SPACES.register("nao", NAOSpace)
 
 
-def register_search_space(name: str, factory: Callable[..., Any]) -> None:
-    """Registers a search-space factory under ``name``."""
-    SEARCH_SPACES.register(name, factory)
+def register_search_space(name: str, factory: Optional[Callable[..., Any]] = None):
+    """Registers a search-space factory under ``name``; usable as a decorator, like the other registries.
+
+    Returns:
+        The factory, or (without one) the decorator that registers what it decorates.
+    """
+    return SEARCH_SPACES.register(name, factory)
 
 
 def create_search_space(name: str = "nao", **kwargs: Any) -> NAOSpace:

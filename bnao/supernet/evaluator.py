@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..autocast import bf16_autocast
+from ..size import as_arch_array
 from .model import Supernet
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -83,7 +84,8 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
 
     Args:
         model: The supernet.
-        archs: ``int64 [n, 8B]`` pool (or a sequence of archs).
+        archs: ``int64 [n, 8B]`` pool, or one arch or a sequence of archs in any form
+            :func:`~bnao.size.as_arch_array` takes (strings, lists, :class:`~bnao.space.Arch`).
         batches: The same data for every arch: one ``(images, labels)`` batch or several; or a callable
             (e.g. :class:`RandomBatches`) called once per arch for that arch's batches (the reference draws a
             fresh random batch of 500 dev images per arch).
@@ -96,10 +98,7 @@ def evaluate_pool(model: Supernet, archs: Union[np.ndarray, Sequence],
         ``(accuracy, loss)``, both ``float64 [n]``; with several batches, image-weighted means.
     """
     draw = batches if callable(batches) else None
-    archs = np.asarray(archs, dtype=np.int64)
-    if archs.ndim == 1:
-        archs = archs[None, :]
-    model.space.validate_array(archs)
+    archs = as_arch_array(archs, model.space)  # an array, one arch or a list of archs (strings too), validated
     device = next(model.parameters()).device
     fixed = None if draw else _on_device(_as_batches(batches), device)
     if graph != "off":

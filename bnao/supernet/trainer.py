@@ -170,8 +170,8 @@ class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
     def set_pool(self, pool: np.ndarray) -> None:
         """Replaces the pool (rows = sampler indices) and resets the draw counts."""
         pool = np.asarray(pool, dtype=np.int64)
-        if pool.ndim != 2 or pool.shape[1] != self.model.space.length:
-            raise ValueError(f"pool must have shape [n, {self.model.space.length}], got {pool.shape}")
+        if pool.ndim != 2 or pool.shape[1] != self.model.space.length or len(pool) == 0:
+            raise ValueError(f"pool must have shape [n, {self.model.space.length}] with n >= 1, got {pool.shape}")
         self.model.space.validate_array(pool)
         # Kept as a compact host array (a tuple per row would cost ~400 bytes an arch,
         # 400 MB for a pool of a million); one row becomes a tuple per step (~2 us).
@@ -276,6 +276,10 @@ class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
 
     def _draw_step_inputs(self):
         """The step's arch (drawn, counted, checked across ranks) and batch: ``(index, arch, images, labels)``."""
+        items = getattr(self.sampler, "num_items", len(self.pool))
+        if items != len(self.pool):  # a draw past the pool fails; a smaller sampler would never train the rest
+            raise ValueError(f"the sampler draws from {items} items but the pool holds {len(self.pool)} archs; give "
+                             "the sampler one weight per pool arch (sampler.set_weights) when the pool changes")
         idx = int(self.sampler.draw())
         if self.data_parallel is not None:
             self.data_parallel.verify_arch(idx, self.global_step)

@@ -62,6 +62,8 @@ class _FusedNodes(torch.autograd.Function):
         ctx.num_nodes = num_nodes
         ctx.num_weights = len(weights)
         ctx.combine = combine_weight is not None
+        if (c0 is None) != (c1 is None):  # _combine_buffers starts both input buffers one way or the other
+            raise ValueError("the combine reads both cell inputs as they are or neither: pass c0 and c1 together")
         ctx.own_inputs = (c0 is None, c1 is None)
         extra = []
         if ctx.combine:
@@ -77,6 +79,7 @@ class _FusedNodes(torch.autograd.Function):
         return (*outputs, *stats)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # compiled ops without autograd, buffers written in place
     def backward(ctx, *grads):  # noqa: D102
         num_nodes = ctx.num_nodes
         s0, s1, code, drop_mask, *rest = ctx.saved_tensors
