@@ -70,3 +70,20 @@ def test_register_sampler_and_search_space_decorate_as_documented():
         assert small_space is not None and create_search_space(space_name).op_set == "small"
     finally:
         SEARCH_SPACES._factories.pop(space_name, None)
+
+
+def test_bad_values_at_the_api_edges_name_the_problem():
+    from bnao.data import split_train_dev
+    from bnao.search.pool import Pool
+    from bnao.train import train_standalone
+
+    with pytest.raises(ValueError, match=r"archs must have shape \[k, 40\].*got \(2, 39\)"):
+        Pool.empty(SPACE).add(np.zeros((2, 39), dtype=np.int64), [1, 2], 0)
+    data = create_dataset("synthetic", num_samples=20, image_shape=(8, 8, 3), num_classes=3)
+    with pytest.raises(ValueError, match=r"dev_fraction must be in \(0, 1\), got nan"):
+        split_train_dev(data, dev_fraction=float("nan"))
+    with pytest.raises(ValueError, match="only the uniform sampler takes a pool size"):
+        create_sampler("proportional", 5)
+    with pytest.raises(ValueError, match="num_classes=2 but the training data has 3 classes"):
+        train_standalone(SPACE.sample_array(1, 0)[0], SPACE, data, num_classes=2, epochs=1, layers=1, channels=4,
+                         batch_size=4, device="cpu", progress=False)

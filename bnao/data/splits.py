@@ -34,6 +34,8 @@ def split_train_dev(dataset: D, dev_size: Optional[int] = None, dev_fraction: fl
         ValueError: The split would leave either part empty.
     """
     n = len(dataset)  # type: ignore[arg-type]
+    if dev_size is None and not 0.0 < dev_fraction < 1.0:  # also NaN, which int(round(...)) cannot take
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
     k = int(round(n * dev_fraction)) if dev_size is None else int(dev_size)
     if not 0 < k < n:
         raise ValueError(f"dev size must be in (0, {n}), got {k}")

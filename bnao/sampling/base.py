@@ -61,6 +61,11 @@ def validate_weights(weights: WeightsLike) -> torch.Tensor:
         raise ValueError(
             f"weights must be real numbers, got dtype {w.dtype}; pass float or integer weights (e.g. model sizes)"
         )
+    if w.dim() == 0:  # e.g. create_sampler("proportional", 5): a pool size where weights are wanted
+        raise ValueError(
+            f"weights must be 1-D with one weight per item (e.g. the archs' model sizes), got the single number "
+            f"{w.item()!r}; only the uniform sampler takes a pool size instead of weights"
+        )
     if w.dim() != 1:
         raise ValueError(
             f"weights must be 1-D with one weight per item, got shape {tuple(w.shape)}; "

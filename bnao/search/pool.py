@@ -69,7 +69,9 @@ class Pool:
             sizes: ``[k]`` model sizes of ``archs``.
             iteration: Search iteration the archs join at.
         """
-        archs = np.asarray(archs, dtype=np.int64).reshape(-1, self.space.length)
+        archs = np.asarray(archs, dtype=np.int64)
+        if archs.ndim != 2 or archs.shape[1] != self.space.length:
+            raise ValueError(f"archs must have shape [k, {self.space.length}] (8B integers each), got {archs.shape}")
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
         if archs.shape[0] != sizes.shape[0]:
             raise ValueError(f"{archs.shape[0]} archs but {sizes.shape[0]} sizes")

@@ -100,6 +100,9 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
         num_classes, in_channels = _dataset_shape(train_data)
         if cfg.num_classes is None:
             cfg.num_classes = num_classes
+        elif cfg.num_classes < num_classes:  # a label past the classifier's outputs fails deep inside the loss
+            raise ValueError(f"num_classes={cfg.num_classes} but the training data has {num_classes} classes; "
+                             f"leave num_classes unset to take the data's, or set it to at least {num_classes}")
         if cfg.in_channels is None:
             cfg.in_channels = in_channels
         cfg.validate()
