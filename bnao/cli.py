@@ -40,7 +40,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with every sub-command; only ``command``'s module is imported (none when None). The
     sub-commands' parsers are in the returned parser's ``commands`` (name -> parser)."""
+    from .version import __version__
+
     parser = _Parser(prog="bnao", description="Balanced Neural Architecture Optimization")
+    parser.add_argument("--version", action="version", version=f"bnao {__version__}",
+                        help="print the version (bnao X.Y.Z) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -151,10 +151,11 @@ def test_hand_counts():
 @needs_cpp
 @pytest.mark.parametrize("op_set", ["small", "middle"])
 def test_cpp_equals_reference_many(op_set):
-    """The C++ kernel and the Python reference agree on many archs, node counts and sizes."""
+    """The C++ kernel and the Python reference agree on many archs, node counts and sizes (3: the smallest
+    image a cifar network runs on)."""
     for num_nodes, skeleton, layers, channels, image_size in [(5, "cifar", 3, 20, 32), (5, "cifar", 6, 36, 32),
                                                               (5, "imagenet", 4, 48, 224), (2, "cifar", 2, 11, 28),
-                                                              (7, "imagenet", 1, 5, 33), (1, "cifar", 1, 1, 1)]:
+                                                              (7, "imagenet", 1, 5, 33), (1, "cifar", 1, 1, 3)]:
         space = NAOSpace(num_nodes=num_nodes, op_set=op_set)
         archs = space.sample_array(400, num_nodes)
         kw = dict(skeleton=skeleton, layers=layers, channels=channels, classes=10, image_size=image_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, Dict
 
 from .errors import report_error
 
@@ -36,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "fused", "eager"],
                         help="supernet cells: fused kernels, eager PyTorch, or auto (default)")
     parser.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
-                        help="training steps as replayed CUDA graphs on the fused path (auto: where possible)")
+                        help="training steps as replayed CUDA graphs on the fused path (auto: where possible; on: required, "
+                             "an error where the fused cells are not used; on a CPU the same device-data step runs "
+                             "uncaptured, as the report's 'step' line says)")
     parser.add_argument("--sequence-archs", type=int, default=5,
                         help="compare the launch sequence of a training step over this many archs (default 5; 0: skip)")
     parser.add_argument("--top-kernels", type=int, default=0, metavar="N",
@@ -72,5 +75,27 @@ def run(args: argparse.Namespace) -> int:
         if args.dataset != "synthetic" and isinstance(err, DatasetNotFoundError):
             message += "\n(use --dataset synthetic to profile on random CIFAR-shaped data)"
         return report_error("profile", message)
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    print(json.dumps(json_result(result), indent=2) if args.json else format_result(result))
     return 0
+
+
+def json_result(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``--json`` form of a profile: plain values where the text output has sentences or rounds.
+
+    ``kernels`` is ``"fused"`` or ``"eager"``, with the reason for the eager path in ``kernels_note`` (the
+    profile gives ``"eager (reason)"``, made for the text output). The op and kernel counts are whole
+    launches per step as the text prints them: the profile averages them over its counted steps, and a mean
+    such as 829.5 reads as a fraction of a launch.
+    """
+    out: Dict[str, Any] = {}
+    for key, value in result.items():
+        if key == "kernels":
+            path, _, note = str(value).partition(" (")
+            out["kernels"] = path
+            if note:
+                out["kernels_note"] = note[:-1] if note.endswith(")") else note
+        elif key.startswith("ops_") or key == "kernels_per_step":
+            out[key] = round(value)  # Python's round is the half-to-even of the text output's "{:.0f}"
+        else:
+            out[key] = value
+    return out

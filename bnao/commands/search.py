@@ -207,6 +207,10 @@ def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, 
             config, checkpoint = _read_checkpoint(args, run_dir, config, context, changes)
             search = BalancedNAO(config, run_dir, progress=not args.no_progress and context.is_main)
             _start_search(args, search, checkpoint, run_dir, config, context, changes)
+            if search.state["phase"] == "done":  # only a resume of a finished run starts there
+                if context.is_main:
+                    print(_complete_text(search.run_dir_best(), run_dir))
+                return None
             try:
                 search.run()
             except Stopped as stopped:
@@ -227,6 +231,20 @@ def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, 
             raise
         return exit_code
     return None
+
+
+def _complete_text(best: Dict[str, Any], run_dir) -> str:
+    """What a resume of a finished run says: that nothing is left to do, the best arch and where it is recorded."""
+    lines = [f"the run in {run_dir.path} is already complete; nothing to resume",
+             f"best arch: {best['arch']}"]
+    figures = [f"model size {int(best['size']):,} params"]
+    if "standalone_accuracy" in best:
+        figures.append(f"stand-alone dev accuracy {float(best['standalone_accuracy']):.4f}")
+    if "test_accuracy" in best:
+        figures.append(f"test accuracy {float(best['test_accuracy']):.4f}")
+    lines += ["  " + ", ".join(figures), f"results: {run_dir.best_path} (the best arch), "
+              f"{run_dir.ranking_path} (the re-ranked archs)"]
+    return "\n".join(lines)
 
 
 def _start_failed(args: argparse.Namespace, run_dir, message: str) -> int:

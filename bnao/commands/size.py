@@ -6,7 +6,8 @@ Prints one count per line, in input order (``--measure both``: two columns,
 parameters then multiply-adds). An invalid arch is reported with its line
 number (or argument number) and the exit code is 2. ``--range`` prints instead
 the exact smallest and largest sizes of the whole space at that network, with
-an arch of each (what a search budget can ask for).
+an arch of each (what a search budget can ask for); it sizes no arch, so it is
+refused together with archs or ``--file``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from typing import List, Tuple
 
 import numpy as np
+
+from .errors import report_error
 
 HELP = "model size (parameters, multiply-adds) of architectures"
 
@@ -35,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input side for multiply-adds (default 32 cifar, 224 imagenet)")
     parser.add_argument("--range", action="store_true",
                         help="print the smallest and largest sizes of the whole space at this network (exact), "
-                             "with an arch of each, instead of sizing archs")
+                             "with an arch of each, instead of sizing archs (give no archs or --file with it)")
     parser.add_argument("--measure", default="params", choices=["params", "madds", "both"],
                         help="what to print (default params)")
 
@@ -64,32 +67,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         space = NAOSpace(num_nodes=args.nodes, op_set=args.space)
     except ValueError as err:
-        print(f"bnao size: {err}", file=sys.stderr)
-        return 2
+        return report_error("size", err)
     if args.range:
+        if args.archs or args.file:
+            # --range sizes the whole space, not archs: printing it for archs would look like their sizes.
+            given = f"{len(args.archs)} arch(s)" if args.archs else f"--file {args.file}"
+            return report_error("size", f"--range sizes the whole space and takes no archs, but {given} were given; "
+                                        "drop --range to size the archs, or drop the archs to print the range")
         return _print_range(args, space)
     try:
         items = _read_inputs(args)
     except OSError as err:
-        print(f"bnao size: cannot read {args.file}: {err}", file=sys.stderr)
-        return 2
+        return report_error("size", f"cannot read {args.file}: {err}")
     if not items:
-        print("bnao size: no archs given (pass arch strings or --file)", file=sys.stderr)
-        return 2
+        return report_error("size", "no archs given (pass arch strings or --file)")
     rows = []
     for where, text in items:
         try:
             rows.append(space.parse(text).to_array())
         except InvalidArchError as err:
-            print(f"bnao size: {where}: {err}", file=sys.stderr)
-            return 2
+            return report_error("size", f"{where}: {err}")
     try:
         out = model_size(np.stack(rows), space, skeleton=args.skeleton, layers=args.layers, channels=args.channels,
                          classes=args.classes, in_channels=args.in_channels, image_size=args.image_size,
                          measure="both")
     except ValueError as err:
-        print(f"bnao size: {err}", file=sys.stderr)
-        return 2
+        return report_error("size", err)
     col = {"params": [0], "madds": [1], "both": [0, 1]}[args.measure]
     lines = [" ".join(str(int(v)) for v in row[col]) for row in out]
     sys.stdout.write("\n".join(lines) + "\n")
@@ -104,8 +107,7 @@ def _print_range(args: argparse.Namespace, space) -> int:
         extremes = size_extremes(space, skeleton=args.skeleton, layers=args.layers, channels=args.channels,
                                  classes=args.classes, in_channels=args.in_channels, image_size=args.image_size)
     except ValueError as err:
-        print(f"bnao size: {err}", file=sys.stderr)
-        return 2
+        return report_error("size", err)
     measures = ("params", "madds") if args.measure == "both" else (args.measure,)
     for measure in measures:
         found = extremes[measure]

@@ -25,6 +25,8 @@ from .reference import count_reference
 # Skeleton codes of the kernel's `skeleton` argument; must equal csrc/size/model_size.h.
 SKELETON_CODES = {"cifar": 0, "imagenet": 1}
 DEFAULT_IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
+# Stride-2 reductions before the cells: none on cifar, three stem convs on imagenet.
+STEM_LEVELS = {"cifar": 0, "imagenet": 3}
 MEASURES = ("params", "madds", "both")
 BACKENDS = ("auto", "cpp", "reference")
 
@@ -39,6 +41,37 @@ if has_ops():
 
     except RuntimeError:  # already registered (module reloaded)
         pass
+
+
+def min_image_size(skeleton: str) -> int:
+    """Smallest input side the stand-alone network of ``skeleton`` can run at.
+
+    Every stride-2 op maps a side ``h`` to ``ceil(h / 2)``, so no map is ever empty; what fails first is a
+    factorized reduce, whose second path samples the odd pixels and so needs a side of at least 2. The deepest
+    one reads the output of the cells before the second reduction cell (the next cell calibrates it, for any
+    arch), at ``STEM_LEVELS + 1`` halvings of the image: that side is at least 2 exactly when the image side
+    exceeds ``2 ** (STEM_LEVELS + 1)``. Hence 3 for cifar and 17 for imagenet.
+
+    Args:
+        skeleton: ``"cifar"`` or ``"imagenet"``.
+
+    Returns:
+        The smallest image side that :func:`bnao.nets.build_network` can run a forward at.
+    """
+    return 2 ** (STEM_LEVELS[skeleton] + 1) + 1
+
+
+def check_image_size(skeleton: str, image_size) -> None:
+    """Refuses an image side the network of ``skeleton`` cannot run at (see :func:`min_image_size`).
+
+    Raises:
+        ValueError: ``image_size`` is below the skeleton's minimum; the message names both.
+    """
+    smallest = min_image_size(skeleton)
+    if image_size < smallest:
+        raise ValueError(f"image_size (--image-size) {int(image_size)} is too small for the {skeleton} skeleton: "
+                         f"its network cannot run on images smaller than {smallest}x{smallest}; use an image size "
+                         f"of at least {smallest}")
 
 
 def resolve_space(space: Union[str, NAOSpace], num_nodes: int = 5) -> NAOSpace:
@@ -132,7 +165,8 @@ def model_size(
 
     Raises:
         InvalidArchError: An arch is not in the space.
-        ValueError: An unknown skeleton, measure or backend, or a non-positive size.
+        ValueError: An unknown skeleton, measure or backend, a non-positive size, or an image size below
+            :func:`min_image_size` of the skeleton.
         RuntimeError: ``backend="cpp"`` without the compiled kernel.
     """
     space = resolve_space(space, num_nodes)
@@ -148,6 +182,8 @@ def model_size(
                         ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    # Checked for every measure: the parameters of a network that cannot run describe nothing usable.
+    check_image_size(skeleton, image_size)
     if skeleton == "imagenet" and channels < 2:
         raise ValueError("the imagenet skeleton needs channels >= 2 (its first stem conv has channels // 2)")
     use_cpp = backend == "cpp" or (backend == "auto" and has_kernel("model_size", "cpu"))
@@ -180,5 +216,5 @@ def model_size(
     return out
 
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "MEASURES", "SKELETON_CODES", "as_arch_array", "count_reference", "model_size",
-           "resolve_space"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "MEASURES", "SKELETON_CODES", "as_arch_array", "check_image_size", "count_reference",
+           "min_image_size", "model_size", "resolve_space"]
