@@ -96,3 +96,20 @@ def test_resuming_a_finished_search_says_it_is_complete(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "already complete" in out
     assert f"best arch: {best['arch']}" in out and str(run / "best.json") in out
+
+
+def test_profile_on_a_cpu_prints_no_profiler_error_lines():
+    """Kineto logged "ERROR: ... gpuGetDeviceCount failed with code 35" and USDT lines on every profiled CPU run."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the quieting applies where no GPU is visible")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-m", "bnao", "profile", "--layers", "1", "--channels", "4", "--batch-size",
+                          "4", "--steps", "1", "--warmup", "1", "--pool-size", "4", "--device", "cpu", "--top-kernels",
+                          "2"], capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "per training step" in run.stdout or "img/s" in run.stdout
+    assert "gpuGetDeviceCount" not in run.stderr and "USDT" not in run.stderr, run.stderr[-2000:]
