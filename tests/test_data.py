@@ -379,6 +379,22 @@ def test_normalised_fashion_mnist_is_standard():
 
 
 @pytest.mark.parametrize("name", ARRAY_LOADERS)
+def test_a_live_loader_takes_the_seed_of_a_loaded_state(name):
+    """A loader that already ran, given another run's state at the position it has reached, gives that run's
+    batches (DALI's running pipeline once kept its old seed there)."""
+    _need(name)
+    ds = create_dataset("synthetic", num_samples=100, image_shape=(8, 8, 3), seed=2)
+    live = create_loader(name, ds, 32, seed=1)
+    list(live)  # its pipeline now stands at (epoch 1, batch 0)
+    other = create_loader(name, ds, 32, seed=2)
+    state = dict(other.state_dict(), epoch=1, position=0)
+    live.load_state_dict(state)
+    other.load_state_dict(state)
+    (x, y), (want_x, want_y) = next(iter(live)), next(iter(other))
+    assert torch.equal(y, want_y) and torch.equal(x, want_x)
+
+
+@pytest.mark.parametrize("name", ARRAY_LOADERS)
 def test_resume_gives_identical_batches(name):
     _need(name)
     ds = create_dataset("synthetic", num_samples=200, image_shape=(8, 8, 3), seed=2)

@@ -47,7 +47,8 @@ def test_config_refuses_negative_grad_clip():
 @pytest.mark.parametrize("flags, message", [
     (("--grad-clip", "-1"), "--grad-clip must be >= 0 (0 turns clipping off), got -1.0"),
     (("--loader", "foo"), "--loader must be one of"),
-    (("--label-smoothing", "2"), "--label-smoothing must be in [0, 1]"),
+    (("--label-smoothing", "2"), "--label-smoothing must be in [0, 1)"),
+    (("--label-smoothing", "1"), "--label-smoothing must be in [0, 1)"),
     (("--drop-path-keep-prob", "1.5"), "--drop-path-keep-prob must be in (0, 1], got 1.5"),
     (("--eval-every", "-1"), "--eval-every must be >= 0"),
     (("--auxiliary-weight", "-1"), "--auxiliary-weight must be >= 0"),
@@ -60,7 +61,7 @@ def test_train_refuses_out_of_range_settings(flags, message):
 
 def test_train_accepts_the_edges_of_the_ranges():
     config = _config_of("--grad-clip", "0", "--drop-path-keep-prob", "1", "--eval-every", "0",
-                        "--auxiliary-weight", "0", "--label-smoothing", "1")
+                        "--auxiliary-weight", "0", "--label-smoothing", "0.99")
     assert config.grad_clip is None and config.drop_path_keep_prob is None
 
 

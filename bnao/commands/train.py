@@ -281,8 +281,11 @@ def _fit(trainer, resume: bool, out: Path,
             try:
                 return None, trainer.fit(resume=False)
             except Stopped as stopped:
+                # A run of several processes resumes a stopped epoch only with as many (its data shards).
+                world = trainer.parallel.world_size if trainer.parallel is not None else 1
+                launcher = f"torchrun --nproc_per_node={world} -m bnao" if world > 1 else "bnao"
                 say(f"bnao train: stopped by {stop.signal_name} at {stopped.where}; the checkpoint is written. "
-                      f"Resume with: bnao train --resume --out {out}", file=sys.stderr)
+                      f"Resume with: {launcher} train --resume --out {out}", file=sys.stderr)
                 return stop.exit_code, None
     except CheckpointError as err:
         raise UsageError(str(err)) from None

@@ -68,10 +68,11 @@ def split_changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[A
         new: The config asked for on resume.
 
     Returns:
-        ``{key: (old value, new value)}`` of the changed resumable keys.
+        ``{key: (old value, new value)}`` of the changed resumable and location keys.
 
     Raises:
-        ResumeChangeError: A key outside :data:`RESUMABLE_KEYS` differs (all such keys are named).
+        ResumeChangeError: A key outside :data:`RESUMABLE_KEYS` and :data:`LOCATION_KEYS` differs (all such
+            keys are named).
     """
     flat_old, flat_new = flatten(old), flatten(new)
     changed = [k for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k) != flat_new.get(k)]

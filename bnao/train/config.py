@@ -111,8 +111,9 @@ class StandaloneConfig:
         # A negative weight would reward the auxiliary head for a larger loss.
         if self.auxiliary_weight < 0:
             raise ValueError(f"auxiliary_weight must be >= 0 (0: no auxiliary head), got {self.auxiliary_weight}")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1] (0: off), got {self.label_smoothing}")
+        # 1 would make every target uniform (nothing left to learn); the search's check says the same.
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1) (0: off), got {self.label_smoothing}")
 
     def lr_at(self, epoch: int) -> float:
         """Cosine learning rate of epoch ``epoch`` (0-based), constant within the epoch as in the reference."""

@@ -91,7 +91,8 @@ class DaliLoader(Loader):
         self.num_threads = int(num_threads or max(1, min(4, os.cpu_count() or 1)))
         self.prefetch = int(prefetch)
         self._iter: Any = None
-        self._next: Optional[Tuple[int, int]] = None  # (epoch, batch) the pipeline gives next
+        # (seed, epoch, batch) the pipeline gives next: the seed too, since load_state_dict may change it.
+        self._next: Optional[Tuple[int, int, int]] = None
         self.pipelines_built = 0  # a pipeline runs across epochs; rebuilt only when training jumps
 
     # ------------------------------------------------------------------ array pipeline
@@ -219,14 +220,14 @@ class DaliLoader(Loader):
         pipe.build()
         self.pipelines_built += 1
         self._iter = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
-        self._next = (epoch, start)
+        self._next = (self.seed, epoch, start)
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        if self._next != (epoch, start):
+        if self._next != (self.seed, epoch, start):
             self._start(epoch, start)
         for b in range(start, len(self)):
             out = next(self._iter)[0]
-            self._next = (epoch, b + 1) if b + 1 < len(self) else (epoch + 1, 0)
+            self._next = (self.seed, epoch, b + 1) if b + 1 < len(self) else (self.seed, epoch + 1, 0)
             lo, hi = self.batch_range(b)
             x, y = out["images"][: hi - lo], out["labels"][: hi - lo].reshape(-1).long()
             if self.channels_last:

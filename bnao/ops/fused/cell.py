@@ -2,7 +2,8 @@
 
 :func:`fused_cell` computes what :func:`bnao.ops.cell.mixed_cell` computes with batch statistics, but reads
 the arch from the branch code (device data) instead of scheduling it on the host: per node
-``branch_round(1)``, ``branch_round(2)``, ``node_output``; then the combine as torch ops. The launches and
+``branch_round(1)``, ``branch_round(2)``, ``node_output``; then the combine, the compiled ``combine`` op
+(stack + ReLU + 1x1 convolution where it is not compiled). The launches and
 their shapes are the same for every arch of a cell, so a step can be captured in a CUDA graph once
 ``branch_round`` is the compiled op.
 
