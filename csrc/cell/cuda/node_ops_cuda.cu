@@ -68,21 +68,24 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // One block per output: the grid's x dimension holds at most 2^31 - 1.
+  static unsigned reduction_blocks(int64_t outputs) {
+    TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
+                " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
+    return static_cast<unsigned>(outputs);
+  }
+
   template <typename Acc, typename Reduction>
   void reduce(int64_t outputs, const Reduction& reduction) const {
     if (outputs == 0) return;
-    TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
-                " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
-    reduce_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
+    reduce_kernel<Acc, Reduction><<<reduction_blocks(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename Acc, typename Reduction>
   void reduce_many(int64_t outputs, const Reduction& reduction) const {
     if (outputs == 0) return;
-    TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(), "bnao: ", outputs,
-                " reduction outputs exceed the CUDA grid's limit of 2^31 - 1 blocks");
-    reduce_many_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
+    reduce_many_kernel<Acc, Reduction><<<reduction_blocks(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
