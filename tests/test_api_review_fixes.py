@@ -87,3 +87,13 @@ def test_bad_values_at_the_api_edges_name_the_problem():
     with pytest.raises(ValueError, match="num_classes=2 but the training data has 3 classes"):
         train_standalone(SPACE.sample_array(1, 0)[0], SPACE, data, num_classes=2, epochs=1, layers=1, channels=4,
                          batch_size=4, device="cpu", progress=False)
+
+
+def test_training_on_images_too_small_for_the_network_is_refused_up_front():
+    from bnao.train import train_standalone
+
+    tiny = create_dataset("synthetic", num_samples=8, image_shape=(2, 2, 3), num_classes=3)
+    with pytest.raises(ValueError, match=r"training images are 2x2, but the cifar network cannot run on images "
+                                         r"smaller than 3x3"):
+        train_standalone(SPACE.sample_array(1, 0)[0], SPACE, tiny, epochs=1, layers=1, channels=4, batch_size=4,
+                         device="cpu", progress=False)

@@ -41,6 +41,7 @@ from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
 from ..signals import Stopped, stop_requested
+from ..size import min_image_size
 from .config import StandaloneConfig
 from .epoch import _SALT_INIT, _SALT_LOADER, EpochTrainingMixin
 from .evaluate import count_parameters, evaluate_model
@@ -106,6 +107,10 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
         if cfg.in_channels is None:
             cfg.in_channels = in_channels
         cfg.validate()
+        side, smallest = _image_size(train_data), min_image_size(cfg.skeleton)
+        if side is not None and side < smallest:  # else the first forward fails deep inside a convolution
+            raise ValueError(f"the training images are {side}x{side}, but the {cfg.skeleton} network cannot run on "
+                             f"images smaller than {smallest}x{smallest}; use larger images")
         self.train_data, self.eval_data = train_data, eval_data
         self.device = resolve_device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
