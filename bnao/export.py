@@ -30,6 +30,7 @@ import torch.nn as nn
 from .nets.network import build_network
 from .safe_io import DamagedFileError, UnsafeFileError, safe_load
 from .space import InvalidArchError, NAOSpace, create_search_space
+from .size import min_image_size
 
 FORMATS = ("torchscript", "onnx", "state_dict")
 ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -360,8 +361,10 @@ def export_network(source: ExportSource, fmt: str, out: Union[str, os.PathLike],
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     # `is None`, not `or`: an image size of 0 is an error, not "the default".
     side = int(default_image_size(source) if image_size is None else image_size)
-    if side < 1:
-        raise ExportError(f"--image-size must be >= 1, got {side}; leave it out to use the training data's size")
+    smallest = min_image_size(source.config["skeleton"])
+    if side < smallest:  # the trace would fail deep inside a convolution
+        raise ExportError(f"--image-size must be >= {smallest} (the smallest image the {source.config['skeleton']} "
+                          f"network runs on), got {side}; leave it out to use the training data's size")
     if check_batch < 1 or not tolerance > 0:
         raise ExportError(f"the check batch must be >= 1 and --tolerance above 0, got {check_batch} and {tolerance}")
     out = Path(out)

@@ -111,9 +111,11 @@ def _tiny_source():
     return ExportSource(model.eval(), config, "state dict")
 
 
-def test_export_refuses_image_size_zero(tmp_path):
-    with pytest.raises(ExportError, match="--image-size must be >= 1, got 0"):
-        export_network(_tiny_source(), "state_dict", tmp_path / "net.pt", image_size=0)
+def test_export_refuses_image_size_zero_and_sizes_the_network_cannot_run_at(tmp_path):
+    for side in (0, 2):  # 3 is the smallest image a cifar network runs on
+        with pytest.raises(ExportError, match=rf"--image-size must be >= 3 \(the smallest image the cifar network "
+                                              rf"runs on\), got {side}"):
+            export_network(_tiny_source(), "state_dict", tmp_path / "net.pt", image_size=side)
 
 
 def test_export_tells_random_bytes_from_pickled_objects(tmp_path):
