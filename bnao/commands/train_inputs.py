@@ -277,11 +277,9 @@ _FIELD_OPTIONS = {"lr_max": "--lr", "auxiliary": "--auxiliary-weight"}
 
 def _as_option(message: str) -> str:
     """A config error whose first word is a field name (``grad_clip must be ...``), named by its option."""
-    import dataclasses
-
-    from ..train import StandaloneConfig
+    from ..train.config import _CONFIG_FIELDS
 
     field, sep, rest = message.partition(" ")
-    if sep and field in {f.name for f in dataclasses.fields(StandaloneConfig)}:
+    if sep and field in _CONFIG_FIELDS:
         return f"{_FIELD_OPTIONS.get(field, '--' + field.replace('_', '-'))} {rest}"
     return message

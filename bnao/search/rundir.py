@@ -237,7 +237,7 @@ class RunDir:
         lines = self.changes_path.read_text() if self.changes_path.exists() else ""
         lines += json.dumps({"resumed_with": changes, "exact_replay": False}, default=str) + "\n"
         _atomic_write_bytes(self.changes_path, lines.encode())
-        _atomic_write_bytes(self.config_path, yaml.safe_dump(config, sort_keys=False).encode())
+        self.write_config(config)
 
     # --------------------------------------------------------------- outputs
     def write_json(self, path: Path, obj: Any) -> None:

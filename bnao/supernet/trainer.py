@@ -237,6 +237,11 @@ class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
         Raises:
             NonFiniteLossError: ``max_bad_steps`` consecutive non-finite losses.
         """
+        # Once per call: the pool and the sampler do not change within one.
+        items = getattr(self.sampler, "num_items", len(self.pool))
+        if items != len(self.pool):  # a draw past the pool fails; a smaller sampler would never train the rest
+            raise ValueError(f"the sampler draws from {items} items but the pool holds {len(self.pool)} archs; give "
+                             "the sampler one weight per pool arch (sampler.set_weights) when the pool changes")
         model = self.model
         model.train()
         dev = self.device
@@ -276,10 +281,6 @@ class SupernetTrainer(NonFiniteGuardMixin, SlotUpdateMixin, TrainerStateMixin):
 
     def _draw_step_inputs(self):
         """The step's arch (drawn, counted, checked across ranks) and batch: ``(index, arch, images, labels)``."""
-        items = getattr(self.sampler, "num_items", len(self.pool))
-        if items != len(self.pool):  # a draw past the pool fails; a smaller sampler would never train the rest
-            raise ValueError(f"the sampler draws from {items} items but the pool holds {len(self.pool)} archs; give "
-                             "the sampler one weight per pool arch (sampler.set_weights) when the pool changes")
         idx = int(self.sampler.draw())
         if self.data_parallel is not None:
             self.data_parallel.verify_arch(idx, self.global_step)

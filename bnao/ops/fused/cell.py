@@ -274,12 +274,13 @@ def fused_cell(s0: Tensor, s1: Tensor, code: Tensor, nodes: NodeWeights,
         inputs = [_reduce_input(inputs[i], reduce_loose[i], buffers.reduce_loose[i], reduce_input_rows[i : i + 1],
                                 update_stats, momentum, eps) for i in (0, 1)]
     w, g, b = combine
-    if has_fused_nodes(s1.device.type) and combine_applies([s0, s1, *inputs], w):
+    compiled_nodes = has_fused_nodes(s1.device.type)
+    if compiled_nodes and combine_applies([s0, s1, *inputs], w):
         # Nodes and combine as one autograd node (cell_nodes.py): no copy of the node states' gradients.
         out, means, invstds = fused_nodes_and_combine(s0, s1, code, nodes, drop_mask, reduction, eps,
                                                       tuple(inputs) if reduction else None, w, loose.to(w.dtype))
     else:
-        if has_fused_nodes(s1.device.type):
+        if compiled_nodes:
             node_states, means, invstds = fused_nodes(s0, s1, code, nodes, drop_mask, reduction, eps)
         else:
             node_states, means, invstds = _nodes_by_op(s0, s1, code, nodes, drop_mask, reduction, eps)

@@ -62,9 +62,7 @@ class _FusedNodes(torch.autograd.Function):
         ctx.num_nodes = num_nodes
         ctx.num_weights = len(weights)
         ctx.combine = combine_weight is not None
-        if (c0 is None) != (c1 is None):  # _combine_buffers starts both input buffers one way or the other
-            raise ValueError("the combine reads both cell inputs as they are or neither: pass c0 and c1 together")
-        ctx.own_inputs = (c0 is None, c1 is None)
+        ctx.own_inputs = c0 is None  # fused_nodes_and_combine passes c0 and c1 together or neither
         extra = []
         if ctx.combine:
             combine_states = [s0 if c0 is None else c0, s1 if c1 is None else c1, *states[2:]]
@@ -144,7 +142,7 @@ def _combine_buffers(ctx, grad_out: Optional[Tensor], s0: Tensor, combine_saved:
     combine_states = [c0, c1, *nodes_out]
     grad_states, grad_weight = torch.ops.bnao.combine_backward(grad_out.contiguous(), combine_states, weight, loose)
     grad_states = list(grad_states)
-    if all(ctx.own_inputs):
+    if ctx.own_inputs:
         return grad_states, (None, None, grad_weight), 0
     inputs = list(torch.empty((2, *s0.shape), dtype=s0.dtype, device=s0.device).unbind(0))
     return inputs + grad_states[2:], (grad_states[0], grad_states[1], grad_weight), 2

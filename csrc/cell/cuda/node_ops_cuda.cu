@@ -92,8 +92,7 @@ struct CudaLauncher {
   template <typename Acc, typename Reduction>
   void reduce_pairs(int64_t outputs, const Reduction& reduction) const {
     if (outputs == 0) return;
-    // outputs = 2 C: far below the grid's x limit.
-    reduce_pairs_kernel<Acc, Reduction><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(reduction);
+    reduce_pairs_kernel<Acc, Reduction><<<reduction_blocks(outputs), kThreads, 0, stream>>>(reduction);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
