@@ -30,13 +30,12 @@ import torch.nn as nn
 from .nets.network import build_network
 from .safe_io import DamagedFileError, UnsafeFileError, safe_load
 from .space import InvalidArchError, NAOSpace, create_search_space
-from .size import min_image_size
+from .size import DEFAULT_IMAGE_SIZE, check_image_size
 
 FORMATS = ("torchscript", "onnx", "state_dict")
 ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
 # Image side of the data sets bnao knows; other models fall back to their skeleton's usual side.
 DATASET_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "imagenet": 224}
-SKELETON_IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 # Keys of a bnao network that exist only for training.
 _TRAINING_ONLY_PREFIXES = ("auxiliary_head.",)
 _NETWORK_KEYS = ("arch", "space", "skeleton", "layers", "channels", "num_classes", "in_channels")
@@ -237,7 +236,7 @@ def default_image_size(source: ExportSource) -> int:
     """
     if source.image_size:
         return int(source.image_size)
-    return DATASET_IMAGE_SIZE.get(source.dataset or "", SKELETON_IMAGE_SIZE[source.config["skeleton"]])
+    return DATASET_IMAGE_SIZE.get(source.dataset or "", DEFAULT_IMAGE_SIZE[source.config["skeleton"]])
 
 
 def _metadata(config: Dict[str, Any], input_shape: Sequence[int]) -> Dict[str, Any]:
@@ -361,10 +360,10 @@ def export_network(source: ExportSource, fmt: str, out: Union[str, os.PathLike],
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     # `is None`, not `or`: an image size of 0 is an error, not "the default".
     side = int(default_image_size(source) if image_size is None else image_size)
-    smallest = min_image_size(source.config["skeleton"])
-    if side < smallest:  # the trace would fail deep inside a convolution
-        raise ExportError(f"--image-size must be >= {smallest} (the smallest image the {source.config['skeleton']} "
-                          f"network runs on), got {side}; leave it out to use the training data's size")
+    try:
+        check_image_size(source.config["skeleton"], side)  # else the trace fails deep inside a convolution
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     if check_batch < 1 or not tolerance > 0:
         raise ExportError(f"the check batch must be >= 1 and --tolerance above 0, got {check_batch} and {tolerance}")
     out = Path(out)

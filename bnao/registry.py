@@ -10,7 +10,22 @@ the DALI loader is created).
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """The "did you mean" hint for a name that is not one of ``choices``.
+
+    Args:
+        name: The unknown name (not necessarily a string: it may come from a config file).
+        choices: The valid names.
+
+    Returns:
+        ``"; did you mean 'closest'?"``, or ``""`` when no valid name is close; meant to follow the
+        sentence that says the name is unknown.
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Registry:
@@ -44,16 +59,24 @@ class Registry:
 
         return _add(factory) if factory is not None else _add
 
+    def suggest(self, name: object) -> str:
+        """The "did you mean" hint for ``name`` among the registered names (see :func:`did_you_mean`)."""
+        return did_you_mean(name, self._factories)
+
+    def unknown_name_message(self, name: object) -> str:
+        """The message that refuses an unregistered ``name``: what it is, the closest name, every choice.
+
+        Shared by :meth:`get` and by the callers that check a name up front and raise their own exception
+        type (a command's usage error), so every refusal of a name reads the same.
+        """
+        return f"unknown {self.kind} {name!r}{self.suggest(name)} (available: {', '.join(self.names())})"
+
     def get(self, name: str) -> Callable[..., Any]:
         """Returns the factory for ``name`` or raises a KeyError naming the choices."""
         try:
             return self._factories[name]
         except KeyError:
-            close = difflib.get_close_matches(str(name), self._factories, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(
-                f"unknown {self.kind} {name!r}{hint} (available: {', '.join(sorted(self._factories))})"
-            ) from None
+            raise KeyError(self.unknown_name_message(name)) from None
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Builds the object registered as ``name`` with the given arguments."""

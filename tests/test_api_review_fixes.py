@@ -93,7 +93,7 @@ def test_training_on_images_too_small_for_the_network_is_refused_up_front():
     from bnao.train import train_standalone
 
     tiny = create_dataset("synthetic", num_samples=8, image_shape=(2, 2, 3), num_classes=3)
-    with pytest.raises(ValueError, match=r"training images are 2x2, but the cifar network cannot run on images "
-                                         r"smaller than 3x3"):
+    with pytest.raises(ValueError, match=r"image size 2x2 is too small for the cifar skeleton: its network cannot "
+                                         r"run on images smaller than 3x3"):
         train_standalone(SPACE.sample_array(1, 0)[0], SPACE, tiny, epochs=1, layers=1, channels=4, batch_size=4,
                          device="cpu", progress=False)

@@ -38,7 +38,8 @@ def test_smallest_image_size_is_where_the_network_starts_to_run(skeleton, smalle
     assert size_api.min_image_size(skeleton) == smallest
     assert _runs(skeleton, smallest) and not _runs(skeleton, smallest - 1)
     assert model_size(ARCH, skeleton=skeleton, image_size=smallest, measure="madds")[0] > 0
-    with pytest.raises(ValueError, match=f"image_size .*{smallest - 1} is too small .*at least {smallest}"):
+    side = smallest - 1
+    with pytest.raises(ValueError, match=f"image size {side}x{side} is too small .*at least {smallest}"):
         model_size(ARCH, skeleton=skeleton, image_size=smallest - 1, measure="madds")
 
 
@@ -63,8 +64,10 @@ def test_size_range_refuses_archs(capsys, given):
 
 
 def test_profile_json_has_plain_values(capsys):
-    reason = "kernels='auto' runs the fused cells on GPUs; on a CPU the eager cells are faster"
-    result = {"kernels": f"eager ({reason})", "ops_per_step": 829.5, "ops_backward": 436.5, "batch_size": 4}
+    # A reason with parentheses of its own: the JSON takes the profile's key as it is, nothing parsed from text.
+    reason = "torch.float16 activations (the fused cells take float32, float64 and bfloat16)"
+    result = {"kernels": "eager", "kernels_note": reason, "ops_per_step": 829.5, "ops_backward": 436.5,
+              "batch_size": 4}
     with mock.patch("bnao.supernet.profiling.profile_supernet", return_value=result):
         assert main(["profile", "--json", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -74,6 +77,36 @@ def test_profile_json_has_plain_values(capsys):
     with mock.patch("bnao.supernet.profiling.profile_supernet", return_value={"kernels": "fused"}):
         assert main(["profile", "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out) == {"kernels": "fused"}
+
+
+def test_profile_keeps_the_cells_reason_as_its_own_key(capsys):
+    """The profile stores why the eager cells run as ``kernels_note``; the text output's ``cells eager (...)``
+    sentence is built from it, and ``--json`` prints the key as it is."""
+    from bnao.supernet import profiling
+    from bnao.supernet.fused_forward import cells_choice
+    from bnao.supernet.model import Supernet
+
+    tiny = dict(layers=1, channels=4, batch_size=4, steps=1, warmup=0, pool_size=4, device="cpu", count_ops=False,
+                sequence_archs=0)
+    result = profiling.profile_supernet(kernels="eager", **tiny)
+    assert result["kernels"] == "eager" and result["kernels_note"] == "kernels='eager'"
+    assert "  cells eager (kernels='eager')" in profiling.format_result(result).splitlines()[0]
+    # auto on a CPU: the reason cells_choice gives, word for word.
+    expected = cells_choice(Supernet(NAOSpace(op_set="small"), layers=1, channels=4, num_classes=10),
+                            torch.device("cpu"), True, torch.float32)
+    auto = profiling.profile_supernet(kernels="auto", **tiny)
+    if expected[0]:
+        assert auto["kernels"] == "fused" and "kernels_note" not in auto
+    else:
+        assert auto["kernels"] == "eager" and auto["kernels_note"] == expected[1]
+    with mock.patch("bnao.supernet.profiling.profile_supernet", return_value=auto):
+        assert main(["profile", "--json", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kernels"] == auto["kernels"] and printed.get("kernels_note") == auto.get("kernels_note")
+    # The JSON's reason comes from the key alone: a reason left out of the sentence-shaped value stays out.
+    with mock.patch("bnao.supernet.profiling.profile_supernet", return_value={"kernels": "eager (not parsed)"}):
+        assert main(["profile", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"kernels": "eager (not parsed)"}
 
 
 def test_version(capsys):
@@ -92,7 +125,9 @@ def test_resuming_a_finished_search_says_it_is_complete(tmp_path, capsys):
     assert main(["search", "--config", "demo", "--out", str(run), "--no-progress", *tiny]) == 0
     best = json.loads((run / "best.json").read_text())
     capsys.readouterr()
-    assert main(["search", "--resume", str(run), "--no-progress"]) == 0
+    # Said from the checkpoint: the search (data, supernet) is never built for a run with nothing left to do.
+    with mock.patch("bnao.search.loop.BalancedNAO", side_effect=AssertionError("the search was built")):
+        assert main(["search", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "already complete" in out
     assert f"best arch: {best['arch']}" in out and str(run / "best.json") in out

@@ -181,6 +181,25 @@ def test_wide_rows_match_reference(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_split_reductions_match_reference(device):
+    # N=5, C=3, 48x48: 11,520 terms per BN statistic and weight-gradient sum, so on CUDA every reduction of
+    # the round runs split over two chunks of blocks plus a second pass (csrc/cell/reduction_split.h; the
+    # C++ test test_reduction_split runs the same split on the CPU). Smaller cases use one block per output.
+    _require_kernel(device)
+    gen = torch.Generator().manual_seed(48)
+    cell = covering_cells("middle", seed=5)[3]  # sep5 on node 0's first branch and node 2's second
+    codes = cell_code(cell, False, op_table("middle"))
+    for node in (0, 2):
+        dw, pw = make_weights(3, torch.float64, device, gen)
+        sources = make_sources(node, 5, 3, 48, 48, False, torch.float64, device, gen)
+        what = f"split node {node} code {codes[node].tolist()}"
+        check_case(sources, codes[node], 1, dw, pw, None, False, device, what + " round 1")
+        pre1 = torch.randn(2, 5, 3, 48, 48, generator=gen, dtype=torch.float64).to(device)
+        check_case([pre1], codes[node], 2, dw, pw, make_norm(3, torch.float64, device, gen), False, device,
+                   what + " round 2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float32_matches_reference(device):
     _require_kernel(device)
     gen = torch.Generator().manual_seed(3)

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from bnao.cli import main
-from bnao.search import config as search_config
+from bnao.search import config_checks
 from bnao.search.config import ConfigError, list_presets, load_config
 
 # A search on random images, small enough to reach every start-up check in a second or two.
@@ -29,7 +29,7 @@ def _search(out, *extra):
 
 def check_config(config):
     # Looked up at call time, so that each test fails on its own where the check is missing.
-    return search_config.check_config(config)
+    return config_checks.check_config(config)
 
 
 def _one_error_line(err: str) -> str:

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``bnao eval``; exit code 2 for a missing/corrupt model file or missing data."""
     import numpy as np
 
-    from ..data import DatasetNotFoundError, create_dataset, list_datasets
+    from ..data import DATASETS, DatasetNotFoundError, create_dataset
+    from ..size import check_image_size, image_side
     from ..train import CheckpointError, count_parameters, evaluate_model, load_model, resolve_device
 
     def fail(msg: str) -> int:
@@ -88,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or extra.get("dataset")
     if not name:
         return fail(f"{args.model} does not record its dataset; pass --dataset")
-    if name not in list_datasets():
-        return fail(f"unknown dataset {name!r} (available: {', '.join(list_datasets())})")
+    if name not in DATASETS:
+        return fail(DATASETS.unknown_name_message(name))
     root = args.data_dir if args.data_dir is not None else extra.get("data_dir")
     kw: Dict[str, Any] = {}
     if name == "synthetic":
@@ -98,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
         data = create_dataset(name, root=root, split=args.split, **kw)
     except DatasetNotFoundError as err:
         return fail(str(err))
+    # The skeleton is in the model file and the side in the data, so this is the first point both are known;
+    # it comes before any forward, which would otherwise fail deep inside a convolution.
+    side = image_side(data)
+    if side is not None:
+        try:
+            check_image_size(cfg["skeleton"], side)
+        except ValueError as err:
+            return fail(str(err))
     if args.limit is not None and len(data) > args.limit:
         data = data.subset(np.arange(args.limit))
     shape = getattr(data, "image_shape", None)

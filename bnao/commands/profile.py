@@ -82,19 +82,14 @@ def run(args: argparse.Namespace) -> int:
 def json_result(result: Dict[str, Any]) -> Dict[str, Any]:
     """The ``--json`` form of a profile: plain values where the text output has sentences or rounds.
 
-    ``kernels`` is ``"fused"`` or ``"eager"``, with the reason for the eager path in ``kernels_note`` (the
-    profile gives ``"eager (reason)"``, made for the text output). The op and kernel counts are whole
+    ``kernels`` (``"fused"`` or ``"eager"``) and ``kernels_note`` (the reason for the eager path, absent on
+    the fused one) are the profile's own keys, as it stores them. The op and kernel counts are whole
     launches per step as the text prints them: the profile averages them over its counted steps, and a mean
     such as 829.5 reads as a fraction of a launch.
     """
     out: Dict[str, Any] = {}
     for key, value in result.items():
-        if key == "kernels":
-            path, _, note = str(value).partition(" (")
-            out["kernels"] = path
-            if note:
-                out["kernels_note"] = note[:-1] if note.endswith(")") else note
-        elif key.startswith("ops_") or key == "kernels_per_step":
+        if key.startswith("ops_") or key == "kernels_per_step":
             out[key] = round(value)  # Python's round is the half-to-even of the text output's "{:.0f}"
         else:
             out[key] = value

@@ -48,7 +48,8 @@ def _error(message: str, code: int = 2) -> int:
 
 def _resume_config(args: argparse.Namespace, run_dir, overrides):
     """The run's config and the config asked for on resume (:func:`_launch` checks the changes)."""
-    from ..search.config import DEFAULTS, apply_overrides, check_config, load_config, parse_overrides
+    from ..search.config import DEFAULTS, apply_overrides, load_config, parse_overrides
+    from ..search.config_checks import check_config
 
     config = run_dir.read_config()
     # Runs from before the distributed section ran as one process: its defaults describe them.
@@ -157,7 +158,8 @@ def _open_run(args: argparse.Namespace, overrides: List[str]) -> Union[int, Tupl
     """
     from ..distributed import DistributedError
     from ..safe_io import FileWriteError
-    from ..search.config import ConfigError, check_config, load_config
+    from ..search.config import ConfigError, load_config
+    from ..search.config_checks import check_config
     from ..search.rundir import RunDir, RunDirError
 
     old_config = None
@@ -199,18 +201,20 @@ def _search(args: argparse.Namespace, run_dir, config: Dict[str, Any], context, 
     from ..search.config import ConfigError
     from ..search.pool import PoolFileError
     from ..search.rundir import RunDirError
-    from ..search.loop import BalancedNAO
+    from ..search.loop import BalancedNAO, best_record
 
     search = None
     try:
         with GracefulStop() as stop:
             config, checkpoint = _read_checkpoint(args, run_dir, config, context, changes)
+            if checkpoint is not None and checkpoint["state"].get("phase") == "done":
+                # Said from the checkpoint alone: building the search would load the data and the supernet
+                # only to find nothing left to do.
+                if context.is_main:
+                    print(_complete_text(best_record(checkpoint["state"], run_dir), run_dir))
+                return None
             search = BalancedNAO(config, run_dir, progress=not args.no_progress and context.is_main)
             _start_search(args, search, checkpoint, run_dir, config, context, changes)
-            if search.state["phase"] == "done":  # only a resume of a finished run starts there
-                if context.is_main:
-                    print(_complete_text(search.run_dir_best(), run_dir))
-                return None
             try:
                 search.run()
             except Stopped as stopped:

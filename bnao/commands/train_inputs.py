@@ -106,15 +106,11 @@ def load_datasets(settings: Dict[str, Any]):
     """Train and test splits for ``settings`` (with the limits applied)."""
     import numpy as np
 
-    from ..data import create_dataset, list_datasets
+    from ..data import DATASETS, create_dataset
 
     name, root = settings["dataset"], settings.get("data_dir")
-    if name not in list_datasets():
-        import difflib
-
-        close = difflib.get_close_matches(name, list_datasets(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"unknown dataset {name!r}{hint} (available: {', '.join(list_datasets())})")
+    if name not in DATASETS:
+        raise UsageError(DATASETS.unknown_name_message(name))
     train_limit = check_limit("--train-limit", settings.get("train_limit"))
     test_limit = check_limit("--test-limit", settings.get("test_limit"))
     kw: Dict[str, Any] = {}

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..data import create_dataset, split_train_dev
-from ..size import model_size
+from ..size import image_side, model_size
 from ..space import NAOSpace, create_search_space
 
 
@@ -75,8 +75,8 @@ def load_data(config: Dict[str, Any]) -> RankData:
         test = _limit(create_dataset(dc["dataset"], root=dc["root"], split="test", **options), dc["test_limit"])
     shape = getattr(full, "image_shape", None)
     in_channels = int(shape[-1]) if shape is not None and not isinstance(shape, int) else 3
-    image_size = int(shape[0]) if shape is not None and not isinstance(shape, int) else 32
-    return RankData(train, dev, test, int(full.num_classes), in_channels, image_size)
+    # The rank study's networks use the cifar skeleton (model_size, the ground truth and the supernet below).
+    return RankData(train, dev, test, int(full.num_classes), in_channels, image_side(full, "cifar"))
 
 
 def fingerprint(dataset: Any) -> str:

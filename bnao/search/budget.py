@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..extension import has_kernel
-from ..size import DEFAULT_IMAGE_SIZE, model_size
+from ..size import model_size
 from ..size.extremes import size_extremes
 from ..space import NAOSpace
 
@@ -39,14 +39,6 @@ def _human(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.4g}{suffix}"
     return f"{value:g}"
-
-
-def image_side(dataset: Any, skeleton: str) -> int:
-    """The side of a data set's images (``image_shape`` is ``(H, W, C)``), else the skeleton's usual one."""
-    shape = getattr(dataset, "image_shape", None)
-    if shape is not None:
-        return int(shape[0])
-    return DEFAULT_IMAGE_SIZE[skeleton]
 
 
 @dataclass(frozen=True)

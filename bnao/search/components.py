@@ -15,10 +15,10 @@ from ..controller import NAOController
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..data_parallel import GradientSync, ShardedLoader
 from ..sampling import create_sampler
-from ..size import model_size
+from ..size import image_side, model_size
 from ..space import create_search_space
 from ..supernet import RandomBatches, Supernet, SupernetTrainer
-from .budget import Budget, image_side
+from .budget import Budget
 from .config import ConfigError
 from .pool import Pool, read_pool_file
 

@@ -389,8 +389,3 @@ def diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """Keys whose values differ, as ``key: old -> new`` lines."""
     a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-# The range checks live in their own module (config_checks.py); imported here, at the end, so that
-# `from bnao.search.config import check_config` keeps working (config_checks needs this module first).
-from .config_checks import check_config  # noqa: E402,F401

@@ -27,7 +27,8 @@ from ..distributed import any_rank, average_buffers, current, rank_device
 from ..signals import Stopped, stop_requested
 from ..supernet import RandomBatches, evaluate_pool
 from .components import SearchComponents
-from .config import check_config, diff
+from .config import diff
+from .config_checks import check_config
 from .distributed_phases import controller_and_generate, evaluate_split
 from .finish import ResultPhases
 from .report import Scalars, size_buckets
@@ -166,11 +167,7 @@ class BalancedNAO(SearchComponents, ResultPhases):
 
     def run_dir_best(self) -> Dict[str, Any]:
         """The best arch record (kept in the state too, so that every rank has it without reading a file)."""
-        import json
-
-        if "best" in self.state:
-            return dict(self.state["best"])
-        return json.loads(self.run_dir.best_path.read_text())
+        return best_record(self.state, self.run_dir)
 
     def _global_step(self) -> int:
         return int(self.trainer.global_step) if hasattr(self.trainer, "global_step") else 0
@@ -339,3 +336,17 @@ class BalancedNAO(SearchComponents, ResultPhases):
         except ImportError:
             return None
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def best_record(state: Dict[str, Any], run_dir) -> Dict[str, Any]:
+    """The best arch record of a search state: the state's copy, else the run directory's ``best.json``.
+
+    Args:
+        state: a search state (``BalancedNAO.state`` or a checkpoint's ``"state"``).
+        run_dir: the run's :class:`~bnao.search.rundir.RunDir`.
+    """
+    import json
+
+    if "best" in state:
+        return dict(state["best"])
+    return json.loads(run_dir.best_path.read_text())

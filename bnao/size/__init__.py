@@ -12,7 +12,7 @@ Counting conventions: see :mod:`bnao.size.reference`.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -64,14 +64,41 @@ def min_image_size(skeleton: str) -> int:
 def check_image_size(skeleton: str, image_size) -> None:
     """Refuses an image side the network of ``skeleton`` cannot run at (see :func:`min_image_size`).
 
+    The one check of the minimum for every caller (``bnao size``, stand-alone training, ``bnao eval``,
+    ``bnao export``): without it the first forward fails deep inside a convolution. The side may come from a
+    flag or from the data, so the message speaks of images and names the flag for the commands that take one.
+
+    Args:
+        skeleton: ``"cifar"`` or ``"imagenet"``.
+        image_size: The image side.
+
     Raises:
         ValueError: ``image_size`` is below the skeleton's minimum; the message names both.
     """
     smallest = min_image_size(skeleton)
     if image_size < smallest:
-        raise ValueError(f"image_size (--image-size) {int(image_size)} is too small for the {skeleton} skeleton: "
-                         f"its network cannot run on images smaller than {smallest}x{smallest}; use an image size "
-                         f"of at least {smallest}")
+        side = int(image_size)
+        raise ValueError(f"image size {side}x{side} is too small for the {skeleton} skeleton: its network cannot run "
+                         f"on images smaller than {smallest}x{smallest}; use images, or an --image-size, of at "
+                         f"least {smallest}")
+
+
+def image_side(dataset: Any, skeleton: Optional[str] = None) -> Optional[int]:
+    """The side of a data set's images, from its ``image_shape`` (``(H, W, C)``).
+
+    Non-square images give their height, the side the network's square size formulas come closest to with.
+
+    Args:
+        dataset: A bnao data set (or anything with an ``image_shape``).
+        skeleton: Whose usual side (:data:`DEFAULT_IMAGE_SIZE`) to return when the data set does not say.
+
+    Returns:
+        The side; when the data set does not say, the skeleton's usual side, or None without a skeleton.
+    """
+    shape = getattr(dataset, "image_shape", None)
+    if shape is not None and not isinstance(shape, int) and len(shape) >= 2:
+        return int(shape[0])
+    return DEFAULT_IMAGE_SIZE[skeleton] if skeleton is not None else None
 
 
 def resolve_space(space: Union[str, NAOSpace], num_nodes: int = 5) -> NAOSpace:
@@ -217,4 +244,4 @@ def model_size(
 
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "MEASURES", "SKELETON_CODES", "as_arch_array", "check_image_size", "count_reference",
-           "min_image_size", "model_size", "resolve_space"]
+           "image_side", "min_image_size", "model_size", "resolve_space"]

@@ -29,11 +29,10 @@ from ..ops.fused.cell import (
     reduce_rows,
     slot_bn_row_list,
     stack_index_lists,
-    supernet_cell_rows,
-    supernet_role_stacks,
 )
 from ..ops.fused.nodes import update_slot_stats
 from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
+from ..ops.fused.supernet_glue import supernet_cell_rows, supernet_role_stacks
 
 #: Compiled ops the fused path needs on a device type.
 FUSED_OPS = ("branch_round", "node_output", "gather_rows", "update_slot_stats")

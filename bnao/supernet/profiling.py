@@ -21,6 +21,7 @@ import torch
 from ..device import resolve_device
 from ..space.nao import NAOSpace
 from .evaluator import evaluate_pool, last_evaluation
+from .fused_forward import cells_choice
 from .model import Supernet
 from .trainer import SupernetTrainer
 
@@ -215,7 +216,7 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dataset": dataset, "space": space, "layers": layers, "channels": channels, "classes": int(ds.num_classes),
         "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last, "pool_size": pool_size,
-        "sampler": sampler, "kernels": model.cells_path(dev), "params": model.num_parameters(),
+        "sampler": sampler, **_cells(model, dev), "params": model.num_parameters(),
         "param_tensors": len(list(model.parameters())),
     }
     result.update(_time_training(trainer, steps))
@@ -244,6 +245,19 @@ def profile_supernet(*, dataset: str = "synthetic", data_root: Optional[str] = N
             result["top_eval_kernels"] = top_kernels(
                 lambda: evaluate_pool(model, archs, batch, bf16=bf16, graph=graph), dev, len(archs), "arch", top)
     return result
+
+
+def _cells(model: Supernet, dev: torch.device) -> Dict[str, str]:
+    """The cells a training step of ``model`` runs: ``{"kernels": "fused"}``, or ``{"kernels": "eager",
+    "kernels_note": why}`` (the reason as :func:`~.fused_forward.cells_choice` gives it, as in
+    :meth:`Supernet.cells_path`)."""
+    fused, reason = cells_choice(model, dev, True, torch.float32)
+    return {"kernels": "fused"} if fused else {"kernels": "eager", "kernels_note": reason}
+
+
+def _cells_text(r: Dict[str, Any]) -> str:
+    """``fused`` or ``eager (why)``: the result's ``kernels`` and ``kernels_note`` for the text output."""
+    return f"{r['kernels']} ({r['kernels_note']})" if r.get("kernels_note") else str(r["kernels"])
 
 
 def _build_training(sp: NAOSpace, ds, train_loader, dev: torch.device, *, layers: int, channels: int,
@@ -337,7 +351,7 @@ def format_result(r: Dict[str, Any]) -> str:
         f"device {r['device']}  dataset {r['dataset']}  space {r['space']}  N={r['layers']} C={r['channels']} "
         f"classes={r['classes']}  batch {r['batch_size']}  {'bf16' if r['bf16'] else 'fp32'}"
         f"{'  channels_last' if r['channels_last'] else ''}  sampler {r['sampler']} over {r['pool_size']} archs"
-        f"  cells {r['kernels']}",
+        f"  cells {_cells_text(r)}",
         f"  step {r['step_path']['mode']} ({r['step_path']['reason']})" if "step_path" in r else "  step -",
         f"supernet: {r['params']:,} weights in {r['param_tensors']} tensors",
         f"training: {r['img_per_s']:,.1f} img/s, {r['ms_per_step']:.2f} ms/step ({r['steps']} steps)",

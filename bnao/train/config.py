@@ -136,11 +136,8 @@ def check_loader(name: str) -> None:
     from ..data import LOADERS  # lazily: the data package pulls in optional loaders
 
     if name not in LOADERS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), LOADERS.names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"loader must be one of {', '.join(LOADERS.names())}, got {name!r}{hint}")
+        # Worded after the setting, not the registry ("unknown loader"): `bnao eval` turns it into "--loader ...".
+        raise ValueError(f"loader must be one of {', '.join(LOADERS.names())}, got {name!r}{LOADERS.suggest(name)}")
 
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}
@@ -148,12 +145,10 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(StandaloneConfig)}
 
 def make_config(**kwargs: Any) -> StandaloneConfig:
     """A :class:`StandaloneConfig` from keyword arguments, refusing unknown names with the closest valid one."""
-    import difflib
+    from ..registry import did_you_mean
 
     unknown = [k for k in kwargs if k not in _CONFIG_FIELDS]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, sorted(_CONFIG_FIELDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"unknown stand-alone training setting {k!r}{hint}")
+        raise TypeError(f"unknown stand-alone training setting {k!r}{did_you_mean(k, sorted(_CONFIG_FIELDS))}")
     return StandaloneConfig(**kwargs)

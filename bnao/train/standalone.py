@@ -41,19 +41,11 @@ from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
 from ..signals import Stopped, stop_requested
-from ..size import min_image_size
+from ..size import check_image_size, image_side
 from .config import StandaloneConfig
 from .epoch import _SALT_INIT, _SALT_LOADER, EpochTrainingMixin
 from .evaluate import count_parameters, evaluate_model
 from .trainer_state import StandaloneStateMixin
-
-
-def _image_size(dataset: Any) -> Optional[int]:
-    """Side of a data set's square images (None when it does not say, or they are not square)."""
-    shape = getattr(dataset, "image_shape", None)
-    if shape is None or len(shape) < 2 or int(shape[0]) != int(shape[1]):
-        return None
-    return int(shape[0])
 
 
 def _dataset_shape(dataset: Any) -> Tuple[int, int]:
@@ -107,17 +99,17 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
         if cfg.in_channels is None:
             cfg.in_channels = in_channels
         cfg.validate()
-        side, smallest = _image_size(train_data), min_image_size(cfg.skeleton)
-        if side is not None and side < smallest:  # else the first forward fails deep inside a convolution
-            raise ValueError(f"the training images are {side}x{side}, but the {cfg.skeleton} network cannot run on "
-                             f"images smaller than {smallest}x{smallest}; use larger images")
+        # Refused here, else the first forward fails deep inside a convolution (None: the data does not say).
+        side = image_side(train_data)
+        if side is not None:
+            check_image_size(cfg.skeleton, side)
         self.train_data, self.eval_data = train_data, eval_data
         self.device = resolve_device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.progress, self.on_epoch = progress, on_epoch
         # What the training data was, kept in the checkpoint like model.pt keeps it, so that exporting a
         # checkpoint traces at the data's image size (28 for Fashion-MNIST) instead of the skeleton's.
-        self.data_info = {"image_size": _image_size(train_data), **(data_info or {})}
+        self.data_info = {"image_size": side, **(data_info or {})}
 
         from ..data import create_loader  # lazily: the data package pulls in optional loaders
 

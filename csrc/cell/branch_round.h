@@ -14,7 +14,8 @@
 //     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
 //     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
 //     adds each row's `Term::row_sum` in (n, i) order in double on one thread; the CUDA launcher
-//     runs one block per output with a fixed-shape tree. Both are deterministic.
+//     splits each output over chunks of blocks (cell/reduction_split.h, `strided_term_sum` per
+//     thread, a fixed-shape tree per block, the chunks added in order). Both are deterministic.
 // The phase sequences (run_forward / run_backward) are written once here, against a launcher
 // that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
 //
@@ -611,6 +612,29 @@ struct TermBase {
     return (partial[0] + partial[1]) + (partial[2] + partial[3]);
   }
 };
+
+// The CUDA launcher's share of one output: Term's terms k = first, first + step, ... of the flattened
+// (n, i, j) range (a thread of a block of a chunk, cell/reduction_split.h), in four interleaved sums
+// so that a thread has four independent loads in flight. Deterministic for given (first, step).
+template <typename Term, typename Acc, typename T>
+BNAO_CELL_HD Acc strided_term_sum(const RoundArgs<T>& a, const typename Term::Context& ctx, int64_t first,
+                                  int64_t step) {
+  const int64_t plane = a.height * a.width, length = a.batch * plane;
+  Acc partial[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+  int64_t k = first;
+  for (; k + 3 * step < length; k += 4 * step) {
+    BNAO_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int64_t index = k + q * step, n = index / plane, pixel = index - n * plane, i = pixel / a.width;
+      partial[q] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * a.width));
+    }
+  }
+  for (; k < length; k += step) {
+    const int64_t n = k / plane, pixel = k - n * plane, i = pixel / a.width;
+    partial[0] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * a.width));
+  }
+  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
 
 // Batch mean of pre per (branch, channel); 0 for branches without the round's BN.
 template <typename T>

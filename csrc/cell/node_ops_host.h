@@ -7,7 +7,8 @@
 //   launcher(t).for_each(n, item)   item(e) for every e < n;
 //   launcher(t).reduce_pairs<Acc>(n, reduction)
 //                                   for every output o < n, reduction.finish(o, a, b) with (a, b) the
-//                                   sums of reduction.partial(o, begin, step, ...) over a fixed split;
+//                                   sums of reduction.partial(o, begin, step, ...) over a fixed split
+//                                   (on CUDA, of reduction.terms() terms: cell/reduction_split.h);
 //   check_gather_indices / check_slot_rows
 //                                   host checks of index values (the CPU's; the CUDA backend cannot read
 //                                   device data without a synchronisation, its work items assert instead);
@@ -116,6 +117,8 @@ struct NodeOutputParamReduction {
     node_output_param_partial<T, Acc>(static_cast<int>(output / args.channels), output % args.channels, begin, step,
                                       args, grad, sum_grad, sum_centered);
   }
+  // Terms per output (the CUDA launcher splits outputs with many terms over several blocks).
+  int64_t terms() const { return args.batch * args.plane; }
   BNAO_CELL_HD void finish(int64_t output, Acc sum_grad, Acc sum_centered) const {
     node_output_param_finish<T, Acc>(static_cast<int>(output / args.channels), output % args.channels, sum_grad,
                                      sum_centered, args, grad_mean, grad_invstd, grad_gamma, grad_beta);

@@ -355,13 +355,3 @@ def _combine(states: List[Tensor], loose: Tensor, w: Tensor) -> Tensor:
         return combine_op(states, w, loose.to(w.dtype))
     weight = (w * loose.to(w.dtype).view(1, -1, 1)).reshape(w.shape[0], -1, 1, 1)
     return F.conv2d(F.relu(torch.stack(states, 1).flatten(1, 2)), weight)
-
-
-# The supernet glue (branch codes, role stacks and slot statistics of a Supernet) lives in supernet_glue.py;
-# imported here, at the end, so that its names stay importable from this module (it needs this module first).
-from .supernet_glue import (  # noqa: E402,F401
-    supernet_cell_code,
-    supernet_cell_rows,
-    supernet_role_stacks,
-    update_stage_slot_stats,
-)

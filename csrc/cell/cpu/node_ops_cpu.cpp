@@ -28,14 +28,6 @@ struct CpuLauncher {
     });
   }
 
-  // One output per iteration, its terms summed sequentially on one thread.
-  template <typename Acc, typename Reduction>
-  void reduce(int64_t outputs, const Reduction& reduction) const {
-    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t output = begin; output < end; ++output) reduction.finish(output, reduction.partial(output, 0, 1));
-    });
-  }
-
   // Reductions with Reduction::kSums sums per output (a tile of weights): each output on one thread, and
   // outputs spread one by one over the threads (each is heavy: a grain of kGrain would serialise them).
   template <typename Acc, typename Reduction>

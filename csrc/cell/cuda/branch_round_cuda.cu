@@ -1,11 +1,13 @@
 // CUDA kernels of bnao::branch_round and bnao::branch_round_backward: the
 // bodies of cell/branch_round.h run on a grid. This file is only the launch
-// layer: a grid-stride loop for the elementwise bodies and one block per
-// output for the reductions (a fixed tree, so results are deterministic and
-// need no atomics). The branch code stays on the device; nothing here reads it
+// layer: a grid-stride loop for the elementwise bodies, and for the reductions
+// blocks of (output, chunk) with fixed trees plus a second pass over the chunks
+// in a fixed order (cell/reduction_split.h), so results are deterministic and
+// need no atomics. The branch code stays on the device; nothing here reads it
 // on the host, so the launches are the same for every arch (graph-capturable).
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,27 +37,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per output; thread t adds the terms k = t, t + kThreads, ... of the flattened
-// (n, i, j) range, then the block adds the partial sums.
-template <typename Term, typename T>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(const RoundArgs<T> args) {
-  using Acc = at::acc_type<T, /*is_cuda=*/true>;
-  const auto ctx = Term::prepare(args, static_cast<int64_t>(blockIdx.x));
-  const int64_t plane = args.height * args.width, length = args.batch * plane;
-  Acc sum = Acc(0);
+// Block (output, chunk) of a reduction split over gridDim.y chunks (cell/reduction_split.h): thread t adds
+// the terms chunk * kThreads + t, + chunks * kThreads, ... of the flattened (n, i, j) range, and the block
+// adds the threads' sums with a fixed-shape tree. With one chunk the block finishes the output itself;
+// otherwise it writes partial[output * chunks + chunk] for finish_chunks_kernel.
+template <typename Term, typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) reduce_chunk_kernel(const RoundArgs<T> args, Acc* partial) {
+  const int64_t output = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
+  const auto ctx = Term::prepare(args, output);
   // ctx.active is uniform over the block, so every thread reaches the barriers of block_sum.
-  if (ctx.active) {
-    for (int64_t k = threadIdx.x; k < length; k += kThreads) {
-      const int64_t n = k / plane, pixel = k - n * plane, i = pixel / args.width;
-      sum += static_cast<Acc>(Term::term(args, ctx, n, i, pixel - i * args.width));
-    }
-  }
+  Acc sum = ctx.active ? strided_term_sum<Term, Acc>(args, ctx, chunk * kThreads + threadIdx.x, chunks * kThreads)
+                       : Acc(0);
   sum = block_sum(sum);
-  if (threadIdx.x == 0) Term::finish(args, ctx, sum);
+  if (threadIdx.x != 0) return;
+  if (chunks == 1) {
+    Term::finish(args, ctx, sum);
+  } else {
+    partial[output * chunks + chunk] = sum;
+  }
+}
+
+// The second pass of a split reduction: one thread per output adds its chunks in chunk order.
+template <typename Term, typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    finish_chunks_kernel(const RoundArgs<T> args, const Acc* partial, int64_t outputs, int64_t chunks) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t output = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; output < outputs;
+       output += stride) {
+    Acc sum = partial[output * chunks];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
+    Term::finish(args, Term::prepare(args, output), sum);
+  }
 }
 
 struct CudaLauncher {
   cudaStream_t stream;
+  c10::Device device;
 
   template <template <typename> class Body, typename T>
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
@@ -67,9 +84,24 @@ struct CudaLauncher {
 
   template <template <typename> class Term, typename T>
   void reduce(int64_t outputs, const RoundArgs<T>& a) const {
+    using Acc = at::acc_type<T, /*is_cuda=*/true>;
     if (outputs == 0) return;
-    // outputs <= 2 * C * max(C, 49): far below the grid's x limit (2^31 - 1).
-    reduce_kernel<Term<T>, T><<<static_cast<unsigned>(outputs), kThreads, 0, stream>>>(a);
+    const int64_t chunks = reduction_chunks(outputs, a.batch * a.height * a.width);
+    // outputs <= 2 * C * max(C, 49): far below the grid's x limit (2^31 - 1); chunks <= 64.
+    const dim3 grid(static_cast<unsigned>(outputs), static_cast<unsigned>(chunks));
+    if (chunks == 1) {
+      reduce_chunk_kernel<Term<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Stream-ordered scratch from the caching allocator (capturable; freed after the second pass is queued).
+    const at::Tensor partial = at::empty({outputs * chunks}, at::TensorOptions()
+                                                                 .dtype(c10::CppTypeToScalarType<Acc>::value)
+                                                                 .device(device));
+    reduce_chunk_kernel<Term<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, partial.data_ptr<Acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_chunks_kernel<Term<T>, T, Acc><<<grid_blocks(outputs), kThreads, 0, stream>>>(
+        a, partial.data_ptr<Acc>(), outputs, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -79,7 +111,7 @@ struct CudaLauncher {
 struct CudaBackend {
   static c10::cuda::CUDAGuard guard(const at::Tensor& like) { return c10::cuda::CUDAGuard(like.device()); }
   static CudaLauncher launcher(const at::Tensor& like) {
-    return CudaLauncher{c10::cuda::getCurrentCUDAStream(like.device().index()).stream()};
+    return CudaLauncher{c10::cuda::getCurrentCUDAStream(like.device().index()).stream(), like.device()};
   }
 };
 

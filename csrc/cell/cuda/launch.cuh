@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cell/reduction_split.h"
+
 namespace bnao {
 namespace cell {
 
-constexpr int kThreads = 256;
+// kThreads (threads per block) is in cell/reduction_split.h, with the split of reductions over blocks.
 // Grid-stride loops cover any size; up to this many blocks (an H100 holds 132 SMs x 8 blocks of 256
 // threads at a time), so the loop's stride is large and a big launch needs few passes.
 constexpr int64_t kMaxBlocks = 65535;

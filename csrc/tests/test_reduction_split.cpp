@@ -1,0 +1,201 @@
+// The CUDA launch order of bnao::branch_round and its backward, run on the CPU: every element body one element
+// at a time (Body::row + Body::run, as the CUDA grid runs them; the CPU kernels use run_columns instead), and
+// every reduction split over chunks and 256 threads the way the CUDA launcher splits it
+// (cell/reduction_split.h, strided_term_sum), against the registered CPU kernels. Also the split itself, against
+// hand counts. This is the arithmetic a GPU runs, checked where no GPU is (only the thread trees inside a
+// block and the launches themselves are CUDA-only).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cell/branch_round.h"
+#include "cell/branch_round_ops.h"
+#include "cell/reduction_split.h"
+#include "tests/check.h"
+
+namespace {
+
+using namespace bnao::cell;
+using bnao_test::check;
+using Optional = std::optional<at::Tensor>;
+
+// Runs the phase sequences of cell/branch_round.h in the CUDA launcher's order, sequentially.
+struct EmulatedCudaLauncher {
+  int64_t* most_chunks;  // the largest split seen, so a test can tell that it reached several chunks
+
+  template <template <typename> class Body, typename T>
+  void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
+    for (int64_t index = 0; index < rows * columns; ++index) {
+      const int64_t row = index / columns;
+      Body<T>::run(a, Body<T>::row(a, row), index - row * columns);
+    }
+  }
+
+  // Block (output, chunk): thread t's strided_term_sum, the threads added in thread order (a block's tree in
+  // double is exact enough to compare at 1e-10); then the chunks in chunk order, as finish_chunks_kernel.
+  template <template <typename> class Term, typename T>
+  void reduce(int64_t outputs, const RoundArgs<T>& a) const {
+    const int64_t chunks = reduction_chunks(outputs, a.batch * a.height * a.width);
+    *most_chunks = std::max(*most_chunks, chunks);
+    for (int64_t output = 0; output < outputs; ++output) {
+      const auto ctx = Term<T>::prepare(a, output);
+      double sum = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        double block = 0.0;
+        for (int64_t t = 0; t < kThreads && ctx.active; ++t)
+          block += strided_term_sum<Term<T>, double>(a, ctx, chunk * kThreads + t, chunks * kThreads);
+        sum += block;
+      }
+      Term<T>::finish(a, ctx, sum);
+    }
+  }
+};
+
+void check_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+  const bool same_shape = got.sizes() == want.sizes();
+  const double error = same_shape && got.numel() > 0 ? (got - want).abs().max().item<double>() : 0.0;
+  const double scale = want.numel() > 0 ? 1.0 + want.abs().max().item<double>() : 1.0;
+  check(same_shape && error <= 1e-10 * scale, what + ": max error " + std::to_string(error));
+}
+
+// A node code of two branches: kind, kernel, dilation, input and flags per branch (stride 1, normal cell).
+at::Tensor node_code(const std::vector<std::vector<int32_t>>& branches) {
+  at::Tensor code = at::zeros({kNumBranches, kNumFields}, at::kInt);
+  for (int b = 0; b < kNumBranches; ++b) {
+    int32_t* row = code.data_ptr<int32_t>() + b * kNumFields;
+    row[kKind] = branches[b][0];
+    row[kKernel] = branches[b][1];
+    row[kDilation] = branches[b][2];
+    row[kInput] = branches[b][3];
+    row[kFlags] = branches[b][4];
+    row[kStride] = 1;
+    row[kRow] = b;
+    row[kBnRow] = -1;
+  }
+  return code;
+}
+
+using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(at::TensorList, const at::Tensor&, int64_t,
+                                                                 const at::Tensor&, const at::Tensor&, const Optional&,
+                                                                 const Optional&, const Optional&, const Optional&,
+                                                                 double, bool);
+using BackwardOp = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                                  const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const Optional&,
+                                  const Optional&, const Optional&, const Optional&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, bool);
+
+// One round forward and backward, the emulated CUDA order against the CPU kernels; returns the largest split.
+int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sources, const at::Tensor& code,
+                    int64_t round, const std::vector<Optional>& norm) {
+  static const auto forward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnao::branch_round", "").typed<ForwardOp>();
+  static const auto backward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnao::branch_round_backward", "").typed<BackwardOp>();
+  const int64_t channels = sources[0].size(round == 1 ? 1 : 2);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor dw = at::randn({kNumBranches, channels, kMaxKernel, kMaxKernel}, options);
+  const at::Tensor pw = at::randn({kNumBranches, channels, channels}, options);
+  const double eps = 1e-5;
+  int64_t most_chunks = 1;
+  const EmulatedCudaLauncher emulated{&most_chunks};
+
+  const auto want = forward_op.call(sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3], eps, false);
+  const auto got = branch_round_forward(emulated, sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3],
+                                        eps, false);
+  const char* forward_names[] = {"pre", "mean", "invstd"};
+  check_close(std::get<0>(got), std::get<0>(want), name + " " + forward_names[0]);
+  check_close(std::get<1>(got), std::get<1>(want), name + " " + forward_names[1]);
+  check_close(std::get<2>(got), std::get<2>(want), name + " " + forward_names[2]);
+
+  const at::Tensor& pre = std::get<0>(want);
+  const at::Tensor grad_pre = at::randn(pre.sizes(), options);
+  const at::Tensor grad_mean = at::randn({kNumBranches, channels}, options);
+  const at::Tensor grad_invstd = at::randn({kNumBranches, channels}, options);
+  const BackwardResult grads_want =
+      backward_op.call(grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw, norm[0], norm[1], norm[2],
+                       norm[3], pre, std::get<1>(want), std::get<2>(want), false);
+  const BackwardResult grads_got =
+      branch_round_backward_impl(emulated, grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw, norm[0],
+                                 norm[1], norm[2], norm[3], pre, std::get<1>(want), std::get<2>(want), false);
+  const auto& sources_got = std::get<0>(grads_got);
+  const auto& sources_want = std::get<0>(grads_want);
+  check(sources_got.size() == sources_want.size(), name + ": one source gradient per source");
+  for (size_t s = 0; s < std::min(sources_got.size(), sources_want.size()); ++s)
+    check_close(sources_got[s], sources_want[s], name + " grad source " + std::to_string(s));
+  check_close(std::get<1>(grads_got), std::get<1>(grads_want), name + " grad dw");
+  check_close(std::get<2>(grads_got), std::get<2>(grads_want), name + " grad pw");
+  check_close(std::get<3>(grads_got), std::get<3>(grads_want), name + " grad in_mean");
+  check_close(std::get<4>(grads_got), std::get<4>(grads_want), name + " grad in_invstd");
+  check_close(std::get<5>(grads_got), std::get<5>(grads_want), name + " grad in_gamma");
+  check_close(std::get<6>(grads_got), std::get<6>(grads_want), name + " grad in_beta");
+  return most_chunks;
+}
+
+// Hand counts of reduction_chunks (kThreads 256, 16 terms per thread at least, 1,024 blocks aimed at, 64 at most).
+void test_split() {
+  struct Case {
+    int64_t outputs, terms, chunks;
+    const char* why;
+  };
+  const Case cases[] = {
+      {40, 65536, 16, "BN statistics at C=20, 32x32, batch 64: 65536 / 4096 terms"},
+      {40, 262144, 26, "the same at batch 256: ceil(1024 / 40) blocks"},
+      {800, 65536, 2, "pointwise weight gradient, C=20: ceil(1024 / 800)"},
+      {1960, 65536, 1, "depthwise weight gradient: the outputs alone fill the target"},
+      {40, 4095, 1, "fewer terms than one chunk's minimum"},
+      {40, 8192, 2, "exactly two chunks' minimum"},
+      {1, int64_t(1) << 40, 64, "the cap"},
+      {0, 100, 1, "no outputs"},
+      {5, 0, 1, "no terms"},
+  };
+  for (const Case& c : cases) {
+    const int64_t got = reduction_chunks(c.outputs, c.terms);
+    check(got == c.chunks, std::string(c.why) + ": got " + std::to_string(got) + ", want " + std::to_string(c.chunks));
+  }
+}
+
+void test_rounds() {
+  at::manual_seed(0);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  // N=5, C=3, 48x48: 11,520 terms per statistic, so every reduction of the round runs as two chunks (4,096
+  // terms per chunk at least), the last chunk partial; a 5x5 sep conv and a 3x3 conv of dilation 2.
+  const int64_t batch = 5, channels = 3, side = 48;
+  const std::vector<at::Tensor> inputs = {at::randn({batch, channels, side, side}, options),
+                                          at::randn({batch, channels, side, side}, options)};
+  const at::Tensor round1_code = node_code({{kKindSepConv, 5, 1, 0, kFlagBn1}, {kKindDilSepConv, 3, 2, 1, kFlagBn1}});
+  const int64_t round1_chunks = check_round("round 1", inputs, round1_code, 1, {{}, {}, {}, {}});
+  check(round1_chunks == 2, "round 1 split its reductions in two chunks, got " + std::to_string(round1_chunks));
+
+  // Round 2 with BN1's normalisation applied in the prologue and BN2 (NormShift/NormScale terms); pool
+  // branches pass round 1's result through.
+  const at::Tensor pre1 = at::randn({kNumBranches, batch, channels, side, side}, options);
+  const std::vector<Optional> norm = {at::randn({kNumBranches, channels}, options),
+                                      at::rand({kNumBranches, channels}, options) + 0.5,
+                                      at::randn({kNumBranches, channels}, options),
+                                      at::randn({kNumBranches, channels}, options)};
+  const int32_t both = kFlagBn1 | kFlagBn2;
+  const at::Tensor round2_code = node_code({{kKindSepConv, 3, 1, 0, both}, {kKindDilSepConv, 5, 2, 1, both}});
+  const int64_t round2_chunks = check_round("round 2", {pre1}, round2_code, 2, norm);
+  check(round2_chunks == 2, "round 2 split its reductions in two chunks, got " + std::to_string(round2_chunks));
+  const at::Tensor pool_code = node_code({{kKindAvgPool, 0, 1, 0, both}, {kKindMaxPool, 0, 1, 1, kFlagBn1}});
+  check_round("round 2, pools", {pre1}, pool_code, 2, norm);
+
+  // A small round: one chunk, the one-block-per-output path.
+  const std::vector<at::Tensor> small = {at::randn({2, channels, 6, 6}, options), at::randn({2, channels, 6, 6}, options)};
+  const int64_t small_chunks = check_round("small round 1", small, round1_code, 1, {{}, {}, {}, {}});
+  check(small_chunks == 1, "a small round runs one chunk, got " + std::to_string(small_chunks));
+}
+
+}  // namespace
+
+int main() {
+  test_split();
+  test_rounds();
+  return bnao_test::finish("test_reduction_split");
+}
