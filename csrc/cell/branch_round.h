@@ -582,6 +582,7 @@ struct ChannelContext {
   int b;
   int64_t c;
   Branch<T> br;
+  Compute<T> mean;  // the channel's batch mean, read once per output (InvstdTerm's terms centre on it)
 };
 
 template <typename T>
@@ -592,6 +593,7 @@ BNAO_CELL_HD ChannelContext<T> channel_context(const RoundArgs<T>& a, int64_t ou
   ctx.c = output % a.channels;
   ctx.br = read_branch(a, ctx.b);
   ctx.active = false;
+  ctx.mean = Compute<T>(0);
   return ctx;
 }
 
@@ -659,9 +661,13 @@ struct MeanTerm : TermBase<T, MeanTerm<T>> {
 template <typename T>
 struct InvstdTerm : TermBase<T, InvstdTerm<T>> {
   using Context = ChannelContext<T>;
-  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) { return MeanTerm<T>::prepare(a, output); }
+  static BNAO_CELL_HD Context prepare(const RoundArgs<T>& a, int64_t output) {
+    Context ctx = MeanTerm<T>::prepare(a, output);
+    ctx.mean = a.mean[output];  // MeanTerm's result, written by the previous launch
+    return ctx;
+  }
   static BNAO_CELL_HD Compute<T> term(const RoundArgs<T>& a, const Context& ctx, int64_t n, int64_t i, int64_t j) {
-    const Compute<T> centred = static_cast<Compute<T>>(a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)]) - a.mean[ctx.output];
+    const Compute<T> centred = static_cast<Compute<T>>(a.pre[pre_offset(a, ctx.b, n, ctx.c, i, j)]) - ctx.mean;
     return centred * centred;
   }
   template <typename Acc>

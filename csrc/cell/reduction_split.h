@@ -26,11 +26,12 @@ constexpr int64_t kMinTermsPerThread = 16;
 constexpr int64_t kMaxReductionChunks = 64;
 
 // Chunks per output for `outputs` outputs of `terms` terms each: 1 (one block per output, no second
-// pass) when the outputs alone fill the target or the terms are too few to share.
+// pass) when the outputs alone come near the target or the terms are too few to share. Both quotients
+// round down: 800 outputs already make one full wave, and a second chunk would only add a pass.
 inline int64_t reduction_chunks(int64_t outputs, int64_t terms) {
   if (outputs <= 0 || terms <= 0) return 1;
   const int64_t by_work = terms / (kThreads * kMinTermsPerThread);
-  const int64_t by_grid = (kTargetReductionBlocks + outputs - 1) / outputs;
+  const int64_t by_grid = kTargetReductionBlocks / outputs;
   return std::clamp<int64_t>(std::min(by_work, by_grid), 1, kMaxReductionChunks);
 }
 

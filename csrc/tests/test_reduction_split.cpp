@@ -1,7 +1,8 @@
-// The CUDA launch order of bnao::branch_round and its backward, run on the CPU: every element body one element
-// at a time (Body::row + Body::run, as the CUDA grid runs them; the CPU kernels use run_columns instead), and
-// every reduction split over chunks and 256 threads the way the CUDA launcher splits it
-// (cell/reduction_split.h, strided_term_sum), against the registered CPU kernels. Also the split itself, against
+// The CUDA launch order of bnao::branch_round and its backward, and of bnao::node_output_backward, run on the
+// CPU: every element body one element at a time (Body::row + Body::run, as the CUDA grid runs them; the CPU
+// kernels use run_columns instead), and every reduction split over chunks and 256 threads the way the CUDA
+// launchers split it (cell/reduction_split.h; strided_term_sum, the node reduction's partial(begin, step)),
+// against the registered CPU kernels. Also the split itself, against
 // hand counts. This is the arithmetic a GPU runs, checked where no GPU is (only the thread trees inside a
 // block and the launches themselves are CUDA-only).
 #include <ATen/ATen.h>
@@ -16,6 +17,7 @@
 
 #include "cell/branch_round.h"
 #include "cell/branch_round_ops.h"
+#include "cell/node_ops_host.h"
 #include "cell/reduction_split.h"
 #include "tests/check.h"
 
@@ -55,6 +57,47 @@ struct EmulatedCudaLauncher {
       Term<T>::finish(a, ctx, sum);
     }
   }
+};
+
+int64_t g_most_node_chunks = 1;  // the largest split the node-op emulation ran
+
+// The node ops' launcher in the CUDA order: items one by one, two-sum reductions split over chunks of
+// 256 threads (as reduce_pair_chunk_kernel + finish_pair_chunks_kernel).
+struct EmulatedNodeLauncher {
+  template <typename Item>
+  void for_each(int64_t count, const Item& item) const {
+    for (int64_t e = 0; e < count; ++e) item(e);
+  }
+
+  template <typename Acc, typename Reduction>
+  void reduce_pairs(int64_t outputs, const Reduction& reduction) const {
+    const int64_t chunks = reduction_chunks(outputs, reduction.terms());
+    g_most_node_chunks = std::max(g_most_node_chunks, chunks);
+    for (int64_t output = 0; output < outputs; ++output) {
+      Acc first = Acc(0), second = Acc(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        Acc block_first = Acc(0), block_second = Acc(0);
+        for (int64_t t = 0; t < kThreads; ++t) {
+          Acc a, b;
+          reduction.partial(output, chunk * kThreads + t, chunks * kThreads, &a, &b);
+          block_first += a;
+          block_second += b;
+        }
+        first += block_first;
+        second += block_second;
+      }
+      reduction.finish(output, first, second);
+    }
+  }
+};
+
+struct EmulatedNodeBackend {
+  static constexpr bool is_cuda = false;
+  struct NoGuard {};
+  static NoGuard guard(const at::Tensor&) { return {}; }
+  static EmulatedNodeLauncher launcher(const at::Tensor&) { return {}; }
+  static void check_gather_indices(const char*, const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&) {}
+  static void check_slot_rows(const at::Tensor&, int64_t) {}
 };
 
 void check_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
@@ -145,8 +188,10 @@ void test_split() {
   };
   const Case cases[] = {
       {40, 65536, 16, "BN statistics at C=20, 32x32, batch 64: 65536 / 4096 terms"},
-      {40, 262144, 26, "the same at batch 256: ceil(1024 / 40) blocks"},
-      {800, 65536, 2, "pointwise weight gradient, C=20: ceil(1024 / 800)"},
+      {40, 262144, 25, "the same at batch 256: floor(1024 / 40)"},
+      {800, 65536, 1, "pointwise weight gradient, C=20: 800 blocks are one wave already"},
+      {512, 65536, 2, "floor(1024 / 512)"},
+      {513, 65536, 1, "floor(1024 / 513)"},
       {1960, 65536, 1, "depthwise weight gradient: the outputs alone fill the target"},
       {40, 4095, 1, "fewer terms than one chunk's minimum"},
       {40, 8192, 2, "exactly two chunks' minimum"},
@@ -192,10 +237,46 @@ void test_rounds() {
   check(small_chunks == 1, "a small round runs one chunk, got " + std::to_string(small_chunks));
 }
 
+// node_output's backward at N=5, C=3, 50x50: 12,500 terms per (branch, channel), three chunks with a short last
+// one; BN2 on one branch or both, drop-path masks.
+void test_node_output_backward() {
+  using NodeBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const Optional&);
+  static const auto backward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnao::node_output_backward", "").typed<NodeBackwardOp>();
+  at::manual_seed(1);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const int64_t batch = 5, channels = 3, side = 50;
+  const int32_t bn_drop = kFlagBn1 | kFlagBn2 | kFlagDrop;
+  const std::vector<at::Tensor> codes = {
+      node_code({{kKindSepConv, 3, 1, 0, bn_drop}, {kKindAvgPool, 0, 1, 1, kFlagDrop}}),
+      node_code({{kKindSepConv, 5, 1, 0, bn_drop}, {kKindSepConv, 3, 1, 1, kFlagBn1 | kFlagBn2}})};
+  for (size_t k = 0; k < codes.size(); ++k) {
+    const at::Tensor pre = at::randn({kNumBranches, batch, channels, side, side}, options);
+    const at::Tensor grad = at::randn({batch, channels, side, side}, options);
+    const at::Tensor mean = at::randn({kNumBranches, channels}, options);
+    const at::Tensor invstd = at::rand({kNumBranches, channels}, options) + 0.5;
+    const at::Tensor gamma = at::randn({kNumBranches, channels}, options);
+    const Optional mask = (at::rand({batch, kNumBranches}, options) > 0.3).to(at::kDouble) * 1.5;
+    const auto want = backward_op.call(grad, pre, codes[k], mean, invstd, gamma, mask);
+    const auto got = node_output_backward_kernel<EmulatedNodeBackend>(grad, pre, codes[k], mean, invstd, gamma, mask);
+    const std::string name = "node_output_backward code " + std::to_string(k);
+    check_close(std::get<0>(got), std::get<0>(want), name + " grad pre");
+    check_close(std::get<1>(got), std::get<1>(want), name + " grad mean");
+    check_close(std::get<2>(got), std::get<2>(want), name + " grad invstd");
+    check_close(std::get<3>(got), std::get<3>(want), name + " grad gamma");
+    check_close(std::get<4>(got), std::get<4>(want), name + " grad beta");
+  }
+  check(g_most_node_chunks == 3, "node_output_backward split its sums in three chunks, got " +
+                                     std::to_string(g_most_node_chunks));
+}
+
 }  // namespace
 
 int main() {
   test_split();
   test_rounds();
+  test_node_output_backward();
   return bnao_test::finish("test_reduction_split");
 }
