@@ -615,27 +615,42 @@ struct TermBase {
   }
 };
 
-// The CUDA launcher's share of one output: Term's terms k = first, first + step, ... of the flattened
-// (n, i, j) range (a thread of a block of a chunk, cell/reduction_split.h), in four interleaved sums
-// so that a thread has four independent loads in flight. Deterministic for given (first, step).
-template <typename Term, typename Acc, typename T>
-BNAO_CELL_HD Acc strided_term_sum(const RoundArgs<T>& a, const typename Term::Context& ctx, int64_t first,
-                                  int64_t step) {
-  const int64_t plane = a.height * a.width, length = a.batch * plane;
+// strided_term_sum with its index arithmetic in `Index` (the caller checks that every index fits).
+template <typename Index, typename Term, typename Acc, typename T>
+BNAO_CELL_HD Acc strided_term_sum_as(const RoundArgs<T>& a, const typename Term::Context& ctx, Index first,
+                                     Index step) {
+  const Index width = static_cast<Index>(a.width), plane = static_cast<Index>(a.height * a.width);
+  const Index length = static_cast<Index>(a.batch) * plane;
   Acc partial[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-  int64_t k = first;
+  Index k = first;
   for (; k + 3 * step < length; k += 4 * step) {
     BNAO_UNROLL
     for (int q = 0; q < 4; ++q) {
-      const int64_t index = k + q * step, n = index / plane, pixel = index - n * plane, i = pixel / a.width;
-      partial[q] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * a.width));
+      const Index index = k + q * step, n = index / plane, pixel = index - n * plane, i = pixel / width;
+      partial[q] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * width));
     }
   }
   for (; k < length; k += step) {
-    const int64_t n = k / plane, pixel = k - n * plane, i = pixel / a.width;
-    partial[0] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * a.width));
+    const Index n = k / plane, pixel = k - n * plane, i = pixel / width;
+    partial[0] += static_cast<Acc>(Term::term(a, ctx, n, i, pixel - i * width));
   }
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
+// The CUDA launcher's share of one output: Term's terms k = first, first + step, ... of the flattened
+// (n, i, j) range (a thread of a block of a chunk, cell/reduction_split.h), in four interleaved sums
+// so that a thread has four independent loads in flight. Deterministic for given (first, step).
+// Two divisions per term dominate a one-load term's instructions, and a GPU's 32-bit division is several
+// times cheaper than its 64-bit one, so indices run in 32 bits whenever they fit (every real shape).
+template <typename Term, typename Acc, typename T>
+BNAO_CELL_HD Acc strided_term_sum(const RoundArgs<T>& a, const typename Term::Context& ctx, int64_t first,
+                                  int64_t step) {
+  const int64_t length = a.batch * a.height * a.width;
+  if (first >= 0 && step > 0 && length + 4 * step <= static_cast<int64_t>(UINT32_MAX)) {
+    return strided_term_sum_as<uint32_t, Term, Acc>(a, ctx, static_cast<uint32_t>(first),
+                                                    static_cast<uint32_t>(step));
+  }
+  return strided_term_sum_as<int64_t, Term, Acc>(a, ctx, first, step);
 }
 
 // Batch mean of pre per (branch, channel); 0 for branches without the round's BN.

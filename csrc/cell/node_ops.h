@@ -166,8 +166,11 @@ BNAO_CELL_HD void node_output_param_partial(int b, int64_t c, int64_t begin, int
   const acc_t mean = static_cast<acc_t>(a.mean[b * a.channels + c]);
   acc_t s1 = acc_t(0);
   acc_t s2 = acc_t(0);
+  // A 32-bit division where every index fits (every real shape): several times cheaper on a GPU.
+  const bool narrow = count + step <= static_cast<int64_t>(UINT32_MAX);
   for (int64_t j = begin; j < count; j += step) {
-    const int64_t n = j / a.plane;
+    const int64_t n = narrow ? static_cast<int64_t>(static_cast<uint32_t>(j) / static_cast<uint32_t>(a.plane))
+                             : j / a.plane;
     const int64_t i = (n * a.channels + c) * a.plane + (j - n * a.plane);
     const acc_t g = static_cast<acc_t>(grad[i]) * static_cast<acc_t>(branch_mask(a, b, n));
     s1 += g;

@@ -30,6 +30,7 @@ using Optional = std::optional<at::Tensor>;
 // Runs the phase sequences of cell/branch_round.h in the CUDA launcher's order, sequentially.
 struct EmulatedCudaLauncher {
   int64_t* most_chunks;  // the largest split seen, so a test can tell that it reached several chunks
+  bool* index_types_agree;  // every thread's sum is the same with 32-bit and with 64-bit index arithmetic
 
   template <template <typename> class Body, typename T>
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
@@ -50,8 +51,13 @@ struct EmulatedCudaLauncher {
       double sum = 0.0;
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         double block = 0.0;
-        for (int64_t t = 0; t < kThreads && ctx.active; ++t)
-          block += strided_term_sum<Term<T>, double>(a, ctx, chunk * kThreads + t, chunks * kThreads);
+        for (int64_t t = 0; t < kThreads && ctx.active; ++t) {
+          const int64_t first = chunk * kThreads + t, step = chunks * kThreads;
+          const double thread_sum = strided_term_sum<Term<T>, double>(a, ctx, first, step);
+          // The 64-bit path (taken only past 2^32 indices) must give the same bits.
+          *index_types_agree &= thread_sum == strided_term_sum_as<int64_t, Term<T>, double>(a, ctx, first, step);
+          block += thread_sum;
+        }
         sum += block;
       }
       Term<T>::finish(a, ctx, sum);
@@ -146,7 +152,8 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   const at::Tensor pw = at::randn({kNumBranches, channels, channels}, options);
   const double eps = 1e-5;
   int64_t most_chunks = 1;
-  const EmulatedCudaLauncher emulated{&most_chunks};
+  bool index_types_agree = true;
+  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree};
 
   const auto want = forward_op.call(sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3], eps, false);
   const auto got = branch_round_forward(emulated, sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3],
@@ -177,6 +184,7 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   check_close(std::get<4>(grads_got), std::get<4>(grads_want), name + " grad in_invstd");
   check_close(std::get<5>(grads_got), std::get<5>(grads_want), name + " grad in_gamma");
   check_close(std::get<6>(grads_got), std::get<6>(grads_want), name + " grad in_beta");
+  check(index_types_agree, name + ": 32-bit and 64-bit index arithmetic give different sums");
   return most_chunks;
 }
 
