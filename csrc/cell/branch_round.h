@@ -851,6 +851,61 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
   }
 };
 
+// The depthwise weight gradient as a multi-sum reduction over chunks of terms: GradDwTerm's outputs, for a
+// backend's `reduce_tiled` (the CUDA launcher; the CPU runs GradDwTerm itself). GradDwTerm gives each of the
+// 2 C x 49 (branch, channel, tap) outputs its own pass over the terms, so every tap re-reads grad_mid and
+// the input (49 reads of each value, from L2 on a GPU); here output o = (branch, channel, chunk) reads each
+// term's grad_mid value and input window once and keeps the 49 taps' sums side by side (kSums). Thread
+// `thread` of `threads` takes the terms chunk * threads + thread, + chunks * threads, ... (as
+// cell/reduction_split.h). `finish` writes the chunk's sums to partial[(bc * 49 + tap) * chunks + chunk],
+// the layout whose chunk sums the launcher's second pass hands to GradDwTerm::finish, in chunk order.
+template <typename T, typename Acc>
+struct GradDwTiles {
+  static constexpr int kSums = kSlab;
+  RoundArgs<T> args;
+  Acc* partial;  // [2 * C * 49, chunks]
+  int64_t chunks;
+
+  // The (branch, channel) pairs; the launcher runs tiles(args) * chunks outputs.
+  static BNAO_CELL_HD int64_t tiles(const RoundArgs<T>& a) { return kNumBranches * a.channels; }
+
+  BNAO_CELL_HD void partial_sums(int64_t o, int64_t thread, int64_t threads, Acc* sums) const {
+    using C = Compute<T>;
+    const RoundArgs<T>& a = args;
+    const int64_t chunk = o % chunks, bc = o / chunks, c = bc % a.channels;
+    const int b = static_cast<int>(bc / a.channels);
+    BNAO_UNROLL
+    for (int tap = 0; tap < kSums; ++tap) sums[tap] = Acc(0);
+    const Branch<T> br = read_branch(a, b);
+    if (br.op != kOpSepConv) return;  // GradDwTerm's inactive outputs: zero
+    const int k = br.kernel, d = br.dilation, s = br.stride;
+    const int64_t pad = static_cast<int64_t>(d) * (k / 2), plane = a.height * a.width, length = a.batch * plane;
+    for (int64_t index = chunk * threads + thread; index < length; index += chunks * threads) {
+      const int64_t n = index / plane, pixel = index - n * plane, i = pixel / a.width, j = pixel - i * a.width;
+      const C grad = static_cast<C>(a.grad_mid[pre_offset(a, b, n, c, i, j)]);
+      const ChannelInput<T> in = channel_input(a, br, b, n, c);
+      // Unrolled to the 7 x 7 slab so that the sums stay in registers; taps past the k x k corner add nothing.
+      BNAO_UNROLL
+      for (int kh = 0; kh < kMaxKernel; ++kh) {
+        const int64_t y = i * s - pad + kh * d;
+        BNAO_UNROLL
+        for (int kw = 0; kw < kMaxKernel; ++kw) {
+          const int64_t x = j * s - pad + kw * d;
+          // GradDwTerm::term's value: grad_mid times the ReLU of the (normalised) input at the tap.
+          if (kh < k && kw < k && in.inside(y, x))
+            sums[kh * kMaxKernel + kw] += static_cast<Acc>(grad * relu(in.at(y, x)));
+        }
+      }
+    }
+  }
+
+  BNAO_CELL_HD void finish(int64_t o, const Acc* sums) const {
+    const int64_t chunk = o % chunks, bc = o / chunks;
+    BNAO_UNROLL
+    for (int tap = 0; tap < kSums; ++tap) partial[(bc * kSlab + tap) * chunks + chunk] = sums[tap];
+  }
+};
+
 // Output index i of a tap of a strided window reaching input row y through tap offset `reach`
 // (i * stride + reach == y), or -1 when none.
 // Strides are 1 or 2 (read_branch clamps them), so no division is needed.
@@ -1147,7 +1202,9 @@ struct NormScaleTerm : TermBase<T, NormScaleTerm<T>> {
 // ------------------------------------------------------------------ phase sequences (host)
 // `launcher.for_each<Body>(rows, columns, args)` runs Body<T> on every element of a
 // [rows, columns] tensor; `launcher.reduce<Term>(outputs, args)` runs Term<T> for every output
-// (its terms over every (n, i, j) of pre's shape).
+// (its terms over every (n, i, j) of pre's shape); `launcher.reduce_tiled<Term, Tiles>(outputs, args)`
+// gives the same outputs, which a backend may compute through the multi-sum reduction Tiles<T, Acc>
+// (the CUDA launcher does; the CPU runs Term).
 template <typename Launcher, typename T>
 void run_forward(const Launcher& launcher, const RoundArgs<T>& a) {
   const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
@@ -1165,7 +1222,7 @@ void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sourc
   launcher.template for_each<RecomputeForward>(rows, a.width, a);
   launcher.template for_each<GradMid>(rows, a.width, a);
   launcher.template reduce<GradPwTerm>(kNumBranches * a.channels * a.channels, a);
-  launcher.template reduce<GradDwTerm>(kNumBranches * a.channels * kSlab, a);
+  launcher.template reduce_tiled<GradDwTerm, GradDwTiles>(kNumBranches * a.channels * kSlab, a);
   if (a.round == 1) {
     for (int s = 0; s < a.num_sources; ++s) {
       a.source_index = s;

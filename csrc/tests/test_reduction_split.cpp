@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -61,6 +62,33 @@ struct EmulatedCudaLauncher {
         sum += block;
       }
       Term<T>::finish(a, ctx, sum);
+    }
+  }
+
+  // As the CUDA launcher's reduce_tiled: block (tile, chunk) of 256 threads writes the chunk's sums of the
+  // tile's outputs (threads added in thread order), then each output's chunks are added in chunk order and
+  // handed to Term::finish.
+  template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
+  void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
+    using Reduction = Tiles<T, double>;
+    const int64_t tiles = Reduction::tiles(a);
+    const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
+    *most_chunks = std::max(*most_chunks, chunks);
+    std::vector<double> partial(static_cast<size_t>(outputs * chunks), std::nan(""));
+    const Reduction reduction{a, partial.data(), chunks};
+    for (int64_t o = 0; o < tiles * chunks; ++o) {
+      double block[Reduction::kSums] = {};
+      for (int64_t t = 0; t < kThreads; ++t) {
+        double sums[Reduction::kSums];
+        reduction.partial_sums(o, t, kThreads, sums);
+        for (int q = 0; q < Reduction::kSums; ++q) block[q] += sums[q];
+      }
+      reduction.finish(o, block);
+    }
+    for (int64_t output = 0; output < outputs; ++output) {
+      double sum = partial[output * chunks];
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
+      Term<T>::finish(a, Term<T>::prepare(a, output), sum);
     }
   }
 };

@@ -60,6 +60,12 @@ struct CpuLauncher {
       }
     });
   }
+
+  // The CPU runs Term itself: its row sums already read each row once per output, vectorised.
+  template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
+  void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
+    reduce<Term, T>(outputs, a);
+  }
 };
 
 // The CPU backend of the kernels of cell/branch_round_ops.h.

@@ -94,15 +94,37 @@ struct CudaLauncher {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    // Stream-ordered scratch from the caching allocator (capturable; freed after the second pass is queued).
-    const at::Tensor partial = at::empty({outputs * chunks}, at::TensorOptions()
-                                                                 .dtype(c10::CppTypeToScalarType<Acc>::value)
-                                                                 .device(device));
+    const at::Tensor partial = scratch<Acc>(outputs * chunks);
     reduce_chunk_kernel<Term<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, partial.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_chunks_kernel<Term<T>, T, Acc><<<grid_blocks(outputs), kThreads, 0, stream>>>(
         a, partial.data_ptr<Acc>(), outputs, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Term's outputs through the multi-sum reduction Tiles (branch_round.h, e.g. GradDwTiles): one block per
+  // (tile, chunk) writes its chunk's sums of all the tile's outputs, then the second pass adds each output's
+  // chunks in order and calls Term::finish.
+  template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
+  void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
+    using Acc = at::acc_type<T, /*is_cuda=*/true>;
+    if (outputs == 0) return;
+    const int64_t tiles = Tiles<T, Acc>::tiles(a);
+    const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
+    const at::Tensor partial = scratch<Acc>(outputs * chunks);
+    const Tiles<T, Acc> reduction{a, partial.data_ptr<Acc>(), chunks};
+    // tiles * chunks <= 2 * C * 64: far below the grid's x limit.
+    reduce_many_kernel<Acc, Tiles<T, Acc>><<<static_cast<unsigned>(tiles * chunks), kThreads, 0, stream>>>(reduction);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_chunks_kernel<Term<T>, T, Acc><<<grid_blocks(outputs), kThreads, 0, stream>>>(
+        a, partial.data_ptr<Acc>(), outputs, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Stream-ordered scratch from the caching allocator (capturable; freed once the kernels reading it are queued).
+  template <typename Acc>
+  at::Tensor scratch(int64_t numel) const {
+    return at::empty({numel}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value).device(device));
   }
 };
 

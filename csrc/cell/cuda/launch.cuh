@@ -1,6 +1,6 @@
-// The CUDA launch layer shared by the fused-cell kernels (branch_round_cuda.cu,
-// node_ops_cuda.cu): the block size, the grid of a grid-stride loop, and
-// deterministic block reductions (one value, or K values per thread). Kept in one place so every kernel of the
+// The CUDA launch layer shared by the fused-cell kernels (branch_round_cuda.cu, node_ops_cuda.cu): the block
+// size, the grid of a grid-stride loop, deterministic block reductions (one value, or K values per thread),
+// and the kernel of multi-sum reductions (reduce_many_kernel). Kept in one place so every kernel of the
 // fused cells launches and reduces the same way.
 #pragma once
 
@@ -67,6 +67,17 @@ __device__ void block_sum_many(Acc* values) {
       values[k] = total;
     }
   }
+}
+
+// One block per output of a multi-sum reduction (Reduction::kSums sums per output, e.g. a tile of weights):
+// thread t's strided partial sums (reduction.partial_sums(o, t, kThreads, sums)), then a fixed-order block tree
+// (block_sum_many), handed to reduction.finish in thread 0.
+template <typename Acc, typename Reduction>
+__global__ void __launch_bounds__(kThreads) reduce_many_kernel(const Reduction reduction) {
+  Acc sums[Reduction::kSums];
+  reduction.partial_sums(static_cast<int64_t>(blockIdx.x), threadIdx.x, blockDim.x, sums);
+  block_sum_many<Acc, Reduction::kSums>(sums);
+  if (threadIdx.x == 0) reduction.finish(static_cast<int64_t>(blockIdx.x), sums);
 }
 
 }  // namespace cell

@@ -69,16 +69,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per output with Reduction::kSums sums (a tile of weights): strided partial sums per thread, then
-// a fixed-order block tree.
-template <typename Acc, typename Reduction>
-__global__ void __launch_bounds__(kThreads) reduce_many_kernel(const Reduction reduction) {
-  Acc sums[Reduction::kSums];
-  reduction.partial_sums(static_cast<int64_t>(blockIdx.x), threadIdx.x, blockDim.x, sums);
-  block_sum_many<Acc, Reduction::kSums>(sums);
-  if (threadIdx.x == 0) reduction.finish(static_cast<int64_t>(blockIdx.x), sums);
-}
-
 struct CudaLauncher {
   cudaStream_t stream;
   c10::Device device;
