@@ -851,6 +851,83 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
   }
 };
 
+// The pointwise weight gradient as a multi-sum reduction over chunks of terms: GradPwTerm's outputs, for a
+// backend's `reduce_tiled` (the CUDA launcher; the CPU runs GradPwTerm itself). GradPwTerm gives each of the
+// 2 C^2 (branch, o, c) outputs its own pass over the terms, so every value of grad_total and of what pw
+// multiplied (mid, or the factorized reduce's input) is read C times; here output (branch, 8 x 8 tile of
+// (o, c), chunk) reads 8 + 8 values per term (16 for the reduce: its two halves of o read even and odd
+// pixels) and keeps the tile's 64 sums side by side. Threads and chunks as GradDwTiles; `finish` writes
+// partial[((b * C + o) * C + c) * chunks + chunk] for the tile's real (o, c).
+template <typename T, typename Acc>
+struct GradPwTiles {
+  static constexpr int kTile = 8;
+  static constexpr int kSums = kTile * kTile;
+  RoundArgs<T> args;
+  Acc* partial;  // [2 * C * C, chunks]
+  int64_t chunks;
+
+  static BNAO_CELL_HD int64_t tiles_per_side(const RoundArgs<T>& a) { return (a.channels + kTile - 1) / kTile; }
+  // The (branch, o tile, c tile) triples; the launcher runs tiles(args) * chunks outputs.
+  static BNAO_CELL_HD int64_t tiles(const RoundArgs<T>& a) {
+    return kNumBranches * tiles_per_side(a) * tiles_per_side(a);
+  }
+
+  BNAO_CELL_HD void partial_sums(int64_t o, int64_t thread, int64_t threads, Acc* sums) const {
+    using C = Compute<T>;
+    const RoundArgs<T>& a = args;
+    const int64_t side = tiles_per_side(a), chunk = o % chunks, tile = o / chunks;
+    const int b = static_cast<int>(tile / (side * side));
+    const int64_t o0 = (tile / side) % side * kTile, c0 = tile % side * kTile;
+    BNAO_UNROLL
+    for (int q = 0; q < kSums; ++q) sums[q] = Acc(0);
+    const Branch<T> br = read_branch(a, b);
+    if (br.op != kOpSepConv && br.op != kOpReduce) return;  // GradPwTerm's inactive outputs: zero
+    const int64_t plane = a.height * a.width, length = a.batch * plane, half = a.channels / 2;
+    for (int64_t index = chunk * threads + thread; index < length; index += chunks * threads) {
+      const int64_t n = index / plane, pixel = index - n * plane, i = pixel / a.width, j = pixel - i * a.width;
+      C grad[kTile], value[kTile], odd[kTile];  // odd: the reduce's odd-pixel input (rows o >= C/2)
+      BNAO_UNROLL
+      for (int r = 0; r < kTile; ++r) {
+        const bool real = o0 + r < a.channels;
+        grad[r] = real ? static_cast<C>(a.grad_total[pre_offset(a, b, n, o0 + r, i, j)]) : C(0);
+      }
+      BNAO_UNROLL
+      for (int q = 0; q < kTile; ++q) {
+        const int64_t c = c0 + q;
+        value[q] = odd[q] = C(0);
+        if (c >= a.channels) continue;
+        if (br.op == kOpSepConv) {
+          value[q] = static_cast<C>(a.mid[pre_offset(a, b, n, c, i, j)]);
+        } else {  // GradPwTerm::term of the reduce: the input at (2i + offset, 2j + offset), zero past the edge
+          if (inside(br, 2 * i, 2 * j)) value[q] = load_input(a, br, b, n, c, 2 * i, 2 * j);
+          if (inside(br, 2 * i + 1, 2 * j + 1)) odd[q] = load_input(a, br, b, n, c, 2 * i + 1, 2 * j + 1);
+        }
+      }
+      BNAO_UNROLL
+      for (int r = 0; r < kTile; ++r) {
+        const bool odd_row = br.op == kOpReduce && o0 + r >= half;
+        BNAO_UNROLL
+        for (int q = 0; q < kTile; ++q)
+          sums[r * kTile + q] += static_cast<Acc>(grad[r] * (odd_row ? odd[q] : value[q]));
+      }
+    }
+  }
+
+  BNAO_CELL_HD void finish(int64_t o, const Acc* sums) const {
+    const RoundArgs<T>& a = args;
+    const int64_t side = tiles_per_side(a), chunk = o % chunks, tile = o / chunks;
+    const int64_t b = tile / (side * side), o0 = (tile / side) % side * kTile, c0 = tile % side * kTile;
+    BNAO_UNROLL
+    for (int r = 0; r < kTile; ++r) {
+      BNAO_UNROLL
+      for (int q = 0; q < kTile; ++q) {
+        if (o0 + r < a.channels && c0 + q < a.channels)
+          partial[((b * a.channels + o0 + r) * a.channels + c0 + q) * chunks + chunk] = sums[r * kTile + q];
+      }
+    }
+  }
+};
+
 // The depthwise weight gradient as a multi-sum reduction over chunks of terms: GradDwTerm's outputs, for a
 // backend's `reduce_tiled` (the CUDA launcher; the CPU runs GradDwTerm itself). GradDwTerm gives each of the
 // 2 C x 49 (branch, channel, tap) outputs its own pass over the terms, so every tap re-reads grad_mid and
@@ -1221,7 +1298,7 @@ void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sourc
   launcher.template for_each<GradTotal>(rows, a.width, a);
   launcher.template for_each<RecomputeForward>(rows, a.width, a);
   launcher.template for_each<GradMid>(rows, a.width, a);
-  launcher.template reduce<GradPwTerm>(kNumBranches * a.channels * a.channels, a);
+  launcher.template reduce_tiled<GradPwTerm, GradPwTiles>(kNumBranches * a.channels * a.channels, a);
   launcher.template reduce_tiled<GradDwTerm, GradDwTiles>(kNumBranches * a.channels * kSlab, a);
   if (a.round == 1) {
     for (int s = 0; s < a.num_sources; ++s) {

@@ -141,7 +141,7 @@ void check_close(const at::Tensor& got, const at::Tensor& want, const std::strin
   check(same_shape && error <= 1e-10 * scale, what + ": max error " + std::to_string(error));
 }
 
-// A node code of two branches: kind, kernel, dilation, input and flags per branch (stride 1, normal cell).
+// A node code of two branches: kind, kernel, dilation, input, flags and (optionally, else 1) stride per branch.
 at::Tensor node_code(const std::vector<std::vector<int32_t>>& branches) {
   at::Tensor code = at::zeros({kNumBranches, kNumFields}, at::kInt);
   for (int b = 0; b < kNumBranches; ++b) {
@@ -151,7 +151,7 @@ at::Tensor node_code(const std::vector<std::vector<int32_t>>& branches) {
     row[kDilation] = branches[b][2];
     row[kInput] = branches[b][3];
     row[kFlags] = branches[b][4];
-    row[kStride] = 1;
+    row[kStride] = branches[b].size() > 5 ? branches[b][5] : 1;
     row[kRow] = b;
     row[kBnRow] = -1;
   }
@@ -169,7 +169,7 @@ using BackwardOp = BackwardResult(const at::Tensor&, const at::Tensor&, const at
 
 // One round forward and backward, the emulated CUDA order against the CPU kernels; returns the largest split.
 int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sources, const at::Tensor& code,
-                    int64_t round, const std::vector<Optional>& norm) {
+                    int64_t round, const std::vector<Optional>& norm, bool reduction = false) {
   static const auto forward_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bnao::branch_round", "").typed<ForwardOp>();
   static const auto backward_op =
@@ -183,9 +183,10 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   bool index_types_agree = true;
   const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree};
 
-  const auto want = forward_op.call(sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3], eps, false);
+  const auto want =
+      forward_op.call(sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3], eps, reduction);
   const auto got = branch_round_forward(emulated, sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3],
-                                        eps, false);
+                                        eps, reduction);
   const char* forward_names[] = {"pre", "mean", "invstd"};
   check_close(std::get<0>(got), std::get<0>(want), name + " " + forward_names[0]);
   check_close(std::get<1>(got), std::get<1>(want), name + " " + forward_names[1]);
@@ -197,10 +198,10 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   const at::Tensor grad_invstd = at::randn({kNumBranches, channels}, options);
   const BackwardResult grads_want =
       backward_op.call(grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw, norm[0], norm[1], norm[2],
-                       norm[3], pre, std::get<1>(want), std::get<2>(want), false);
+                       norm[3], pre, std::get<1>(want), std::get<2>(want), reduction);
   const BackwardResult grads_got =
       branch_round_backward_impl(emulated, grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw, norm[0],
-                                 norm[1], norm[2], norm[3], pre, std::get<1>(want), std::get<2>(want), false);
+                                 norm[1], norm[2], norm[3], pre, std::get<1>(want), std::get<2>(want), reduction);
   const auto& sources_got = std::get<0>(grads_got);
   const auto& sources_want = std::get<0>(grads_want);
   check(sources_got.size() == sources_want.size(), name + ": one source gradient per source");
@@ -266,6 +267,16 @@ void test_rounds() {
   check(round2_chunks == 2, "round 2 split its reductions in two chunks, got " + std::to_string(round2_chunks));
   const at::Tensor pool_code = node_code({{kKindAvgPool, 0, 1, 0, both}, {kKindMaxPool, 0, 1, 1, kFlagBn1}});
   check_round("round 2, pools", {pre1}, pool_code, 2, norm);
+
+  // A reduction cell's round 1 at C=10 (two 8 x 8 tiles per side of the pointwise gradient, the reduce's even and
+  // odd halves meeting inside the first tile) from 127 x 127 inputs (64 x 64 out, the last odd pixel past the
+  // edge): a factorized reduce and a stride-2 sep conv.
+  const std::vector<at::Tensor> wide = {at::randn({2, 10, 127, 127}, options), at::randn({2, 10, 127, 127}, options)};
+  const at::Tensor reduce_code =
+      node_code({{kKindIdentity, 0, 1, 0, kFlagBn1, 2}, {kKindSepConv, 3, 1, 1, kFlagBn1, 2}});
+  const int64_t reduce_chunks = check_round("reduction round 1", wide, reduce_code, 1, {{}, {}, {}, {}}, true);
+  check(reduce_chunks == 2, "the reduction round split its reductions in two chunks, got " +
+                                std::to_string(reduce_chunks));
 
   // A small round: one chunk, the one-block-per-output path.
   const std::vector<at::Tensor> small = {at::randn({2, channels, 6, 6}, options), at::randn({2, channels, 6, 6}, options)};
