@@ -733,6 +733,122 @@ struct GradMid : PreBody<T, GradMid<T>> {
   }
 };
 
+// ------------------------------------------------------------------ channel tiles (the CUDA launcher's)
+// BranchForward and GradMid compute each output element as a C-term dot product over channels, so run one
+// element per thread they read every channel value C times (from L2 on a GPU: the other channels' threads
+// sit in other blocks). Their tile forms compute kChannelTile output channels of one pixel per work item and
+// read each channel value once for all of them, with the same per-element sums in the same order (so the
+// same values as the element bodies). A backend's `for_each_tiled<Body, Tiles>` runs them (the CUDA
+// launcher); the CPU runs the element bodies, whose row loops already stream each channel row once.
+constexpr int kChannelTile = 8;
+
+// Work item e = ((b * N + n) * tiles + tile) * H * W + pixel of a channel-tiled body over pre's shape.
+struct ChannelTileItem {
+  int b;
+  int64_t n, c0, i, j, pixel;
+};
+
+template <typename T>
+BNAO_CELL_HD int64_t channel_tiles(const RoundArgs<T>& a) { return (a.channels + kChannelTile - 1) / kChannelTile; }
+
+template <typename T>
+BNAO_CELL_HD int64_t channel_tile_items(const RoundArgs<T>& a) {
+  return kNumBranches * a.batch * channel_tiles(a) * a.height * a.width;
+}
+
+template <typename T>
+BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, int64_t e) {
+  ChannelTileItem t;
+  const int64_t plane = a.height * a.width, tiles = channel_tiles(a);
+  t.pixel = e % plane;
+  e /= plane;
+  t.c0 = e % tiles * kChannelTile;
+  e /= tiles;
+  t.n = e % a.batch;
+  t.b = static_cast<int>(e / a.batch);
+  t.i = t.pixel / a.width;
+  t.j = t.pixel - t.i * a.width;
+  return t;
+}
+
+// BranchForward over channel tiles: sep convs and the factorized reduce read their C inputs once per
+// pixel; other branches compute each channel as BranchForward does.
+template <typename T>
+struct BranchForwardTiles {
+  static BNAO_CELL_HD int64_t items(const RoundArgs<T>& a) { return channel_tile_items(a); }
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
+    using C = Compute<T>;
+    const ChannelTileItem t = channel_tile_item(a, e);
+    const Branch<T> br = read_branch(a, t.b);
+    const int64_t plane = a.height * a.width;
+    T* out = a.pre + pre_offset(a, t.b, t.n, 0, t.i, t.j);
+    if (br.op != kOpSepConv && br.op != kOpReduce) {
+      for (int r = 0; r < kChannelTile && t.c0 + r < a.channels; ++r)
+        out[(t.c0 + r) * plane] = branch_value(a, br, t.b, t.n, t.c0 + r, t.i, t.j);
+      return;
+    }
+    const C* weight = a.pw + static_cast<int64_t>(t.b) * a.channels * a.channels;  // pw[b], rows o, columns c
+    // The reduce's rows o < C/2 read the input at (2i, 2j), the others at (2i + 1, 2j + 1): reduce_value.
+    const bool even_inside = br.op == kOpReduce && inside(br, 2 * t.i, 2 * t.j);
+    const bool odd_inside = br.op == kOpReduce && inside(br, 2 * t.i + 1, 2 * t.j + 1);
+    C sum[kChannelTile];
+    BNAO_UNROLL
+    for (int r = 0; r < kChannelTile; ++r) sum[r] = C(0);
+    for (int64_t c = 0; c < a.channels; ++c) {
+      C even = C(0), odd = C(0);
+      if (br.op == kOpSepConv) {
+        even = static_cast<C>(a.mid[pre_offset(a, t.b, t.n, c, t.i, t.j)]);
+      } else {
+        if (even_inside) even = load_input(a, br, t.b, t.n, c, 2 * t.i, 2 * t.j);
+        if (odd_inside) odd = load_input(a, br, t.b, t.n, c, 2 * t.i + 1, 2 * t.j + 1);
+      }
+      BNAO_UNROLL
+      for (int r = 0; r < kChannelTile; ++r) {
+        const int64_t o = t.c0 + r < a.channels ? t.c0 + r : a.channels - 1;  // past C: computed, not stored
+        const bool odd_row = br.op == kOpReduce && reduce_offset(o, a.channels) == 1;
+        sum[r] += weight[o * a.channels + c] * (odd_row ? odd : even);
+      }
+    }
+    BNAO_UNROLL
+    for (int r = 0; r < kChannelTile; ++r) {
+      const int64_t o = t.c0 + r;
+      if (o >= a.channels) continue;
+      const bool row_inside = br.op == kOpSepConv || (reduce_offset(o, a.channels) == 1 ? odd_inside : even_inside);
+      out[o * plane] = row_inside ? sum[r] : C(0);  // reduce_value: zero where its pixel is past the edge
+    }
+  }
+};
+
+// GradMid over channel tiles: grad_mid[b, n, c] = pw[b]^T . grad_total[b, n] for kChannelTile channels c of
+// one pixel, each grad_total value read once; branches without a depthwise conv are left untouched.
+template <typename T>
+struct GradMidTiles {
+  static BNAO_CELL_HD int64_t items(const RoundArgs<T>& a) { return channel_tile_items(a); }
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
+    using C = Compute<T>;
+    const ChannelTileItem t = channel_tile_item(a, e);
+    if (read_branch(a, t.b).op != kOpSepConv) return;
+    const C* weight = a.pw + static_cast<int64_t>(t.b) * a.channels * a.channels;
+    const T* grad = a.grad_total + pre_offset(a, t.b, t.n, 0, t.i, t.j);
+    const int64_t plane = a.height * a.width;
+    C sum[kChannelTile];
+    BNAO_UNROLL
+    for (int r = 0; r < kChannelTile; ++r) sum[r] = C(0);
+    for (int64_t o = 0; o < a.channels; ++o) {
+      const C g = static_cast<C>(grad[o * plane]);
+      BNAO_UNROLL
+      for (int r = 0; r < kChannelTile; ++r) {
+        const int64_t c = t.c0 + r < a.channels ? t.c0 + r : a.channels - 1;  // past C: computed, not stored
+        sum[r] += weight[o * a.channels + c] * g;
+      }
+    }
+    T* out = a.grad_mid + pre_offset(a, t.b, t.n, 0, t.i, t.j);
+    BNAO_UNROLL
+    for (int r = 0; r < kChannelTile; ++r)
+      if (t.c0 + r < a.channels) out[(t.c0 + r) * plane] = sum[r];
+  }
+};
+
 // grad pw[b, o, c] = sum over (n, pixel) of grad_total[b, n, o] * (what pw[o, c] multiplied).
 template <typename T>
 struct GradPwTerm : TermBase<T, GradPwTerm<T>> {
@@ -871,6 +987,10 @@ struct GradPwTiles {
   static BNAO_CELL_HD int64_t tiles(const RoundArgs<T>& a) {
     return kNumBranches * tiles_per_side(a) * tiles_per_side(a);
   }
+  // GradPwTerm's outputs, every one written by the tiles (the launcher checks its count against this).
+  static BNAO_CELL_HD int64_t covered_outputs(const RoundArgs<T>& a) {
+    return kNumBranches * a.channels * a.channels;
+  }
 
   BNAO_CELL_HD void partial_sums(int64_t o, int64_t thread, int64_t threads, Acc* sums) const {
     using C = Compute<T>;
@@ -886,6 +1006,10 @@ struct GradPwTiles {
     for (int64_t index = chunk * threads + thread; index < length; index += chunks * threads) {
       const int64_t n = index / plane, pixel = index - n * plane, i = pixel / a.width, j = pixel - i * a.width;
       C grad[kTile], value[kTile], odd[kTile];  // odd: the reduce's odd-pixel input (rows o >= C/2)
+      // GradPwTerm::term of the reduce is exactly zero where its pixel is past the edge (not grad * 0, which
+      // is NaN for a non-finite grad): the pixel's two positions, the same for every (o, c).
+      const bool even_in = br.op == kOpSepConv || inside(br, 2 * i, 2 * j);
+      const bool odd_in = br.op == kOpReduce && inside(br, 2 * i + 1, 2 * j + 1);
       BNAO_UNROLL
       for (int r = 0; r < kTile; ++r) {
         const bool real = o0 + r < a.channels;
@@ -898,14 +1022,15 @@ struct GradPwTiles {
         if (c >= a.channels) continue;
         if (br.op == kOpSepConv) {
           value[q] = static_cast<C>(a.mid[pre_offset(a, b, n, c, i, j)]);
-        } else {  // GradPwTerm::term of the reduce: the input at (2i + offset, 2j + offset), zero past the edge
-          if (inside(br, 2 * i, 2 * j)) value[q] = load_input(a, br, b, n, c, 2 * i, 2 * j);
-          if (inside(br, 2 * i + 1, 2 * j + 1)) odd[q] = load_input(a, br, b, n, c, 2 * i + 1, 2 * j + 1);
+        } else {  // the reduce: the input at (2i + offset, 2j + offset)
+          if (even_in) value[q] = load_input(a, br, b, n, c, 2 * i, 2 * j);
+          if (odd_in) odd[q] = load_input(a, br, b, n, c, 2 * i + 1, 2 * j + 1);
         }
       }
       BNAO_UNROLL
       for (int r = 0; r < kTile; ++r) {
         const bool odd_row = br.op == kOpReduce && o0 + r >= half;
+        if (!(odd_row ? odd_in : even_in)) continue;
         BNAO_UNROLL
         for (int q = 0; q < kTile; ++q)
           sums[r * kTile + q] += static_cast<Acc>(grad[r] * (odd_row ? odd[q] : value[q]));
@@ -945,6 +1070,8 @@ struct GradDwTiles {
 
   // The (branch, channel) pairs; the launcher runs tiles(args) * chunks outputs.
   static BNAO_CELL_HD int64_t tiles(const RoundArgs<T>& a) { return kNumBranches * a.channels; }
+  // GradDwTerm's outputs, every one written by the tiles (the launcher checks its count against this).
+  static BNAO_CELL_HD int64_t covered_outputs(const RoundArgs<T>& a) { return kNumBranches * a.channels * kSlab; }
 
   BNAO_CELL_HD void partial_sums(int64_t o, int64_t thread, int64_t threads, Acc* sums) const {
     using C = Compute<T>;
@@ -1281,12 +1408,13 @@ struct NormScaleTerm : TermBase<T, NormScaleTerm<T>> {
 // [rows, columns] tensor; `launcher.reduce<Term>(outputs, args)` runs Term<T> for every output
 // (its terms over every (n, i, j) of pre's shape); `launcher.reduce_tiled<Term, Tiles>(outputs, args)`
 // gives the same outputs, which a backend may compute through the multi-sum reduction Tiles<T, Acc>
-// (the CUDA launcher does; the CPU runs Term).
+// (the CUDA launcher does; the CPU runs Term); `launcher.for_each_tiled<Body, Tiles>(rows, columns, args)`
+// likewise for an element body and its channel-tile form.
 template <typename Launcher, typename T>
 void run_forward(const Launcher& launcher, const RoundArgs<T>& a) {
   const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
   launcher.template for_each<DepthwiseForward>(rows, a.width, a);
-  launcher.template for_each<BranchForward>(rows, a.width, a);
+  launcher.template for_each_tiled<BranchForward, BranchForwardTiles>(rows, a.width, a);
   launcher.template reduce<MeanTerm>(kNumBranches * a.channels, a);
   launcher.template reduce<InvstdTerm>(kNumBranches * a.channels, a);
 }
@@ -1297,7 +1425,7 @@ void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sourc
   const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
   launcher.template for_each<GradTotal>(rows, a.width, a);
   launcher.template for_each<RecomputeForward>(rows, a.width, a);
-  launcher.template for_each<GradMid>(rows, a.width, a);
+  launcher.template for_each_tiled<GradMid, GradMidTiles>(rows, a.width, a);
   launcher.template reduce_tiled<GradPwTerm, GradPwTiles>(kNumBranches * a.channels * a.channels, a);
   launcher.template reduce_tiled<GradDwTerm, GradDwTiles>(kNumBranches * a.channels * kSlab, a);
   if (a.round == 1) {

@@ -41,6 +41,12 @@ struct EmulatedCudaLauncher {
     }
   }
 
+  // As the CUDA launcher: the channel-tile form, one work item at a time.
+  template <template <typename> class Body, template <typename> class Tiles, typename T>
+  void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
+    for (int64_t e = 0; e < Tiles<T>::items(a); ++e) Tiles<T>::run(a, e);
+  }
+
   // Block (output, chunk): thread t's strided_term_sum, the threads added in thread order (a block's tree in
   // double is exact enough to compare at 1e-10); then the chunks in chunk order, as finish_chunks_kernel.
   template <template <typename> class Term, typename T>
@@ -71,6 +77,7 @@ struct EmulatedCudaLauncher {
   template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
     using Reduction = Tiles<T, double>;
+    check(outputs == Reduction::covered_outputs(a), "reduce_tiled's outputs are those the tiles cover");
     const int64_t tiles = Reduction::tiles(a);
     const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
     *most_chunks = std::max(*most_chunks, chunks);
@@ -277,6 +284,12 @@ void test_rounds() {
   const int64_t reduce_chunks = check_round("reduction round 1", wide, reduce_code, 1, {{}, {}, {}, {}}, true);
   check(reduce_chunks == 2, "the reduction round split its reductions in two chunks, got " +
                                 std::to_string(reduce_chunks));
+  // C=16: the reduce's halves meet exactly at a tile edge; a dilated 5x5 sep conv at stride 2.
+  const std::vector<at::Tensor> sixteen = {at::randn({2, 16, 127, 127}, options),
+                                           at::randn({2, 16, 127, 127}, options)};
+  const at::Tensor dilated_code =
+      node_code({{kKindIdentity, 0, 1, 1, kFlagBn1, 2}, {kKindDilSepConv, 5, 2, 0, kFlagBn1, 2}});
+  check_round("reduction round 1, C=16", sixteen, dilated_code, 1, {{}, {}, {}, {}}, true);
 
   // A small round: one chunk, the one-block-per-output path.
   const std::vector<at::Tensor> small = {at::randn({2, channels, 6, 6}, options), at::randn({2, channels, 6, 6}, options)};

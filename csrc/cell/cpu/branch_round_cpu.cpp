@@ -61,6 +61,12 @@ struct CpuLauncher {
     });
   }
 
+  // The CPU runs Body itself: its row loops already stream each channel row once, vectorised.
+  template <template <typename> class Body, template <typename> class Tiles, typename T>
+  void for_each_tiled(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
+    for_each<Body, T>(rows, columns, a);
+  }
+
   // The CPU runs Term itself: its row sums already read each row once per output, vectorised.
   template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {

@@ -37,6 +37,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One work item of a channel-tile body (branch_round.h, e.g. BranchForwardTiles) per thread, grid-stride.
+template <typename Tiles, typename T>
+__global__ void __launch_bounds__(kThreads) for_each_item_kernel(int64_t count, const RoundArgs<T> args) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride)
+    Tiles::run(args, e);
+}
+
 // Block (output, chunk) of a reduction split over gridDim.y chunks (cell/reduction_split.h): thread t adds
 // the terms chunk * kThreads + t, + chunks * kThreads, ... of the flattened (n, i, j) range, and the block
 // adds the threads' sums with a fixed-shape tree. With one chunk the block finishes the output itself;
@@ -82,6 +90,15 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // Body's elements, computed by its channel-tile form (kChannelTile channels of a pixel per thread).
+  template <template <typename> class Body, template <typename> class Tiles, typename T>
+  void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
+    const int64_t count = Tiles<T>::items(a);
+    if (count == 0) return;
+    for_each_item_kernel<Tiles<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(count, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   template <template <typename> class Term, typename T>
   void reduce(int64_t outputs, const RoundArgs<T>& a) const {
     using Acc = at::acc_type<T, /*is_cuda=*/true>;
@@ -109,6 +126,10 @@ struct CudaLauncher {
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
     using Acc = at::acc_type<T, /*is_cuda=*/true>;
     if (outputs == 0) return;
+    // Every output's partials must be written by the tiles: the scratch is uninitialised.
+    const int64_t covered = Tiles<T, Acc>::covered_outputs(a);
+    TORCH_INTERNAL_ASSERT(outputs == covered, "bnao: reduce_tiled of ", outputs, " outputs, but the tiles cover ",
+                          covered);
     const int64_t tiles = Tiles<T, Acc>::tiles(a);
     const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
     const at::Tensor partial = scratch<Acc>(outputs * chunks);
