@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cell/branch_round.h"
@@ -141,11 +142,14 @@ struct EmulatedNodeBackend {
   static void check_slot_rows(const at::Tensor&, int64_t) {}
 };
 
-void check_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+double g_tolerance = 1e-10;  // relative to the largest magnitude compared; looser for float32 and bfloat16
+
+void check_close(const at::Tensor& got_in, const at::Tensor& want_in, const std::string& what) {
+  const at::Tensor got = got_in.to(at::kDouble), want = want_in.to(at::kDouble);
   const bool same_shape = got.sizes() == want.sizes();
   const double error = same_shape && got.numel() > 0 ? (got - want).abs().max().item<double>() : 0.0;
   const double scale = want.numel() > 0 ? 1.0 + want.abs().max().item<double>() : 1.0;
-  check(same_shape && error <= 1e-10 * scale, what + ": max error " + std::to_string(error));
+  check(same_shape && error <= g_tolerance * scale, what + ": max error " + std::to_string(error));
 }
 
 // A node code of two branches: kind, kernel, dilation, input, flags and (optionally, else 1) stride per branch.
@@ -182,9 +186,10 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   static const auto backward_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bnao::branch_round_backward", "").typed<BackwardOp>();
   const int64_t channels = sources[0].size(round == 1 ? 1 : 2);
-  const auto options = at::TensorOptions().dtype(at::kDouble);
-  const at::Tensor dw = at::randn({kNumBranches, channels, kMaxKernel, kMaxKernel}, options);
-  const at::Tensor pw = at::randn({kNumBranches, channels, channels}, options);
+  const auto options = at::TensorOptions().dtype(sources[0].scalar_type());
+  const auto param_options = at::TensorOptions().dtype(param_dtype(sources[0].scalar_type()));
+  const at::Tensor dw = at::randn({kNumBranches, channels, kMaxKernel, kMaxKernel}, param_options);
+  const at::Tensor pw = at::randn({kNumBranches, channels, channels}, param_options);
   const double eps = 1e-5;
   int64_t most_chunks = 1;
   bool index_types_agree = true;
@@ -201,8 +206,8 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
 
   const at::Tensor& pre = std::get<0>(want);
   const at::Tensor grad_pre = at::randn(pre.sizes(), options);
-  const at::Tensor grad_mean = at::randn({kNumBranches, channels}, options);
-  const at::Tensor grad_invstd = at::randn({kNumBranches, channels}, options);
+  const at::Tensor grad_mean = at::randn({kNumBranches, channels}, param_options);
+  const at::Tensor grad_invstd = at::randn({kNumBranches, channels}, param_options);
   const BackwardResult grads_want =
       backward_op.call(grad_pre, grad_mean, grad_invstd, sources, code, round, dw, pw, norm[0], norm[1], norm[2],
                        norm[3], pre, std::get<1>(want), std::get<2>(want), reduction);
@@ -297,6 +302,33 @@ void test_rounds() {
   check(small_chunks == 1, "a small round runs one chunk, got " + std::to_string(small_chunks));
 }
 
+// The same emulation in float32 and bfloat16 (the dtypes a GPU trains in): the tile bodies' loads, casts and
+// stores of each activation type, against the CPU kernels at a tolerance for the type (the emulated sums
+// are in double, so this does not check float accumulation).
+void test_float_rounds() {
+  at::manual_seed(2);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor normal_code = node_code({{kKindSepConv, 5, 1, 0, kFlagBn1}, {kKindDilSepConv, 3, 2, 1, kFlagBn1}});
+  const at::Tensor reduce_code =
+      node_code({{kKindIdentity, 0, 1, 0, kFlagBn1, 2}, {kKindSepConv, 3, 1, 1, kFlagBn1, 2}});
+  const int32_t both = kFlagBn1 | kFlagBn2;
+  const at::Tensor round2_code = node_code({{kKindSepConv, 3, 1, 0, both}, {kKindSepConv, 5, 1, 1, both}});
+  const std::vector<at::Tensor> inputs = {at::randn({3, 10, 40, 40}, options), at::randn({3, 10, 40, 40}, options)};
+  const at::Tensor pre1 = at::randn({kNumBranches, 3, 10, 40, 40}, options);
+  const std::vector<Optional> norm = {at::randn({kNumBranches, 10}), at::rand({kNumBranches, 10}) + 0.5,
+                                      at::randn({kNumBranches, 10}), at::randn({kNumBranches, 10})};
+  const std::pair<at::ScalarType, double> types[] = {{at::kFloat, 1e-5}, {at::kBFloat16, 1e-3}};
+  for (const auto& [type, tolerance] : types) {
+    g_tolerance = tolerance;
+    const std::string name = type == at::kFloat ? "float32" : "bfloat16";
+    const std::vector<at::Tensor> sources = {inputs[0].to(type), inputs[1].to(type)};
+    check_round(name + " round 1", sources, normal_code, 1, {{}, {}, {}, {}});
+    check_round(name + " reduction round 1", sources, reduce_code, 1, {{}, {}, {}, {}}, true);
+    check_round(name + " round 2", {pre1.to(type)}, round2_code, 2, norm);
+  }
+  g_tolerance = 1e-10;
+}
+
 // node_output's backward at N=5, C=3, 50x50: 12,500 terms per (branch, channel), three chunks with a short last
 // one; BN2 on one branch or both, drop-path masks.
 void test_node_output_backward() {
@@ -337,6 +369,7 @@ void test_node_output_backward() {
 int main() {
   test_split();
   test_rounds();
+  test_float_rounds();
   test_node_output_backward();
   return bnao_test::finish("test_reduction_split");
 }
