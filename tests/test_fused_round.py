@@ -184,7 +184,7 @@ def test_wide_rows_match_reference(device, reduction):
 def test_split_reductions_match_reference(device):
     # N=5, C=3, 48x48: 11,520 terms per BN statistic and weight-gradient sum, so on CUDA every reduction of
     # the round runs split over two chunks of blocks plus a second pass (csrc/cell/reduction_split.h; the
-    # C++ test test_reduction_split runs the same split on the CPU). Smaller cases use one block per output.
+    # C++ test test_reduction_split runs the same split on the CPU). Smaller cases run one chunk.
     _require_kernel(device)
     gen = torch.Generator().manual_seed(48)
     cell = covering_cells("middle", seed=5)[3]  # sep5 on node 0's first branch and node 2's second

@@ -9,15 +9,21 @@
 //     `Body::row(args, row)` decodes a row (all but the last dimension) into a `Body::Row`, and
 //     `Body::run(args, row, column)` computes one element. The CPU launcher decodes each row
 //     once and calls `Body::run_columns(args, row, begin, end)` (the same per-element sums,
-//     with loops a CPU vectorises); the CUDA launcher gives one element to each thread.
+//     with loops a CPU vectorises); the CUDA launcher gives one element to each thread, except
+//     for the pointwise products, which it runs in their channel-tile forms (BranchForwardTiles,
+//     GradMidTiles: 8 output channels of a pixel per thread, the same per-element sums).
 //   * reduction terms: output `o` (a (branch, channel) statistic or a weight gradient) is the
 //     sum over every (n, i, j) of pre's shape of `Term::term(args, ctx, n, i, j)`, with
 //     `ctx = Term::prepare(args, o)`, written by `Term::finish(args, ctx, sum)`. The CPU launcher
 //     adds each row's `Term::row_sum` in (n, i) order in double on one thread; the CUDA launcher
 //     splits each output over chunks of blocks (cell/reduction_split.h, `strided_term_sum` per
-//     thread, a fixed-shape tree per block, the chunks added in order). Both are deterministic.
+//     thread, a fixed-shape tree per block, the chunks added in order), and computes the weight
+//     gradients as multi-sum tiles (GradDwTiles, GradPwTiles) with the same chunk pass. Both are
+//     deterministic.
 // The phase sequences (run_forward / run_backward) are written once here, against a launcher
-// that provides `for_each<Body>(rows, columns, args)` and `reduce<Term>(outputs, args)`.
+// that provides `for_each<Body>(rows, columns, args)`, `reduce<Term>(outputs, args)`, and
+// `for_each_tiled<Body, Tiles>` / `reduce_tiled<Term, Tiles>` (the same results, through the tile
+// forms where a backend prefers them).
 //
 // The branch code is device data: it is read inside the bodies. Every read of an activation is
 // bounds-checked against the source's real shape, so a corrupt code cannot read out of bounds
@@ -971,7 +977,7 @@ struct GradDwTerm : TermBase<T, GradDwTerm<T>> {
 // backend's `reduce_tiled` (the CUDA launcher; the CPU runs GradPwTerm itself). GradPwTerm gives each of the
 // 2 C^2 (branch, o, c) outputs its own pass over the terms, so every value of grad_total and of what pw
 // multiplied (mid, or the factorized reduce's input) is read C times; here output (branch, 8 x 8 tile of
-// (o, c), chunk) reads 8 + 8 values per term (16 for the reduce: its two halves of o read even and odd
+// (o, c), chunk) reads 8 + 8 values per term (8 + 16 for the reduce: its two halves of o read even and odd
 // pixels) and keeps the tile's 64 sums side by side. Threads and chunks as GradDwTiles; `finish` writes
 // partial[((b * C + o) * C + c) * chunks + chunk] for the tile's real (o, c).
 template <typename T, typename Acc>

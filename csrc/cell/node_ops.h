@@ -156,8 +156,9 @@ BNAO_CELL_HD void node_output_grad_pre_item(int64_t e, const NodeArgs<scalar_t>&
 
 // Partial sums over j = begin, begin + step, ... < N * HW of the statistics
 // gradients of (branch b, channel c): sum g and sum g * (pre - mean), with
-// g = grad * mask. The CPU runs it with (0, 1) per (b, c); a CUDA block runs it
-// with (thread, block size) and reduces the partials.
+// g = grad * mask. The CPU runs it with (0, 1) per (b, c); thread t of block
+// (output, chunk) on CUDA with (chunk * kThreads + t, chunks * kThreads)
+// (cell/reduction_split.h), the partials then reduced in fixed orders.
 template <typename scalar_t, typename acc_t>
 BNAO_CELL_HD void node_output_param_partial(int b, int64_t c, int64_t begin, int64_t step, const NodeArgs<scalar_t>& a,
                                             const scalar_t* grad, acc_t* sum_grad, acc_t* sum_grad_centered) {

@@ -25,9 +25,10 @@ constexpr int64_t kMinTermsPerThread = 16;
 // At most this many chunks per output (bounds the second pass and the partial buffer).
 constexpr int64_t kMaxReductionChunks = 64;
 
-// Chunks per output for `outputs` outputs of `terms` terms each: 1 (one block per output, no second
-// pass) when the outputs alone come near the target or the terms are too few to share. Both quotients
-// round down: 800 outputs already make one full wave, and a second chunk would only add a pass.
+// Chunks per output for `outputs` outputs (or tiles of outputs) of `terms` terms each: 1 when the outputs
+// alone come near the target or the terms are too few to share (then a one-sum reduction's block finishes
+// its output itself; the tile reductions still run their chunk pass). Both quotients round down: a second
+// chunk for 513 to 1,023 outputs would add a pass without a fuller grid.
 inline int64_t reduction_chunks(int64_t outputs, int64_t terms) {
   if (outputs <= 0 || terms <= 0) return 1;
   const int64_t by_work = terms / (kThreads * kMinTermsPerThread);

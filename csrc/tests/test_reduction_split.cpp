@@ -1,10 +1,11 @@
 // The CUDA launch order of bnao::branch_round and its backward, and of bnao::node_output_backward, run on the
-// CPU: every element body one element at a time (Body::row + Body::run, as the CUDA grid runs them; the CPU
-// kernels use run_columns instead), and every reduction split over chunks and 256 threads the way the CUDA
-// launchers split it (cell/reduction_split.h; strided_term_sum, the node reduction's partial(begin, step)),
-// against the registered CPU kernels. Also the split itself, against
-// hand counts. This is the arithmetic a GPU runs, checked where no GPU is (only the thread trees inside a
-// block and the launches themselves are CUDA-only).
+// CPU against the registered CPU kernels: element bodies one element at a time (Body::row + Body::run, as
+// the CUDA grid runs them; the CPU kernels run rows through run_columns), channel-tile bodies one work item
+// at a time (Tiles::run), one-sum reductions split over chunks and 256 threads the way the CUDA launchers
+// split them (cell/reduction_split.h; strided_term_sum, the node reduction's partial(begin, step)), and the
+// tile reductions through their partial_sums, finish and chunk pass. Also the split itself, against hand
+// counts. This is the arithmetic a GPU runs, checked where no GPU is; CUDA-only: the thread trees inside a
+// block, float accumulation inside the sums (these add in double), and the launches themselves.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -238,7 +239,7 @@ void test_split() {
   const Case cases[] = {
       {40, 65536, 16, "BN statistics at C=20, 32x32, batch 64: 65536 / 4096 terms"},
       {40, 262144, 25, "the same at batch 256: floor(1024 / 40)"},
-      {800, 65536, 1, "pointwise weight gradient, C=20: 800 blocks are one wave already"},
+      {800, 65536, 1, "800 outputs: a second chunk would not fill the grid more"},
       {512, 65536, 2, "floor(1024 / 512)"},
       {513, 65536, 1, "floor(1024 / 513)"},
       {1960, 65536, 1, "depthwise weight gradient: the outputs alone fill the target"},

@@ -1,9 +1,10 @@
 // CUDA kernels of bnao::branch_round and bnao::branch_round_backward: the
 // bodies of cell/branch_round.h run on a grid. This file is only the launch
-// layer: a grid-stride loop for the elementwise bodies, and for the reductions
-// blocks of (output, chunk) with fixed trees plus a second pass over the chunks
-// in a fixed order (cell/reduction_split.h), so results are deterministic and
-// need no atomics. The branch code stays on the device; nothing here reads it
+// layer: grid-stride loops for the elementwise bodies and for the channel-tile
+// bodies (for_each_tiled), and for the reductions blocks of (output or tile,
+// chunk) with fixed trees, then (for several chunks, and always for the tile
+// reductions) a second pass adding the chunks in a fixed order
+// (cell/reduction_split.h), so results are deterministic and need no atomics. The branch code stays on the device; nothing here reads it
 // on the host, so the launches are the same for every arch (graph-capturable).
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>

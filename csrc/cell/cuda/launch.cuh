@@ -69,7 +69,8 @@ __device__ void block_sum_many(Acc* values) {
   }
 }
 
-// One block per output of a multi-sum reduction (Reduction::kSums sums per output, e.g. a tile of weights):
+// One block per output of a multi-sum reduction (Reduction::kSums sums per output, e.g. a tile of weights; an
+// output index may also encode a chunk of the terms, as the branch rounds' tiles do):
 // thread t's strided partial sums (reduction.partial_sums(o, t, kThreads, sums)), then a fixed-order block tree
 // (block_sum_many), handed to reduction.finish in thread 0.
 template <typename Acc, typename Reduction>
