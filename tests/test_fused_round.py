@@ -197,6 +197,13 @@ def test_split_reductions_match_reference(device):
         pre1 = torch.randn(2, 5, 3, 48, 48, generator=gen, dtype=torch.float64).to(device)
         check_case([pre1], codes[node], 2, dw, pw, make_norm(3, torch.float64, device, gen), False, device,
                    what + " round 2")
+    # A reduction cell at C=10 (two 8-channel tiles per side, the factorized reduce's even and odd halves
+    # meeting inside the first) from 63x63 inputs: N=8 x 32 x 32 = 8,192 terms, two chunks of the tiles.
+    cell = covering_cells("middle", seed=5)[1]  # identity (the factorized reduce) on node 0's first branch
+    code = cell_code(cell, True, op_table("middle"))[0]
+    dw, pw = make_weights(10, torch.float64, device, gen)
+    sources = make_sources(0, 8, 10, 63, 63, True, torch.float64, device, gen)
+    check_case(sources, code, 1, dw, pw, None, True, device, f"split reduction cell code {code.tolist()}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
