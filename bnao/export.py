@@ -360,10 +360,11 @@ def export_network(source: ExportSource, fmt: str, out: Union[str, os.PathLike],
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     # `is None`, not `or`: an image size of 0 is an error, not "the default".
     side = int(default_image_size(source) if image_size is None else image_size)
-    try:
-        check_image_size(source.config["skeleton"], side)  # else the trace fails deep inside a convolution
+    try:  # else the trace fails deep inside a convolution
+        check_image_size(source.config["skeleton"], side, flag="--image-size")
     except ValueError as err:
-        raise ExportError(str(err)) from None
+        hint = "" if image_size is None else ", or leave it out to use the training data's size"
+        raise ExportError(f"{err}{hint}") from None
     if check_batch < 1 or not tolerance > 0:
         raise ExportError(f"the check batch must be >= 1 and --tolerance above 0, got {check_batch} and {tolerance}")
     out = Path(out)

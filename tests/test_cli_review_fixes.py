@@ -148,3 +148,15 @@ def test_profile_on_a_cpu_prints_no_profiler_error_lines():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per training step" in run.stdout or "img/s" in run.stdout
     assert "gpuGetDeviceCount" not in run.stderr and "USDT" not in run.stderr, run.stderr[-2000:]
+
+
+def test_best_record_reads_the_state_then_best_json(tmp_path):
+    """A finished run's best arch: the state's copy when it has one, else the run directory's best.json."""
+    import types
+
+    from bnao.search.loop import best_record
+
+    run_dir = types.SimpleNamespace(best_path=tmp_path / "best.json")
+    (tmp_path / "best.json").write_text(json.dumps({"arch": "from the file", "size": 7}))
+    assert best_record({"best": {"arch": "from the state", "size": 5}}, run_dir)["arch"] == "from the state"
+    assert best_record({"phase": "done"}, run_dir) == {"arch": "from the file", "size": 7}

@@ -242,3 +242,15 @@ def test_the_sanitizer_workload_runs_on_the_cpu(capsys):
 
     if extension.has_kernel("combine", "cpu"):
         assert "combine (torch.bfloat16): forward and backward" in out
+
+
+def test_supernet_figures_name_the_cells_path_and_why_the_eager_cells_ran():
+    """The report's supernet figures from a real (tiny, CPU) profile: the cells' path in the name, and the
+    eager cells' reason (the profile's ``kernels_note``) in the note."""
+    from bnao.supernet.profiling import profile_supernet
+
+    result = profile_supernet(kernels="eager", layers=1, channels=4, batch_size=4, steps=1, warmup=0, pool_size=4,
+                              device="cpu", count_ops=False, sequence_archs=0)
+    training = measure.supernet_figures([result])[0]
+    assert training.name == "supernet training, batch 4, eager cells"
+    assert "; eager (kernels='eager')" in training.note

@@ -13,7 +13,7 @@ from bnao.export import ExportError, ExportSource, export_network
 from bnao.nets.network import build_network
 from bnao.registry import Registry, did_you_mean
 from bnao.search import budget, components
-from bnao.size import check_image_size, image_side
+from bnao.size import check_image_size, image_hw, image_side
 from bnao.space import NAOSpace
 from bnao.train import make_config, save_model, train_standalone
 from bnao.train.config import check_loader
@@ -22,9 +22,9 @@ ARCH = "1 1 0 0 2 4 1 3 2 4 3 0 4 0 3 0 5 2 1 2 0 0 1 3 1 1 2 4 2 3 2 1 0 3 2 1 
 SPACE = NAOSpace()
 
 
-def _message(skeleton: str, side: int) -> str:
+def _message(skeleton: str, side: int, flag=None) -> str:
     with pytest.raises(ValueError) as caught:
-        check_image_size(skeleton, side)
+        check_image_size(skeleton, side, flag=flag)
     return str(caught.value)
 
 
@@ -83,6 +83,7 @@ def test_image_side_is_defined_once():
     data = create_dataset("synthetic", num_samples=2, image_shape=(28, 28, 1), num_classes=2)
     assert image_side(data) == 28 and image_side(data, "imagenet") == 28
     assert image_side(types.SimpleNamespace(image_shape=(24, 40, 3))) == 24  # not square: the height
+    assert image_hw(types.SimpleNamespace(image_shape=(24, 40, 3))) == (24, 40) and image_hw(object()) is None
     assert image_side(object()) is None  # the data set does not say: the skeleton's usual side, if one is given
     assert image_side(object(), "cifar") == 32 and image_side(object(), "imagenet") == 224
     assert image_side(types.SimpleNamespace(image_shape=7), "cifar") == 32  # a shape that is not (H, W, C)
@@ -94,8 +95,12 @@ def test_minimum_image_size_message(skeleton, smallest):
     message = _message(skeleton, smallest - 1)
     side = smallest - 1
     assert message == (f"image size {side}x{side} is too small for the {skeleton} skeleton: its network cannot run "
-                       f"on images smaller than {smallest}x{smallest}; use images, or an --image-size, of at least "
-                       f"{smallest}")
+                       f"on images smaller than {smallest}x{smallest}; use images of at least {smallest}x{smallest}")
+    # A size set by an option names it; the smaller side of images that are not square decides.
+    assert _message(skeleton, side, flag="--image-size").endswith(f"; use an --image-size of at least {smallest}")
+    with pytest.raises(ValueError, match=rf"image size 40x{side} is too small"):
+        check_image_size(skeleton, 40, side)
+    check_image_size(skeleton, smallest, 40)
 
 
 def test_training_and_export_refuse_small_images_with_the_one_message(tmp_path):
@@ -103,6 +108,9 @@ def test_training_and_export_refuse_small_images_with_the_one_message(tmp_path):
     with pytest.raises(ValueError) as caught:
         train_standalone(ARCH, SPACE, tiny, epochs=1, layers=1, channels=4, batch_size=4, device="cpu", progress=False)
     assert str(caught.value) == _message("cifar", 2)
+    wide = create_dataset("synthetic", num_samples=8, image_shape=(40, 2, 3), num_classes=3)  # 2 pixels wide
+    with pytest.raises(ValueError, match="image size 40x2 is too small for the cifar skeleton"):
+        train_standalone(ARCH, SPACE, wide, epochs=1, layers=1, channels=4, batch_size=4, device="cpu", progress=False)
 
     model = build_network(ARCH, SPACE, skeleton="imagenet", layers=1, channels=4, num_classes=3)
     config = {"arch": ARCH, "space": SPACE.config(), "skeleton": "imagenet", "layers": 1, "channels": 4,
@@ -110,13 +118,14 @@ def test_training_and_export_refuse_small_images_with_the_one_message(tmp_path):
     with pytest.raises(ExportError) as caught:
         export_network(ExportSource(model.eval(), config, "state dict"), "state_dict", tmp_path / "n.pt",
                        image_size=16)
-    assert str(caught.value) == _message("imagenet", 16)
+    assert str(caught.value) == (_message("imagenet", 16, flag="--image-size")
+                                 + ", or leave it out to use the training data's size")
     assert not (tmp_path / "n.pt").exists()
 
 
 def test_size_refuses_small_images_with_the_one_message(capsys):
     assert main(["size", "--measure", "madds", "--image-size", "2", ARCH]) == 2
-    assert _message("cifar", 2) in _one_error_line(capsys, "size")
+    assert _message("cifar", 2, flag="image_size (--image-size)") in _one_error_line(capsys, "size")
 
 
 @pytest.fixture
@@ -138,7 +147,8 @@ def test_eval_refuses_images_too_small_for_the_network_before_evaluating(tiny_mo
 
     monkeypatch.setattr("bnao.train.evaluate_model", evaluate)
     assert main(["eval", str(tiny_model), "--device", "cpu"]) == 2
-    assert _one_error_line(capsys, "eval") == f"bnao eval: error: {_message('cifar', 2)}"
+    assert _one_error_line(capsys, "eval") == \
+        f"bnao eval: error: tiny2x2's images do not fit this model: {_message('cifar', 2)}"
 
 
 def test_eval_runs_where_the_images_are_large_enough(tiny_model, capsys, monkeypatch):
@@ -150,4 +160,5 @@ def test_eval_runs_where_the_images_are_large_enough(tiny_model, capsys, monkeyp
 
 def test_eval_hints_the_closest_dataset(tiny_model, capsys):
     assert main(["eval", str(tiny_model), "--dataset", "cifar11", "--device", "cpu"]) == 2
-    assert DATASETS.unknown_name_message("cifar11") in _one_error_line(capsys, "eval")
+    line = _one_error_line(capsys, "eval")
+    assert DATASETS.unknown_name_message("cifar11") in line and "did you mean 'cifar10'?" in line

@@ -114,7 +114,7 @@ def _tiny_source():
 def test_export_refuses_image_size_zero_and_sizes_the_network_cannot_run_at(tmp_path):
     for side in (0, 2):  # 3 is the smallest image a cifar network runs on
         with pytest.raises(ExportError, match=rf"image size {side}x{side} is too small for the cifar skeleton: .*"
-                                              rf"an --image-size, of at least 3"):
+                                              rf"use an --image-size of at least 3, or leave it out"):
             export_network(_tiny_source(), "state_dict", tmp_path / "net.pt", image_size=side)
 
 

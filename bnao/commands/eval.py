@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..data import DATASETS, DatasetNotFoundError, create_dataset
-    from ..size import check_image_size, image_side
+    from ..size import check_image_size, image_hw
     from ..train import CheckpointError, count_parameters, evaluate_model, load_model, resolve_device
 
     def fail(msg: str) -> int:
@@ -99,14 +99,6 @@ def run(args: argparse.Namespace) -> int:
         data = create_dataset(name, root=root, split=args.split, **kw)
     except DatasetNotFoundError as err:
         return fail(str(err))
-    # The skeleton is in the model file and the side in the data, so this is the first point both are known;
-    # it comes before any forward, which would otherwise fail deep inside a convolution.
-    side = image_side(data)
-    if side is not None:
-        try:
-            check_image_size(cfg["skeleton"], side)
-        except ValueError as err:
-            return fail(str(err))
     if args.limit is not None and len(data) > args.limit:
         data = data.subset(np.arange(args.limit))
     shape = getattr(data, "image_shape", None)
@@ -115,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"{name} has {channels}-channel images and {data.num_classes} classes, but the model expects "
                     f"{cfg['in_channels']} channels and {cfg['num_classes']} classes; pass the --dataset it was "
                     f"trained on ({extra.get('dataset')})")
+    # The skeleton is in the model file and the size in the data, so this is the first point both are known;
+    # it comes before any forward, which would otherwise fail deep inside a convolution.
+    hw = image_hw(data)
+    if hw is not None:
+        try:
+            check_image_size(cfg["skeleton"], *hw)
+        except ValueError as err:
+            return fail(f"{name}'s images do not fit this model: {err}")
     res = evaluate_model(model, data, args.batch_size, device, loader=args.loader)
     out = {
         "model": str(args.model),

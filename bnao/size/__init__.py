@@ -12,7 +12,7 @@ Counting conventions: see :mod:`bnao.size.reference`.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,32 +61,43 @@ def min_image_size(skeleton: str) -> int:
     return 2 ** (STEM_LEVELS[skeleton] + 1) + 1
 
 
-def check_image_size(skeleton: str, image_size) -> None:
-    """Refuses an image side the network of ``skeleton`` cannot run at (see :func:`min_image_size`).
+def check_image_size(skeleton: str, image_size, width=None, flag: Optional[str] = None) -> None:
+    """Refuses images the network of ``skeleton`` cannot run on (see :func:`min_image_size`).
 
     The one check of the minimum for every caller (``bnao size``, stand-alone training, ``bnao eval``,
-    ``bnao export``): without it the first forward fails deep inside a convolution. The side may come from a
-    flag or from the data, so the message speaks of images and names the flag for the commands that take one.
+    ``bnao export``): without it the first forward fails deep inside a convolution.
 
     Args:
         skeleton: ``"cifar"`` or ``"imagenet"``.
-        image_size: The image side.
+        image_size: The image side (the height when ``width`` is given).
+        width: The image width, for images that are not square.
+        flag: The option that set the size (e.g. ``"--image-size"``), named in the advice; None when the size
+            comes from the data.
 
     Raises:
-        ValueError: ``image_size`` is below the skeleton's minimum; the message names both.
+        ValueError: The smaller side is below the skeleton's minimum; the message names both.
     """
+    height = int(image_size)
+    width = height if width is None else int(width)
     smallest = min_image_size(skeleton)
-    if image_size < smallest:
-        side = int(image_size)
-        raise ValueError(f"image size {side}x{side} is too small for the {skeleton} skeleton: its network cannot run "
-                         f"on images smaller than {smallest}x{smallest}; use images, or an --image-size, of at "
-                         f"least {smallest}")
+    if min(height, width) < smallest:
+        advice = f"use an {flag} of at least {smallest}" if flag else f"use images of at least {smallest}x{smallest}"
+        raise ValueError(f"image size {height}x{width} is too small for the {skeleton} skeleton: its network cannot "
+                         f"run on images smaller than {smallest}x{smallest}; {advice}")
+
+
+def image_hw(dataset: Any) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` of a data set's images, from its ``image_shape`` (``(H, W, C)``); None if it does not say."""
+    shape = getattr(dataset, "image_shape", None)
+    if shape is not None and not isinstance(shape, int) and len(shape) >= 2:
+        return int(shape[0]), int(shape[1])
+    return None
 
 
 def image_side(dataset: Any, skeleton: Optional[str] = None) -> Optional[int]:
-    """The side of a data set's images, from its ``image_shape`` (``(H, W, C)``).
+    """The side of a data set's images, from its ``image_shape`` (``(H, W, C)``), for the size formulas.
 
-    Non-square images give their height, the side the network's square size formulas come closest to with.
+    The formulas take square images; non-square ones give their height.
 
     Args:
         dataset: A bnao data set (or anything with an ``image_shape``).
@@ -95,9 +106,9 @@ def image_side(dataset: Any, skeleton: Optional[str] = None) -> Optional[int]:
     Returns:
         The side; when the data set does not say, the skeleton's usual side, or None without a skeleton.
     """
-    shape = getattr(dataset, "image_shape", None)
-    if shape is not None and not isinstance(shape, int) and len(shape) >= 2:
-        return int(shape[0])
+    hw = image_hw(dataset)
+    if hw is not None:
+        return hw[0]
     return DEFAULT_IMAGE_SIZE[skeleton] if skeleton is not None else None
 
 
@@ -210,7 +221,7 @@ def model_size(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     # Checked for every measure: the parameters of a network that cannot run describe nothing usable.
-    check_image_size(skeleton, image_size)
+    check_image_size(skeleton, image_size, flag="image_size (--image-size)")
     if skeleton == "imagenet" and channels < 2:
         raise ValueError("the imagenet skeleton needs channels >= 2 (its first stem conv has channels // 2)")
     use_cpp = backend == "cpp" or (backend == "auto" and has_kernel("model_size", "cpu"))
@@ -244,4 +255,4 @@ def model_size(
 
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "MEASURES", "SKELETON_CODES", "as_arch_array", "check_image_size", "count_reference",
-           "image_side", "min_image_size", "model_size", "resolve_space"]
+           "image_hw", "image_side", "min_image_size", "model_size", "resolve_space"]

@@ -41,7 +41,7 @@ from ..data.loaders.base import mix_seed
 from ..nets.network import build_network
 from ..space.nao import ArchLike, NAOSpace
 from ..signals import Stopped, stop_requested
-from ..size import check_image_size, image_side
+from ..size import check_image_size, image_hw
 from .config import StandaloneConfig
 from .epoch import _SALT_INIT, _SALT_LOADER, EpochTrainingMixin
 from .evaluate import count_parameters, evaluate_model
@@ -100,16 +100,17 @@ class StandaloneTrainer(EpochTrainingMixin, StandaloneStateMixin):
             cfg.in_channels = in_channels
         cfg.validate()
         # Refused here, else the first forward fails deep inside a convolution (None: the data does not say).
-        side = image_side(train_data)
-        if side is not None:
-            check_image_size(cfg.skeleton, side)
+        hw = image_hw(train_data)
+        if hw is not None:
+            check_image_size(cfg.skeleton, *hw)
         self.train_data, self.eval_data = train_data, eval_data
         self.device = resolve_device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.progress, self.on_epoch = progress, on_epoch
         # What the training data was, kept in the checkpoint like model.pt keeps it, so that exporting a
         # checkpoint traces at the data's image size (28 for Fashion-MNIST) instead of the skeleton's.
-        self.data_info = {"image_size": side, **(data_info or {})}
+        # Square images only: the export traces at image_size x image_size.
+        self.data_info = {"image_size": hw[0] if hw is not None and hw[0] == hw[1] else None, **(data_info or {})}
 
         from ..data import create_loader  # lazily: the data package pulls in optional loaders
 

@@ -86,9 +86,9 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
     figures = []
     for r in results:
         bs = int(r["batch_size"])
-        cells = r.get("kernels", "")
+        cells = r.get("kernels", "")  # "fused" or "eager", the reason in "kernels_note"
         step = r.get("step_path", {})
-        path = f", {cells.split(' ')[0]} cells" if cells else ""
+        path = f", {cells} cells" if cells else ""
         if step.get("mode") == "graph":
             path += " + CUDA graphs"
         elif step.get("mode") == "uncaptured":
@@ -102,8 +102,8 @@ def supernet_figures(results: List[Dict[str, Any]]) -> List[Figure]:
         if "launch_sequence" in r:
             note += "; launch sequence " + ("identical for every arch" if r["launch_sequence"]["identical"]
                                             else "depends on the arch")
-        if cells.startswith("eager ("):
-            note += f"; {cells}"
+        if cells == "eager" and r.get("kernels_note"):
+            note += f"; eager ({r['kernels_note']})"
         if step:
             note += f"; step: {step.get('mode')} ({step.get('reason')})"
         target = TARGETS.get(f"train_b{bs}")
