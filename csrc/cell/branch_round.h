@@ -748,7 +748,8 @@ struct GradMid : PreBody<T, GradMid<T>> {
 // launcher); the CPU runs the element bodies, whose row loops already stream each channel row once.
 constexpr int kChannelTile = 8;
 
-// Work item e = ((b * N + n) * tiles + tile) * H * W + pixel of a channel-tiled body over pre's shape.
+// Work item e = ((b * N + n) * tiles + tile) * H * W + pixel of a channel-tile body over pre's shape; a body
+// `Tiles<T>::run(args, e)` covers e < channel_tile_items(args).
 struct ChannelTileItem {
   int b;
   int64_t n, c0, i, j, pixel;
@@ -781,7 +782,6 @@ BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, int64_t e)
 // pixel; other branches compute each channel as BranchForward does.
 template <typename T>
 struct BranchForwardTiles {
-  static BNAO_CELL_HD int64_t items(const RoundArgs<T>& a) { return channel_tile_items(a); }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
     using C = Compute<T>;
     const ChannelTileItem t = channel_tile_item(a, e);
@@ -829,7 +829,6 @@ struct BranchForwardTiles {
 // one pixel, each grad_total value read once; branches without a depthwise conv are left untouched.
 template <typename T>
 struct GradMidTiles {
-  static BNAO_CELL_HD int64_t items(const RoundArgs<T>& a) { return channel_tile_items(a); }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
     using C = Compute<T>;
     const ChannelTileItem t = channel_tile_item(a, e);

@@ -46,7 +46,7 @@ struct EmulatedCudaLauncher {
   // As the CUDA launcher: the channel-tile form, one work item at a time.
   template <template <typename> class Body, template <typename> class Tiles, typename T>
   void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
-    for (int64_t e = 0; e < Tiles<T>::items(a); ++e) Tiles<T>::run(a, e);
+    for (int64_t e = 0; e < channel_tile_items(a); ++e) Tiles<T>::run(a, e);
   }
 
   // Block (output, chunk): thread t's strided_term_sum, the threads added in thread order (a block's tree in

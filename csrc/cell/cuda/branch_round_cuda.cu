@@ -8,7 +8,6 @@
 // on the host, so the launches are the same for every arch (graph-capturable).
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -94,7 +93,7 @@ struct CudaLauncher {
   // Body's elements, computed by its channel-tile form (kChannelTile channels of a pixel per thread).
   template <template <typename> class Body, template <typename> class Tiles, typename T>
   void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
-    const int64_t count = Tiles<T>::items(a);
+    const int64_t count = channel_tile_items(a);
     if (count == 0) return;
     for_each_item_kernel<Tiles<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(count, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -112,7 +111,7 @@ struct CudaLauncher {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const at::Tensor partial = scratch<Acc>(outputs * chunks);
+    const at::Tensor partial = reduction_scratch<Acc>(device, outputs * chunks);
     reduce_chunk_kernel<Term<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, partial.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_chunks_kernel<Term<T>, T, Acc><<<grid_blocks(outputs), kThreads, 0, stream>>>(
@@ -133,7 +132,7 @@ struct CudaLauncher {
                           covered);
     const int64_t tiles = Tiles<T, Acc>::tiles(a);
     const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
-    const at::Tensor partial = scratch<Acc>(outputs * chunks);
+    const at::Tensor partial = reduction_scratch<Acc>(device, outputs * chunks);
     const Tiles<T, Acc> reduction{a, partial.data_ptr<Acc>(), chunks};
     // tiles * chunks <= 2 * C * 64: far below the grid's x limit.
     reduce_many_kernel<Acc, Tiles<T, Acc>><<<static_cast<unsigned>(tiles * chunks), kThreads, 0, stream>>>(reduction);
@@ -141,12 +140,6 @@ struct CudaLauncher {
     finish_chunks_kernel<Term<T>, T, Acc><<<grid_blocks(outputs), kThreads, 0, stream>>>(
         a, partial.data_ptr<Acc>(), outputs, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  // Stream-ordered scratch from the caching allocator (capturable; freed once the kernels reading it are queued).
-  template <typename Acc>
-  at::Tensor scratch(int64_t numel) const {
-    return at::empty({numel}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value).device(device));
   }
 };
 

@@ -4,6 +4,8 @@
 // fused cells launches and reduces the same way.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -67,6 +69,14 @@ __device__ void block_sum_many(Acc* values) {
       values[k] = total;
     }
   }
+}
+
+// Partial sums of a split reduction: stream-ordered scratch from the caching allocator on `device` (the
+// current stream's; capturable, and freed once the kernels that read it are queued, which is safe in stream
+// order).
+template <typename Acc>
+at::Tensor reduction_scratch(c10::Device device, int64_t numel) {
+  return at::empty({numel}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value).device(device));
 }
 
 // One block per output of a multi-sum reduction (Reduction::kSums sums per output, e.g. a tile of weights; an

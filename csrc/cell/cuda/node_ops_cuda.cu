@@ -7,7 +7,6 @@
 // checked on the host as the CPU backend does, and the unique-rows precondition
 // of gather_rows' backward and update_slot_stats is the caller's.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -105,9 +104,7 @@ struct CudaLauncher {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    // Stream-ordered scratch from the caching allocator (capturable; freed after the second pass is queued).
-    const at::Tensor partial = at::empty(
-        {outputs * chunks * 2}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value).device(device));
+    const at::Tensor partial = reduction_scratch<Acc>(device, outputs * chunks * 2);
     reduce_pair_chunk_kernel<Acc, Reduction><<<grid, kThreads, 0, stream>>>(reduction, partial.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_pair_chunks_kernel<Acc, Reduction><<<grid_blocks(outputs), kThreads, 0, stream>>>(
