@@ -57,6 +57,17 @@ def cuda_decision(torch, cpp_extension):
     return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
+def private_static_libs():
+    """Link flags that keep code copied from static archives private to bnao._C (GNU linkers on Linux).
+
+    Some toolchains (e.g. a gcc whose libstdc++ is linked statically) copy libstdc++ into the extension.
+    Python's LDSHARED adds -Bsymbolic-functions, so the copy's functions bind inside bnao._C while its
+    data (locale facet ids) binds to the process's libstdc++.so: formatting a number in an error message
+    then crashed (seen on a GPU machine with /opt/gcc). Hidden, the copy is used whole and consistently.
+    """
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def openmp_decision(torch):
     """(use OpenMP, why). at::parallel_for, which runs the CPU kernels, is inline code: compiled without
     -fopenmp in a torch that uses OpenMP it runs every loop on one thread. The extension then links the same
@@ -92,7 +103,7 @@ def make_extensions():
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
     openmp, openmp_why = openmp_decision(torch)
     extra = {"cxx": opt + ["-fvisibility=hidden"] + (["-fopenmp"] if openmp else [])}
-    link = ["-fopenmp"] if openmp else []
+    link = (["-fopenmp"] if openmp else []) + private_static_libs()
 
     def cpu_only_extension():
         # The fallback after a failed CUDA compile: the same C++ sources, no .cu, no CUDA macro.

@@ -16,6 +16,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
+# CUDA results are compared with the CPU's at float32 tolerances; TensorFloat-32 (on by default for cuDNN's
+# convolutions and RNNs) rounds their inputs to 10 mantissa bits, so the CUDA tests run without it.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

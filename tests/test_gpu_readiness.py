@@ -40,6 +40,19 @@ def test_mask_generator_state_of_an_absent_device_is_kept(caplog):
     assert torch.equal(saved["cuda:63"], absent)  # written again, so the GPU stream can be picked up later
 
 
+def test_renewed_mask_generator_continues_the_stream():
+    """After a failed capture the trainer swaps in a fresh generator with the saved state (graph_step)."""
+    model = Supernet(NAOSpace(op_set="small"), layers=1, channels=4, drop_path_keep_prob=0.8, seed=3)
+    cpu = torch.device("cpu")
+    old = model.generator(cpu)
+    state = old.get_state()
+    expected = model.drop_path_masks(8, cpu)  # what the stream gives from `state`
+    model.drop_path_masks(8, cpu)  # draws a failed capture might have reserved
+    renewed = model.renew_generator(cpu, state)
+    assert renewed is not old and model.generator(cpu) is renewed
+    assert torch.equal(model.drop_path_masks(8, cpu), expected)
+
+
 def test_state_forced_steps_are_exact_on_one_device():
     """The CUDA comparison starts each step from the CPU trainer's state; on one device that is exact."""
     reference, _ = build_trainer("cpu", steps_total=4)

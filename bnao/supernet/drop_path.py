@@ -37,6 +37,17 @@ class DropPathMixin:
             self._generators[key] = gen
         return gen
 
+    def renew_generator(self, device: torch.device, state: torch.Tensor) -> torch.Generator:
+        """Replaces the generator of ``device`` by a fresh one in ``state``, and returns it.
+
+        After a failed CUDA graph capture: a generator registered with the graph can stay in capture mode,
+        and its next draw outside a capture then fails ("Offset increment outside graph capture").
+        """
+        gen = torch.Generator(device=device)
+        gen.set_state(state)
+        self._generators[str(device)] = gen
+        return gen
+
     def rng_state(self) -> Dict[str, torch.Tensor]:
         """States of the mask generators, keyed by device (``"cpu"``, ``"cuda:0"``, ...).
 

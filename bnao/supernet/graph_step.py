@@ -233,12 +233,16 @@ class GraphStep:
         self._capture = False
         for param in self.trainer.params:
             param.grad = None  # the captured backward allocates the gradients in the graph's pool
-        generator = self.trainer.model.generator(self.device)
+        model = self.trainer.model
+        generator = model.generator(self.device)
+        state = generator.get_state()
         graphs, error = _capture_graphs((self._part_a, self._part_b), self.device, generator)
         if error is None:
             self._graphs = (graphs[0], graphs[1])
             self.mode, self.reason = "graph", "captured"
             return
+        # The offsets a failed capture may have reserved are given back, on a generator out of capture mode.
+        model.renew_generator(self.device, state)
         self._graphs = None
         self.mode, self.reason = "uncaptured", f"capture failed: {error}"
         log.warning("CUDA graph capture of the supernet step failed (%s); running it uncaptured", self.reason)
@@ -366,12 +370,11 @@ def _capture_graphs(bodies, device: torch.device, generator: Optional[torch.Gene
     """Captures each of ``bodies`` (each already run once, uncaptured: the warm-up) as a CUDA graph.
 
     Returns:
-        ``(graphs, None)``, or ``(None, why)`` where capture failed; then the current stream is restored and
-        ``generator`` (registered with the graphs for its drop-path masks) is replaced by a fresh one with its
-        state, since a failed capture can leave a registered generator in capture mode.
+        ``(graphs, None)``, or ``(None, why)`` where capture failed; then the current stream is restored, and
+        the caller replaces ``generator`` (registered with the graphs for its drop-path masks), which a failed
+        capture can leave in capture mode (``DropPathMixin.renew_generator``).
     """
     stream = torch.cuda.current_stream(device)
-    state = generator.get_state() if generator is not None else None
     graphs = []
     try:
         with torch.cuda.device(device):
@@ -385,7 +388,5 @@ def _capture_graphs(bodies, device: torch.device, generator: Optional[torch.Gene
     except Exception as exc:  # capture is an optimisation: any failure falls back to the same bodies uncaptured
         torch.cuda.set_stream(stream)
         torch.cuda.synchronize(device)
-        if generator is not None:
-            generator.set_state(state)  # the offsets a failed capture may have reserved are given back
         return None, f"{type(exc).__name__}: {exc}"
     return graphs, None

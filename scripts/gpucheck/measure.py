@@ -64,14 +64,15 @@ def pytest_counts(junit_xml: Path) -> Dict[str, Any]:
 
 def ctest_counts(output: str) -> Dict[str, Any]:
     """Counts from ctest's output: total, failed, skipped (tests that exited with the skip code)."""
-    m = re.search(r"(\d+)% tests passed, (\d+) tests? failed out of (\d+)", output)
+    # "100% tests passed, 0 tests failed out of 6", or (newer CTest, all passed) "100% tests passed out of 6"
+    m = re.search(r"(\d+)% tests passed(?:, (\d+) tests? failed)? out of (\d+)", output)
     skipped = re.findall(r"^\s*\d+ - (\S+) \(Skipped\)", output, flags=re.M)
     failed = re.findall(r"^\s*\d+ - (\S+) \((?:Failed|SEGFAULT|Timeout|Subprocess aborted|Not Run)\)", output,
                         flags=re.M)
     if not m:
         return {"total": 0, "failed": 0, "skipped": len(skipped), "skipped_names": skipped, "failed_names": failed,
                 "parsed": False}
-    return {"total": int(m.group(3)), "failed": int(m.group(2)), "skipped": len(skipped),
+    return {"total": int(m.group(3)), "failed": int(m.group(2) or 0), "skipped": len(skipped),
             "skipped_names": skipped, "failed_names": failed, "parsed": True}
 
 
