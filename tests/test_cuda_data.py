@@ -76,7 +76,7 @@ def test_standalone_skips_a_poisoned_step_on_cuda(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_new_arch_plans_copy_from_pinned_memory():
-    """Pool evaluation builds a plan per new arch; its indices travel from pinned memory, never pageable."""
+    """Pool evaluation uploads the pool's tables (or a plan per new arch) from pinned memory, never pageable."""
     from torch.profiler import ProfilerActivity, profile
 
     model = Supernet(SPACE, layers=1, channels=8).cuda()

@@ -33,7 +33,10 @@ CUDA = torch.cuda.is_available()
 
 STEPS = 20
 LOSS_RTOL = 1e-4  # one step's loss, CUDA vs CPU from the same state
-WEIGHT_ATOL, WEIGHT_RTOL = 1e-5, 1e-4  # weights after that step
+# Weights after that step. float32 rounding alone moves them: on the CPU, this set-up's float32 steps differ
+# from the same steps in float64 by up to 1.25e-4 (stem.weight, steps 0-7; the BN backward's cancellations),
+# so two float32 devices may differ by up to about twice that (CUDA vs CPU on an H200: 7.5e-5 at step 3).
+WEIGHT_ATOL, WEIGHT_RTOL = 3e-4, 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +182,10 @@ def test_poisoned_step_is_skipped_on_cuda():
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_nonfinite_flag_waits_on_the_trainer_device_stream(monkeypatch):
-    """The flag's event is recorded on the trainer's device stream, whatever the current device is."""
+    """The eager step's flag event is recorded on the trainer's device stream, whatever the current device is.
+
+    graph='off': the device-data (graph) step, the default on CUDA, reads its flag by a blocking copy instead.
+    """
     import bnao.supernet.trainer as trainer_module
 
     recorded = []
@@ -190,7 +196,8 @@ def test_nonfinite_flag_waits_on_the_trainer_device_stream(monkeypatch):
             return super().record(stream)
 
     monkeypatch.setattr(trainer_module.torch.cuda, "Event", RecordingEvent)
-    trainer, _, _ = train_supernet("cuda", steps=1)
+    trainer, _, _ = train_supernet("cuda", steps=1, graph="off")
+    assert trainer.graph_status["mode"] == "eager"
     index = trainer.device.index if trainer.device.index is not None else torch.cuda.current_device()
     assert recorded and all(s is not None and s.device == torch.device("cuda", index) for s in recorded)
 

@@ -67,7 +67,7 @@ def _leaves(tensors, dtype):
 def _round_case(sources, code, round_index, dw, pw, norm, reduction, device, gen):
     """Compiled bf16 round vs the float64 reference on the same values; returns the errors by name."""
     bf_sources = _leaves([s.to(device) for s in sources], BF16)
-    params = _leaves([dw.to(device), pw.to(device), *(norm or ())], torch.float32)
+    params = _leaves([t.to(device) for t in (dw, pw, *(norm or ()))], torch.float32)
     pre, mean, invstd = fused_round.branch_round(bf_sources, code.to(device), round_index, params[0], params[1],
                                                  tuple(params[2:]) or None, EPS, reduction=reduction)
     assert pre.dtype == BF16 and mean.dtype == invstd.dtype == torch.float32

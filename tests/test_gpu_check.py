@@ -107,6 +107,15 @@ def test_parsers(tmp_path):
     passed = measure.ctest_counts("6/6 Test #6: test_reduction_split ....   Passed    1.18 sec\n\n"
                                   "100% tests passed out of 6\n\nTotal Test time (real) =   4.70 sec\n")
     assert (passed["total"], passed["failed"], passed["parsed"]) == (6, 0, True)
+    # A crash as the H200 machine printed it (2026-11-27): the test that died, not the module list.
+    crashed = ("FF.....Fatal Python error: Segmentation fault\n\nThread 0x00007fe07f4516c0 (most recent call "
+               "first):\n  <no Python frame>\n\nCurrent thread 0x00007fe40cd3e140 (most recent call first):\n"
+               '  File "/opt/torch/.venv/lib/python3.12/site-packages/torch/_ops.py", line 1269 in __call__\n'
+               '  File "/work/main/tests/test_fused_round.py", line 406 in test_backward_accumulate_overwrites\n'
+               '  File "/opt/torch/.venv/lib/python3.12/site-packages/_pytest/python.py", line 167 in pytest_pyfunc\n')
+    assert measure.pytest_crash(crashed) == ("Segmentation fault in tests/test_fused_round.py::"
+                                             "test_backward_accumulate_overwrites, line 406")
+    assert measure.pytest_crash("3 passed in 1.0s") is None
     assert measure.sanitizer_errors("...\n========= ERROR SUMMARY: 0 errors\n") == 0
     assert measure.sanitizer_errors("========= ERROR SUMMARY: 3 errors") == 3
     assert measure.sanitizer_errors("Segmentation fault") is None

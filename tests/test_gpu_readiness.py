@@ -149,3 +149,17 @@ def test_dali_folder_pipeline_built_once_across_epochs(tmp_path):
     reference.set_epoch(1)
     assert torch.equal(torch.cat([y for _, y in resumed]), torch.cat([y for _, y in reference][1:]))
     assert resumed.pipelines_built == 1
+
+
+def test_no_capture_is_tried_without_the_caching_allocator(monkeypatch):
+    """compute-sanitizer runs gpu-check's step with PYTORCH_NO_CUDA_MEMORY_CACHING=1, where every capture fails
+    (a plain cudaMalloc during capture; seen on an H200): the step then runs uncaptured and says why."""
+    from bnao.supernet.graph_step import _capture_blocker
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("PYTORCH_NO_CUDA_MEMORY_CACHING", raising=False)
+    assert _capture_blocker(True, cuda) is None
+    assert _capture_blocker(False, cuda) == "capture off"
+    assert _capture_blocker(True, torch.device("cpu")) == "CPU"
+    monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING" in _capture_blocker(True, cuda)

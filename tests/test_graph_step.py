@@ -121,13 +121,17 @@ def test_graph_replay_equals_eager_for_50_archs():
         pytest.skip("no CUDA device")
     _require_fused("cuda")
     # cuDNN's weight-gradient algorithms (stem, 1x1 convolutions) may differ run to run unless deterministic.
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    eager = _trainer("off", "cuda", steps=50, pool_size=50)
-    graph = _trainer("on", "cuda", steps=50, pool_size=50)
-    losses = {}
-    for name, trainer in (("eager", eager), ("graph", graph)):
-        trainer.sampler = create_sampler("uniform", np.ones(50), seed=9)
-        losses[name] = [trainer.train_steps(1)["loss"] for _ in range(50)]
+    try:
+        eager = _trainer("off", "cuda", steps=50, pool_size=50)
+        graph = _trainer("on", "cuda", steps=50, pool_size=50)
+        losses = {}
+        for name, trainer in (("eager", eager), ("graph", graph)):
+            trainer.sampler = create_sampler("uniform", np.ones(50), seed=9)
+            losses[name] = [trainer.train_steps(1)["loss"] for _ in range(50)]
+    finally:  # later tests see the defaults again
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
     assert graph.graph_status["mode"] == "graph", graph.graph_status
     assert losses["graph"] == losses["eager"]  # the first (uncaptured) step's included
     _assert_same_state(eager, graph)

@@ -33,6 +33,7 @@ from ..ops.fused.cell import (
 from ..ops.fused.nodes import update_slot_stats
 from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
 from ..ops.fused.supernet_glue import supernet_cell_rows, supernet_role_stacks
+from .host_copy import to_device
 
 #: Compiled ops the fused path needs on a device type.
 FUSED_OPS = ("branch_round", "node_output", "gather_rows", "update_slot_stats")
@@ -149,9 +150,8 @@ class FusedArchData:
     def build(cls, net, arch: Tuple[int, ...], device: torch.device) -> "FusedArchData":
         """Builds and uploads the data of ``arch`` (one copy of ints, one of codes)."""
         lists = arch_lists(net, arch)
-        pinned = device.type == "cuda"
-        packed = torch.tensor(lists.ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
-        codes = torch.tensor(lists.codes, dtype=torch.int32, pin_memory=pinned).to(device, non_blocking=pinned)
+        packed = to_device(lists.ints, torch.int64, device)
+        codes = to_device(lists.codes, torch.int32, device)
         return cls(packed, codes, lists)
 
     def loose(self, dtype: torch.dtype) -> torch.Tensor:

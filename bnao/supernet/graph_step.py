@@ -21,6 +21,7 @@ arithmetic: :func:`tests.test_graph_step` compares these steps with the trainer'
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -30,6 +31,7 @@ from torch.profiler import record_function
 
 from ..autocast import bf16_autocast
 from .fused_forward import FusedArchData, arch_lists, cells_choice
+from .host_copy import to_device
 from .loss import supernet_loss
 from .optim import masked_sgd_update
 
@@ -53,12 +55,11 @@ class PoolTables:
         archs = [tuple(row) for row in np.asarray(pool).tolist()]
         lists = [arch_lists(net, arch) for arch in archs]
         self.layout = lists[0]  # spans are the same for every arch
-        self.packed = torch.tensor([item.ints for item in lists], dtype=torch.int64).to(device)
-        self.codes = torch.tensor([item.codes for item in lists], dtype=torch.int32).to(device)
-        self.loose = torch.tensor([item.loose for item in lists], dtype=dtype).to(device)
+        self.packed = to_device([item.ints for item in lists], torch.int64, device)
+        self.codes = to_device([item.codes for item in lists], torch.int32, device)
+        self.loose = to_device([item.loose for item in lists], dtype, device)
         # The slots each arch trains: for training steps only (evaluation updates nothing).
-        self.touched = (torch.tensor([net.touched_values(arch) for arch in archs], dtype=dtype).to(device)
-                        if touched else None)
+        self.touched = to_device([net.touched_values(arch) for arch in archs], dtype, device) if touched else None
         self.dtype = dtype
 
     def __len__(self) -> int:
@@ -141,8 +142,8 @@ class GraphStep:
         self._ever = self._ever_tensors()
         self._graphs: Optional[Tuple[Any, Any]] = None
         self.mode = "uncaptured"
-        self.reason = "not captured yet" if (capture and cuda) else ("capture off" if cuda else "CPU")
-        self._capture = capture and cuda
+        self.reason = _capture_blocker(capture, self.device) or "not captured yet"
+        self._capture = _capture_blocker(capture, self.device) is None
 
     # ------------------------------------------------------------------ state
     def _ever_tensors(self) -> List[Optional[torch.Tensor]]:
@@ -336,7 +337,8 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
         loss_sums.index_add_(0, index, F.cross_entropy(logits, static_labels, reduction="sum").view(1))
         correct.index_add_(0, index, (logits.argmax(1) == static_labels).sum().float().view(1))
 
-    graph, status = None, {"mode": "uncaptured", "reason": "CPU" if not cuda else "capture off"}
+    blocker = _capture_blocker(capture, device)
+    graph, status = None, {"mode": "uncaptured", "reason": blocker or "not captured yet"}
     seen = [int(labels.shape[0])] * n
     for i in range(n):
         if i:
@@ -356,14 +358,26 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             graph.replay()
             continue
         score()
-        if i == 0 and cuda and capture:
+        if i == 0 and blocker is None:
             graphs, error = _capture_graphs((score,), device, None)
             if error is None:
                 graph, status = graphs[0], {"mode": "graph", "reason": "captured"}
             else:
                 status = {"mode": "uncaptured", "reason": f"capture failed: {error}"}
                 log.warning("CUDA graph capture of pool evaluation failed (%s); running it uncaptured", error)
-    return loss_sums, correct, torch.tensor(seen, dtype=torch.float32, device=device), status
+    return loss_sums, correct, to_device(seen, torch.float32, device), status
+
+
+def _capture_blocker(capture: bool, device: torch.device) -> Optional[str]:
+    """Why no CUDA graph is captured on ``device`` (None: one is tried)."""
+    if device.type != "cuda":
+        return "CPU"
+    if not capture:
+        return "capture off"
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"):
+        # Capture needs the caching allocator's private pool: a plain cudaMalloc is refused during capture.
+        return "PYTORCH_NO_CUDA_MEMORY_CACHING is set (capture needs the caching allocator)"
+    return None
 
 
 def _capture_graphs(bodies, device: torch.device, generator: Optional[torch.Generator]):

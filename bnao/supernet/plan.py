@@ -8,6 +8,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..ops.schedule import cell_schedule
+from .host_copy import to_device
 
 __all__ = ["Plan", "build_plan"]
 
@@ -56,8 +57,7 @@ def build_plan(net, arch: Tuple[int, ...], device: torch.device) -> Plan:
     add(("loose", True), sched[True].loose)
     # One host-to-device copy per new arch, from pinned memory so that it does not block the host (pool
     # evaluation builds a plan per arch); the pinned block is not reused before the copy has run.
-    pinned = device.type == "cuda"
-    dev = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
+    dev = to_device(ints, torch.int64, device)
     view = {k: dev.narrow(0, a, n) for k, (a, n) in segs.items()}
     plan.gather = {(k[1], k[2]): v for k, v in view.items() if k[0] == "g"}
     plan.bn_rows = {k[1]: v for k, v in view.items() if k[0] == "bn"}

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.schedule import ROLES
+from .host_copy import to_device
 
 
 class TouchedEntry(NamedTuple):
@@ -93,8 +94,7 @@ def touched_masks(net, plan) -> Dict[nn.Parameter, Union[bool, torch.Tensor]]:
     """
     parameter = next(net.parameters())
     values = touched_values(net, plan)
-    pinned = parameter.device.type == "cuda"
-    flat = torch.tensor(values, dtype=parameter.dtype, pin_memory=pinned).to(parameter.device, non_blocking=pinned)
+    flat = to_device(values, parameter.dtype, parameter.device)
     masks: Dict[nn.Parameter, Union[bool, torch.Tensor]] = {}
     for entry in net.touched_layout():
         if entry.kind == "scalar":  # an input reduction: unused, or used entirely (no mask)

@@ -41,6 +41,19 @@ REFERENCE = {
 }
 
 
+def pytest_crash(output: str) -> Optional[str]:
+    """Where a pytest run died (faulthandler's ``Fatal Python error`` dump): ``"<error> in <file>::<test>, line N"``.
+
+    A crash leaves no junit XML and no failure list, so the test that crashed is the one lead (None: no dump).
+    """
+    fatal = re.search(r"Fatal Python error: ([^\n]+)", output)
+    if not fatal:
+        return None
+    frame = re.search(r'File "[^"]*?(tests/[^"]+\.py)", line (\d+) in (test_\w+)', output[fatal.end():])
+    where = f" in {frame.group(1)}::{frame.group(3)}, line {frame.group(2)}" if frame else ""
+    return fatal.group(1).strip() + where
+
+
 def pytest_counts(junit_xml: Path) -> Dict[str, Any]:
     """Passed / failed / error / skipped counts and the failing and skipped test ids of a junit XML file."""
     root = ElementTree.parse(junit_xml).getroot()

@@ -45,7 +45,7 @@ def run_one_step(device: str) -> int:
         model = Supernet(space, layers=1, channels=8, num_classes=10, total_steps=2, kernels=kernels).to(dev)
         trainer = SupernetTrainer(model, sampler, pool, loader, steps_total=2, device=dev, seed=0, bf16=bf16)
         # Two steps: on the fused path the first runs uncaptured and captures, the second replays the graphs
-        # (without the caching allocator, as under memcheck, capture fails and both run uncaptured).
+        # (without the caching allocator, as under memcheck, no capture is tried and both run uncaptured).
         stats = trainer.train_steps(2)
         assert np.isfinite(stats["loss"]), stats
         status = trainer.graph_status

@@ -104,10 +104,12 @@ def pytest_cuda(ctx: Context) -> PartResult:
     xml = ctx.logs / "pytest-cuda.xml"
     targets = ["tests/test_cuda_paths.py", "tests/test_cuda_data.py"] if ctx.smoke else ["tests"]
     run = ctx.command([ctx.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
-                       f"--junitxml={xml}", *targets], "pytest-cuda.log")
+                       "--tb=short", f"--junitxml={xml}", *targets], "pytest-cuda.log")
     if run.timed_out or not xml.exists():
-        return PartResult("pytest-cuda", _status(run, False), _failure_summary(run, "pytest"),
-                          log="logs/pytest-cuda.log")
+        crash = None if run.timed_out else measure.pytest_crash(run.log.read_text(errors="replace"))
+        summary = (f"pytest crashed: {crash} (the log has the tests before it)" if crash
+                   else _failure_summary(run, "pytest"))
+        return PartResult("pytest-cuda", _status(run, False), summary, log="logs/pytest-cuda.log")
     c = measure.pytest_counts(xml)
     summary = f"{c['passed']} passed, {c['failed'] + c['errors']} failed, {c['skipped']} skipped"
     if c["failed_ids"]:

@@ -137,6 +137,9 @@ def _setup_context(ctx, inputs, output) -> None:
     pre, mean, invstd = output
     ctx.round_index = round_index
     ctx.reduction = bool(rest[0]) if rest else False
+    # One gradient per input: torch 2.11 leaves `reduction` out of `inputs` when it has its default value,
+    # and register_autograd refuses a backward whose result has another structure than the inputs.
+    ctx.num_inputs = len(inputs)
     ctx.num_sources = len(sources)
     ctx.save_for_backward(code, dw, pw, in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, *sources)
 
@@ -152,7 +155,7 @@ def _backward(ctx, grad_pre, grad_mean, grad_invstd):
                                                  ctx.reduction)
     grad_sources, grad_dw, grad_pw = grads[:3]
     grad_norm: List[Optional[Tensor]] = list(grads[3:]) if ctx.round_index == 2 else [None] * _NORM_SLOTS
-    return (list(grad_sources), None, None, grad_dw, grad_pw, *grad_norm, None, None)
+    return (list(grad_sources), None, None, grad_dw, grad_pw, *grad_norm, None, None)[:ctx.num_inputs]
 
 
 if extension.has_ops() and hasattr(torch.ops.bnao, "branch_round"):
