@@ -15,6 +15,15 @@ TORCH_LIBRARY(bnao, m) {
   // sequence is the same on every device and in every process.
   m.def("alias_draw(Tensor table, int num_draws, int seed, int offset) -> Tensor");
 
+  // --- data (csrc/data) ----------------------------------------------------
+  // A batch from a device-resident uint8 dataset [images, (H+2pad)*(W+2pad), C] (zero-padded storage):
+  // output b reads image index[b], randomly cropped and flipped by params[b] = (dy, dx, flip, cy, cx)
+  // (none: the plain images, pad 0), normalised as data * scale + shift (one fused multiply-add) and zeroed
+  // in the cutout square; float32 [B, H, W, C]. Reference: bnao/data/augment.py.
+  m.def(
+      "gather_augment(Tensor data, Tensor index, Tensor? params, int height, int width, int pad, int cutout, "
+      "Tensor scale, Tensor shift) -> Tensor");
+
   // --- model size (csrc/size) --------------------------------------------
   // Closed-form parameter count and multiply-adds of the stand-alone network
   // of every arch of an [n, 8B] integer array; returns int64 [n, 2].

@@ -21,6 +21,8 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+from ..ops.augment import gather_augment as augment_op
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -111,12 +113,9 @@ def gather_augment(data: torch.Tensor, index: torch.Tensor, params: Optional[tor
                    shift: torch.Tensor) -> torch.Tensor:
     """Gathers a batch from the resident dataset and augments it, with no per-image loop.
 
-    The dataset is stored with its zero padding (:func:`pad_images`), so crop
-    and flip fold into one gather with no masks: output pixel ``(i, j)`` reads
-    padded pixel ``(i + dy + p, (flip ? W-1-j : j) + dx + p)``, whose flat
-    index is a row term plus a column term. A batch is then four passes over
-    its pixels: the index sum, the gather, the normalisation (one ``addcmul``)
-    and, with cutout, the mask.
+    The dataset is stored with its zero padding (:func:`pad_images`), so crop and flip fold into the
+    gather: :func:`bnao.ops.augment.gather_augment` (one kernel where ``bnao._C`` has it for the device,
+    else its pure-PyTorch reference).
 
     Args:
         data: uint8 ``[N, (H+2p)*(W+2p), C]`` from :func:`pad_images`.
@@ -132,28 +131,8 @@ def gather_augment(data: torch.Tensor, index: torch.Tensor, params: Optional[tor
     Returns:
         float32 ``[B, H, W, C]`` (contiguous, NHWC), normalised.
     """
-    b = index.shape[0]
-    wp = width + 2 * pad
-    if params is None:  # data holds the plain images (pad is 0 without a random crop)
-        pix = data.index_select(0, index)
-    else:
-        dev = data.device
-        dy, dx, flip, cy, cx = params.unbind(1)
-        ii = torch.arange(height, device=dev)
-        jj = torch.arange(width, device=dev)
-        row = (ii + (dy + pad)[:, None]) * wp  # [B, H]
-        col = torch.where(flip[:, None].bool(), (width - 1) - jj, jj) + (dx + pad)[:, None]  # [B, W]
-        # Absolute pixel numbers, so the gather is one index_select over pixel rows of
-        # ``data.view(-1, C)`` (3x faster on the CPU than two-tensor advanced indexing).
-        flat = (row[:, :, None] + (col + index[:, None] * data.shape[1])[:, None, :]).view(-1)
-        pix = data.view(-1, data.shape[2]).index_select(0, flat).view(b, height * width, -1)
-    out = torch.addcmul(shift, pix, scale)  # uint8 -> normalised float32 in one pass
-    if params is not None and cfg.cutout:
-        half = int(cfg.cutout) // 2
-        in_r = (ii >= cy[:, None] - half) & (ii < cy[:, None] + half)
-        in_c = (jj >= cx[:, None] - half) & (jj < cx[:, None] + half)
-        out.masked_fill_((in_r[:, :, None] & in_c[:, None, :]).view(b, height * width, 1), 0.0)
-    return out.view(b, height, width, -1)
+    cutout = int(cfg.cutout) if params is not None and cfg.cutout else 0
+    return augment_op(data, index, params, height, width, pad, cutout, scale, shift)
 
 
 def normalisation(mean: Any, std: Any, device: Any) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,12 @@
 The dataset is copied to the device once, as uint8 with the crop's zero
 border already in place (``[N, (H+2p)*(W+2p), C]``, 1.56x the raw size for
 CIFAR), so random crop and flip are a single gather with no masks (see
-:func:`~bnao.data.augment.gather_augment`). A batch is then about fifteen
-kernel launches: the augmentation parameters (one ``torch.rand``), index
-arithmetic on ``[B, H]`` and ``[B, W]`` vectors, one gather straight from the
-resident dataset, the normalisation (one ``addcmul``) and the cutout mask. The host does no per-image work and
-never synchronises with the device.
+:func:`~bnao.data.augment.gather_augment`). A batch is then a few kernel
+launches: the augmentation parameters (one ``torch.rand`` and its scaling) and
+one ``bnao::gather_augment`` kernel that gathers, crops, flips, normalises and
+cuts out (about fifteen ops in its pure-PyTorch reference, used where
+``bnao._C`` lacks the op). The host does no per-image work and never
+synchronises with the device.
 
 Exactly resumable, and the same batches on every device: the epoch order comes
 from a CPU generator seeded with ``(seed, epoch)`` and batch ``b``'s
