@@ -54,7 +54,9 @@ def has_kernel(op_name: str, device: str = "cpu") -> bool:
     """True when ``torch.ops.bnao.<op_name>`` has a kernel for the given device type."""
     if not has_ops():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[torch.device(device).type]
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None:  # bnao has kernels for CPUs and CUDA GPUs only; callers fall back to the references
+        return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"bnao::{op_name}", key)
     except RuntimeError:

@@ -19,7 +19,7 @@ TORCH_LIBRARY(bnao, m) {
   // A batch from a device-resident uint8 dataset [images, (H+2pad)*(W+2pad), C] (zero-padded storage):
   // output b reads image index[b], randomly cropped and flipped by params[b] = (dy, dx, flip, cy, cx)
   // (none: the plain images, pad 0), normalised as data * scale + shift (one fused multiply-add) and zeroed
-  // in the cutout square; float32 [B, H, W, C]. Reference: bnao/data/augment.py.
+  // in the cutout square; float32 [B, H, W, C]. Reference: bnao/ops/augment.py.
   m.def(
       "gather_augment(Tensor data, Tensor index, Tensor? params, int height, int width, int pad, int cutout, "
       "Tensor scale, Tensor shift) -> Tensor");

@@ -60,9 +60,10 @@ def test_pixels_by_hand():
     raw, args = _case("cpu", images=5, batch=4, height=6, width=7, pad=2, cutout=2, seed=9)
     data, index, params, height, width, pad, cutout, scale, shift = args
     out = torch.ops.bnao.gather_augment(*args)
+    cut = 0
     for b in range(4):
         dy, dx, flip, cy, cx = params[b].tolist()
-        for i, j in ((0, 0), (3, 5), (5, 6)):
+        for i, j in ((0, 0), (3, 5), (5, 6), (cy, cx)):  # (cy, cx) is always in the cutout square
             column = width - 1 - j if flip else j
             y, x = i + dy, column + dx  # in unpadded coordinates: outside the image reads the zero border
             inside = 0 <= y < height and 0 <= x < width
@@ -70,7 +71,19 @@ def test_pixels_by_hand():
             want = pixel * scale + shift
             if cy - cutout // 2 <= i < cy + cutout // 2 and cx - cutout // 2 <= j < cx + cutout // 2:
                 want = torch.zeros(3)
+                cut += 1
             torch.testing.assert_close(out[b, i, j], want, rtol=0, atol=1e-6)
+    assert cut >= 4  # the cutout branch ran
+
+
+def test_other_devices_take_the_reference():
+    """bnao has CPU and CUDA kernels only: data on another device (here `meta`) runs the reference's ops."""
+    from bnao.ops.augment import gather_augment
+
+    assert not extension.has_kernel("gather_augment", "meta")
+    _, args = _case("meta")
+    out = gather_augment(*args)
+    assert out.device.type == "meta" and tuple(out.shape) == (13, 9, 11, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,11 +108,15 @@ def test_arguments_are_checked():
     _, args = _case("cpu")
     data, index, params, height, width, pad, cutout, scale, shift = args
     op = torch.ops.bnao.gather_augment
-    with pytest.raises(RuntimeError, match="reads image 40 .* outside the 40 images"):
+    with pytest.raises(RuntimeError, match=r"index\[1\] = 40 is not an image of data \(40 images\)"):
         op(data, torch.tensor([0, 40]), params[:2], height, width, pad, cutout, scale, shift)
     bad = params.clone()
-    bad[1, 2] = 2  # flip must be 0 or 1
-    with pytest.raises(RuntimeError, match="row 1 reads image"):
+    bad[1, 2] = 2
+    with pytest.raises(RuntimeError, match=r"params\[1\] has flip 2; it must be 0 or 1"):
+        op(data, index, bad, height, width, pad, cutout, scale, shift)
+    bad = params.clone()
+    bad[2, :2] = torch.tensor([1, -4])
+    with pytest.raises(RuntimeError, match=r"params\[2\] has crop offsets \(1, -4\) outside \[-pad, pad\] = \[-3, 3\]"):
         op(data, index, bad, height, width, pad, cutout, scale, shift)
     with pytest.raises(RuntimeError, match="data must be Byte"):
         op(data.float(), index, params, height, width, pad, cutout, scale, shift)

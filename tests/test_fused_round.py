@@ -304,6 +304,22 @@ def test_backward_returns_one_gradient_per_input(with_reduction):
     assert len(grads[0]) == len(sources) and grads[3].shape == dw.shape and grads[4].shape == pw.shape
 
 
+@pytest.mark.parametrize("reduction", ["omitted", "keyword False", "positional False", "keyword True"])
+def test_autograd_through_every_way_of_passing_reduction(reduction):
+    """The registered autograd formula, as torch calls it, however `reduction` is passed (or left out)."""
+    gen = torch.Generator().manual_seed(6)
+    is_reduction = reduction.endswith("True")
+    code = cell_code(covering_cells("middle", seed=2)[2], is_reduction, op_table("middle"))[2]
+    dw, pw = leaves(make_weights(3, torch.float64, "cpu", gen))
+    sources = leaves(make_sources(2, 2, 3, 6, 6, is_reduction, torch.float64, "cpu", gen))
+    args = (sources, code, 1, dw, pw, None, None, None, None, EPS)
+    op = torch.ops.bnao.branch_round
+    outs = {"omitted": lambda: op(*args), "keyword False": lambda: op(*args, reduction=False),
+            "positional False": lambda: op(*args, False), "keyword True": lambda: op(*args, reduction=True)}[reduction]()
+    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs).backward()
+    assert dw.grad is not None and pw.grad is not None and all(s.grad is not None for s in sources)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(device):
     # Reductions have a fixed order (no atomics): repeated calls, and on the CPU any thread count,

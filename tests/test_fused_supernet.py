@@ -115,7 +115,8 @@ def test_300_fused_steps_follow_the_eager_ones(device):
     tenfold every 15 steps, so the losses of the last steps differ by up to 1.5e-4. On an H200 (eager cells on
     cuDNN) the first loss beyond 1e-3 came at step 232 (3e-3 at most by step 300). Hence two bounds: the
     first 20 losses within 1e-6 (the trainer reports float32 losses; a semantic difference, such as a
-    wrong weight row, statistic, mask or update, moves the loss by far more) and the first 150 within 1e-3.
+    wrong weight row, statistic, mask or update, moves the loss by far more) and all 300 within 1e-3 on the
+    CPU, the first 150 on CUDA.
     All 300 steps count for the last check: slots that no arch used stay bit-identical.
 
     On one CPU thread: the eager path's own results depend on the thread count (oneDNN's convolutions; on two
@@ -136,7 +137,8 @@ def test_300_fused_steps_follow_the_eager_ones(device):
         torch.set_num_threads(threads)
     (eager, initial, eager_losses), (fused, initial_f, fused_losses) = runs["eager"], runs["fused"]
     np.testing.assert_allclose(fused_losses[:20], eager_losses[:20], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(fused_losses[:150], eager_losses[:150], rtol=0, atol=1e-3)
+    compared = steps if device == "cpu" else 150
+    np.testing.assert_allclose(fused_losses[:compared], eager_losses[:compared], rtol=0, atol=1e-3)
     np.testing.assert_array_equal(fused.counts, eager.counts)  # the same archs were drawn
     for name, p in fused.model.slot_params.items():
         rows_never_used = (eager.model.slot_params[name].detach() == initial[name]).flatten(1).all(1)

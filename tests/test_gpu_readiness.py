@@ -161,5 +161,9 @@ def test_no_capture_is_tried_without_the_caching_allocator(monkeypatch):
     assert _capture_blocker(True, cuda) is None
     assert _capture_blocker(False, cuda) == "capture off"
     assert _capture_blocker(True, torch.device("cpu")) == "CPU"
-    monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
-    assert "PYTORCH_NO_CUDA_MEMORY_CACHING" in _capture_blocker(True, cuda)
+    for off in ("0", "false", "off", ""):  # torch's own spellings of "not set"
+        monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", off)
+        assert _capture_blocker(True, cuda) is None, off
+    for on in ("1", "true", "YES"):
+        monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", on)
+        assert "PYTORCH_NO_CUDA_MEMORY_CACHING" in _capture_blocker(True, cuda), on

@@ -3,7 +3,7 @@
 The tensor loader keeps the dataset on its device as uint8, zero-padded by the crop padding
 (:func:`bnao.data.augment.pad_images`). A batch is then a gather of each image's randomly cropped and
 flipped window, a per-channel normalisation and a cutout square: :func:`gather_augment_reference` does it
-with about fifteen PyTorch ops, the compiled op (``csrc/data``) with one kernel, the normalisation as one
+with about fifteen tensor expressions (45 aten ops), the compiled op (``csrc/data``) with one kernel, the normalisation as one
 fused multiply-add so that the CPU and the GPU give the same bits.
 """
 
@@ -87,4 +87,9 @@ if extension.has_ops() and hasattr(torch.ops.bnao, "gather_augment"):
                      lambda: "bnao::gather_augment: index must be int64 [B]")
         torch._check(params is None or tuple(params.shape) == (index.shape[0], NUM_PARAMS),
                      lambda: "bnao::gather_augment: params must be [B, 5]")
+        torch._check(data.shape[1] == (height + 2 * pad) * (width + 2 * pad),
+                     lambda: "bnao::gather_augment: data's pixels per image must be (H + 2 pad) * (W + 2 pad)")
+        for t in (scale, shift):
+            torch._check(t.dtype == torch.float32 and tuple(t.shape) == (data.shape[2],),
+                         lambda: "bnao::gather_augment: scale and shift must be float32 [C]")
         return data.new_empty((index.shape[0], height, width, data.shape[2]), dtype=torch.float32)

@@ -374,7 +374,7 @@ def _capture_blocker(capture: bool, device: torch.device) -> Optional[str]:
         return "CPU"
     if not capture:
         return "capture off"
-    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"):
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "").strip().lower() in ("1", "true", "yes", "on", "y"):
         # Capture needs the caching allocator's private pool: a plain cudaMalloc is refused during capture.
         return "PYTORCH_NO_CUDA_MEMORY_CACHING is set (capture needs the caching allocator)"
     return None

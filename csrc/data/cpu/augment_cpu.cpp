@@ -23,19 +23,19 @@ at::Tensor gather_augment_cpu(const at::Tensor& data, const at::Tensor& index, c
   at::Tensor out;
   const AugmentArgs a = augment_args(data, index, params, height, width, pad, cutout, scale, shift, &out);
   for (int64_t b = 0; b < a.batch; ++b) {
-    TORCH_CHECK(valid_row(a, data.size(0), b), "bnao::gather_augment: row ", b, " reads image ", a.index[b],
-                a.params ? " with crop/flip parameters" : "", " outside the ", data.size(0), " images of data",
-                a.params ? " or outside [-pad, pad] / {0, 1}" : "", "; pass indices in [0, images) and "
-                "bnao.data.augment.sample_params parameters");
+    if (valid_row(a, data.size(0), b)) continue;
+    TORCH_CHECK(a.index[b] >= 0 && a.index[b] < data.size(0), "bnao::gather_augment: index[", b, "] = ",
+                a.index[b], " is not an image of data (", data.size(0), " images); pass indices in [0, images)");
+    const int64_t* p = a.params + b * kNumParams;
+    TORCH_CHECK(p[kFlip] == 0 || p[kFlip] == 1, "bnao::gather_augment: params[", b, "] has flip ", p[kFlip],
+                "; it must be 0 or 1 (bnao.data.augment.sample_params)");
+    TORCH_CHECK(false, "bnao::gather_augment: params[", b, "] has crop offsets (", p[kDy], ", ", p[kDx],
+                ") outside [-pad, pad] = [", -a.pad, ", ", a.pad, "] (bnao.data.augment.sample_params)");
   }
   const int64_t pixels = a.batch * a.height * a.width;
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, a.channels));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t pixel = begin; pixel < end; ++pixel) {
-      const PixelSource source = pixel_source(a, pixel);
-      float* out = a.out + pixel * a.channels;
-      for (int64_t c = 0; c < a.channels; ++c) out[c] = channel_value(a, source, c);
-    }
+    for (int64_t pixel = begin; pixel < end; ++pixel) augment_pixel(a, pixel);
   });
   return out;
 }

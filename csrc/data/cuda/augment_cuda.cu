@@ -1,5 +1,5 @@
-// CUDA kernel of bnao::gather_augment: one output value per thread (consecutive threads write consecutive
-// floats of the NHWC batch), grid-stride; the body is data/augment.h, the checks data/augment_ops.h.
+// CUDA kernel of bnao::gather_augment: one output pixel (all its channels) per thread, grid-stride, so the
+// index arithmetic runs once per pixel; the body is data/augment.h, the checks data/augment_ops.h.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,13 +21,14 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
 
 __global__ void __launch_bounds__(kThreads) gather_augment_kernel(const AugmentArgs a, int64_t images) {
-  const int64_t count = a.batch * a.height * a.width * a.channels;
+  const int64_t plane = a.height * a.width, count = a.batch * plane;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride) {
+  for (int64_t pixel = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pixel < count;
+       pixel += stride) {
     // The host cannot read device indices without a sync: out-of-range rows stop the kernel here.
-    CUDA_KERNEL_ASSERT(valid_row(a, images, e / (a.height * a.width * a.channels)) &&
+    CUDA_KERNEL_ASSERT(valid_row(a, images, pixel / plane) &&
                        "bnao::gather_augment: an index or crop/flip parameter is out of range");
-    a.out[e] = augment_value(a, e);
+    augment_pixel(a, pixel);
   }
 }
 
@@ -37,7 +38,7 @@ at::Tensor gather_augment_cuda(const at::Tensor& data, const at::Tensor& index,
   const c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out;
   const AugmentArgs a = augment_args(data, index, params, height, width, pad, cutout, scale, shift, &out);
-  const int64_t count = out.numel();
+  const int64_t count = a.batch * a.height * a.width;  // pixels
   if (count == 0) return out;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, kMaxBlocks));
   gather_augment_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream(data.device().index()).stream()>>>(
