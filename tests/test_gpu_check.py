@@ -113,8 +113,10 @@ def test_parsers(tmp_path):
                '  File "/opt/torch/.venv/lib/python3.12/site-packages/torch/_ops.py", line 1269 in __call__\n'
                '  File "/work/main/tests/test_fused_round.py", line 406 in test_backward_accumulate_overwrites\n'
                '  File "/opt/torch/.venv/lib/python3.12/site-packages/_pytest/python.py", line 167 in pytest_pyfunc\n')
-    assert measure.pytest_crash(crashed) == ("Segmentation fault in tests/test_fused_round.py::"
-                                             "test_backward_accumulate_overwrites, line 406")
+    crash = measure.pytest_crash(crashed)
+    assert crash.test == "tests/test_fused_round.py::test_backward_accumulate_overwrites" and crash.line == 406
+    assert str(crash) == ("Segmentation fault in tests/test_fused_round.py::test_backward_accumulate_overwrites, "
+                          "line 406")
     assert measure.pytest_crash("3 passed in 1.0s") is None
     assert measure.sanitizer_errors("...\n========= ERROR SUMMARY: 0 errors\n") == 0
     assert measure.sanitizer_errors("========= ERROR SUMMARY: 3 errors") == 3
@@ -267,3 +269,35 @@ def test_supernet_figures_name_the_cells_path_and_why_the_eager_cells_ran():
     training = measure.supernet_figures([result])[0]
     assert training.name == "supernet training, batch 4, eager cells"
     assert "; eager (kernels='eager')" in training.note
+
+
+def test_pytest_part_reruns_without_the_test_that_crashed(tmp_path, monkeypatch):
+    """A crash loses pytest's failure list: the part runs the suite again without the crashed test (its
+    node prefix passed to --deselect) and reports both the counts of that run and the crash."""
+    from gpucheck import parts
+    from gpucheck.runner import CommandResult
+
+    ctx = Context(tmp_path / "out", ROOT, sys.executable, gpu=True, smoke=False, deadline=time.monotonic() + 600)
+    calls = []
+    dump = ('Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n'
+            '  File "/work/main/tests/test_fused_round.py", line 406 in test_overwrites\n')
+    junit = ('<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok[cuda]"/>'
+             '<testcase classname="tests.test_a" name="test_bad[cuda]"><failure message="x"/></testcase>'
+             '</testsuite></testsuites>')
+
+    def fake_command(argv, log_name, timeout=None, env=None):
+        calls.append([a for a in argv if a.startswith("--deselect")])
+        log = ctx.logs / log_name
+        if len(calls) == 1:
+            log.write_text("FF..." + dump)
+        else:
+            log.write_text("..F")
+            (ctx.logs / "pytest-cuda.xml").write_text(junit)
+        return CommandResult(-11 if len(calls) == 1 else 1, 1.0, log)
+
+    monkeypatch.setattr(ctx, "command", fake_command)
+    result = parts.pytest_cuda(ctx)
+    assert calls == [[], ["--deselect=tests/test_fused_round.py::test_overwrites"]]
+    assert result.status == FAIL and result.log == "logs/pytest-cuda-2.log"
+    assert "1 passed, 1 failed" in result.summary and "tests.test_a::test_bad[cuda]" in result.summary
+    assert "Segmentation fault in tests/test_fused_round.py::test_overwrites, line 406" in result.summary

@@ -11,7 +11,7 @@ import re
 import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from .runner import Figure
 
@@ -41,17 +41,30 @@ REFERENCE = {
 }
 
 
-def pytest_crash(output: str) -> Optional[str]:
-    """Where a pytest run died (faulthandler's ``Fatal Python error`` dump): ``"<error> in <file>::<test>, line N"``.
+class PytestCrash(NamedTuple):
+    """Where a pytest run died: the fatal error, and the test (``file::function``, a node-id prefix that
+    ``--deselect`` takes) and its line when faulthandler's dump names them."""
 
-    A crash leaves no junit XML and no failure list, so the test that crashed is the one lead (None: no dump).
+    error: str
+    test: Optional[str]
+    line: Optional[int]
+
+    def __str__(self) -> str:
+        return self.error + (f" in {self.test}, line {self.line}" if self.test else "")
+
+
+def pytest_crash(output: str) -> Optional[PytestCrash]:
+    """The crash in a pytest run's output (faulthandler's ``Fatal Python error`` dump), None when it has none.
+
+    A crash leaves no junit XML and no failure list, so the test that crashed is the one lead.
     """
     fatal = re.search(r"Fatal Python error: ([^\n]+)", output)
     if not fatal:
         return None
     frame = re.search(r'File "[^"]*?(tests/[^"]+\.py)", line (\d+) in (test_\w+)', output[fatal.end():])
-    where = f" in {frame.group(1)}::{frame.group(3)}, line {frame.group(2)}" if frame else ""
-    return fatal.group(1).strip() + where
+    if not frame:
+        return PytestCrash(fatal.group(1).strip(), None, None)
+    return PytestCrash(fatal.group(1).strip(), f"{frame.group(1)}::{frame.group(3)}", int(frame.group(2)))
 
 
 def pytest_counts(junit_xml: Path) -> Dict[str, Any]:

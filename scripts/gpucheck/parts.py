@@ -103,19 +103,34 @@ def pytest_cuda(ctx: Context) -> PartResult:
         return PartResult("pytest-cuda", SKIP, "no GPU")
     xml = ctx.logs / "pytest-cuda.xml"
     targets = ["tests/test_cuda_paths.py", "tests/test_cuda_data.py"] if ctx.smoke else ["tests"]
-    run = ctx.command([ctx.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
-                       "--tb=short", f"--junitxml={xml}", *targets], "pytest-cuda.log")
+    crashes: List[measure.PytestCrash] = []
+    # A crash loses the whole failure list: run again without each test that crashed (twice at most), so
+    # one crashing test does not hide the others' results (the H200's first run, 2026-11-27).
+    for attempt in range(3):
+        log_name = "pytest-cuda.log" if attempt == 0 else f"pytest-cuda-{attempt + 1}.log"
+        xml.unlink(missing_ok=True)
+        run = ctx.command([ctx.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
+                           "--tb=short", f"--junitxml={xml}", *[f"--deselect={c.test}" for c in crashes],
+                           *targets], log_name)
+        if run.timed_out or xml.exists():
+            break
+        crash = measure.pytest_crash(run.log.read_text(errors="replace"))
+        if crash is None or crash.test is None:
+            break
+        crashes.append(crash)
+    crashed = "; ".join(str(c) for c in crashes)
     if run.timed_out or not xml.exists():
-        crash = None if run.timed_out else measure.pytest_crash(run.log.read_text(errors="replace"))
-        summary = (f"pytest crashed: {crash} (the log has the tests before it)" if crash
+        summary = (f"pytest crashed: {crashed} (the logs have the tests before each crash)" if crashes
                    else _failure_summary(run, "pytest"))
-        return PartResult("pytest-cuda", _status(run, False), summary, log="logs/pytest-cuda.log")
+        return PartResult("pytest-cuda", _status(run, False), summary, log=f"logs/{log_name}")
     c = measure.pytest_counts(xml)
     summary = f"{c['passed']} passed, {c['failed'] + c['errors']} failed, {c['skipped']} skipped"
     if c["failed_ids"]:
         summary += ": " + ", ".join(c["failed_ids"][:5])
-    status = FAIL if c["failed"] + c["errors"] else (SKIP if c["passed"] == 0 else PASS)
-    return PartResult("pytest-cuda", status, summary, details=c, log="logs/pytest-cuda.log")
+    if crashes:
+        summary += f"; crashed, then left out: {crashed}"
+    status = FAIL if c["failed"] + c["errors"] or crashes else (SKIP if c["passed"] == 0 else PASS)
+    return PartResult("pytest-cuda", status, summary, details=c, log=f"logs/{log_name}")
 
 
 def sanitizer(ctx: Context) -> PartResult:
