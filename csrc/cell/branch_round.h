@@ -1079,7 +1079,6 @@ struct GradDwTiles {
   static BNAO_CELL_HD int64_t covered_outputs(const RoundArgs<T>& a) { return kNumBranches * a.channels * kSlab; }
 
   BNAO_CELL_HD void partial_sums(int64_t o, int64_t thread, int64_t threads, Acc* sums) const {
-    using C = Compute<T>;
     const RoundArgs<T>& a = args;
     const int64_t chunk = o % chunks, bc = o / chunks, c = bc % a.channels;
     const int b = static_cast<int>(bc / a.channels);
@@ -1087,18 +1086,39 @@ struct GradDwTiles {
     for (int tap = 0; tap < kSums; ++tap) sums[tap] = Acc(0);
     const Branch<T> br = read_branch(a, b);
     if (br.op != kOpSepConv) return;  // GradDwTerm's inactive outputs: zero
+    // The tap loops unrolled to the branch's kernel size (the sums stay in registers, and a 3 x 3 conv does
+    // not issue the 40 other taps of the 7 x 7 slab); any other size takes the whole slab, with the taps past
+    // its k x k corner adding nothing. The same sums in the same order whatever the unrolling.
+    switch (br.kernel) {
+      case 3:
+        add_taps<3>(br, b, c, chunk, thread, threads, sums);
+        break;
+      case 5:
+        add_taps<5>(br, b, c, chunk, thread, threads, sums);
+        break;
+      default:
+        add_taps<kMaxKernel>(br, b, c, chunk, thread, threads, sums);
+        break;
+    }
+  }
+
+  // Thread `thread`'s terms of chunk `chunk` added into the taps (kh, kw) < (K, K) of `sums`.
+  template <int K>
+  BNAO_CELL_HD void add_taps(const Branch<T>& br, int b, int64_t c, int64_t chunk, int64_t thread, int64_t threads,
+                             Acc* sums) const {
+    using C = Compute<T>;
+    const RoundArgs<T>& a = args;
     const int k = br.kernel, d = br.dilation, s = br.stride;
     const int64_t pad = static_cast<int64_t>(d) * (k / 2), plane = a.height * a.width, length = a.batch * plane;
     for (int64_t index = chunk * threads + thread; index < length; index += chunks * threads) {
       const int64_t n = index / plane, pixel = index - n * plane, i = pixel / a.width, j = pixel - i * a.width;
       const C grad = static_cast<C>(a.grad_mid[pre_offset(a, b, n, c, i, j)]);
       const ChannelInput<T> in = channel_input(a, br, b, n, c);
-      // Unrolled to the 7 x 7 slab so that the sums stay in registers; taps past the k x k corner add nothing.
       BNAO_UNROLL
-      for (int kh = 0; kh < kMaxKernel; ++kh) {
+      for (int kh = 0; kh < K; ++kh) {
         const int64_t y = i * s - pad + kh * d;
         BNAO_UNROLL
-        for (int kw = 0; kw < kMaxKernel; ++kw) {
+        for (int kw = 0; kw < K; ++kw) {
           const int64_t x = j * s - pad + kw * d;
           // GradDwTerm::term's value: grad_mid times the ReLU of the (normalised) input at the tap.
           if (kh < k && kw < k && in.inside(y, x))

@@ -301,6 +301,10 @@ void test_rounds() {
   const std::vector<at::Tensor> small = {at::randn({2, channels, 6, 6}, options), at::randn({2, channels, 6, 6}, options)};
   const int64_t small_chunks = check_round("small round 1", small, round1_code, 1, {{}, {}, {}, {}});
   check(small_chunks == 1, "a small round runs one chunk, got " + std::to_string(small_chunks));
+  // Kernel sizes without their own unrolling of the depthwise weight gradient's taps (GradDwTiles): the
+  // whole 7 x 7 slab, with the taps past a 1 x 1 corner adding nothing.
+  const at::Tensor slab_code = node_code({{kKindSepConv, 7, 1, 0, kFlagBn1}, {kKindSepConv, 1, 1, 1, kFlagBn1}});
+  check_round("small round 1, 7x7 and 1x1 sep convs", small, slab_code, 1, {{}, {}, {}, {}});
 }
 
 // The same emulation in float32 and bfloat16 (the dtypes a GPU trains in): the tile bodies' loads, casts and
