@@ -111,7 +111,7 @@ def test_parsers(tmp_path):
     crashed = ("FF.....Fatal Python error: Segmentation fault\n\nThread 0x00007fe07f4516c0 (most recent call "
                "first):\n  <no Python frame>\n\nCurrent thread 0x00007fe40cd3e140 (most recent call first):\n"
                '  File "/opt/torch/.venv/lib/python3.12/site-packages/torch/_ops.py", line 1269 in __call__\n'
-               '  File "/work/main/tests/test_fused_round.py", line 406 in test_backward_accumulate_overwrites\n'
+               '  File "/home/user/bnao/tests/test_fused_round.py", line 406 in test_backward_accumulate_overwrites\n'
                '  File "/opt/torch/.venv/lib/python3.12/site-packages/_pytest/python.py", line 167 in pytest_pyfunc\n')
     crash = measure.pytest_crash(crashed)
     assert crash.test == "tests/test_fused_round.py::test_backward_accumulate_overwrites" and crash.line == 406
@@ -280,7 +280,7 @@ def test_pytest_part_reruns_without_the_test_that_crashed(tmp_path, monkeypatch)
     ctx = Context(tmp_path / "out", ROOT, sys.executable, gpu=True, smoke=False, deadline=time.monotonic() + 600)
     calls = []
     dump = ('Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n'
-            '  File "/work/main/tests/test_fused_round.py", line 406 in test_overwrites\n')
+            '  File "/home/user/bnao/tests/test_fused_round.py", line 406 in test_overwrites\n')
     junit = ('<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok[cuda]"/>'
              '<testcase classname="tests.test_a" name="test_bad[cuda]"><failure message="x"/></testcase>'
              '</testsuite></testsuites>')

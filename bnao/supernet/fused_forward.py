@@ -33,7 +33,7 @@ from ..ops.fused.cell import (
 from ..ops.fused.nodes import update_slot_stats
 from ..ops.fused.round import ACTIVATION_DTYPES, param_dtype
 from ..ops.fused.supernet_glue import supernet_cell_rows, supernet_role_stacks
-from .host_copy import to_device
+from ..device import to_device
 
 #: Compiled ops the fused path needs on a device type.
 FUSED_OPS = ("branch_round", "node_output", "gather_rows", "update_slot_stats")

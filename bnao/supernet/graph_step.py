@@ -31,7 +31,7 @@ from torch.profiler import record_function
 
 from ..autocast import bf16_autocast
 from .fused_forward import FusedArchData, arch_lists, cells_choice
-from .host_copy import to_device
+from ..device import to_device
 from .loss import supernet_loss
 from .optim import masked_sgd_update
 

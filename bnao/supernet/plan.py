@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..ops.schedule import cell_schedule
-from .host_copy import to_device
+from ..device import to_device
 
 __all__ = ["Plan", "build_plan"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.schedule import ROLES
-from .host_copy import to_device
+from ..device import to_device
 
 
 class TouchedEntry(NamedTuple):

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from ...device import upload
 from ..augment import gather_augment, normalisation, pad_images, sample_params
 from ..datasets import ArrayDataset
 from .base import Batch, Loader, epoch_permutation, mix_seed
@@ -64,18 +65,13 @@ class TensorLoader(Loader):
         # On the CPU whatever the device: one stream of orders and parameters for CPU and CUDA runs.
         self._gen = torch.Generator()
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t
-        # Pinned source: the copy does not block the host; the pinned block is not reused before it ran.
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _batch(self, index: torch.Tensor, epoch: int, b: int) -> Batch:
         params = None
         if self.augment.random:
             self._gen.manual_seed(mix_seed(self.seed, epoch, b))
-            params = self._to_device(sample_params(index.shape[0], self.height, self.width, self.augment,
-                                                   self._gen))
+            params = upload(sample_params(index.shape[0], self.height, self.width, self.augment, self._gen),
+                            self.device)
         x = gather_augment(self._data, index, params, self.height, self.width, self.pad, self.augment,
                            self._scale, self._shift)
         x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: already channels_last
@@ -84,7 +80,7 @@ class TensorLoader(Loader):
         return x, self._labels[index]
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        order = self._to_device(epoch_permutation(self.seed, epoch, len(self.dataset), self.shuffle, self._gen))
+        order = upload(epoch_permutation(self.seed, epoch, len(self.dataset), self.shuffle, self._gen), self.device)
         for b in range(start, len(self)):
             lo, hi = self.batch_range(b)
             yield self._batch(order[lo:hi], epoch, b)
