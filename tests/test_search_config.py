@@ -41,6 +41,18 @@ def test_overrides_are_typed():
         load_config(None, ["supernet.bf16=3"])
 
 
+def test_on_and_off_choices_survive_yaml_booleans(tmp_path):
+    """YAML 1.1 reads an unquoted on/off as a boolean; for a key whose choices are on/off it means the word."""
+    assert load_config(None, ["supernet.graph=off"])["supernet"]["graph"] == "off"
+    assert load_config(None, ["supernet.graph=on"])["supernet"]["graph"] == "on"
+    path = tmp_path / "run.yaml"
+    path.write_text("supernet:\n  graph: off\n")
+    assert load_config(str(path))["supernet"]["graph"] == "off"
+    # Keys without on/off choices still refuse a boolean.
+    with pytest.raises(ConfigError, match="expects str, got a boolean"):
+        load_config(None, ["supernet.kernels=off"])
+
+
 def test_unknown_keys_name_the_closest_valid_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'supernet.epoch'; did you mean 'supernet.epochs'"):
         load_config(None, ["supernet.epoch=3"])

@@ -265,6 +265,9 @@ def _coerce(key: str, value: Any, schema: Optional[ConfigSchema] = None) -> Any:
         number = _finite_float(value)
         if number is not None:
             return number
+    if isinstance(value, bool) and key in _CHOICES and ("on" if value else "off") in _CHOICES[key]:
+        # YAML 1.1 reads an unquoted on/off (also yes/no, true/false) as a boolean: graph=off means "off".
+        return "on" if value else "off"
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(f"config key {key!r} expects {types[0].__name__}, got a boolean {value!r}")
     if not isinstance(value, types):

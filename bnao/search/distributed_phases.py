@@ -31,8 +31,9 @@ def advance_loader_state(state: Dict[str, Any], batches: int, per_epoch: int) ->
     return moved
 
 
-def evaluate_split(search: Any, bf16: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """One-shot accuracy and loss of every pool arch, each rank scoring its share; the same on every rank."""
+def evaluate_split(search: Any, bf16: bool, graph: str = "auto") -> Tuple[np.ndarray, np.ndarray]:
+    """One-shot accuracy and loss of every pool arch, each rank scoring its share; the same on every rank
+    (``graph`` as for :func:`~bnao.supernet.evaluate_pool`)."""
     archs = search.pool.archs.astype(np.int64)
     start, stop = split_evenly(len(archs))
     batches = search.dev_batches
@@ -42,7 +43,7 @@ def evaluate_split(search: Any, bf16: bool) -> Tuple[np.ndarray, np.ndarray]:
         per_epoch = len(batches.loader)
         batches.load_state_dict(advance_loader_state(begin, start * batches.count, per_epoch))
     if stop > start:
-        acc, loss = evaluate_pool(search.model, archs[start:stop], batches, bf16=bf16)
+        acc, loss = evaluate_pool(search.model, archs[start:stop], batches, bf16=bf16, graph=graph)
     else:  # more ranks than archs
         acc, loss = np.zeros(0), np.zeros(0)
     parts = gather_objects((acc, loss), "the pool evaluation")

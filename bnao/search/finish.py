@@ -7,6 +7,7 @@ directory and config), kept apart so that the loop module holds the search phase
 from __future__ import annotations
 
 import time
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -101,13 +102,16 @@ class ResultPhases:
             "img_per_s": ts.get("img_per_s"),
             "phase_seconds": dict(ps),
             "elapsed": time.perf_counter() - started,
+            "step_path": self.state.get("step_path"),
+            "eval_path": self.state.get("eval_path"),
         }
         cm = self.state.get("controller_metrics") if it < int(self.config["search"]["iterations"]) else None
         line = (
             f"iter {it}: pool {len(self.pool)} | supernet {self.steps_per_iteration} steps"
             f" {ts.get('img_per_s', float('nan')):.0f} img/s loss {ts.get('loss', float('nan')):.3f}"
-            f" ({fmt_seconds(ps.get('train', 0))}) | eval best {record['best_one_shot']:.4f}"
-            f" mean {record['mean_one_shot']:.4f} ({fmt_seconds(ps.get('eval', 0))})"
+            f" ({fmt_seconds(ps.get('train', 0))}{_path_text(record['step_path'])}) | eval best"
+            f" {record['best_one_shot']:.4f} mean {record['mean_one_shot']:.4f}"
+            f" ({fmt_seconds(ps.get('eval', 0))}{_path_text(record['eval_path'])})"
         )
         if cm:
             record["controller"] = cm
@@ -139,3 +143,12 @@ class ResultPhases:
             self._plot_warned = True
             self.echo(why)
         self.scalars.flush()
+
+
+def _path_text(path: Optional[Dict[str, str]]) -> str:
+    """How a phase ran: ``", graph"`` (replayed CUDA graphs), ``", eager"``, or ``", uncaptured: why"`` (graphs
+    were meant to run but did not, e.g. a failed capture); empty when unknown (a checkpoint from before these
+    were recorded). The history records keep the reason in every case."""
+    if not path:
+        return ""
+    return f", uncaptured: {path['reason']}" if path["mode"] == "uncaptured" else f", {path['mode']}"

@@ -26,6 +26,7 @@ import torch
 from ..distributed import any_rank, average_buffers, current, rank_device
 from ..signals import Stopped, stop_requested
 from ..supernet import RandomBatches, evaluate_pool
+from ..supernet.evaluator import last_evaluation
 from .components import SearchComponents
 from .config import diff
 from .config_checks import check_config
@@ -241,17 +242,21 @@ class BalancedNAO(SearchComponents, ResultPhases):
             self.scalars.add(f"draws/size_bucket_{b['bucket']}_target", b["size_share"], it)
         self.state["phase_seconds"]["train"] = time.perf_counter() - t0
         self.state["train_stats"] = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        # How the steps ran (replayed CUDA graphs, uncaptured, eager) and why: the first thing to check in a slow run.
+        self.state["step_path"] = dict(self.trainer.graph_status)
         self._advance("eval", started)
 
     def _phase_eval(self, it: int, started: float) -> None:
         t0 = time.perf_counter()
         if self.parallel.enabled:
-            acc, loss = evaluate_split(self, bf16=self.config["supernet"]["bf16"])
+            acc, loss = evaluate_split(self, bf16=self.config["supernet"]["bf16"],
+                                       graph=self.config["supernet"]["graph"])
         else:
             acc, loss = evaluate_pool(self.model, self.pool.archs.astype(np.int64), self.dev_batches,
                                       bf16=self.config["supernet"]["bf16"], graph=self.config["supernet"]["graph"])
         self.pool.set_scores(it, acc)
         self.state["phase_seconds"]["eval"] = time.perf_counter() - t0
+        self.state["eval_path"] = dict(last_evaluation)
         self.scalars.add("eval/best_one_shot", float(np.max(acc)), it)
         self.scalars.add("eval/mean_one_shot", float(np.mean(acc)), it)
         self.scalars.add("eval/mean_loss", float(np.mean(loss)), it)

@@ -259,6 +259,11 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
         TORCH_CHECK(accumulate_into[s].data_ptr() != source.data_ptr(), op, ": grad_sources[", s,
                     "] shares memory with a source; pass separate gradient buffers");
       }
+      // One launch writes several sources' gradients at once (run_backward): they must not alias.
+      for (size_t t = 0; t < s; ++t) {
+        TORCH_CHECK(accumulate_into[s].data_ptr() != accumulate_into[t].data_ptr(), op, ": grad_sources[", t,
+                    "] and grad_sources[", s, "] are the same buffer; pass one gradient buffer per source");
+      }
     }
   } else {
     for (const at::Tensor& source : sources) grad_sources.push_back(at::empty(source.sizes(), options));
@@ -266,9 +271,11 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
   at::Tensor grad_dw = at::empty(dw.sizes(), param_options), grad_pw = at::empty(pw.sizes(), param_options);
   const std::vector<int64_t> norm_shape =
       round == 2 ? std::vector<int64_t>{kNumBranches, shape.channels} : std::vector<int64_t>{0};
-  at::Tensor grad_in_mean = at::zeros(norm_shape, param_options),
-             grad_in_invstd = at::zeros(norm_shape, param_options),
-             grad_in_gamma = at::zeros(norm_shape, param_options), grad_in_beta = at::zeros(norm_shape, param_options);
+  // Every element is written by NormShiftTerm / NormScaleTerm's finish (zero for branches without BN1), so
+  // no fill kernels: four launches fewer per round-2 backward.
+  at::Tensor grad_in_mean = at::empty(norm_shape, param_options),
+             grad_in_invstd = at::empty(norm_shape, param_options),
+             grad_in_gamma = at::empty(norm_shape, param_options), grad_in_beta = at::empty(norm_shape, param_options);
   at::Tensor grad_total = at::empty(pre_shape, options), mid = at::empty(pre_shape, options),
              grad_mid = at::empty(pre_shape, options);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, first.scalar_type(), "bnao::branch_round_backward", [&] {

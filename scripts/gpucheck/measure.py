@@ -244,6 +244,8 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
     known = [p["full_s"] for p in phases if p["full_s"] is not None]
     return {"phases": phases, "total_s": sum(known) if len(known) == len(phases) else None,
             "measured_s": sum(measured.values()), "rounds": len(history), "steps_per_round": steps_short,
+            # How the last round's steps and evaluation ran (graph, uncaptured, eager) and why.
+            "paths": {"train": history[-1].get("step_path"), "eval": history[-1].get("eval_path")},
             "settings": {"supernet.epochs": sn["epochs"], "supernet.steps_per_epoch": sn.get("steps_per_epoch"),
                          "controller.epochs": cc["epochs"], "final.epochs": fc["epochs"],
                          "final.rerank_top": fc["rerank_top"]}}

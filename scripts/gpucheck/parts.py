@@ -247,7 +247,9 @@ def search(ctx: Context) -> PartResult:
                note=f"about {measure.REFERENCE_SEARCH_S / 3600:.0f} h for the reference; phases in the table below"),
         Figure("shortened search (measured)", run.seconds, "s", note=" ".join(overrides)),
     ]
-    return PartResult("search", PASS, f"{ext['rounds']} rounds of {ext['steps_per_round']} steps", figures=figures,
+    paths = "; ".join(f"{phase} {path['mode']} ({path['reason']})" for phase, path in ext["paths"].items() if path)
+    return PartResult("search", PASS, f"{ext['rounds']} rounds of {ext['steps_per_round']} steps" +
+                      (f"; {paths}" if paths else ""), figures=figures,
                       details={"extrapolation": ext}, log="logs/search.log")
 
 

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One work item of a channel-tile body (branch_round.h, e.g. BranchForwardTiles) per thread, grid-stride.
+// One work item of a channel-tile body (round_tiles.h, e.g. BranchForwardTiles) per thread, grid-stride.
 template <typename Tiles, typename T>
 __global__ void __launch_bounds__(kThreads) for_each_item_kernel(int64_t count, const RoundArgs<T> args) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -119,7 +119,7 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // Term's outputs through the multi-sum reduction Tiles (branch_round.h, e.g. GradDwTiles): one block per
+  // Term's outputs through the multi-sum reduction Tiles (round_tiles.h, e.g. GradDwTiles): one block per
   // (tile, chunk) writes its chunk's sums of all the tile's outputs, then the second pass adds each output's
   // chunks in order and calls Term::finish.
   template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
