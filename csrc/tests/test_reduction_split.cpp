@@ -179,6 +179,37 @@ using BackwardOp = BackwardResult(const at::Tensor&, const at::Tensor&, const at
                                   const Optional&, const Optional&, const Optional&, const at::Tensor&,
                                   const at::Tensor&, const at::Tensor&, bool);
 
+using AccumulateOp = std::tuple<at::Tensor, at::Tensor>(at::TensorList, const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, at::TensorList, const at::Tensor&,
+                                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, const at::Tensor&, bool, int64_t);
+
+// Round 1's backward adding into gradient buffers (branch_round_backward_accumulate, SourceGrad's one launch per
+// run of same-shaped sources), the emulated CUDA order against the CPU kernel: the buffers start from the same
+// random values; those below overwrite_below = 1 are overwritten, the others added to (untouched where no
+// branch reads the source).
+void check_accumulate(const std::string& name, const std::vector<at::Tensor>& sources, const at::Tensor& code,
+                      const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& grad_pre,
+                      const at::Tensor& grad_mean, const at::Tensor& grad_invstd,
+                      const std::tuple<at::Tensor, at::Tensor, at::Tensor>& forward, bool reduction) {
+  static const auto accumulate_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnao::branch_round_backward_accumulate", "").typed<AccumulateOp>();
+  std::vector<at::Tensor> want, got;
+  for (const at::Tensor& source : sources) {
+    want.push_back(at::randn(source.sizes(), source.options()));
+    got.push_back(want.back().clone());
+  }
+  const auto& [pre, mean, invstd] = forward;
+  accumulate_op.call(want, grad_pre, grad_mean, grad_invstd, sources, code, dw, pw, pre, mean, invstd, reduction, 1);
+  int64_t most_chunks = 1;
+  bool index_types_agree = true;
+  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree};
+  branch_round_backward_impl(emulated, grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {}, {}, {}, pre,
+                             mean, invstd, reduction, got, 1);
+  for (size_t s = 0; s < sources.size(); ++s)
+    check_close(got[s], want[s], name + " accumulated grad source " + std::to_string(s));
+}
+
 // One round forward and backward, the emulated CUDA order against the CPU kernels; returns the largest split.
 int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sources, const at::Tensor& code,
                     int64_t round, const std::vector<Optional>& norm, bool reduction = false) {
@@ -227,6 +258,7 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   check_close(std::get<5>(grads_got), std::get<5>(grads_want), name + " grad in_gamma");
   check_close(std::get<6>(grads_got), std::get<6>(grads_want), name + " grad in_beta");
   check(index_types_agree, name + ": 32-bit and 64-bit index arithmetic give different sums");
+  if (round == 1) check_accumulate(name, sources, code, dw, pw, grad_pre, grad_mean, grad_invstd, want, reduction);
   return most_chunks;
 }
 
@@ -296,6 +328,20 @@ void test_rounds() {
   const at::Tensor dilated_code =
       node_code({{kKindIdentity, 0, 1, 1, kFlagBn1, 2}, {kKindDilSepConv, 5, 2, 0, kFlagBn1, 2}});
   check_round("reduction round 1, C=16", sixteen, dilated_code, 1, {{}, {}, {}, {}}, true);
+
+  // Node 2 of a normal cell (4 sources of one shape: one SourceGrad launch) and of a reduction cell (the
+  // 12 x 12 inputs, then the 6 x 6 nodes: two launches), the branches reading a node and an input.
+  const auto states = [&](int64_t input_side, int64_t node_side) {
+    return std::vector<at::Tensor>{at::randn({2, channels, input_side, input_side}, options),
+                                   at::randn({2, channels, input_side, input_side}, options),
+                                   at::randn({2, channels, node_side, node_side}, options),
+                                   at::randn({2, channels, node_side, node_side}, options)};
+  };
+  check_round("node 2 of a normal cell", states(12, 12),
+              node_code({{kKindSepConv, 3, 1, 3, kFlagBn1}, {kKindMaxPool, 0, 1, 1, 0}}), 1, {{}, {}, {}, {}});
+  check_round("node 2 of a reduction cell", states(12, 6),
+              node_code({{kKindSepConv, 5, 1, 2, kFlagBn1, 1}, {kKindAvgPool, 0, 1, 0, 0, 2}}), 1, {{}, {}, {}, {}},
+              true);
 
   // A small round: one chunk, the one-block-per-output path.
   const std::vector<at::Tensor> small = {at::randn({2, channels, 6, 6}, options), at::randn({2, channels, 6, 6}, options)};
