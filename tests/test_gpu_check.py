@@ -301,3 +301,21 @@ def test_pytest_part_reruns_without_the_test_that_crashed(tmp_path, monkeypatch)
     assert result.status == FAIL and result.log == "logs/pytest-cuda-2.log"
     assert "1 passed, 1 failed" in result.summary and "tests.test_a::test_bad[cuda]" in result.summary
     assert "Segmentation fault in tests/test_fused_round.py::test_overwrites, line 406" in result.summary
+
+
+def test_controller_part_in_smoke_mode_reports_both_variants(tmp_path):
+    """The controller part's driver on the CPU: both controller.graph variants measured, each saying how its
+    minibatches ran (uncaptured on a CPU, with the reason)."""
+    from gpucheck import parts
+
+    ctx = Context(tmp_path / "out", ROOT, sys.executable, gpu=False, smoke=True, deadline=time.monotonic() + 600)
+    ctx.part_limit, ctx.part_started = 600.0, time.monotonic()
+    result = parts.bench_controller(ctx)
+    assert result.status == PASS, result.summary
+    names = [figure.name for figure in result.figures]
+    assert names == ["controller minibatch, graph=auto (uncaptured: CPU)",
+                     "controller fit, 1,000 epochs on 40 archs, graph=auto (extrapolated)",
+                     "controller minibatch, graph=off (uncaptured: graph='off')",
+                     "controller fit, 1,000 epochs on 40 archs, graph=off (extrapolated)"]
+    assert all(figure.value > 0 for figure in result.figures)
+

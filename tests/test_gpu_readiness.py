@@ -154,16 +154,16 @@ def test_dali_folder_pipeline_built_once_across_epochs(tmp_path):
 def test_no_capture_is_tried_without_the_caching_allocator(monkeypatch):
     """compute-sanitizer runs gpu-check's step with PYTORCH_NO_CUDA_MEMORY_CACHING=1, where every capture fails
     (a plain cudaMalloc during capture; seen on an H200): the step then runs uncaptured and says why."""
-    from bnao.supernet.graph_step import _capture_blocker
+    from bnao.cuda_graphs import capture_blocker
 
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv("PYTORCH_NO_CUDA_MEMORY_CACHING", raising=False)
-    assert _capture_blocker(True, cuda) is None
-    assert _capture_blocker(False, cuda) == "capture off"
-    assert _capture_blocker(True, torch.device("cpu")) == "CPU"
+    assert capture_blocker(True, cuda) is None
+    assert capture_blocker(False, cuda) == "capture off"
+    assert capture_blocker(True, torch.device("cpu")) == "CPU"
     for off in ("0", "false", "off", ""):  # torch's own spellings of "not set"
         monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", off)
-        assert _capture_blocker(True, cuda) is None, off
+        assert capture_blocker(True, cuda) is None, off
     for on in ("1", "true", "YES"):
         monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", on)
-        assert "PYTORCH_NO_CUDA_MEMORY_CACHING" in _capture_blocker(True, cuda), on
+        assert "PYTORCH_NO_CUDA_MEMORY_CACHING" in capture_blocker(True, cuda), on

@@ -89,8 +89,8 @@ def test_search_runs_on_synthetic_data_anywhere(tmp_path):
 
 
 def test_search_records_how_steps_and_evaluation_ran(tmp_path, capsys):
-    """Each round's record and summary line say whether the supernet steps and the pool evaluation replayed
-    CUDA graphs, and why not: on a CPU the fused cells run the graph step's parts uncaptured ("CPU")."""
+    """Each round's record and summary line say whether the supernet steps, the pool evaluation and the
+    controller's minibatches replayed CUDA graphs, and why not: on a CPU they run uncaptured ("CPU")."""
     out = tmp_path / "fused"
     extra = ["data.dataset=synthetic", "data.synthetic_samples=400", "data.synthetic_size=8",
              "data.synthetic_channels=3", "data.synthetic_classes=5", "search.iterations=1", "supernet.layers=1",
@@ -99,13 +99,16 @@ def test_search_records_how_steps_and_evaluation_ran(tmp_path, capsys):
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step_path"] for h in history] == [{"mode": "uncaptured", "reason": "CPU"}] * 2
     assert [h["eval_path"] for h in history] == [{"mode": "uncaptured", "reason": "CPU"}] * 2
+    assert history[0]["controller_path"] == {"mode": "uncaptured", "reason": "CPU"}  # no controller after the last
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
-    assert len(lines) == 2 and all(line.count(", uncaptured: CPU)") == 2 for line in lines)
+    assert [line.count(", uncaptured: CPU)") for line in lines] == [3, 2]
     out = tmp_path / "eager"
-    assert _search(out, *extra[:-4], "supernet.kernels=eager", *extra[-3:], "supernet.graph=off") == 0
+    assert _search(out, *extra[:-4], "supernet.kernels=eager", *extra[-3:], "supernet.graph=off",
+                   "controller.graph=off") == 0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert history[0]["step_path"] == {"mode": "eager", "reason": "graph='off'"}
     assert history[0]["eval_path"] == {"mode": "eager", "reason": "graph='off'"}
+    assert history[0]["controller_path"] == {"mode": "uncaptured", "reason": "graph='off'"}
 
 
 @needs_fmnist

@@ -19,10 +19,10 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..metrics import kendall_tau, pairwise_accuracy
 from ._util import with_threads
+from .steps import EpochSteps, graph_blocker, set_capturable
 
 
 class TrainingMixin:
@@ -75,6 +75,7 @@ class TrainingMixin:
         holdout: float = 0.1,
         weight_decay: float = 0.0,
         reset_optimizer: bool = True,
+        graph: str = "auto",
         progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
     ) -> Dict[str, Any]:
         """Trains encoder, predictor and decoder jointly on (archs, raw accuracies).
@@ -110,6 +111,10 @@ class TrainingMixin:
             holdout: Fraction of archs held out for the metrics, in ``[0, 1)``.
             weight_decay: Adam weight decay (L2).
             reset_optimizer: Start a fresh Adam (NAO) instead of continuing the last one.
+            graph: ``"auto"``: on CUDA (without dropout) each minibatch is one replay of a captured CUDA graph
+                (:mod:`~bnao.controller.steps`; Adam then runs with ``capturable=True``, the same update up to
+                float rounding); ``"on"``: the same, an error where capture is impossible; ``"off"``: uncaptured.
+                The result's ``graph`` says which ran and why.
             progress: Called after every epoch as ``progress(epoch, epochs, {"loss", "mse", "nll"})``
                 (epoch counts from 1).
 
@@ -121,8 +126,9 @@ class TrainingMixin:
             ``reconstruction_token`` (fraction of tokens) and
             ``reconstruction_same_arch`` (decoded arch equal up to branch swaps);
             ``eval_set`` ("holdout" or "train"); ``num_train``, ``num_holdout``,
-            ``epochs``, ``seconds`` (wall time of the whole call) and
-            ``seconds_per_epoch`` (training epochs only).
+            ``epochs``, ``seconds`` (wall time of the whole call),
+            ``seconds_per_epoch`` (training epochs only) and ``graph`` (``{"mode", "reason"}``: how the
+            minibatches ran).
 
         Raises:
             ValueError: Bad shapes, non-finite scores, fewer than 2 archs or a bad option.
@@ -130,6 +136,7 @@ class TrainingMixin:
         arr = self.space.validate_array(archs)
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         _check_fit_arguments(arr.shape[0], scores, epochs, batch_size, trade_off, expand, holdout)
+        blocker = graph_blocker(graph, self.device, self.config["dropout"])
         n = arr.shape[0]
         t_start = time.perf_counter()
 
@@ -143,15 +150,20 @@ class TrainingMixin:
         train_idx, hold_idx = split[num_holdout:], split[:num_holdout]
         x_train, y_train = tokens_all[train_idx], target_all[train_idx]
 
+        # Captured minibatches need Adam's step counts on the device (capturable); uncaptured ones keep the
+        # default per-parameter Adam, the same code path on every device.
+        capturable = blocker is None
         if reset_optimizer or self.optimizer is None:
-            self.optimizer = self._make_optimizer(lr, weight_decay)
+            self.optimizer = self._make_optimizer(lr, weight_decay, capturable)
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = weight_decay
+            set_capturable(self.optimizer, capturable)
         t_train = time.perf_counter()
-        last = self._train_epochs(x_train, y_train, epochs, batch_size, trade_off, int(expand) - 1, expand_redraw,
-                                  grad_clip, progress)
+        steps = EpochSteps(self.model, self.optimizer, x_train.shape[0] * int(expand), x_train.shape[1], batch_size,
+                           trade_off, grad_clip, self.device, self.generator, blocker)
+        last = self._train_epochs(steps, x_train, y_train, epochs, int(expand) - 1, expand_redraw, progress)
         train_seconds = time.perf_counter() - t_train
 
         eval_set = "holdout" if num_holdout >= 2 else "train"
@@ -167,56 +179,31 @@ class TrainingMixin:
                 "epochs": int(epochs),
                 "seconds": time.perf_counter() - t_start,
                 "seconds_per_epoch": train_seconds / epochs if epochs else 0.0,
+                "graph": steps.describe(),
             }
         )
         return result
 
-    def _train_epochs(self, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, batch_size: int,
-                      trade_off: float, copies: int, expand_redraw: bool, grad_clip: float,
+    def _train_epochs(self, steps: EpochSteps, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int,
+                      copies: int, expand_redraw: bool,
                       progress: Optional[Callable[[int, int, Dict[str, float]], None]]) -> Dict[str, float]:
-        """The training epochs of :meth:`fit`; returns the last epoch's mean ``loss``, ``mse`` and ``nll``."""
-        opt = self.optimizer
-        model = self.model
-        params = list(model.parameters())
-        gen = self.generator
+        """The training epochs of :meth:`fit`, their minibatches run by ``steps``; returns the last epoch's mean
+        ``loss``, ``mse`` and ``nll``."""
         last = {"loss": float("nan"), "mse": float("nan"), "nll": float("nan")}
-        model.train()
+        self.model.train()
         y_all = y_train.repeat(copies + 1)
         x_all = None
         for epoch in range(1, epochs + 1):
             if x_all is None or expand_redraw:
                 x_all = torch.cat([x_train] + [self._swap_branches(x_train) for _ in range(copies)])
-            x, y = x_all, y_all
-            m = x.shape[0]
-            perm = self._randperm(m)
-            x, y = x[perm], y[perm]
-            loss_sum = torch.zeros((), device=self.device)
-            mse_sum = torch.zeros((), device=self.device)
-            nll_sum = torch.zeros((), device=self.device)
-            for s in range(0, m, batch_size):
-                xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-                out, emb = model.encoder(xb, gen)
-                pred = model.predictor(emb, gen)
-                log_probs = model.decoder(xb, emb, out, gen)
-                mse = F.mse_loss(pred, yb)
-                nll = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), xb.reshape(-1))
-                loss = trade_off * mse + (1.0 - trade_off) * nll
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                # Accumulate on the device: no host sync per minibatch.
-                nb = xb.shape[0]
-                loss_sum = loss_sum + loss.detach() * nb
-                mse_sum = mse_sum + mse.detach() * nb
-                nll_sum = nll_sum + nll.detach() * nb
+            perm = self._randperm(x_all.shape[0])
+            sums = steps.run_epoch(x_all[perm], y_all[perm])
             if progress is not None or epoch == epochs:
-                sums = torch.stack((loss_sum, mse_sum, nll_sum)).cpu().numpy() / m
-                last = {"loss": float(sums[0]), "mse": float(sums[1]), "nll": float(sums[2])}
+                means = sums.cpu().numpy() / x_all.shape[0]
+                last = {"loss": float(means[0]), "mse": float(means[1]), "nll": float(means[2])}
                 if progress is not None:
                     progress(epoch, epochs, dict(last))
-        model.eval()
+        self.model.eval()
         return last
 
     def _evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:

@@ -52,6 +52,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "supernet.unused_slot_update": ("decay", "freeze"),
     "supernet.kernels": ("auto", "fused", "eager"),
     "supernet.graph": ("auto", "on", "off"),
+    "controller.graph": ("auto", "on", "off"),
     "sampler.size_measure": ("params", "madds"),
 }
 
@@ -137,6 +138,10 @@ DEFAULTS: Dict[str, Any] = {
         "expand": 10,
         # Draw the swapped copies afresh every epoch instead of once (bnao's option).
         "expand_redraw": False,
+        # Each minibatch as one replayed CUDA graph ("auto": on CUDA without dropout; "on": an error where
+        # capture is impossible; "off"): bnao/controller/steps.py. The same updates; Adam then keeps its step
+        # counts on the GPU (capturable), which changes only float rounding.
+        "graph": "auto",
     },
     "search": {
         "pool_size": 1000,

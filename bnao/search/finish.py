@@ -115,10 +115,12 @@ class ResultPhases:
         )
         if cm:
             record["controller"] = cm
+            record["controller_path"] = self.state.get("controller_path")
             record["generated"] = self.state.get("generated")
             line += (
                 f" | controller pairwise {cm.get('pairwise_accuracy', float('nan')):.3f}"
-                f" recon {cm.get('reconstruction_token', float('nan')):.3f} ({fmt_seconds(ps.get('controller', 0))})"
+                f" recon {cm.get('reconstruction_token', float('nan')):.3f} ({fmt_seconds(ps.get('controller', 0))}"
+                f"{_path_text(record['controller_path'])})"
                 f" | +{self.state.get('generated', 0)} new"
                 f" ({self.state.get('generate_info', {}).get('from_controller', 0)} decoded)"
             )

@@ -275,7 +275,7 @@ class BalancedNAO(SearchComponents, ResultPhases):
         bar = self._bar(int(cc["epochs"]), f"iter {it} controller")
         metrics = self.controller.fit(
             self.pool.archs.astype(np.int64), scores, epochs=cc["epochs"], batch_size=cc["batch_size"], lr=cc["lr"],
-            trade_off=cc["trade_off"], expand=cc["expand"], expand_redraw=cc["expand_redraw"],
+            trade_off=cc["trade_off"], expand=cc["expand"], expand_redraw=cc["expand_redraw"], graph=cc["graph"],
             progress=(lambda e, n, m: bar.update(1)) if bar else None,
         )
         if bar:
@@ -283,6 +283,7 @@ class BalancedNAO(SearchComponents, ResultPhases):
         self.pool.predicted = self.controller.predict(self.pool.archs.astype(np.int64)).astype(np.float32)
         self.state["phase_seconds"]["controller"] = time.perf_counter() - t0
         self.state["controller_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.state["controller_path"] = dict(metrics["graph"])
         self.scalars.add_many("controller", self.state["controller_metrics"], it)
         self._advance("generate", started)
 

@@ -21,7 +21,6 @@ arithmetic: :func:`tests.test_graph_step` compares these steps with the trainer'
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..autocast import bf16_autocast
+from ..cuda_graphs import capture_blocker, capture_graphs
 from .fused_forward import FusedArchData, arch_lists, cells_choice
 from ..device import to_device
 from .loss import supernet_loss
@@ -142,8 +142,8 @@ class GraphStep:
         self._ever = self._ever_tensors()
         self._graphs: Optional[Tuple[Any, Any]] = None
         self.mode = "uncaptured"
-        self.reason = _capture_blocker(capture, self.device) or "not captured yet"
-        self._capture = _capture_blocker(capture, self.device) is None
+        self.reason = capture_blocker(capture, self.device) or "not captured yet"
+        self._capture = capture_blocker(capture, self.device) is None
 
     # ------------------------------------------------------------------ state
     def _ever_tensors(self) -> List[Optional[torch.Tensor]]:
@@ -237,7 +237,7 @@ class GraphStep:
         model = self.trainer.model
         generator = model.generator(self.device)
         state = generator.get_state()
-        graphs, error = _capture_graphs((self._part_a, self._part_b), self.device, generator)
+        graphs, error = capture_graphs((self._part_a, self._part_b), self.device, generator)
         if error is None:
             self._graphs = (graphs[0], graphs[1])
             self.mode, self.reason = "graph", "captured"
@@ -337,7 +337,7 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
         loss_sums.index_add_(0, index, F.cross_entropy(logits, static_labels, reduction="sum").view(1))
         correct.index_add_(0, index, (logits.argmax(1) == static_labels).sum().float().view(1))
 
-    blocker = _capture_blocker(capture, device)
+    blocker = capture_blocker(capture, device)
     graph, status = None, {"mode": "uncaptured", "reason": blocker or "not captured yet"}
     seen = [int(labels.shape[0])] * n
     for i in range(n):
@@ -359,48 +359,10 @@ def evaluate_pool_on_device(model, archs: np.ndarray, next_batch, capture: bool 
             continue
         score()
         if i == 0 and blocker is None:
-            graphs, error = _capture_graphs((score,), device, None)
+            graphs, error = capture_graphs((score,), device, None)
             if error is None:
                 graph, status = graphs[0], {"mode": "graph", "reason": "captured"}
             else:
                 status = {"mode": "uncaptured", "reason": f"capture failed: {error}"}
                 log.warning("CUDA graph capture of pool evaluation failed (%s); running it uncaptured", error)
     return loss_sums, correct, to_device(seen, torch.float32, device), status
-
-
-def _capture_blocker(capture: bool, device: torch.device) -> Optional[str]:
-    """Why no CUDA graph is captured on ``device`` (None: one is tried)."""
-    if device.type != "cuda":
-        return "CPU"
-    if not capture:
-        return "capture off"
-    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "").strip().lower() in ("1", "true", "yes", "on", "y"):
-        # Capture needs the caching allocator's private pool: a plain cudaMalloc is refused during capture.
-        return "PYTORCH_NO_CUDA_MEMORY_CACHING is set (capture needs the caching allocator)"
-    return None
-
-
-def _capture_graphs(bodies, device: torch.device, generator: Optional[torch.Generator]):
-    """Captures each of ``bodies`` (each already run once, uncaptured: the warm-up) as a CUDA graph.
-
-    Returns:
-        ``(graphs, None)``, or ``(None, why)`` where capture failed; then the current stream is restored, and
-        the caller replaces ``generator`` (registered with the graphs for its drop-path masks), which a failed
-        capture can leave in capture mode (``DropPathMixin.renew_generator``).
-    """
-    stream = torch.cuda.current_stream(device)
-    graphs = []
-    try:
-        with torch.cuda.device(device):
-            for body in bodies:
-                graph = torch.cuda.CUDAGraph()
-                if generator is not None:
-                    graph.register_generator_state(generator)
-                with torch.cuda.graph(graph):
-                    body()
-                graphs.append(graph)
-    except Exception as exc:  # capture is an optimisation: any failure falls back to the same bodies uncaptured
-        torch.cuda.set_stream(stream)
-        torch.cuda.synchronize(device)
-        return None, f"{type(exc).__name__}: {exc}"
-    return graphs, None

@@ -157,6 +157,22 @@ def sampler_figures(data: Dict[str, Any]) -> List[Figure]:
     return out
 
 
+def controller_figures(data: Dict[str, Any]) -> List[Figure]:
+    """Figures of ``bench_controller.py --json``: per ``controller.graph`` variant the time of one minibatch (100
+    archs) and the reference's 1,000 epochs on its pool, extrapolated."""
+    out = []
+    for row in data.get("rows", []):
+        path = row["path"]
+        how = path["mode"] if path["mode"] == "graph" else f"{path['mode']}: {path['reason']}"
+        out.append(Figure(f"controller minibatch, graph={row['graph']} ({how})", row["minibatch_ms"], "ms",
+                          better="lower", note=f"{row['minibatches']} minibatches of 100 archs, "
+                                               f"{data['archs']} archs x 10 copies"))
+        out.append(Figure(f"controller fit, 1,000 epochs on {data['archs']} archs, graph={row['graph']} "
+                          "(extrapolated)", row["epoch_s"] * 1000, "s", better="lower",
+                          note="the reference's epochs; its pools grow to 1,600 archs"))
+    return out
+
+
 def loader_figures(rows: List[Dict[str, Any]], loader: str, target_batch: int) -> List[Figure]:
     """Figures of ``bench_loader.py --json`` for one loader; the target applies at ``target_batch``."""
     target = TARGETS["tensor_loader"] if loader == "tensor" else TARGETS["dali_loader"]

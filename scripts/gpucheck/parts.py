@@ -215,6 +215,23 @@ def bench_loader(ctx: Context) -> PartResult:
     return PartResult("bench-loader", PASS, f"{len(figures)} figures", figures=figures, log="logs/bench-loader.log")
 
 
+def bench_controller(ctx: Context) -> PartResult:
+    """The controller's minibatch time with CUDA graphs (controller.graph=auto) and without (off)."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult("bench-controller", SKIP, "no GPU")
+    out = ctx.logs / "bench-controller.json"
+    sizes = (["--archs", "1000", "--epochs", "3"] if not ctx.smoke
+             else ["--archs", "40", "--epochs", "1", "--threads", "1"])
+    run = ctx.command([ctx.python, "benchmarks/bench_controller.py", "--device", ctx.device, *sizes,
+                       "--graph", "auto,off", "--json", out], "bench-controller.log")
+    if run.returncode != 0 or not out.exists():
+        return PartResult("bench-controller", _status(run, False), _failure_summary(run, "bench_controller.py"),
+                          log="logs/bench-controller.log")
+    figures = measure.controller_figures(json.loads(out.read_text()))
+    return PartResult("bench-controller", PASS, f"{len(figures)} figures", figures=figures,
+                      log="logs/bench-controller.log")
+
+
 # A shortened search at the reference settings: every phase runs at full size per unit
 # (same network, batch, pool growth ratio, controller), only fewer units of each.
 SEARCH_GPU = ["data.dataset=synthetic", "supernet.epochs=1", "supernet.steps_per_epoch=200",
@@ -309,6 +326,7 @@ PARTS: List[Part] = [
     Part("bench-supernet", "supernet img/s at batch 64 and 256, evaluation archs/s", 120, 30, bench_supernet),
     Part("bench-sampler", "batched alias draws/s from a pool of 1e6", 60, 10, bench_sampler),
     Part("bench-loader", "GPU-resident loader img/s", 60, 10, bench_loader),
+    Part("bench-controller", "controller minibatch time, CUDA graphs on and off", 60, 10, bench_controller),
     # The kernel tables before the search: they say what to tune next, the search only how long it takes.
     Part("kernels", "the top kernels of a training step and of an evaluated arch, fused and eager cells", 90, 30,
          kernels),
