@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnao.controller import NAOController
-from bnao.controller.steps import graph_blocker, make_adam, set_capturable
+from bnao.controller.steps import graph_blocker, make_adam, minibatch_sizes, replays_any, set_capturable
 from bnao.space import NAOSpace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,11 +85,23 @@ def test_graph_blocker_names_the_reason():
         NAOController(SPACE).fit(archs, np.arange(10.0), epochs=1, graph="on")
 
 
-def test_set_capturable_moves_the_step_counts():
-    """A continued Adam switched to the captured form keeps its moments and counts (float32 steps), and back."""
-    layer = nn.Linear(3, 2)
+def test_minibatch_sizes_and_when_a_graph_would_replay():
+    assert minibatch_sizes(250, 100) == [100, 100, 50] and minibatch_sizes(200, 100) == [100, 100]
+    assert minibatch_sizes(30, 100) == [30]
+    assert replays_any(250, 100, 1)  # the second full minibatch replays
+    assert not replays_any(150, 100, 1)  # one full, one short: each size runs once
+    assert replays_any(150, 100, 2) and replays_any(30, 100, 2) and not replays_any(30, 100, 1)
+    archs = SPACE.sample_array(10, 0)
+    result = NAOController(SPACE).fit(archs, np.arange(10.0), epochs=1, graph="off")
+    assert result["graph"] == {"mode": "uncaptured", "reason": "graph='off'"}
+
+
+def test_set_capturable_moves_the_step_counts(device):
+    """A continued Adam switched to the captured form keeps its moments and counts (float32 steps, on the
+    parameters' device), and back (counts on the CPU, where Adam keeps them otherwise)."""
+    layer = nn.Linear(3, 2).to(device)
     optimizer = make_adam(layer.parameters(), 1e-3, 0.0, capturable=False)
-    layer(torch.ones(1, 3)).sum().backward()
+    layer(torch.ones(1, 3, device=device)).sum().backward()
     optimizer.step()
     optimizer.step()
     moments = [optimizer.state[p]["exp_avg"].clone() for p in layer.parameters()]
@@ -122,3 +134,25 @@ def test_captured_fit_on_cuda_matches_the_uncaptured_one():
     np.testing.assert_allclose(captured.predict(archs), uncaptured.predict(archs), atol=1e-5)
     # A second fit continues on fresh graphs (a new Adam, reset_optimizer=True) and stays finite.
     assert np.isfinite(captured.fit(archs, scores, **kwargs)["loss"])
+
+
+@pytest.mark.cuda
+def test_continued_and_restored_adam_replay_on_cuda():
+    """reset_optimizer=False continues an uncaptured Adam in captured minibatches (its counts moved to the GPU),
+    and a controller restored from a state dict fits with graphs too; both match graph='off' closely."""
+    archs = SPACE.sample_array(120, 6)
+    scores = np.random.default_rng(6).random(120)
+    kwargs = dict(epochs=3, batch_size=25, holdout=0.1, expand=2)
+    results = {}
+    for graph in ("auto", "off"):
+        ctrl = NAOController(SPACE, device="cuda", seed=2)
+        ctrl.fit(archs, scores, graph="off", **kwargs)
+        first = ctrl.fit(archs, scores, graph=graph, reset_optimizer=False, **kwargs)
+        restored = NAOController(SPACE, device="cuda", seed=9)
+        restored.load_state_dict(ctrl.state_dict())
+        second = restored.fit(archs, scores, graph=graph, reset_optimizer=False, **kwargs)
+        results[graph] = (first, second, restored.predict(archs))
+    for first, second in [results["auto"][:2]]:
+        assert first["graph"]["mode"] == "graph" and second["graph"]["mode"] == "graph"
+    assert abs(results["auto"][1]["loss"] - results["off"][1]["loss"]) < 1e-4
+    np.testing.assert_allclose(results["auto"][2], results["off"][2], atol=1e-4)

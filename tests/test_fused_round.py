@@ -457,5 +457,13 @@ def test_backward_accumulate_opcheck_and_errors(device):
         op(buffers[:-1], *grads, sources, code, dw, pw, *outs, True)
     with pytest.raises(RuntimeError, match="shares memory with a source"):
         op([sources[0]] + buffers[1:], *grads, sources, code, dw, pw, *outs, True)
+    # One launch writes every same-shaped source's gradient: the buffers must not overlap, not even as views
+    # of one tensor that start at different elements.
+    with pytest.raises(RuntimeError, match=r"grad_sources\[0\] and grad_sources\[1\] share memory"):
+        op([buffers[0], buffers[0]] + buffers[2:], *grads, sources, code, dw, pw, *outs, True)
+    shared = torch.zeros(buffers[0].numel() + 1, dtype=buffers[0].dtype, device=device)
+    overlapping = [shared[:-1].view_as(buffers[0]), shared[1:].view_as(buffers[0])]
+    with pytest.raises(RuntimeError, match="share memory"):
+        op(overlapping + buffers[2:], *grads, sources, code, dw, pw, *outs, True)
     with pytest.raises(RuntimeError, match="grad_sources"):
         op([b.float() for b in buffers], *grads, sources, code, dw, pw, *outs, True)

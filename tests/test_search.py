@@ -155,6 +155,11 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
     assert main(["search", "--config", "demo", "--out", str(out), "supernet.chanels=4"]) == 2
     assert "did you mean 'supernet.channels'" in capsys.readouterr().err
 
+    # controller.graph=on where no graph can be captured (a CPU): refused before any training.
+    assert main(["search", "--config", "demo", "--out", str(out), *TINY, "controller.graph=on"]) == 2
+    assert "controller graph='on': minibatches cannot be captured here: CPU" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
     # Invalid arch in a pool file: its line number; --skip-invalid skips it.
     pool = tmp_path / "pool.txt"
     good = "0 1 0 1 " * 10

@@ -45,6 +45,7 @@ def test_on_and_off_choices_survive_yaml_booleans(tmp_path):
     """YAML 1.1 reads an unquoted on/off as a boolean; for a key whose choices are on/off it means the word."""
     assert load_config(None, ["supernet.graph=off"])["supernet"]["graph"] == "off"
     assert load_config(None, ["supernet.graph=on"])["supernet"]["graph"] == "on"
+    assert load_config(None, ["controller.graph=off"])["controller"]["graph"] == "off"
     path = tmp_path / "run.yaml"
     path.write_text("supernet:\n  graph: off\n")
     assert load_config(str(path))["supernet"]["graph"] == "off"

@@ -18,6 +18,7 @@ the CPU tests check the arithmetic a GPU replays.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -48,6 +49,18 @@ def graph_blocker(graph: str, device: torch.device, dropout: float) -> Optional[
     if why is not None and graph == "on":
         raise ValueError(f"controller graph='on': minibatches cannot be captured here: {why}")
     return why
+
+
+def minibatch_sizes(count: int, batch_size: int) -> List[int]:
+    """Rows of each minibatch of an epoch of ``count`` rows, in order: full batches, then the remainder."""
+    return [batch_size] * (count // batch_size) + [count % batch_size] * (count % batch_size > 0)
+
+
+def replays_any(count: int, batch_size: int, epochs: int) -> bool:
+    """Whether a fit runs some minibatch size at least twice: only then is a captured graph ever replayed (each
+    size's first run is its warm-up), so only then is capture (and a capturable Adam) worth it."""
+    sizes = minibatch_sizes(count, batch_size)
+    return epochs * max(sizes.count(size) for size in sizes) >= 2
 
 
 def make_adam(params, lr: float, weight_decay: float, capturable: bool) -> torch.optim.Adam:
@@ -99,8 +112,7 @@ class EpochSteps:
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.offsets = torch.arange(min(batch_size, count), device=device)
         self.sums = torch.zeros(3, dtype=torch.float32, device=device)  # loss, mse, nll, each times the rows
-        # Rows per minibatch in order: full batches, then the remainder (a second graph).
-        self.sizes: List[int] = [batch_size] * (count // batch_size) + [count % batch_size] * (count % batch_size > 0)
+        self.sizes = minibatch_sizes(count, batch_size)  # a short last minibatch gets a second graph
         self._graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self._warm: set = set()
         self._capture = blocker is None
@@ -132,14 +144,20 @@ class EpochSteps:
         if graph is not None:
             graph.replay()
             return
-        self._step(size)
+        with warnings.catch_warnings():
+            # A capturable Adam warns when it steps uncaptured: here that is the warm-up run before capture.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            self._step(size)
         self._warm.add(size)
 
     def _try_capture(self, size: int) -> Optional["torch.cuda.CUDAGraph"]:
         graphs, error = capture_graphs((lambda: self._step(size),), self.device, None)
         if error is not None:
             self._capture = False
-            self.mode, self.reason = "uncaptured", f"capture failed: {error}"
+            if self._graphs:  # the full minibatches replay; only this (short) one runs uncaptured
+                self.reason = f"captured; the {size}-row minibatch uncaptured: capture failed: {error}"
+            else:
+                self.mode, self.reason = "uncaptured", f"capture failed: {error}"
             log.warning("CUDA graph capture of the controller's minibatch failed (%s); running it uncaptured", error)
             return None
         self._graphs[size] = graphs[0]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..metrics import kendall_tau, pairwise_accuracy
 from ._util import with_threads
-from .steps import EpochSteps, graph_blocker, set_capturable
+from .steps import EpochSteps, graph_blocker, replays_any, set_capturable
 
 
 class TrainingMixin:
@@ -150,6 +150,9 @@ class TrainingMixin:
         train_idx, hold_idx = split[num_holdout:], split[:num_holdout]
         x_train, y_train = tokens_all[train_idx], target_all[train_idx]
 
+        rows = x_train.shape[0] * int(expand)
+        if blocker is None and not replays_any(rows, batch_size, epochs):
+            blocker = "every minibatch size runs once: nothing to replay"
         # Captured minibatches need Adam's step counts on the device (capturable); uncaptured ones keep the
         # default per-parameter Adam, the same code path on every device.
         capturable = blocker is None
@@ -161,7 +164,7 @@ class TrainingMixin:
                 group["weight_decay"] = weight_decay
             set_capturable(self.optimizer, capturable)
         t_train = time.perf_counter()
-        steps = EpochSteps(self.model, self.optimizer, x_train.shape[0] * int(expand), x_train.shape[1], batch_size,
+        steps = EpochSteps(self.model, self.optimizer, rows, x_train.shape[1], batch_size,
                            trade_off, grad_clip, self.device, self.generator, blocker)
         last = self._train_epochs(steps, x_train, y_train, epochs, int(expand) - 1, expand_redraw, progress)
         train_seconds = time.perf_counter() - t_train

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..controller import NAOController
+from ..controller.steps import graph_blocker
 from ..data import AugmentConfig, create_dataset, create_loader, split_train_dev
 from ..data_parallel import GradientSync, ShardedLoader
 from ..sampling import create_sampler
@@ -164,6 +165,8 @@ class SearchComponents:
             if self.parallel.enabled else None,
         )
         cc = c["controller"]
+        # controller.graph='on' where capture is impossible is refused now, not after a round of supernet training.
+        graph_blocker(cc["graph"], torch.device(self.device), 0.0)
         self.controller = NAOController(
             self.space, embedding_size=cc["embedding_size"], hidden_size=cc["hidden_size"],
             mlp_layers=cc["mlp_layers"], mlp_hidden=cc["mlp_hidden"], device=self.device, seed=seed,

@@ -5,9 +5,9 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -259,10 +259,11 @@ BackwardResult branch_round_backward_impl(const Launcher& launcher, const at::Te
         TORCH_CHECK(accumulate_into[s].data_ptr() != source.data_ptr(), op, ": grad_sources[", s,
                     "] shares memory with a source; pass separate gradient buffers");
       }
-      // One launch writes several sources' gradients at once (run_backward): they must not alias.
+      // One launch writes several sources' gradients at once (run_backward): they must not overlap.
       for (size_t t = 0; t < s; ++t) {
-        TORCH_CHECK(accumulate_into[s].data_ptr() != accumulate_into[t].data_ptr(), op, ": grad_sources[", t,
-                    "] and grad_sources[", s, "] are the same buffer; pass one gradient buffer per source");
+        TORCH_CHECK(at::get_overlap_status(accumulate_into[s], accumulate_into[t]) == at::MemOverlapStatus::No, op,
+                    ": grad_sources[", t, "] and grad_sources[", s,
+                    "] share memory; pass one separate gradient buffer per source");
       }
     }
   } else {

@@ -165,8 +165,8 @@ def controller_figures(data: Dict[str, Any]) -> List[Figure]:
         path = row["path"]
         how = path["mode"] if path["mode"] == "graph" else f"{path['mode']}: {path['reason']}"
         out.append(Figure(f"controller minibatch, graph={row['graph']} ({how})", row["minibatch_ms"], "ms",
-                          better="lower", note=f"{row['minibatches']} minibatches of 100 archs, "
-                                               f"{data['archs']} archs x 10 copies"))
+                          better="lower", note=f"median epoch after the warm-up and capture ones, "
+                                               f"{row['minibatches']} minibatches of 100 archs an epoch"))
         out.append(Figure(f"controller fit, 1,000 epochs on {data['archs']} archs, graph={row['graph']} "
                           "(extrapolated)", row["epoch_s"] * 1000, "s", better="lower",
                           note="the reference's epochs; its pools grow to 1,600 archs"))
@@ -261,7 +261,10 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
     return {"phases": phases, "total_s": sum(known) if len(known) == len(phases) else None,
             "measured_s": sum(measured.values()), "rounds": len(history), "steps_per_round": steps_short,
             # How the last round's steps and evaluation ran (graph, uncaptured, eager) and why.
-            "paths": {"train": history[-1].get("step_path"), "eval": history[-1].get("eval_path")},
+            "paths": {"train": history[-1].get("step_path"), "eval": history[-1].get("eval_path"),
+                      # the last round fits no controller: the last record that has one
+                      "controller": next((r["controller_path"] for r in reversed(history)
+                                          if r.get("controller_path")), None)},
             "settings": {"supernet.epochs": sn["epochs"], "supernet.steps_per_epoch": sn.get("steps_per_epoch"),
                          "controller.epochs": cc["epochs"], "final.epochs": fc["epochs"],
                          "final.rerank_top": fc["rerank_top"]}}

@@ -220,8 +220,8 @@ def bench_controller(ctx: Context) -> PartResult:
     if not ctx.gpu and not ctx.smoke:
         return PartResult("bench-controller", SKIP, "no GPU")
     out = ctx.logs / "bench-controller.json"
-    sizes = (["--archs", "1000", "--epochs", "3"] if not ctx.smoke
-             else ["--archs", "40", "--epochs", "1", "--threads", "1"])
+    sizes = (["--archs", "1000", "--epochs", "6"] if not ctx.smoke
+             else ["--archs", "40", "--epochs", "4", "--threads", "1"])
     run = ctx.command([ctx.python, "benchmarks/bench_controller.py", "--device", ctx.device, *sizes,
                        "--graph", "auto,off", "--json", out], "bench-controller.log")
     if run.returncode != 0 or not out.exists():
