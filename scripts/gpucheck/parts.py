@@ -234,8 +234,10 @@ def bench_controller(ctx: Context) -> PartResult:
 
 # A shortened search at the reference settings: every phase runs at full size per unit
 # (same network, batch, pool growth ratio, controller), only fewer units of each.
+# Pool 100 + 3 x 50: on an H200 (2026-11-27) pool 300 + 3 x 100 spent 22-38 s a round scoring archs and was cut
+# at 155 s before the re-rank; every phase's unit cost (per step, arch, epoch x arch) is the same either way.
 SEARCH_GPU = ["data.dataset=synthetic", "supernet.epochs=1", "supernet.steps_per_epoch=200",
-              "search.pool_size=300", "search.new_per_iteration=100", "controller.epochs=10",
+              "search.pool_size=100", "search.new_per_iteration=50", "search.top_k=50", "controller.epochs=10",
               "final.rerank_top=1", "final.epochs=1"]
 SEARCH_SMOKE = ["data.dataset=synthetic", "data.synthetic_samples=600", "search.iterations=1", "supernet.layers=1", "supernet.channels=4",
                 "supernet.batch_size=16", "supernet.epochs=1", "supernet.steps_per_epoch=2",
