@@ -46,7 +46,10 @@ namespace cell {
 // (its terms over every (n, i, j) of pre's shape); `launcher.reduce_tiled<Term, Tiles>(outputs, args)`
 // gives the same outputs, which a backend may compute through the multi-sum reduction Tiles<T, Acc>
 // (the CUDA launcher does; the CPU runs Term); `launcher.for_each_tiled<Body, Tiles>(rows, columns, args)`
-// likewise for an element body and its channel-tile form.
+// likewise for an element body and its channel-tile form. `reduce_two<First, Second>(outputs, args)` and
+// `reduce_tiled_two<FirstTerm, FirstTiles, SecondTerm, SecondTiles>(first_outputs, second_outputs, args)` are
+// two independent reductions, which the CUDA launcher runs in one launch (and one chunk pass) and the CPU one
+// after the other: the same sums either way.
 template <typename Launcher, typename T>
 void run_forward(const Launcher& launcher, const RoundArgs<T>& a) {
   const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
@@ -62,8 +65,8 @@ void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sourc
   const int64_t rows = kNumBranches * a.batch * a.channels * a.height;
   launcher.template for_each<GradTotalAndRecompute>(rows, a.width, a);
   launcher.template for_each_tiled<GradMid, GradMidTiles>(rows, a.width, a);
-  launcher.template reduce_tiled<GradPwTerm, GradPwTiles>(kNumBranches * a.channels * a.channels, a);
-  launcher.template reduce_tiled<GradDwTerm, GradDwTiles>(kNumBranches * a.channels * kSlab, a);
+  launcher.template reduce_tiled_two<GradPwTerm, GradPwTiles, GradDwTerm, GradDwTiles>(
+      kNumBranches * a.channels * a.channels, kNumBranches * a.channels * kSlab, a);
   if (a.round == 1) {
     for (int s = 0; s < a.num_sources; ++s) a.grad_sources[s] = grad_sources[s];
     // One launch per run of sources of one shape (the buffers are distinct: branch_round_ops.h checks).
@@ -80,8 +83,7 @@ void run_backward(const Launcher& launcher, RoundArgs<T> a, T* const* grad_sourc
   }
   a.grad_source = grad_sources[0];
   launcher.template for_each<NormInputGrad>(rows, a.width, a);
-  launcher.template reduce<NormShiftTerm>(kNumBranches * a.channels, a);
-  launcher.template reduce<NormScaleTerm>(kNumBranches * a.channels, a);
+  launcher.template reduce_two<NormShiftTerm, NormScaleTerm>(kNumBranches * a.channels, a);
   launcher.template for_each<ScaleNormGrad>(rows, a.width, a);
 }
 

@@ -53,24 +53,39 @@ struct EmulatedCudaLauncher {
   // double is exact enough to compare at 1e-10); then the chunks in chunk order, as finish_chunks_kernel.
   template <template <typename> class Term, typename T>
   void reduce(int64_t outputs, const RoundArgs<T>& a) const {
+    for (int64_t output = 0; output < outputs; ++output) reduce_output<Term, T>(output, outputs, a);
+  }
+
+  // As the CUDA launcher's reduce_two: blocks x < outputs are First's output x, the others Second's.
+  template <template <typename> class First, template <typename> class Second, typename T>
+  void reduce_two(int64_t outputs, const RoundArgs<T>& a) const {
+    for (int64_t x = 0; x < 2 * outputs; ++x) {
+      if (x < outputs) {
+        reduce_output<First, T>(x, outputs, a);
+      } else {
+        reduce_output<Second, T>(x - outputs, outputs, a);
+      }
+    }
+  }
+
+  template <template <typename> class Term, typename T>
+  void reduce_output(int64_t output, int64_t outputs, const RoundArgs<T>& a) const {
     const int64_t chunks = reduction_chunks(outputs, a.batch * a.height * a.width);
     *most_chunks = std::max(*most_chunks, chunks);
-    for (int64_t output = 0; output < outputs; ++output) {
-      const auto ctx = Term<T>::prepare(a, output);
-      double sum = 0.0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        double block = 0.0;
-        for (int64_t t = 0; t < kThreads && ctx.active; ++t) {
-          const int64_t first = chunk * kThreads + t, step = chunks * kThreads;
-          const double thread_sum = strided_term_sum<Term<T>, double>(a, ctx, first, step);
-          // The 64-bit path (taken only past 2^32 indices) must give the same bits.
-          *index_types_agree &= thread_sum == strided_term_sum_as<int64_t, Term<T>, double>(a, ctx, first, step);
-          block += thread_sum;
-        }
-        sum += block;
+    const auto ctx = Term<T>::prepare(a, output);
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      double block = 0.0;
+      for (int64_t t = 0; t < kThreads && ctx.active; ++t) {
+        const int64_t first = chunk * kThreads + t, step = chunks * kThreads;
+        const double thread_sum = strided_term_sum<Term<T>, double>(a, ctx, first, step);
+        // The 64-bit path (taken only past 2^32 indices) must give the same bits.
+        *index_types_agree &= thread_sum == strided_term_sum_as<int64_t, Term<T>, double>(a, ctx, first, step);
+        block += thread_sum;
       }
-      Term<T>::finish(a, ctx, sum);
+      sum += block;
     }
+    Term<T>::finish(a, ctx, sum);
   }
 
   // As the CUDA launcher's reduce_tiled: block (tile, chunk) of 256 threads writes the chunk's sums of the
@@ -78,27 +93,74 @@ struct EmulatedCudaLauncher {
   // handed to Term::finish.
   template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
-    using Reduction = Tiles<T, double>;
-    check(outputs == Reduction::covered_outputs(a), "reduce_tiled's outputs are those the tiles cover");
-    const int64_t tiles = Reduction::tiles(a);
-    const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
-    *most_chunks = std::max(*most_chunks, chunks);
-    std::vector<double> partial(static_cast<size_t>(outputs * chunks), std::nan(""));
-    const Reduction reduction{a, partial.data(), chunks};
-    for (int64_t o = 0; o < tiles * chunks; ++o) {
-      double block[Reduction::kSums] = {};
-      for (int64_t t = 0; t < kThreads; ++t) {
-        double sums[Reduction::kSums];
-        reduction.partial_sums(o, t, kThreads, sums);
-        for (int q = 0; q < Reduction::kSums; ++q) block[q] += sums[q];
+    std::vector<double> partial(static_cast<size_t>(outputs * tiled_chunks<Tiles>(outputs, a)), std::nan(""));
+    const Tiles<T, double> reduction = tiled_reduction<Tiles>(outputs, a, partial.data());
+    const int64_t blocks = Tiles<T, double>::tiles(a) * reduction.chunks;
+    for (int64_t o = 0; o < blocks; ++o) tile_block(reduction, o);
+    for (int64_t output = 0; output < outputs; ++output) finish_tiled<Term>(a, partial.data(), output, reduction.chunks);
+  }
+
+  // As the CUDA launcher's reduce_tiled_two: one buffer, First's partials then Second's; First's tile blocks,
+  // then Second's (two launches there); then one chunk pass over First's outputs and Second's.
+  template <template <typename> class FirstTerm, template <typename, typename> class FirstTiles,
+            template <typename> class SecondTerm, template <typename, typename> class SecondTiles, typename T>
+  void reduce_tiled_two(int64_t first_outputs, int64_t second_outputs, const RoundArgs<T>& a) const {
+    const int64_t first_chunks = tiled_chunks<FirstTiles>(first_outputs, a);
+    const int64_t second_chunks = tiled_chunks<SecondTiles>(second_outputs, a);
+    std::vector<double> partial(static_cast<size_t>(first_outputs * first_chunks + second_outputs * second_chunks),
+                                std::nan(""));
+    double* second_partial = partial.data() + first_outputs * first_chunks;
+    const FirstTiles<T, double> first = tiled_reduction<FirstTiles>(first_outputs, a, partial.data());
+    const SecondTiles<T, double> second = tiled_reduction<SecondTiles>(second_outputs, a, second_partial);
+    const int64_t first_blocks = FirstTiles<T, double>::tiles(a) * first_chunks;
+    const int64_t blocks = first_blocks + SecondTiles<T, double>::tiles(a) * second_chunks;
+    for (int64_t block = 0; block < blocks; ++block) {
+      if (block < first_blocks) {
+        tile_block(first, block);
+      } else {
+        tile_block(second, block - first_blocks);
       }
-      reduction.finish(o, block);
     }
-    for (int64_t output = 0; output < outputs; ++output) {
-      double sum = partial[output * chunks];
-      for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
-      Term<T>::finish(a, Term<T>::prepare(a, output), sum);
+    for (int64_t output = 0; output < first_outputs + second_outputs; ++output) {
+      if (output < first_outputs) {
+        finish_tiled<FirstTerm>(a, partial.data(), output, first_chunks);
+      } else {
+        finish_tiled<SecondTerm>(a, second_partial, output - first_outputs, second_chunks);
+      }
     }
+  }
+
+  template <template <typename, typename> class Tiles, typename T>
+  int64_t tiled_chunks(int64_t outputs, const RoundArgs<T>& a) const {
+    check(outputs == Tiles<T, double>::covered_outputs(a), "reduce_tiled's outputs are those the tiles cover");
+    const int64_t chunks = reduction_chunks(Tiles<T, double>::tiles(a), a.batch * a.height * a.width);
+    *most_chunks = std::max(*most_chunks, chunks);
+    return chunks;
+  }
+
+  template <template <typename, typename> class Tiles, typename T>
+  Tiles<T, double> tiled_reduction(int64_t outputs, const RoundArgs<T>& a, double* partial) const {
+    return Tiles<T, double>{a, partial, tiled_chunks<Tiles>(outputs, a)};
+  }
+
+  // Block o of a multi-sum reduction: its 256 threads' sums added in thread order, then its finish.
+  template <typename Reduction>
+  static void tile_block(const Reduction& reduction, int64_t o) {
+    double block[Reduction::kSums] = {};
+    for (int64_t t = 0; t < kThreads; ++t) {
+      double sums[Reduction::kSums];
+      reduction.partial_sums(o, t, kThreads, sums);
+      for (int q = 0; q < Reduction::kSums; ++q) block[q] += sums[q];
+    }
+    reduction.finish(o, block);
+  }
+
+  // An output's chunks in chunk order, handed to Term::finish (finish_output of the CUDA launcher).
+  template <template <typename> class Term, typename T>
+  static void finish_tiled(const RoundArgs<T>& a, const double* partial, int64_t output, int64_t chunks) {
+    double sum = partial[output * chunks];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
+    Term<T>::finish(a, Term<T>::prepare(a, output), sum);
   }
 };
 

@@ -72,6 +72,20 @@ struct CpuLauncher {
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
     reduce<Term, T>(outputs, a);
   }
+
+  // Two independent reductions, one after the other (the CUDA launcher fuses their launches).
+  template <template <typename> class First, template <typename> class Second, typename T>
+  void reduce_two(int64_t outputs, const RoundArgs<T>& a) const {
+    reduce<First, T>(outputs, a);
+    reduce<Second, T>(outputs, a);
+  }
+
+  template <template <typename> class FirstTerm, template <typename, typename> class FirstTiles,
+            template <typename> class SecondTerm, template <typename, typename> class SecondTiles, typename T>
+  void reduce_tiled_two(int64_t first_outputs, int64_t second_outputs, const RoundArgs<T>& a) const {
+    reduce<FirstTerm, T>(first_outputs, a);
+    reduce<SecondTerm, T>(second_outputs, a);
+  }
 };
 
 // The CPU backend of the kernels of cell/branch_round_ops.h.

@@ -45,13 +45,13 @@ __global__ void __launch_bounds__(kThreads) for_each_item_kernel(int64_t count, 
     Tiles::run(args, e);
 }
 
-// Block (output, chunk) of a reduction split over gridDim.y chunks (cell/reduction_split.h): thread t adds
-// the terms chunk * kThreads + t, + chunks * kThreads, ... of the flattened (n, i, j) range, and the block
-// adds the threads' sums with a fixed-shape tree. With one chunk the block finishes the output itself;
-// otherwise it writes partial[output * chunks + chunk] for finish_chunks_kernel.
+// Block (output, chunk) of Term's reduction split over `chunks` chunks (cell/reduction_split.h): thread t adds
+// the terms chunk * kThreads + t, + chunks * kThreads, ... of the flattened (n, i, j) range, and the block adds
+// the threads' sums with a fixed-shape tree. With one chunk the block finishes the output itself; otherwise it
+// writes partial[output * chunks + chunk] for the chunk pass (finish_output).
 template <typename Term, typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) reduce_chunk_kernel(const RoundArgs<T> args, Acc* partial) {
-  const int64_t output = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
+__device__ void reduce_chunk_block(const RoundArgs<T>& args, int64_t output, int64_t chunk, int64_t chunks,
+                                   Acc* partial) {
   const auto ctx = Term::prepare(args, output);
   // ctx.active is uniform over the block, so every thread reaches the barriers of block_sum.
   Acc sum = ctx.active ? strided_term_sum<Term, Acc>(args, ctx, chunk * kThreads + threadIdx.x, chunks * kThreads)
@@ -65,16 +65,56 @@ __global__ void __launch_bounds__(kThreads) reduce_chunk_kernel(const RoundArgs<
   }
 }
 
-// The second pass of a split reduction: one thread per output adds its chunks in chunk order.
+template <typename Term, typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) reduce_chunk_kernel(const RoundArgs<T> args, Acc* partial) {
+  reduce_chunk_block<Term, T, Acc>(args, blockIdx.x, blockIdx.y, gridDim.y, partial);
+}
+
+// Two independent reductions of `outputs` outputs each (so with the same chunks) in one launch: blocks
+// x < outputs are First's output x, the others Second's output x - outputs (uniform over a block).
+template <typename First, typename Second, typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) reduce_chunk_two_kernel(const RoundArgs<T> args, Acc* first_partial,
+                                                                    Acc* second_partial, int64_t outputs) {
+  const int64_t x = blockIdx.x;
+  if (x < outputs) {
+    reduce_chunk_block<First, T, Acc>(args, x, blockIdx.y, gridDim.y, first_partial);
+  } else {
+    reduce_chunk_block<Second, T, Acc>(args, x - outputs, blockIdx.y, gridDim.y, second_partial);
+  }
+}
+
+// The chunk pass of one output: its chunks added in chunk order, then Term::finish.
+template <typename Term, typename T, typename Acc>
+__device__ void finish_output(const RoundArgs<T>& args, const Acc* partial, int64_t output, int64_t chunks) {
+  Acc sum = partial[output * chunks];
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
+  Term::finish(args, Term::prepare(args, output), sum);
+}
+
+// The second pass of a split reduction: one thread per output.
 template <typename Term, typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     finish_chunks_kernel(const RoundArgs<T> args, const Acc* partial, int64_t outputs, int64_t chunks) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t output = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; output < outputs;
-       output += stride) {
-    Acc sum = partial[output * chunks];
-    for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += partial[output * chunks + chunk];
-    Term::finish(args, Term::prepare(args, output), sum);
+       output += stride)
+    finish_output<Term, T, Acc>(args, partial, output, chunks);
+}
+
+// The second pass of two split reductions in one launch: First's outputs, then Second's.
+template <typename First, typename Second, typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    finish_chunks_two_kernel(const RoundArgs<T> args, const Acc* first_partial, int64_t first_outputs,
+                             int64_t first_chunks, const Acc* second_partial, int64_t second_outputs,
+                             int64_t second_chunks) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t output = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       output < first_outputs + second_outputs; output += stride) {
+    if (output < first_outputs) {
+      finish_output<First, T, Acc>(args, first_partial, output, first_chunks);
+    } else {
+      finish_output<Second, T, Acc>(args, second_partial, output - first_outputs, second_chunks);
+    }
   }
 }
 
@@ -119,6 +159,74 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // First's and Second's outputs (`outputs` each; independent reductions over the same terms) in one launch,
+  // and (when split) one chunk pass: the same sums as reduce<First> then reduce<Second>, two launches fewer.
+  template <template <typename> class First, template <typename> class Second, typename T>
+  void reduce_two(int64_t outputs, const RoundArgs<T>& a) const {
+    using Acc = at::acc_type<T, /*is_cuda=*/true>;
+    if (outputs == 0) return;
+    const int64_t chunks = reduction_chunks(outputs, a.batch * a.height * a.width);
+    const dim3 grid(static_cast<unsigned>(2 * outputs), static_cast<unsigned>(chunks));
+    if (chunks == 1) {
+      reduce_chunk_two_kernel<First<T>, Second<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, nullptr, nullptr, outputs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const at::Tensor partial = reduction_scratch<Acc>(device, 2 * outputs * chunks);
+    Acc* first = partial.data_ptr<Acc>();
+    Acc* second = first + outputs * chunks;
+    reduce_chunk_two_kernel<First<T>, Second<T>, T, Acc><<<grid, kThreads, 0, stream>>>(a, first, second, outputs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_chunks_two_kernel<First<T>, Second<T>, T, Acc><<<grid_blocks(2 * outputs), kThreads, 0, stream>>>(
+        a, first, outputs, chunks, second, outputs, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Two reduce_tiled's (independent reductions over the same terms, e.g. the pointwise and the depthwise weight
+  // gradients) with one chunk pass for both: each output's sums as in its own reduce_tiled, one launch fewer.
+  // The multi-sum passes stay two launches: in one kernel the depthwise tiles (128 registers a thread) would run
+  // at the pointwise tiles' occupancy (159 registers: one 256-thread block per SM instead of two).
+  template <template <typename> class FirstTerm, template <typename, typename> class FirstTiles,
+            template <typename> class SecondTerm, template <typename, typename> class SecondTiles, typename T>
+  void reduce_tiled_two(int64_t first_outputs, int64_t second_outputs, const RoundArgs<T>& a) const {
+    using Acc = at::acc_type<T, /*is_cuda=*/true>;
+    using First = FirstTiles<T, Acc>;
+    using Second = SecondTiles<T, Acc>;
+    if (first_outputs == 0 || second_outputs == 0) {
+      reduce_tiled<FirstTerm, FirstTiles, T>(first_outputs, a);
+      reduce_tiled<SecondTerm, SecondTiles, T>(second_outputs, a);
+      return;
+    }
+    const int64_t terms = a.batch * a.height * a.width;
+    check_covered(first_outputs, First::covered_outputs(a));
+    check_covered(second_outputs, Second::covered_outputs(a));
+    const int64_t first_chunks = reduction_chunks(First::tiles(a), terms);
+    const int64_t second_chunks = reduction_chunks(Second::tiles(a), terms);
+    const at::Tensor partial =
+        reduction_scratch<Acc>(device, first_outputs * first_chunks + second_outputs * second_chunks);
+    Acc* first_partial = partial.data_ptr<Acc>();
+    Acc* second_partial = first_partial + first_outputs * first_chunks;
+    const First first{a, first_partial, first_chunks};
+    const Second second{a, second_partial, second_chunks};
+    // tiles * chunks <= 2 * C * 64 blocks each: far below the grid's x limit.
+    reduce_many_kernel<Acc, First><<<static_cast<unsigned>(First::tiles(a) * first_chunks), kThreads, 0, stream>>>(
+        first);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_many_kernel<Acc, Second><<<static_cast<unsigned>(Second::tiles(a) * second_chunks), kThreads, 0,
+                                      stream>>>(second);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_chunks_two_kernel<FirstTerm<T>, SecondTerm<T>, T, Acc>
+        <<<grid_blocks(first_outputs + second_outputs), kThreads, 0, stream>>>(
+            a, first_partial, first_outputs, first_chunks, second_partial, second_outputs, second_chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Every output's partials must be written by the tiles: the scratch is uninitialised.
+  static void check_covered(int64_t outputs, int64_t covered) {
+    TORCH_INTERNAL_ASSERT(outputs == covered, "bnao: reduce_tiled of ", outputs, " outputs, but the tiles cover ",
+                          covered);
+  }
+
   // Term's outputs through the multi-sum reduction Tiles (round_tiles.h, e.g. GradDwTiles): one block per
   // (tile, chunk) writes its chunk's sums of all the tile's outputs, then the second pass adds each output's
   // chunks in order and calls Term::finish.
@@ -126,10 +234,7 @@ struct CudaLauncher {
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
     using Acc = at::acc_type<T, /*is_cuda=*/true>;
     if (outputs == 0) return;
-    // Every output's partials must be written by the tiles: the scratch is uninitialised.
-    const int64_t covered = Tiles<T, Acc>::covered_outputs(a);
-    TORCH_INTERNAL_ASSERT(outputs == covered, "bnao: reduce_tiled of ", outputs, " outputs, but the tiles cover ",
-                          covered);
+    check_covered(outputs, Tiles<T, Acc>::covered_outputs(a));
     const int64_t tiles = Tiles<T, Acc>::tiles(a);
     const int64_t chunks = reduction_chunks(tiles, a.batch * a.height * a.width);
     const at::Tensor partial = reduction_scratch<Acc>(device, outputs * chunks);
