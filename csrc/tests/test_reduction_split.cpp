@@ -93,11 +93,11 @@ struct EmulatedCudaLauncher {
   // handed to Term::finish.
   template <template <typename> class Term, template <typename, typename> class Tiles, typename T>
   void reduce_tiled(int64_t outputs, const RoundArgs<T>& a) const {
-    std::vector<double> partial(static_cast<size_t>(outputs * tiled_chunks<Tiles>(outputs, a)), std::nan(""));
-    const Tiles<T, double> reduction = tiled_reduction<Tiles>(outputs, a, partial.data());
-    const int64_t blocks = Tiles<T, double>::tiles(a) * reduction.chunks;
-    for (int64_t o = 0; o < blocks; ++o) tile_block(reduction, o);
-    for (int64_t output = 0; output < outputs; ++output) finish_tiled<Term>(a, partial.data(), output, reduction.chunks);
+    const int64_t chunks = tiled_chunks<Tiles>(outputs, a);
+    std::vector<double> partial(static_cast<size_t>(outputs * chunks), std::nan(""));
+    const Tiles<T, double> reduction{a, partial.data(), chunks};
+    for (int64_t o = 0; o < Tiles<T, double>::tiles(a) * chunks; ++o) tile_block(reduction, o);
+    for (int64_t output = 0; output < outputs; ++output) finish_tiled<Term>(a, partial.data(), output, chunks);
   }
 
   // As the CUDA launcher's reduce_tiled_two: one buffer, First's partials then Second's; First's tile blocks,
@@ -110,8 +110,8 @@ struct EmulatedCudaLauncher {
     std::vector<double> partial(static_cast<size_t>(first_outputs * first_chunks + second_outputs * second_chunks),
                                 std::nan(""));
     double* second_partial = partial.data() + first_outputs * first_chunks;
-    const FirstTiles<T, double> first = tiled_reduction<FirstTiles>(first_outputs, a, partial.data());
-    const SecondTiles<T, double> second = tiled_reduction<SecondTiles>(second_outputs, a, second_partial);
+    const FirstTiles<T, double> first{a, partial.data(), first_chunks};
+    const SecondTiles<T, double> second{a, second_partial, second_chunks};
     const int64_t first_blocks = FirstTiles<T, double>::tiles(a) * first_chunks;
     const int64_t blocks = first_blocks + SecondTiles<T, double>::tiles(a) * second_chunks;
     for (int64_t block = 0; block < blocks; ++block) {
@@ -136,11 +136,6 @@ struct EmulatedCudaLauncher {
     const int64_t chunks = reduction_chunks(Tiles<T, double>::tiles(a), a.batch * a.height * a.width);
     *most_chunks = std::max(*most_chunks, chunks);
     return chunks;
-  }
-
-  template <template <typename, typename> class Tiles, typename T>
-  Tiles<T, double> tiled_reduction(int64_t outputs, const RoundArgs<T>& a, double* partial) const {
-    return Tiles<T, double>{a, partial, tiled_chunks<Tiles>(outputs, a)};
   }
 
   // Block o of a multi-sum reduction: its 256 threads' sums added in thread order, then its finish.
