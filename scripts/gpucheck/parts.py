@@ -182,54 +182,41 @@ def bench_supernet(ctx: Context) -> PartResult:
                       log="logs/bench-supernet.log")
 
 
+def _json_bench(ctx: Context, name: str, script: str, args: List[Any], to_figures) -> PartResult:
+    """Part ``name``: ``benchmarks/<script> --device <device> *args --json FILE``, its figures ``to_figures(the
+    JSON)``; skipped without a GPU outside smoke mode, failed (or cut) when the script fails or writes nothing."""
+    if not ctx.gpu and not ctx.smoke:
+        return PartResult(name, SKIP, "no GPU")
+    out, log = ctx.logs / f"{name}.json", f"logs/{name}.log"
+    run = ctx.command([ctx.python, f"benchmarks/{script}", "--device", ctx.device, *args, "--json", out],
+                      f"{name}.log")
+    if run.returncode != 0 or not out.exists():
+        return PartResult(name, _status(run, False), _failure_summary(run, script), log=log)
+    figures = to_figures(json.loads(out.read_text()))
+    return PartResult(name, PASS, f"{len(figures)} figures", figures=figures, log=log)
+
+
 def bench_sampler(ctx: Context) -> PartResult:
     """Batched alias draws per second from a pool of 1e6."""
-    if not ctx.gpu and not ctx.smoke:
-        return PartResult("bench-sampler", SKIP, "no GPU")
-    out = ctx.logs / "bench-sampler.json"
-    pool = "1e4" if ctx.smoke else "1e6"
-    run = ctx.command([ctx.python, "benchmarks/bench_sampler.py", "--device", ctx.device, "--sizes", "",
-                       "--batch-pool", pool, "--budget", "0.2" if ctx.smoke else "1", "--json", out],
-                      "bench-sampler.log")
-    if run.returncode != 0 or not out.exists():
-        return PartResult("bench-sampler", _status(run, False), _failure_summary(run, "bench_sampler.py"),
-                          log="logs/bench-sampler.log")
-    figures = measure.sampler_figures(json.loads(out.read_text()))
-    return PartResult("bench-sampler", PASS, f"{len(figures)} figures", figures=figures, log="logs/bench-sampler.log")
+    args = ["--sizes", "", "--batch-pool", "1e4" if ctx.smoke else "1e6", "--budget", "0.2" if ctx.smoke else "1"]
+    return _json_bench(ctx, "bench-sampler", "bench_sampler.py", args, measure.sampler_figures)
 
 
 def bench_loader(ctx: Context) -> PartResult:
     """The GPU-resident (tensor) loader's img/s with the full CIFAR augmentation."""
-    if not ctx.gpu and not ctx.smoke:
-        return PartResult("bench-loader", SKIP, "no GPU")
-    out = ctx.logs / "bench-loader.json"
     sizes = (["--batch-sizes", "256", "1024", "--seconds", "2"] if not ctx.smoke
              else ["--batch-sizes", "256", "--seconds", "0.5", "--num-samples", "2000", "--warmup", "1",
                    "--min-batches", "2", "--threads", "1"])
-    run = ctx.command([ctx.python, "benchmarks/bench_loader.py", "--device", ctx.device, "--loaders", "tensor",
-                       *sizes, "--no-fashion-mnist", "--json", out], "bench-loader.log")
-    if run.returncode != 0 or not out.exists():
-        return PartResult("bench-loader", _status(run, False), _failure_summary(run, "bench_loader.py"),
-                          log="logs/bench-loader.log")
-    figures = measure.loader_figures(json.loads(out.read_text())["rows"], "tensor", 256)
-    return PartResult("bench-loader", PASS, f"{len(figures)} figures", figures=figures, log="logs/bench-loader.log")
+    return _json_bench(ctx, "bench-loader", "bench_loader.py", ["--loaders", "tensor", *sizes, "--no-fashion-mnist"],
+                       lambda data: measure.loader_figures(data["rows"], "tensor", 256))
 
 
 def bench_controller(ctx: Context) -> PartResult:
     """The controller's minibatch time with CUDA graphs (controller.graph=auto) and without (off)."""
-    if not ctx.gpu and not ctx.smoke:
-        return PartResult("bench-controller", SKIP, "no GPU")
-    out = ctx.logs / "bench-controller.json"
     sizes = (["--archs", "1000", "--epochs", "6"] if not ctx.smoke
              else ["--archs", "40", "--epochs", "4", "--threads", "1"])
-    run = ctx.command([ctx.python, "benchmarks/bench_controller.py", "--device", ctx.device, *sizes,
-                       "--graph", "auto,off", "--json", out], "bench-controller.log")
-    if run.returncode != 0 or not out.exists():
-        return PartResult("bench-controller", _status(run, False), _failure_summary(run, "bench_controller.py"),
-                          log="logs/bench-controller.log")
-    figures = measure.controller_figures(json.loads(out.read_text()))
-    return PartResult("bench-controller", PASS, f"{len(figures)} figures", figures=figures,
-                      log="logs/bench-controller.log")
+    return _json_bench(ctx, "bench-controller", "bench_controller.py", [*sizes, "--graph", "auto,off"],
+                       measure.controller_figures)
 
 
 # A shortened search at the reference settings: every phase runs at full size per unit
