@@ -153,6 +153,17 @@ def test_search_extrapolation_by_hand(tmp_path):
     assert ext["rounds"] == 4 and ext["steps_per_round"] == 200
 
 
+def test_search_extrapolation_scales_the_rerank_to_the_reference_split(tmp_path):
+    """A re-rank on 9,000 training images: its epoch costs 45,000 / 9,000 = 5 times as much at the reference."""
+    config = _write_run(tmp_path / "run")
+    (tmp_path / "run" / "ranking.jsonl").write_text(
+        json.dumps({"standalone_seconds": 20.0, "standalone_train_images": 9000}) + "\n")
+    ext = measure.extrapolate_search(tmp_path / "run", config)
+    rerank = next(p for p in ext["phases"] if p["phase"] == "rerank")
+    assert rerank["unit_s"] == pytest.approx(100.0) and rerank["full_s"] == pytest.approx(5000.0)
+    assert rerank["measured_s"] == pytest.approx(20.0)
+
+
 def test_report_markdown_and_json(tmp_path):
     ext = measure.extrapolate_search(tmp_path / "run", _write_run(tmp_path / "run"))
     results = [

@@ -49,6 +49,7 @@ class ResultPhases:
                     "standalone_accuracy": float(res["dev_acc"]),
                     "standalone_params": int(res["params"]),
                     "standalone_seconds": float(res["seconds"]),
+                    "standalone_train_images": int(len(self.train_set)),
                 }
             )
         ranking.sort(key=lambda r: -r["standalone_accuracy"])

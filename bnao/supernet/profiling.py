@@ -73,10 +73,15 @@ def top_kernels(run: Callable[[], Any], device: torch.device, units: int, unit: 
     cuda = device.type == "cuda"
     with profile(activities=_activities(device)) as prof:
         run()
+    events = prof.key_averages()
+    # A profiler range (the trainer's bnao::forward, the optimizer's Optimizer.step#...) shows on the device too,
+    # spanning the kernels it launched: not a kernel, and counting it would count those kernels twice. Ranges are
+    # also host events, which kernels never are.
+    host_names = {event.key for event in events if event.device_type != torch.autograd.DeviceType.CUDA}
     times = []
-    for event in prof.key_averages():
+    for event in events:
         if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            if event.device_type != torch.autograd.DeviceType.CUDA or event.key in host_names:
                 continue
             microseconds = event.self_device_time_total
         else:

@@ -20,6 +20,23 @@ BNAO_CELL_HD int64_t strided_source(int64_t y, int64_t reach, int stride, int64_
   return i < size ? i : -1;
 }
 
+// depthwise_input_grad's sum at an interior pixel at stride 1 with the kernel size and dilation as constants
+// (with_constant_kernel): the same products in the same order as its generic loop.
+template <int K, int D, typename T>
+BNAO_CELL_HD Compute<T> depthwise_input_grad_interior(const Compute<T>* weight, const T* grad, int64_t width,
+                                                      int64_t bottom, int64_t right) {
+  using C = Compute<T>;
+  const T* origin = grad + bottom * width + right;
+  C sum = C(0);
+  BNAO_UNROLL
+  for (int kh = 0; kh < K; ++kh) {
+    const T* row = origin - static_cast<int64_t>(kh * D) * width;
+    BNAO_UNROLL
+    for (int kw = 0; kw < K; ++kw) sum += weight[kh * kMaxKernel + kw] * static_cast<C>(row[-kw * D]);
+  }
+  return sum;
+}
+
 template <typename T>
 BNAO_CELL_HD Compute<T> depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
                                              int64_t y, int64_t x) {
@@ -34,6 +51,10 @@ BNAO_CELL_HD Compute<T> depthwise_input_grad(const RoundArgs<T>& a, const Branch
     const int64_t bottom = y + pad, right = x + pad, span = static_cast<int64_t>(k - 1) * d;
     if (bottom - span >= 0 && right - span >= 0 && bottom < a.height && right < a.width) {
       // Interior pixel at stride 1: every tap reaches an output, no checks needed.
+      if (with_constant_kernel(k, d, [&]<int K, int D>() {
+            sum = depthwise_input_grad_interior<K, D>(weight, grad, a.width, bottom, right);
+          }))
+        return sum;
       for (int kh = 0; kh < k; ++kh)
         for (int kw = 0; kw < k; ++kw)
           sum += weight[kh * kMaxKernel + kw] * static_cast<C>(grad[(bottom - kh * d) * a.width + right - kw * d]);

@@ -50,6 +50,32 @@ BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, int64_t e)
   return t;
 }
 
+// The pointwise products of a sep-conv branch for the tile's kChannelTile output channels of one pixel:
+// each mid value loaded once, the rows' sums in registers, over c in order (pointwise_value's sums). Its own
+// loop, apart from the factorized reduce's, so that the per-channel work is a load and kChannelTile FMAs.
+template <typename T>
+BNAO_CELL_HD void separable_pointwise_tile(const RoundArgs<T>& a, const ChannelTileItem& t, const Compute<T>* weight,
+                                           T* out) {
+  using C = Compute<T>;
+  const int64_t plane = a.height * a.width;
+  const T* column = a.mid + pre_offset(a, t.b, t.n, 0, t.i, t.j);
+  const C* rows[kChannelTile];  // past C: the last row again, computed, not stored
+  C sum[kChannelTile];
+  BNAO_UNROLL
+  for (int r = 0; r < kChannelTile; ++r) {
+    rows[r] = weight + (t.c0 + r < a.channels ? t.c0 + r : a.channels - 1) * a.channels;
+    sum[r] = C(0);
+  }
+  for (int64_t c = 0; c < a.channels; ++c) {
+    const C x = static_cast<C>(column[c * plane]);
+    BNAO_UNROLL
+    for (int r = 0; r < kChannelTile; ++r) sum[r] += rows[r][c] * x;
+  }
+  BNAO_UNROLL
+  for (int r = 0; r < kChannelTile; ++r)
+    if (t.c0 + r < a.channels) out[(t.c0 + r) * plane] = sum[r];
+}
+
 // BranchForward over channel tiles: sep convs and the factorized reduce read their C inputs once per
 // pixel; other branches compute each channel as BranchForward does.
 template <typename T>
@@ -66,6 +92,10 @@ struct BranchForwardTiles {
       return;
     }
     const C* weight = a.pw + static_cast<int64_t>(t.b) * a.channels * a.channels;  // pw[b], rows o, columns c
+    if (br.op == kOpSepConv) {
+      separable_pointwise_tile(a, t, weight, out);
+      return;
+    }
     // The reduce's rows o < C/2 read the input at (2i, 2j), the others at (2i + 1, 2j + 1): reduce_value.
     const bool even_inside = br.op == kOpReduce && inside(br, 2 * t.i, 2 * t.j);
     const bool odd_inside = br.op == kOpReduce && inside(br, 2 * t.i + 1, 2 * t.j + 1);

@@ -232,6 +232,44 @@ BNAO_CELL_HD void add_to(T& out, Compute<T> value) {
 }
 
 // ------------------------------------------------------------------ forward values
+// The space's depthwise shapes as compile-time constants, for the interior loops that unroll over the taps:
+// calls fn.template operator()<K, D>() and returns true for (k, d) in {3, 5, 7} x {1, 2}; returns false
+// without calling it for any other shape, which takes the generic loop.
+template <typename Fn>
+BNAO_CELL_HD bool with_constant_kernel(int k, int d, Fn&& fn) {
+  switch (k * 4 + d) {
+    case 3 * 4 + 1: fn.template operator()<3, 1>(); return true;
+    case 5 * 4 + 1: fn.template operator()<5, 1>(); return true;
+    case 7 * 4 + 1: fn.template operator()<7, 1>(); return true;
+    case 3 * 4 + 2: fn.template operator()<3, 2>(); return true;
+    case 5 * 4 + 2: fn.template operator()<5, 2>(); return true;
+    case 7 * 4 + 2: fn.template operator()<7, 2>(); return true;
+    default: return false;
+  }
+}
+
+// depthwise_value's sum over an interior window (every tap inside) with the kernel size and dilation as
+// constants: the tap loops unroll into loads at fixed offsets from one row pointer, instead of a 64-bit index
+// computation, a weight load and a loop test per tap. The same products added in the same order (kh outer, kw
+// inner), so the same bits as the generic loop.
+template <int K, int D, bool Normalize, typename T>
+BNAO_CELL_HD Compute<T> depthwise_interior(const Compute<T>* weight, const ChannelInput<T>& in, int64_t top,
+                                           int64_t left) {
+  using C = Compute<T>;
+  const T* origin = in.plane + top * in.width + left;
+  C sum = C(0);
+  BNAO_UNROLL
+  for (int kh = 0; kh < K; ++kh) {
+    const T* row = origin + static_cast<int64_t>(kh * D) * in.width;
+    BNAO_UNROLL
+    for (int kw = 0; kw < K; ++kw) {
+      const C raw = static_cast<C>(row[kw * D]);
+      sum += weight[kh * kMaxKernel + kw] * relu(Normalize ? (raw - in.mean) * in.factor + in.beta : raw);
+    }
+  }
+  return sum;
+}
+
 template <typename T>
 BNAO_CELL_HD Compute<T> depthwise_value(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
                                         int64_t i, int64_t j) {
@@ -243,7 +281,13 @@ BNAO_CELL_HD Compute<T> depthwise_value(const RoundArgs<T>& a, const Branch<T>& 
   const int64_t top = i * s - pad, left = j * s - pad, span = static_cast<int64_t>(k - 1) * d;
   C sum = C(0);
   if (top >= 0 && left >= 0 && top + span < in.height && left + span < in.width) {
-    // Interior pixel (most of them): no bounds checks in the tap loop.
+    // Interior pixel (most of them): no bounds checks in the tap loop, and the space's kernels unrolled.
+    // (Round 2's normalisation is a template argument too: it is uniform over the branch.)
+    const bool fixed = with_constant_kernel(k, d, [&]<int K, int D>() {
+      sum = in.normalize ? depthwise_interior<K, D, true>(weight, in, top, left)
+                         : depthwise_interior<K, D, false>(weight, in, top, left);
+    });
+    if (fixed) return sum;
     for (int kh = 0; kh < k; ++kh)
       for (int kw = 0; kw < k; ++kw) sum += weight[kh * kMaxKernel + kw] * relu(in.at(top + kh * d, left + kw * d));
     return sum;

@@ -240,7 +240,10 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
     for rec in ranking:
         if "standalone_seconds" in rec:
             measured["rerank"] += rec["standalone_seconds"]
-            unit_costs["rerank"].append(rec["standalone_seconds"] / int(fc["epochs"]))
+            # An epoch of the reference's training split: a shortened run may train on fewer images.
+            images = rec.get("standalone_train_images") or reference["train_images"]
+            unit_costs["rerank"].append(rec["standalone_seconds"] / int(fc["epochs"])
+                                        * reference["train_images"] / images)
 
     ref = reference
     rounds = ref["iterations"] + 1

@@ -137,9 +137,6 @@ def _setup_context(ctx, inputs, output) -> None:
     pre, mean, invstd = output
     ctx.round_index = round_index
     ctx.reduction = bool(rest[0]) if rest else False
-    # One gradient per input: torch 2.11 leaves `reduction` out of `inputs` when it has its default value,
-    # and register_autograd refuses a backward whose result has another structure than the inputs.
-    ctx.num_inputs = len(inputs)
     ctx.num_sources = len(sources)
     ctx.save_for_backward(code, dw, pw, in_mean, in_invstd, in_gamma, in_beta, pre, mean, invstd, *sources)
 
@@ -155,7 +152,10 @@ def _backward(ctx, grad_pre, grad_mean, grad_invstd):
                                                  ctx.reduction)
     grad_sources, grad_dw, grad_pw = grads[:3]
     grad_norm: List[Optional[Tensor]] = list(grads[3:]) if ctx.round_index == 2 else [None] * _NORM_SLOTS
-    return (list(grad_sources), None, None, grad_dw, grad_pw, *grad_norm, None, None)[:ctx.num_inputs]
+    # One gradient per argument the caller passed: `inputs` above has the defaults filled in, but the dispatcher
+    # drops a trailing `reduction` equal to its default from the call that register_autograd compares the
+    # backward's result with (torch 2.11 to 2.14), and needs_input_grad has that call's structure.
+    return (list(grad_sources), None, None, grad_dw, grad_pw, *grad_norm, None, None)[:len(ctx.needs_input_grad)]
 
 
 if extension.has_ops() and hasattr(torch.ops.bnao, "branch_round"):
