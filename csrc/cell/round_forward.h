@@ -19,17 +19,31 @@ struct PreRow {
   Branch<T> br;
 };
 
+// The branch of row `row` first (one division), so that a body with nothing to do for most branch kinds can
+// stop before decoding the rest (pre_row_rest: two more divisions).
 template <typename T>
-BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
+BNAO_CELL_HD PreRow<T> pre_row_branch(const RoundArgs<T>& a, int64_t row) {
   PreRow<T> r;
+  r.b = static_cast<int>(row / (a.batch * a.channels * a.height));
+  r.br = read_branch(a, r.b);
+  r.n = r.c = r.i = 0;
   r.offset = row * a.width;
+  return r;
+}
+
+template <typename T>
+BNAO_CELL_HD void pre_row_rest(const RoundArgs<T>& a, int64_t row, PreRow<T>& r) {
+  row -= static_cast<int64_t>(r.b) * a.batch * a.channels * a.height;
   r.i = row % a.height;
   row /= a.height;
   r.c = row % a.channels;
-  row /= a.channels;
-  r.n = row % a.batch;
-  r.b = static_cast<int>(row / a.batch);
-  r.br = read_branch(a, r.b);
+  r.n = row / a.channels;
+}
+
+template <typename T>
+BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
+  PreRow<T> r = pre_row_branch(a, row);
+  pre_row_rest(a, row, r);
   return r;
 }
 
@@ -104,6 +118,12 @@ BNAO_CELL_HD void depthwise_columns(const RoundArgs<T>& a, const PreRow<T>& r, i
 
 template <typename T>
 struct DepthwiseForward : PreBody<T, DepthwiseForward<T>> {
+  // Only sep convs compute here, and most rows belong to other branch kinds (on a GPU a thread per element).
+  static BNAO_CELL_HD PreRow<T> row(const RoundArgs<T>& a, int64_t index) {
+    PreRow<T> r = pre_row_branch(a, index);
+    if (r.br.op == kOpSepConv) pre_row_rest(a, index, r);
+    return r;
+  }
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j) {
     if (r.br.op == kOpSepConv) a.mid[r.offset + j] = depthwise_value(a, r.br, r.b, r.n, r.c, r.i, j);
   }
