@@ -201,13 +201,18 @@ struct SourceGrad {
     const int64_t per_source = a.batch * a.channels * height;
     Row r;
     r.source = a.source_index + static_cast<int>(index / per_source);
-    index %= per_source;
+    for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
+    r.n = r.c = r.y = 0;
+    r.out = nullptr;
+    // A launch covers every state the node may read, and a node reads at most two: on a GPU most threads
+    // stop here, before the rest of the decoding.
+    if (skip(a, r)) return r;
+    index -= (r.source - a.source_index) * per_source;
     r.out = a.grad_sources[r.source] + index * width;
     r.y = index % height;
     index /= height;
     r.c = index % a.channels;
     r.n = index / a.channels;
-    for (int b = 0; b < kNumBranches; ++b) r.br[b] = read_branch(a, b);
     return r;
   }
   // Whether the row's gradient is added to its buffer (else the buffer is overwritten).

@@ -76,6 +76,13 @@ BNAO_CELL_HD void separable_pointwise_tile(const RoundArgs<T>& a, const ChannelT
     if (t.c0 + r < a.channels) out[(t.c0 + r) * plane] = sum[r];
 }
 
+// The branch of work item e of channel_tile_item (one division): for bodies that do nothing for most branch
+// kinds, before the rest of the decoding.
+template <typename T>
+BNAO_CELL_HD int channel_tile_branch(const RoundArgs<T>& a, int64_t e) {
+  return static_cast<int>(e / (a.batch * channel_tiles(a) * a.height * a.width));
+}
+
 // BranchForward over channel tiles: sep convs and the factorized reduce read their C inputs once per
 // pixel; other branches compute each channel as BranchForward does.
 template <typename T>
@@ -133,8 +140,8 @@ template <typename T>
 struct GradMidTiles {
   static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
     using C = Compute<T>;
+    if (read_branch(a, channel_tile_branch(a, e)).op != kOpSepConv) return;
     const ChannelTileItem t = channel_tile_item(a, e);
-    if (read_branch(a, t.b).op != kOpSepConv) return;
     const C* weight = a.pw + static_cast<int64_t>(t.b) * a.channels * a.channels;
     const T* grad = a.grad_total + pre_offset(a, t.b, t.n, 0, t.i, t.j);
     const int64_t plane = a.height * a.width;
