@@ -199,6 +199,10 @@ struct GradPwTiles {
     for (int q = 0; q < kSums; ++q) sums[q] = Acc(0);
     const Branch<T> br = read_branch(a, b);
     if (br.op != kOpSepConv && br.op != kOpReduce) return;  // GradPwTerm's inactive outputs: zero
+    if (br.op == kOpSepConv) {
+      separable_sums(b, o0, c0, chunk * threads + thread, chunks * threads, sums);
+      return;
+    }
     const int64_t plane = a.height * a.width, length = a.batch * plane, half = a.channels / 2;
     for (int64_t index = chunk * threads + thread; index < length; index += chunks * threads) {
       const int64_t n = index / plane, pixel = index - n * plane, i = pixel / a.width, j = pixel - i * a.width;
@@ -231,6 +235,30 @@ struct GradPwTiles {
         BNAO_UNROLL
         for (int q = 0; q < kTile; ++q)
           sums[r * kTile + q] += static_cast<Acc>(grad[r] * (odd_row ? odd[q] : value[q]));
+      }
+    }
+  }
+
+  // partial_sums of a sep-conv branch: grad_total times mid, without the factorized reduce's selects between
+  // its even and odd halves (64 per term); the same products added in the same order.
+  BNAO_CELL_HD void separable_sums(int b, int64_t o0, int64_t c0, int64_t first, int64_t step, Acc* sums) const {
+    using C = Compute<T>;
+    const RoundArgs<T>& a = args;
+    const int64_t plane = a.height * a.width, length = a.batch * plane;
+    for (int64_t index = first; index < length; index += step) {
+      const int64_t n = index / plane, pixel = index - n * plane;
+      const T* grad_column = a.grad_total + pre_offset(a, b, n, 0, 0, 0) + pixel;
+      const T* mid_column = a.mid + pre_offset(a, b, n, 0, 0, 0) + pixel;
+      C grad[kTile], value[kTile];
+      BNAO_UNROLL
+      for (int r = 0; r < kTile; ++r) {
+        grad[r] = o0 + r < a.channels ? static_cast<C>(grad_column[(o0 + r) * plane]) : C(0);
+        value[r] = c0 + r < a.channels ? static_cast<C>(mid_column[(c0 + r) * plane]) : C(0);
+      }
+      BNAO_UNROLL
+      for (int r = 0; r < kTile; ++r) {
+        BNAO_UNROLL
+        for (int q = 0; q < kTile; ++q) sums[r * kTile + q] += static_cast<Acc>(grad[r] * value[q]);
       }
     }
   }
