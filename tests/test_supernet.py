@@ -28,10 +28,14 @@ def _bn(y, g, b):
 def _fr(x, w, g, b):
     # The reference's FactorizedReduce has no ReLU; only the calibration after a reduction cell adds one.
     half = w.shape[0] // 2
+    # NCHW for the strided 1x1 convolutions: torch's CPU kernel (2.11 and 2.14) gives a weight gradient read
+    # from the wrong memory for a channels-last [4, 4, 8, 8] input at stride 2 (different on every call, and
+    # once an abort), which made this reference, not the supernet, wrong. Back to channels last after.
+    x = x.contiguous()
     shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
     y = torch.cat([F.conv2d(x, w[:half, :, None, None], stride=2),
                    F.conv2d(shifted, w[half:, :, None, None], stride=2)], 1)
-    return _bn(y, g, b)
+    return _bn(y.contiguous(memory_format=torch.channels_last), g, b)
 
 
 def naive_forward(m: Supernet, x, arch):
