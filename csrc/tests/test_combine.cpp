@@ -47,15 +47,7 @@ std::vector<double> weight_grad(const CombineArgs<double>& a, int64_t threads = 
   std::vector<double> partial(static_cast<size_t>(chunks * outputs), std::numeric_limits<double>::quiet_NaN());
   std::vector<double> grad_weight(static_cast<size_t>(outputs), -1.0);
   const Tiles tiles{a, partial.data(), chunks};
-  for (int64_t o = 0; o < tiles.outputs(); ++o) {
-    double total[Tiles::kSums] = {};
-    for (int64_t t = 0; t < threads; ++t) {
-      double sums[Tiles::kSums];
-      tiles.partial_sums(o, t, threads, sums);
-      for (int q = 0; q < Tiles::kSums; ++q) total[q] += sums[q];
-    }
-    tiles.finish(o, total);
-  }
+  for (int64_t o = 0; o < tiles.outputs(); ++o) bnao_test::emulate_block(tiles, o, threads);
   const bnao::cell::CombineWeightGradFinish<double, double> second{a, partial.data(), chunks, grad_weight.data()};
   for (int64_t o = 0; o < outputs; ++o) second(o);
   return grad_weight;

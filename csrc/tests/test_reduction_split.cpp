@@ -141,13 +141,7 @@ struct EmulatedCudaLauncher {
   // Block o of a multi-sum reduction: its 256 threads' sums added in thread order, then its finish.
   template <typename Reduction>
   static void tile_block(const Reduction& reduction, int64_t o) {
-    double block[Reduction::kSums] = {};
-    for (int64_t t = 0; t < kThreads; ++t) {
-      double sums[Reduction::kSums];
-      reduction.partial_sums(o, t, kThreads, sums);
-      for (int q = 0; q < Reduction::kSums; ++q) block[q] += sums[q];
-    }
-    reduction.finish(o, block);
+    bnao_test::emulate_block(reduction, o, kThreads);
   }
 
   // An output's chunks in chunk order, handed to Term::finish (finish_output of the CUDA launcher).
