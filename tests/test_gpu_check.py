@@ -59,14 +59,20 @@ def test_run_parts_limits_kills_and_budget(tmp_path):
         Part("broken", "driver raises", 30, 1, broken),
         Part("late", "needs more than the budget has", 30, 1000, command_part("pass")),
         Part("skipped", "not selected", 30, 1, command_part("pass")),
+        # Nothing to run here (as DALI without its wheels): skipped, not cut, though the budget cannot hold it.
+        Part("unready", "has nothing to run", 30, 1000, command_part("raise SystemExit(5)"),
+             ready=lambda ctx: PartResult("unready", SKIP, "nothing to run here")),
+        Part("ready", "its check lets it run", 30, 1, command_part("pass"), ready=lambda ctx: None),
     ]
     start = time.monotonic()
     results = run_parts(_ctx(tmp_path), parts, skip=["skipped"], echo=lambda line: None)
     assert time.monotonic() - start < 30  # the 60 s sleep was cut at 2 s
     status = {r.name: r.status for r in results}
-    assert status == {"ok": PASS, "bad": FAIL, "hang": CUT, "broken": FAIL, "late": CUT, "skipped": SKIP}
+    assert status == {"ok": PASS, "bad": FAIL, "hang": CUT, "broken": FAIL, "late": CUT, "skipped": SKIP,
+                      "unready": SKIP, "ready": PASS}
     by_name = {r.name: r for r in results}
     assert "KeyError" in by_name["broken"].summary and "not started" in by_name["late"].summary
+    assert by_name["unready"].summary == "nothing to run here"
     assert 1.5 < by_name["hang"].seconds < 15 and by_name["hang"].limit_s == 2
     with pytest.raises(ProcessLookupError):  # the hung child was killed with its process group
         os.kill(int(pid_file.read_text()), 0)

@@ -21,10 +21,20 @@ namespace cell {
 constexpr int kChannelTile = 8;
 
 // Work item e = ((b * N + n) * tiles + tile) * H * W + pixel of a channel-tile body over pre's shape; a body
-// `Tiles<T>::run(args, e)` covers e < channel_tile_items(args).
+// `Tiles<T>::run(args, e)` covers e < channel_tile_items(args). The items of one (b, n, tile) form a *plane*:
+// `Tiles<T>::plane(args, p)` decodes plane p (its indices and its branch, read from the code) and
+// `Tiles<T>::run_pixel(args, plane, pixel)` computes one item, so a launcher may decode each plane once for
+// all of its pixels (the CUDA launcher does, in shared memory); `run` is the two in a row.
 struct ChannelTileItem {
   int b;
   int64_t n, c0, i, j, pixel;
+};
+
+template <typename T>
+struct ChannelTilePlane {
+  int b;
+  int64_t n, c0;
+  Branch<T> br;
 };
 
 template <typename T>
@@ -35,20 +45,42 @@ BNAO_CELL_HD int64_t channel_tile_items(const RoundArgs<T>& a) {
   return kNumBranches * a.batch * channel_tiles(a) * a.height * a.width;
 }
 
+// Plane p = (b * N + n) * tiles + tile, with its branch.
 template <typename T>
-BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, int64_t e) {
+BNAO_CELL_HD ChannelTilePlane<T> channel_tile_plane(const RoundArgs<T>& a, int64_t p) {
+  ChannelTilePlane<T> plane;
+  const int64_t tiles = channel_tiles(a);
+  plane.c0 = p % tiles * kChannelTile;
+  p /= tiles;
+  plane.n = p % a.batch;
+  plane.b = static_cast<int>(p / a.batch);
+  plane.br = read_branch(a, plane.b);
+  return plane;
+}
+
+template <typename T>
+BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, const ChannelTilePlane<T>& plane,
+                                               int64_t pixel) {
   ChannelTileItem t;
-  const int64_t plane = a.height * a.width, tiles = channel_tiles(a);
-  t.pixel = e % plane;
-  e /= plane;
-  t.c0 = e % tiles * kChannelTile;
-  e /= tiles;
-  t.n = e % a.batch;
-  t.b = static_cast<int>(e / a.batch);
-  t.i = t.pixel / a.width;
-  t.j = t.pixel - t.i * a.width;
+  t.b = plane.b;
+  t.n = plane.n;
+  t.c0 = plane.c0;
+  t.pixel = pixel;
+  t.i = pixel / a.width;
+  t.j = pixel - t.i * a.width;
   return t;
 }
+
+// The plane-and-pixel split of a tile body: `run(args, e)` for launchers that take one item at a time.
+template <typename T, typename Derived>
+struct ChannelTileBody {
+  using Plane = ChannelTilePlane<T>;
+  static BNAO_CELL_HD Plane plane(const RoundArgs<T>& a, int64_t p) { return channel_tile_plane(a, p); }
+  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
+    const int64_t pixels = a.height * a.width, p = e / pixels;
+    Derived::run_pixel(a, Derived::plane(a, p), e - p * pixels);
+  }
+};
 
 // The pointwise products of a sep-conv branch for the tile's kChannelTile output channels of one pixel:
 // each mid value loaded once, the rows' sums in registers, over c in order (pointwise_value's sums). Its own
@@ -76,21 +108,14 @@ BNAO_CELL_HD void separable_pointwise_tile(const RoundArgs<T>& a, const ChannelT
     if (t.c0 + r < a.channels) out[(t.c0 + r) * plane] = sum[r];
 }
 
-// The branch of work item e of channel_tile_item (one division): for bodies that do nothing for most branch
-// kinds, before the rest of the decoding.
-template <typename T>
-BNAO_CELL_HD int channel_tile_branch(const RoundArgs<T>& a, int64_t e) {
-  return static_cast<int>(e / (a.batch * channel_tiles(a) * a.height * a.width));
-}
-
 // BranchForward over channel tiles: sep convs and the factorized reduce read their C inputs once per
 // pixel; other branches compute each channel as BranchForward does.
 template <typename T>
-struct BranchForwardTiles {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
+struct BranchForwardTiles : ChannelTileBody<T, BranchForwardTiles<T>> {
+  static BNAO_CELL_HD void run_pixel(const RoundArgs<T>& a, const ChannelTilePlane<T>& tile_plane, int64_t pixel) {
     using C = Compute<T>;
-    const ChannelTileItem t = channel_tile_item(a, e);
-    const Branch<T> br = read_branch(a, t.b);
+    const ChannelTileItem t = channel_tile_item(a, tile_plane, pixel);
+    const Branch<T>& br = tile_plane.br;
     const int64_t plane = a.height * a.width;
     T* out = a.pre + pre_offset(a, t.b, t.n, 0, t.i, t.j);
     if (br.op != kOpSepConv && br.op != kOpReduce) {
@@ -137,11 +162,11 @@ struct BranchForwardTiles {
 // GradMid over channel tiles: grad_mid[b, n, c] = pw[b]^T . grad_total[b, n] for kChannelTile channels c of
 // one pixel, each grad_total value read once; branches without a depthwise conv are left untouched.
 template <typename T>
-struct GradMidTiles {
-  static BNAO_CELL_HD void run(const RoundArgs<T>& a, int64_t e) {
+struct GradMidTiles : ChannelTileBody<T, GradMidTiles<T>> {
+  static BNAO_CELL_HD void run_pixel(const RoundArgs<T>& a, const ChannelTilePlane<T>& tile_plane, int64_t pixel) {
     using C = Compute<T>;
-    if (read_branch(a, channel_tile_branch(a, e)).op != kOpSepConv) return;
-    const ChannelTileItem t = channel_tile_item(a, e);
+    if (tile_plane.br.op != kOpSepConv) return;
+    const ChannelTileItem t = channel_tile_item(a, tile_plane, pixel);
     const C* weight = a.pw + static_cast<int64_t>(t.b) * a.channels * a.channels;
     const T* grad = a.grad_total + pre_offset(a, t.b, t.n, 0, t.i, t.j);
     const int64_t plane = a.height * a.width;

@@ -20,6 +20,7 @@
 
 #include "cell/branch_round.h"
 #include "cell/branch_round_ops.h"
+#include "cell/launch_groups.h"
 #include "cell/node_ops_host.h"
 #include "cell/reduction_split.h"
 #include "tests/check.h"
@@ -34,19 +35,53 @@ using Optional = std::optional<at::Tensor>;
 struct EmulatedCudaLauncher {
   int64_t* most_chunks;  // the largest split seen, so a test can tell that it reached several chunks
   bool* index_types_agree;  // every thread's sum is the same with 32-bit and with 64-bit index arithmetic
+  bool* groups_fit;  // every block's rows or planes fit its shared memory (cell/launch_groups.h)
 
+  // As for_each_rows_kernel (cell/launch_groups.h): rows decoded a block's group at a time, then each
+  // thread's column of its row; one element at a time (for_each_kernel) where a row does not fit a block.
   template <template <typename> class Body, typename T>
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
-    for (int64_t index = 0; index < rows * columns; ++index) {
-      const int64_t row = index / columns;
-      Body<T>::run(a, Body<T>::row(a, row), index - row * columns);
+    const int per_block = group_rows(columns);
+    if (per_block == 0) {
+      for (int64_t index = 0; index < rows * columns; ++index) {
+        const int64_t row = index / columns;
+        Body<T>::run(a, Body<T>::row(a, row), index - row * columns);
+      }
+      return;
+    }
+    *groups_fit &= per_block <= kMaxGroupRows && per_block * columns <= kThreads;
+    std::vector<typename Body<T>::Row> decoded;
+    for (int64_t first = 0; first < rows; first += per_block) {
+      decoded.clear();
+      for (int t = 0; t < per_block && first + t < rows; ++t) decoded.push_back(Body<T>::row(a, first + t));
+      for (int thread = 0; thread < kThreads; ++thread) {
+        const int local_row = thread / static_cast<int>(columns);
+        if (local_row < per_block && first + local_row < rows)
+          Body<T>::run(a, decoded[local_row], thread - local_row * columns);
+      }
     }
   }
 
-  // As the CUDA launcher: the channel-tile form, one work item at a time.
+  // As the CUDA launcher: the channel-tile form, in blocks of kThreads items whose planes are decoded once
+  // (for_each_plane_kernel), or one work item at a time for planes under kMinPlanePixels items.
   template <template <typename> class Body, template <typename> class Tiles, typename T>
   void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
-    for (int64_t e = 0; e < channel_tile_items(a); ++e) Tiles<T>::run(a, e);
+    const int64_t count = channel_tile_items(a), pixels = a.height * a.width;
+    if (pixels < kMinPlanePixels) {
+      for (int64_t e = 0; e < count; ++e) Tiles<T>::run(a, e);
+      return;
+    }
+    std::vector<typename Tiles<T>::Plane> decoded;
+    for (int64_t start = 0; start < count; start += kThreads) {
+      const PlaneGroup group = plane_group(start, count, pixels);
+      *groups_fit &= group.planes >= 1 && group.planes <= kMaxGroupPlanes;
+      decoded.clear();
+      for (int t = 0; t < group.planes; ++t) decoded.push_back(Tiles<T>::plane(a, group.first_plane + t));
+      for (int64_t e = start; e < std::min(start + kThreads, count); ++e) {
+        const int64_t p = e / pixels;
+        Tiles<T>::run_pixel(a, decoded.at(p - group.first_plane), e - p * pixels);
+      }
+    }
   }
 
   // Block (output, chunk): thread t's strided_term_sum, the threads added in thread order (a block's tree in
@@ -253,8 +288,8 @@ void check_accumulate(const std::string& name, const std::vector<at::Tensor>& so
   const auto& [pre, mean, invstd] = forward;
   accumulate_op.call(want, grad_pre, grad_mean, grad_invstd, sources, code, dw, pw, pre, mean, invstd, reduction, 1);
   int64_t most_chunks = 1;
-  bool index_types_agree = true;
-  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree};
+  bool index_types_agree = true, groups_fit = true;
+  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree, &groups_fit};
   branch_round_backward_impl(emulated, grad_pre, grad_mean, grad_invstd, sources, code, 1, dw, pw, {}, {}, {}, {}, pre,
                              mean, invstd, reduction, got, 1);
   for (size_t s = 0; s < sources.size(); ++s)
@@ -275,8 +310,8 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   const at::Tensor pw = at::randn({kNumBranches, channels, channels}, param_options);
   const double eps = 1e-5;
   int64_t most_chunks = 1;
-  bool index_types_agree = true;
-  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree};
+  bool index_types_agree = true, groups_fit = true;
+  const EmulatedCudaLauncher emulated{&most_chunks, &index_types_agree, &groups_fit};
 
   const auto want =
       forward_op.call(sources, code, round, dw, pw, norm[0], norm[1], norm[2], norm[3], eps, reduction);
@@ -309,6 +344,7 @@ int64_t check_round(const std::string& name, const std::vector<at::Tensor>& sour
   check_close(std::get<5>(grads_got), std::get<5>(grads_want), name + " grad in_gamma");
   check_close(std::get<6>(grads_got), std::get<6>(grads_want), name + " grad in_beta");
   check(index_types_agree, name + ": 32-bit and 64-bit index arithmetic give different sums");
+  check(groups_fit, name + ": a block's rows or planes overflow its shared memory");
   if (round == 1) check_accumulate(name, sources, code, dw, pw, grad_pre, grad_mean, grad_invstd, want, reduction);
   return most_chunks;
 }

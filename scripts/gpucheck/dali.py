@@ -64,17 +64,28 @@ def _profile_figure(ctx: Context, env: Dict[str, str]) -> List[Figure]:
                    "img/s", note="bnao profile --loader dali (no target: compare with the tensor loader's row)")]
 
 
-def dali_part(ctx: Context) -> PartResult:
-    """Runs the DALI checks when DALI is importable or its wheels were carried; skips otherwise."""
+def dali_ready(ctx: Context) -> Optional[PartResult]:
+    """The part's skip when it has nothing to run (no GPU, or neither DALI nor its wheels here), else None.
+    Checked before the budget, so a run without the wheels says skipped, not cut."""
     if not ctx.gpu and not ctx.smoke:
         return PartResult("dali", SKIP, "no GPU")
+    if not all((ctx.repo / f).is_dir() for f in WHEEL_FOLDERS) and not _importable(ctx, {}):
+        return PartResult("dali", SKIP, "DALI's wheels were not brought along (run ../shared/gpu/prepare.sh dali "
+                                        "and carry .gpu-dali1 .. .gpu-dali5)")
+    return None
+
+
+def dali_part(ctx: Context) -> PartResult:
+    """Runs the DALI checks when DALI is importable or its wheels were carried; skips otherwise."""
+    unready = dali_ready(ctx)
+    if unready is not None:
+        return unready
     env: Dict[str, str] = {}
     source = "already installed"
     if not _importable(ctx, env):
         site = install_from_folders(ctx)
         if site is None:
-            return PartResult("dali", SKIP, "DALI's wheels were not brought along (run ../shared/gpu/prepare.sh dali "
-                                            "and carry .gpu-dali1 .. .gpu-dali5)", log="logs/dali.log")
+            return PartResult("dali", FAIL, "DALI's carried wheels did not install", log="logs/dali.log")
         env = {"PYTHONPATH": site}
         source = "installed from the carried wheels"
         if not _importable(ctx, env):

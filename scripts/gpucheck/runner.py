@@ -91,6 +91,8 @@ class Part:
         limit_s: Longest it may run.
         min_s: Not started with less time than this left.
         run: Driver, ``run(ctx) -> PartResult`` (status, summary, figures; the runner fills in times).
+        ready: Optional quick check before the budget's: a result (a skip: nothing to run here) or None (run it),
+            so that a part with nothing to run is reported skipped, not cut, when the budget has run out.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Part:
     limit_s: float
     min_s: float
     run: Callable[["Context"], PartResult]
+    ready: Optional[Callable[["Context"], Optional[PartResult]]] = None
 
 
 @dataclasses.dataclass
@@ -260,8 +263,13 @@ def run_parts(ctx: Context, parts: Sequence[Part], only: Sequence[str] = (), ski
     results = []
     for part in parts:
         left = ctx.deadline - time.monotonic() - REPORT_RESERVE_S
+        unready = None
+        if not ((only and part.name not in only) or part.name in skip) and part.ready is not None:
+            unready = part.ready(ctx)
         if (only and part.name not in only) or part.name in skip:
             result = PartResult(part.name, SKIP, "not selected (--only/--skip)")
+        elif unready is not None:
+            result = unready
         elif left < part.min_s:
             result = PartResult(part.name, CUT, f"not started: {max(left, 0):.0f} s of the budget left, "
                                                 f"it needs at least {part.min_s:.0f} s")

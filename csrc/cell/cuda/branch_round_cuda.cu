@@ -16,9 +16,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <new>
 
 #include "cell/branch_round.h"
 #include "cell/branch_round_ops.h"
+#include "cell/launch_groups.h"
 #include "cell/cuda/launch.cuh"
 
 namespace bnao {
@@ -37,12 +39,63 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Whole rows per block (cell/launch_groups.h): the block's first `rows_per_block` threads decode one row each
+// (Body::row) into shared memory, then thread t runs column t % columns of row t / columns. The same Body::row
+// and Body::run calls as for_each_kernel, so the same values.
+template <typename Body, typename T>
+__global__ void __launch_bounds__(kThreads)
+    for_each_rows_kernel(int64_t rows, int columns, int rows_per_block, const RoundArgs<T> args) {
+  using Row = typename Body::Row;
+  __shared__ __align__(16) unsigned char storage[kMaxGroupRows * sizeof(Row)];
+  Row* decoded = reinterpret_cast<Row*>(storage);
+  const int local_row = static_cast<int>(threadIdx.x) / columns;
+  const int column = static_cast<int>(threadIdx.x) - local_row * columns;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  // `first` depends on the block only, so every thread reaches the barriers the same number of times.
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < rows; first += step) {
+    if (static_cast<int>(threadIdx.x) < rows_per_block && first + threadIdx.x < rows)
+      new (&decoded[threadIdx.x]) Row(Body::row(args, first + threadIdx.x));
+    __syncthreads();
+    if (local_row < rows_per_block && first + local_row < rows) Body::run(args, decoded[local_row], column);
+    __syncthreads();  // the next group's decoding overwrites the rows
+  }
+}
+
 // One work item of a channel-tile body (round_tiles.h, e.g. BranchForwardTiles) per thread, grid-stride.
 template <typename Tiles, typename T>
 __global__ void __launch_bounds__(kThreads) for_each_item_kernel(int64_t count, const RoundArgs<T> args) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride)
     Tiles::run(args, e);
+}
+
+// A channel-tile body's items in blocks of kThreads consecutive items (cell/launch_groups.h), each (b, n, tile)
+// plane the block touches decoded once (Tiles::plane) into shared memory, then one item per thread
+// (Tiles::run_pixel). Register cap (65,536 / (3 x 256) = 85 a thread): 3 blocks an SM instead of 2 (the tile
+// bodies take 106 registers uncapped, for their pooling and factorized-reduce paths), without spills (sm_90,
+// ptxas -v); at 4 blocks the forward tiles spill.
+constexpr int kPlaneBlocksPerSm = 3;
+
+template <typename Tiles, typename T>
+__global__ void __launch_bounds__(kThreads, kPlaneBlocksPerSm)
+    for_each_plane_kernel(int64_t count, int64_t pixels, const RoundArgs<T> args) {
+  using Plane = typename Tiles::Plane;
+  __shared__ __align__(16) unsigned char storage[kMaxGroupPlanes * sizeof(Plane)];
+  Plane* decoded = reinterpret_cast<Plane*>(storage);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  // `start` depends on the block only, so every thread reaches the barriers the same number of times.
+  for (int64_t start = static_cast<int64_t>(blockIdx.x) * kThreads; start < count; start += step) {
+    const PlaneGroup group = plane_group(start, count, pixels);
+    if (static_cast<int>(threadIdx.x) < group.planes)
+      new (&decoded[threadIdx.x]) Plane(Tiles::plane(args, group.first_plane + threadIdx.x));
+    __syncthreads();
+    const int64_t e = start + threadIdx.x;
+    if (e < count) {
+      const int64_t p = e / pixels;
+      Tiles::run_pixel(args, decoded[p - group.first_plane], e - p * pixels);
+    }
+    __syncthreads();  // the next group's decoding overwrites the planes
+  }
 }
 
 // Block (output, chunk) of Term's reduction split over `chunks` chunks (cell/reduction_split.h): thread t adds
@@ -126,16 +179,27 @@ struct CudaLauncher {
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
     const int64_t count = rows * columns;
     if (count == 0) return;
-    for_each_kernel<Body<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(rows, columns, a);
+    const int per_block = group_rows(columns);
+    if (per_block > 0) {
+      const int64_t blocks = std::min<int64_t>((rows + per_block - 1) / per_block, kMaxBlocks);
+      for_each_rows_kernel<Body<T>, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          rows, static_cast<int>(columns), per_block, a);
+    } else {
+      for_each_kernel<Body<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(rows, columns, a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   // Body's elements, computed by its channel-tile form (kChannelTile channels of a pixel per thread).
   template <template <typename> class Body, template <typename> class Tiles, typename T>
   void for_each_tiled(int64_t, int64_t, const RoundArgs<T>& a) const {
-    const int64_t count = channel_tile_items(a);
+    const int64_t count = channel_tile_items(a), pixels = a.height * a.width;
     if (count == 0) return;
-    for_each_item_kernel<Tiles<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(count, a);
+    if (pixels >= kMinPlanePixels) {
+      for_each_plane_kernel<Tiles<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(count, pixels, a);
+    } else {
+      for_each_item_kernel<Tiles<T>, T><<<grid_blocks(count), kThreads, 0, stream>>>(count, a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
