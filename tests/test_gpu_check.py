@@ -159,6 +159,19 @@ def test_search_extrapolation_by_hand(tmp_path):
     assert ext["rounds"] == 4 and ext["steps_per_round"] == 200
 
 
+def test_controller_extrapolation_takes_the_epoch_measured_at_the_reference_pool(tmp_path):
+    """A controller epoch measured on 1,000 archs in 0.071 s: 1000 epochs on pools 1000 + 1300 + 1600 take
+    0.071 / 1000 x 1000 x 3900 = 276.9 s, whatever the shortened run's own (small-pool) cost per unit."""
+    config = _write_run(tmp_path / "run")
+    ext = measure.extrapolate_search(tmp_path / "run", config, controller_epoch=(1000, 0.071))
+    controller = next(p for p in ext["phases"] if p["phase"] == "controller")
+    assert controller["full_s"] == pytest.approx(276.9)
+    assert controller["search_unit_s"] == pytest.approx(0.001) and "1,000 archs" in controller["source"]
+    assert ext["total_s"] == pytest.approx(10649.0 - 3900.0 + 276.9)
+    text = report.render_markdown({"device": "x"}, [PartResult("search", PASS, "", details={"extrapolation": ext})])
+    assert "a controller epoch on 1,000 archs (bench-controller)" in text and "1.000 ms" in text
+
+
 def test_search_extrapolation_scales_the_rerank_to_the_reference_split(tmp_path):
     """A re-rank on 9,000 training images: its epoch costs 45,000 / 9,000 = 5 times as much at the reference."""
     config = _write_run(tmp_path / "run")

@@ -11,7 +11,7 @@ import re
 import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .runner import Figure
 
@@ -198,8 +198,8 @@ def _median(values: List[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[str, Any] = REFERENCE
-                       ) -> Dict[str, Any]:
+def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[str, Any] = REFERENCE,
+                       controller_epoch: Optional[Tuple[int, float]] = None) -> Dict[str, Any]:
     """Each phase of a shortened search, scaled to the reference settings.
 
     Every phase has a cost unit that the shortened run measures and whose count at the
@@ -208,12 +208,19 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
     controller fitting per epoch and pool arch (1000 epochs on pools of 1000, 1300, 1600),
     generation per new arch (3 x 300) and re-ranking per arch and epoch (5 x 10). The unit
     cost is the median over the rounds, so the first round's warm-up does not get
-    multiplied by thousands of steps.
+    multiplied by thousands of steps. The controller's epoch also has a cost that does not
+    grow with the pool (its shuffles and launches), which a shortened run's small pools would
+    multiply by the reference's much larger arch count (on an H200, 2026-11-27: 0.215 ms per
+    epoch x arch from pools of 50 to 100, 0.071 ms at 1,000 archs); so when a measurement at the
+    reference's pool size is given (``controller_epoch``, gpu-check's bench-controller part), the
+    controller's unit cost is that one.
 
     Args:
         run_dir: The shortened run's directory (history.jsonl, ranking.jsonl).
         config: Its resolved configuration (config.yaml).
         reference: The settings to extrapolate to.
+        controller_epoch: ``(archs, seconds)`` of one controller epoch measured on a pool of that many archs
+            (about the reference's), to use instead of the shortened run's own controller cost.
 
     Returns:
         ``{"phases": [{phase, measured_s, unit, unit_s, full_count, full_s}], "total_s", "measured_s"}``.
@@ -258,8 +265,13 @@ def extrapolate_search(run_dir: Path, config: Dict[str, Any], reference: Dict[st
     phases = []
     for phase, (unit, count) in full_counts.items():
         unit_s = _median(unit_costs[phase])
-        phases.append({"phase": phase, "measured_s": measured[phase], "unit": unit, "unit_s": unit_s,
-                       "full_count": count, "full_s": None if unit_s is None else unit_s * count})
+        entry = {"phase": phase, "measured_s": measured[phase], "unit": unit, "unit_s": unit_s}
+        if phase == "controller" and controller_epoch is not None:
+            archs, seconds = controller_epoch
+            entry.update(unit_s=seconds / archs, search_unit_s=unit_s,
+                         source=f"a controller epoch on {archs:,} archs (bench-controller)")
+        entry.update(full_count=count, full_s=None if entry["unit_s"] is None else entry["unit_s"] * count)
+        phases.append(entry)
     known = [p["full_s"] for p in phases if p["full_s"] is not None]
     return {"phases": phases, "total_s": sum(known) if len(known) == len(phases) else None,
             "measured_s": sum(measured.values()), "rounds": len(history), "steps_per_round": steps_short,

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -233,6 +233,18 @@ SEARCH_SMOKE = ["data.dataset=synthetic", "data.synthetic_samples=600", "search.
                 "controller.epochs=2", "final.rerank_top=1", "final.epochs=1", "final.batch_size=32"]
 
 
+def _controller_epoch(ctx: Context) -> Optional[Tuple[int, float]]:
+    """``(archs, seconds)`` of a controller epoch as the search runs it (controller.graph=auto) from the
+    bench-controller part of this run, measured on the reference's 1,000 archs; None when it did not run."""
+    path = ctx.logs / "bench-controller.json"
+    try:
+        printed = json.loads(path.read_text())
+        row = next(r for r in printed["rows"] if r["graph"] == "auto")
+        return int(printed["archs"]), float(row["epoch_s"])
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
+
+
 def search(ctx: Context) -> PartResult:
     """A shortened search at the reference settings, each phase extrapolated to 50 epochs x 4 rounds."""
     if not ctx.gpu and not ctx.smoke:
@@ -244,7 +256,7 @@ def search(ctx: Context) -> PartResult:
     if run.returncode != 0:
         return PartResult("search", _status(run, False), _failure_summary(run, "bnao search"), log="logs/search.log")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ext = measure.extrapolate_search(run_dir, config)
+    ext = measure.extrapolate_search(run_dir, config, controller_epoch=_controller_epoch(ctx))
     for name in ("history.jsonl", "ranking.jsonl", "best.json", "config.yaml"):
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, ctx.logs / f"search-{name}")

@@ -101,6 +101,11 @@ def _search_lines(ext: Dict[str, Any]) -> List[str]:
         lines.append(f"| {p['phase']} | {_fmt(p['measured_s'], 's')} | {p['unit']} | {unit_cost} | "
                      f"{p['full_count']:,} | {_fmt(p['full_s'], 's')} |")
     lines.append(f"| **total** | | | | | **{_fmt(ext['total_s'], 's')}** |")
+    for p in ext["phases"]:
+        if p.get("source"):
+            own = "-" if p.get("search_unit_s") is None else f"{p['search_unit_s'] * 1e3:,.3f} ms"
+            lines += ["", f"The {p['phase']}'s cost per unit is {p['source']}; the shortened run's own small pools "
+                          f"gave {own}, which its per-epoch overhead inflates."]
     return lines
 
 
