@@ -1,6 +1,6 @@
 PY ?= .venv/bin/python
 
-.PHONY: demo test bench gpu-check
+.PHONY: demo test bench gpu-check gpu-kernel-check
 
 # One command: set up and run a real Balanced NAO search on Fashion-MNIST (CPU is fine).
 demo:
@@ -23,3 +23,8 @@ bench:
 OUT ?= gpu-check-out
 gpu-check:
 	PYTHON=$(if $(wildcard .venv/bin/python),.venv/bin/python,python3) scripts/gpu-check.sh $(OUT)
+
+# After a change to the fused-cell kernels: build, their CUDA tests, fused img/s and archs/s and the kernel
+# table in about 3 minutes (scripts/gpu-kernel-check.sh); logs under $(OUT).
+gpu-kernel-check:
+	PYTHON=$(if $(wildcard .venv/bin/python),.venv/bin/python,python3) scripts/gpu-kernel-check.sh $(OUT)
