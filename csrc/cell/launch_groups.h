@@ -17,21 +17,25 @@
 namespace bnao {
 namespace cell {
 
-// Rows (planes) decoded per block at most: the shared memory holds this many rows.
-constexpr int kMaxGroupRows = 32;
+// Rows decoded per block at most: the shared memory holds this many rows.
+constexpr int kMaxGroupRows = 128;
 
-// Rows per block for rows of `columns` elements (whole rows, thread t on column t % columns of row
-// t / columns), 0 when a row does not fit in a block (then one element per thread, each decoding its row).
-BNAO_CELL_HD int group_rows(int64_t columns) {
-  if (columns <= 0 || columns > kThreads) return 0;
-  const int64_t rows = kThreads / columns;
+// Threads per row of `columns` elements when a thread takes `per_thread` consecutive columns (the last
+// thread of a row fewer when they do not divide).
+BNAO_CELL_HD int64_t row_threads(int64_t columns, int per_thread) { return (columns + per_thread - 1) / per_thread; }
+
+// Rows per block for rows of `threads` threads each (whole rows, thread t on the column group t % threads of
+// row t / threads), 0 when a row does not fit in a block (then one element per thread, each decoding its row).
+BNAO_CELL_HD int group_rows(int64_t threads) {
+  if (threads <= 0 || threads > kThreads) return 0;
+  const int64_t rows = kThreads / threads;
   return static_cast<int>(rows < kMaxGroupRows ? rows : kMaxGroupRows);
 }
 
-// Channel-tile items go in blocks of kThreads consecutive items, over planes of `pixels` items each; a block
-// decodes the planes it touches, at most kThreads / kMinPlanePixels + 1 of them.
-constexpr int64_t kMinPlanePixels = kThreads / kMaxGroupRows;
-constexpr int kMaxGroupPlanes = kMaxGroupRows + 1;
+// Channel-tile items go in blocks of kThreads consecutive items, over planes of at least kMinPlanePixels items;
+// a block decodes the planes it touches, at most kThreads / kMinPlanePixels + 1 of them.
+constexpr int64_t kMinPlanePixels = 8;
+constexpr int kMaxGroupPlanes = static_cast<int>(kThreads / kMinPlanePixels) + 1;
 
 struct PlaneGroup {
   int64_t first_plane;

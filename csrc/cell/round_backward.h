@@ -42,6 +42,11 @@ struct GradTotalAndRecompute : PreBody<T, GradTotalAndRecompute<T>> {
     GradTotal<T>::run_columns(a, r, begin, end);
     RecomputeForward<T>::run_columns(a, r, begin, end);
   }
+  static constexpr int kColumnsPerThread = RecomputeForward<T>::kColumnsPerThread;
+  static BNAO_CELL_HD void run_group(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j0, int count) {
+    GradTotal<T>::run_group(a, r, j0, count);
+    RecomputeForward<T>::run_group(a, r, j0, count);
+  }
 };
 
 // Gradient of the depthwise result of sep-conv branches: pw^T . grad_total.
@@ -214,6 +219,33 @@ struct SourceGrad {
     r.c = index % a.channels;
     r.n = index / a.channels;
     return r;
+  }
+  // The CUDA launcher's form: `count` (<= kDepthwiseGroup) consecutive columns from x0, the sep convs' taps
+  // through depthwise_input_grad_group; each element's sum as `run` adds it (start, branch 0, branch 1).
+  static constexpr int kColumnsPerThread = kDepthwiseGroup;
+  static BNAO_CELL_HD void run_group(const RoundArgs<T>& a, const Row& r, int64_t x0, int count) {
+    using C = Compute<T>;
+    if (skip(a, r)) return;
+    // Loops over the whole group with `q < count` tests (not `q < count` bounds), so the arrays stay registers.
+    C sums[kDepthwiseGroup], values[kDepthwiseGroup];
+    BNAO_UNROLL
+    for (int q = 0; q < kDepthwiseGroup; ++q) sums[q] = q < count && adds(a, r) ? static_cast<C>(r.out[x0 + q]) : C(0);
+    for (int b = 0; b < kNumBranches; ++b) {
+      const Branch<T>& br = r.br[b];
+      if (br.source != r.source) continue;
+      if (br.op == kOpSepConv) {
+        depthwise_input_grad_group(a, br, b, r.n, r.c, r.y, x0, count, values);
+      } else {
+        BNAO_UNROLL
+        for (int q = 0; q < kDepthwiseGroup; ++q)
+          values[q] = q < count ? branch_input_grad(a, br, b, r.n, r.c, r.y, x0 + q) : C(0);
+      }
+      BNAO_UNROLL
+      for (int q = 0; q < kDepthwiseGroup; ++q) sums[q] += values[q];
+    }
+    BNAO_UNROLL
+    for (int q = 0; q < kDepthwiseGroup; ++q)
+      if (q < count) r.out[x0 + q] = sums[q];
   }
   // Whether the row's gradient is added to its buffer (else the buffer is overwritten).
   static BNAO_CELL_HD bool adds(const RoundArgs<T>& a, const Row& r) {

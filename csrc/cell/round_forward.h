@@ -50,12 +50,18 @@ BNAO_CELL_HD PreRow<T> pre_row(const RoundArgs<T>& a, int64_t row) {
 // Elementwise bodies over pre's shape share the row decoding. `run_columns` (used by the CPU
 // launcher on whole rows) defaults to `run` per column; a body overrides it where another loop
 // order computes the same sums faster (the pointwise products, channel-outer).
+// `run_group` (used by the CUDA launcher, a thread per kColumnsPerThread consecutive columns of a row) defaults
+// to `run` per column; a body with a faster form for several columns (the depthwise taps) overrides both.
 template <typename T, typename Derived>
 struct PreBody {
   using Row = PreRow<T>;
+  static constexpr int kColumnsPerThread = 1;
   static BNAO_CELL_HD Row row(const RoundArgs<T>& a, int64_t index) { return pre_row(a, index); }
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const Row& r, int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) Derived::run(a, r, j);
+  }
+  static BNAO_CELL_HD void run_group(const RoundArgs<T>& a, const Row& r, int64_t j0, int count) {
+    for (int q = 0; q < count; ++q) Derived::run(a, r, j0 + q);
   }
 };
 
@@ -129,6 +135,10 @@ struct DepthwiseForward : PreBody<T, DepthwiseForward<T>> {
   }
   static BNAO_CELL_HD void run_columns(const RoundArgs<T>& a, const PreRow<T>& r, int64_t begin, int64_t end) {
     if (r.br.op == kOpSepConv) depthwise_columns(a, r, begin, end, a.mid + r.offset);
+  }
+  static constexpr int kColumnsPerThread = kDepthwiseGroup;
+  static BNAO_CELL_HD void run_group(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j0, int count) {
+    if (r.br.op == kOpSepConv) depthwise_group(a, r.br, r.b, r.n, r.c, r.i, j0, count, a.mid + r.offset);
   }
 };
 
@@ -210,6 +220,14 @@ struct RecomputeForward : PreBody<T, RecomputeForward<T>> {
       depthwise_columns(a, r, begin, end, a.mid + r.offset);
     } else if (r.br.op == kOpMaxPool) {
       max_pool_columns(a, r, begin, end, static_cast<T*>(nullptr), a.mid + r.offset);
+    }
+  }
+  static constexpr int kColumnsPerThread = kDepthwiseGroup;
+  static BNAO_CELL_HD void run_group(const RoundArgs<T>& a, const PreRow<T>& r, int64_t j0, int count) {
+    if (r.br.op == kOpSepConv) {
+      depthwise_group(a, r.br, r.b, r.n, r.c, r.i, j0, count, a.mid + r.offset);
+    } else if (r.br.op == kOpMaxPool) {
+      for (int q = 0; q < count; ++q) run(a, r, j0 + q);
     }
   }
 };

@@ -37,6 +37,32 @@ BNAO_CELL_HD Compute<T> depthwise_input_grad_interior(const Compute<T>* weight, 
   return sum;
 }
 
+// depthwise_input_grad_interior for kDepthwiseGroup consecutive input columns (right, right + 1, ... are the
+// columns + pad): each gradient row's values loaded once for the group and each weight once, every column's
+// products added in depthwise_input_grad_interior's order, so the same bits.
+template <int K, int D, typename T>
+BNAO_CELL_HD void depthwise_input_grad_interior_group(const Compute<T>* weight, const T* grad, int64_t width,
+                                                      int64_t bottom, int64_t right, Compute<T>* sums) {
+  using C = Compute<T>;
+  constexpr int kReach = (K - 1) * D, kSpan = kDepthwiseGroup + kReach;
+  const T* origin = grad + bottom * width + right - kReach;  // the leftmost value the group reads
+  BNAO_UNROLL
+  for (int q = 0; q < kDepthwiseGroup; ++q) sums[q] = C(0);
+  BNAO_UNROLL
+  for (int kh = 0; kh < K; ++kh) {
+    const T* row = origin - static_cast<int64_t>(kh * D) * width;
+    C g[kSpan];
+    BNAO_UNROLL
+    for (int m = 0; m < kSpan; ++m) g[m] = static_cast<C>(row[m]);
+    BNAO_UNROLL
+    for (int kw = 0; kw < K; ++kw) {
+      const C w = weight[kh * kMaxKernel + kw];
+      BNAO_UNROLL
+      for (int q = 0; q < kDepthwiseGroup; ++q) sums[q] += w * g[q + kReach - kw * D];
+    }
+  }
+}
+
 template <typename T>
 BNAO_CELL_HD Compute<T> depthwise_input_grad(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
                                              int64_t y, int64_t x) {
@@ -70,6 +96,38 @@ BNAO_CELL_HD Compute<T> depthwise_input_grad(const RoundArgs<T>& a, const Branch
     }
   }
   return sum;
+}
+
+// depthwise_input_grad of `count` (<= kDepthwiseGroup) consecutive columns x0, x0 + 1, ... of input row y into
+// values[0 .. count) (the rest zero): a whole group of interior columns at stride 1 of the space's shapes
+// through depthwise_input_grad_interior_group (then ReLU's gate), any other group column by column; each
+// value the same either way. The CUDA launcher's form (a thread per group, SourceGrad::run_group).
+template <typename T>
+BNAO_CELL_HD void depthwise_input_grad_group(const RoundArgs<T>& a, const Branch<T>& br, int b, int64_t n, int64_t c,
+                                            int64_t y, int64_t x0, int count, Compute<T>* values) {
+  using C = Compute<T>;
+  const int k = br.kernel, d = br.dilation;
+  const int64_t pad = static_cast<int64_t>(d) * (k / 2), span = static_cast<int64_t>(k - 1) * d;
+  const int64_t bottom = y + pad, right = x0 + pad;
+  bool done = false;
+  if (count == kDepthwiseGroup && br.stride == 1 && bottom - span >= 0 && bottom < a.height && right - span >= 0 &&
+      right + kDepthwiseGroup - 1 < a.width) {
+    const C* weight = a.dw + (static_cast<int64_t>(b) * a.channels + c) * kSlab;
+    const T* grad = a.grad_mid + pre_offset(a, b, n, c, 0, 0);
+    done = with_constant_kernel(k, d, [&]<int K, int D>() {
+      depthwise_input_grad_interior_group<K, D>(weight, grad, a.width, bottom, right, values);
+    });
+    if (done) {
+      BNAO_UNROLL
+      for (int q = 0; q < kDepthwiseGroup; ++q)  // ReLU passes no gradient at <= 0 (nor at NaN)
+        if (!(load_input(a, br, b, n, c, y, x0 + q) > C(0))) values[q] = C(0);
+    }
+  }
+  if (!done) {
+    BNAO_UNROLL
+    for (int q = 0; q < kDepthwiseGroup; ++q)
+      values[q] = q < count ? depthwise_input_grad(a, br, b, n, c, y, x0 + q) : C(0);
+  }
 }
 
 // Adds the depthwise input gradients of columns [begin, end) of input row y (stride 1) to out:

@@ -38,10 +38,13 @@ struct EmulatedCudaLauncher {
   bool* groups_fit;  // every block's rows or planes fit its shared memory (cell/launch_groups.h)
 
   // As for_each_rows_kernel (cell/launch_groups.h): rows decoded a block's group at a time, then each
-  // thread's column of its row; one element at a time (for_each_kernel) where a row does not fit a block.
+  // thread's column group of its row (Body::run_group); one element at a time (for_each_kernel) where a row
+  // does not fit a block.
   template <template <typename> class Body, typename T>
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
-    const int per_block = group_rows(columns);
+    constexpr int kPerThread = Body<T>::kColumnsPerThread;
+    const int64_t threads = row_threads(columns, kPerThread);
+    const int per_block = group_rows(threads);
     if (per_block == 0) {
       for (int64_t index = 0; index < rows * columns; ++index) {
         const int64_t row = index / columns;
@@ -49,15 +52,21 @@ struct EmulatedCudaLauncher {
       }
       return;
     }
-    *groups_fit &= per_block <= kMaxGroupRows && per_block * columns <= kThreads;
+    *groups_fit &= per_block <= kMaxGroupRows && per_block * threads <= kThreads;
     std::vector<typename Body<T>::Row> decoded;
     for (int64_t first = 0; first < rows; first += per_block) {
       decoded.clear();
       for (int t = 0; t < per_block && first + t < rows; ++t) decoded.push_back(Body<T>::row(a, first + t));
       for (int thread = 0; thread < kThreads; ++thread) {
-        const int local_row = thread / static_cast<int>(columns);
-        if (local_row < per_block && first + local_row < rows)
-          Body<T>::run(a, decoded[local_row], thread - local_row * columns);
+        const int local_row = thread / static_cast<int>(threads);
+        const int first_column = (thread - local_row * static_cast<int>(threads)) * kPerThread;
+        if (local_row >= per_block || first + local_row >= rows) continue;
+        if constexpr (kPerThread == 1) {
+          Body<T>::run(a, decoded[local_row], first_column);
+        } else {
+          Body<T>::run_group(a, decoded[local_row], first_column,
+                             std::min<int>(kPerThread, static_cast<int>(columns) - first_column));
+        }
       }
     }
   }

@@ -39,24 +39,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Register caps of the rows kernels, without spills in float and bfloat16 (sm_90, ptxas -v; float64, the tests'
+// type, spills up to 72 bytes): 3 blocks an SM (85 registers a thread) for the bodies that take several columns
+// a thread (the depthwise groups; GradTotalAndRecompute takes 122 uncapped, for its max-pool and gradient paths
+// beside the group's sums), 4 (64 registers) for the others (a minimum of one block let NormInputGrad take 112).
+template <typename Body>
+constexpr int kRowBlocksPerSm = Body::kColumnsPerThread > 1 ? 3 : 4;
+
 // Whole rows per block (cell/launch_groups.h): the block's first `rows_per_block` threads decode one row each
-// (Body::row) into shared memory, then thread t runs column t % columns of row t / columns. The same Body::row
-// and Body::run calls as for_each_kernel, so the same values.
+// (Body::row) into shared memory, then thread t runs the Body::kColumnsPerThread columns of group t % threads
+// of row t / threads (Body::run_group). The same values as for_each_kernel's Body::run per element.
 template <typename Body, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kRowBlocksPerSm<Body>)
     for_each_rows_kernel(int64_t rows, int columns, int rows_per_block, const RoundArgs<T> args) {
   using Row = typename Body::Row;
+  constexpr int kPerThread = Body::kColumnsPerThread;
   __shared__ __align__(16) unsigned char storage[kMaxGroupRows * sizeof(Row)];
   Row* decoded = reinterpret_cast<Row*>(storage);
-  const int local_row = static_cast<int>(threadIdx.x) / columns;
-  const int column = static_cast<int>(threadIdx.x) - local_row * columns;
+  const int threads = static_cast<int>(row_threads(columns, kPerThread));
+  const int local_row = static_cast<int>(threadIdx.x) / threads;
+  const int first_column = (static_cast<int>(threadIdx.x) - local_row * threads) * kPerThread;
+  const int count = min(kPerThread, columns - first_column);
   const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
   // `first` depends on the block only, so every thread reaches the barriers the same number of times.
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < rows; first += step) {
     if (static_cast<int>(threadIdx.x) < rows_per_block && first + threadIdx.x < rows)
       new (&decoded[threadIdx.x]) Row(Body::row(args, first + threadIdx.x));
     __syncthreads();
-    if (local_row < rows_per_block && first + local_row < rows) Body::run(args, decoded[local_row], column);
+    if (local_row < rows_per_block && first + local_row < rows) {
+      if constexpr (kPerThread == 1) {
+        Body::run(args, decoded[local_row], first_column);  // (a loop of unknown count would cost registers)
+      } else {
+        Body::run_group(args, decoded[local_row], first_column, count);
+      }
+    }
     __syncthreads();  // the next group's decoding overwrites the rows
   }
 }
@@ -179,7 +195,7 @@ struct CudaLauncher {
   void for_each(int64_t rows, int64_t columns, const RoundArgs<T>& a) const {
     const int64_t count = rows * columns;
     if (count == 0) return;
-    const int per_block = group_rows(columns);
+    const int per_block = group_rows(row_threads(columns, Body<T>::kColumnsPerThread));
     if (per_block > 0) {
       const int64_t blocks = std::min<int64_t>((rows + per_block - 1) / per_block, kMaxBlocks);
       for_each_rows_kernel<Body<T>, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
