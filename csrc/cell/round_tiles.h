@@ -27,7 +27,7 @@ constexpr int kChannelTile = 8;
 // all of its pixels (the CUDA launcher does, in shared memory); `run` is the two in a row.
 struct ChannelTileItem {
   int b;
-  int64_t n, c0, i, j, pixel;
+  int64_t n, c0, i, j;
 };
 
 template <typename T>
@@ -65,7 +65,6 @@ BNAO_CELL_HD ChannelTileItem channel_tile_item(const RoundArgs<T>& a, const Chan
   t.b = plane.b;
   t.n = plane.n;
   t.c0 = plane.c0;
-  t.pixel = pixel;
   t.i = pixel / a.width;
   t.j = pixel - t.i * a.width;
   return t;

@@ -76,10 +76,7 @@ def dali_ready(ctx: Context) -> Optional[PartResult]:
 
 
 def dali_part(ctx: Context) -> PartResult:
-    """Runs the DALI checks when DALI is importable or its wheels were carried; skips otherwise."""
-    unready = dali_ready(ctx)
-    if unready is not None:
-        return unready
+    """Runs the DALI checks; the runner calls it once :func:`dali_ready` found DALI or its carried wheels."""
     env: Dict[str, str] = {}
     source = "already installed"
     if not _importable(ctx, env):

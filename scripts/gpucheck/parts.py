@@ -222,8 +222,10 @@ def bench_controller(ctx: Context) -> PartResult:
 # A shortened search at the reference settings: every phase runs at full size per unit
 # (same network, batch, pool growth ratio, controller), only fewer units of each.
 # Pool 50 + 3 x 25 and 10,000 images: on an H200 (2026-11-27) pool 100 + 3 x 50 on 50,000 images took 152 s, 48 s
-# of it scoring archs and 48 s re-ranking one arch for an epoch; every phase's unit cost (per step, arch,
-# epoch x arch, the re-rank's scaled to the reference's 45,000 training images) is the same either way.
+# of it scoring archs and 48 s re-ranking one arch for an epoch. The unit costs of steps, archs and re-rank
+# epochs (scaled to the reference's 45,000 training images) do not depend on the pool; the controller's epoch
+# and the generation carry a per-epoch or per-round cost that small pools inflate (0.215 against 0.071 ms per
+# epoch x arch on the H200), so the controller is extrapolated from bench-controller's epoch on 1,000 archs.
 SEARCH_GPU = ["data.dataset=synthetic", "data.synthetic_samples=10000", "supernet.epochs=1",
               "supernet.steps_per_epoch=120", "search.pool_size=50", "search.new_per_iteration=25", "search.top_k=25",
               "controller.epochs=40", "final.rerank_top=1", "final.epochs=1"]

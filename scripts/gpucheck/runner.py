@@ -263,10 +263,9 @@ def run_parts(ctx: Context, parts: Sequence[Part], only: Sequence[str] = (), ski
     results = []
     for part in parts:
         left = ctx.deadline - time.monotonic() - REPORT_RESERVE_S
-        unready = None
-        if not ((only and part.name not in only) or part.name in skip) and part.ready is not None:
-            unready = part.ready(ctx)
-        if (only and part.name not in only) or part.name in skip:
+        selected = not (only and part.name not in only) and part.name not in skip
+        unready = part.ready(ctx) if selected and part.ready is not None else None
+        if not selected:
             result = PartResult(part.name, SKIP, "not selected (--only/--skip)")
         elif unready is not None:
             result = unready
